@@ -1,0 +1,229 @@
+"""The configuration schema: defaults, derived values and validation.
+
+Every config file in `configs/` starts from `base_config()` and overrides fields. `validate(config)` runs before
+anything heavy (data preparation, compilation) and raises `ConfigError` naming the field and the fix.
+
+Sections:
+  model  - transformer shape and numerics (vocab_size is the tokenizer's size).
+  moe    - the sparse feed-forward: experts, routing, capacity, auxiliary losses. `num_experts == 0` means dense.
+  optim  - Muon + AdamW (or plain AdamW), schedules, clipping.
+  train  - steps (optimizer steps, not micro-batches), batch (global micro-batch), accumulation, cadence.
+  data   - source, tokenizer, packing.
+  mesh   - device mesh shape over axes ('data', 'expert', 'model'); one -1 fills the remaining devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+MESH_AXES = ("data", "expert", "model")
+DTYPES = ("float32", "bfloat16", "float16")
+MLP_TYPES = ("gelu", "swiglu", "silu")
+DATA_SOURCES = ("bible", "tfds", "files")
+PACKING = ("concat", "segments")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value. The message names the field and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.name = "moe"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 8192
+    c.model.d_model = 384
+    c.model.n_layers = 6
+    c.model.n_heads = 8
+    c.model.d_ff = 1536
+    c.model.mlp = "gelu"  # dense FFN and experts: 'gelu' | 'silu' (Linear-act-Linear) | 'swiglu'
+    c.model.dropout = 0.1
+    c.model.tie_embeddings = True
+    c.model.embed_scale = False  # multiply embeddings by sqrt(d_model) (seed 002)
+    c.model.rope_base = 10000.0
+    c.model.norm_eps = 1e-6
+    c.model.init_std = 0.02
+    c.model.dtype = "float32"  # compute dtype; params are always float32
+    c.model.remat = False  # rematerialise each block in the backward pass
+
+    c.moe = ml_collections.ConfigDict()
+    c.moe.num_experts = 8  # 0: dense model
+    c.moe.top_k = 2
+    c.moe.every = 1  # layer i is MoE when i % every == every - 1 (every=1: all; every=2: layers 1, 3, 5)
+    c.moe.d_ff = 1536  # hidden width of each expert
+    c.moe.capacity_factor = 1.25
+    c.moe.eval_capacity_factor = 2.0
+    c.moe.min_capacity = 4
+    c.moe.group_size = 1024  # tokens per routing group (dispatch mask is [G, S, E, C]: bounded by S)
+    c.moe.renormalize = True  # renormalise the k routing weights to sum to 1
+    c.moe.load_balance_weight = 0.01
+    c.moe.z_loss_weight = 0.001
+    c.moe.router_noise_std = 0.0  # Gaussian noise on router logits in training (seed 002 used 0.1)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "muon"  # 'muon' (Muon for hidden matrices + AdamW for the rest) | 'adamw' (AdamW for all)
+    c.optim.muon_lr = 0.01
+    c.optim.adamw_lr = 1e-3
+    c.optim.momentum = 0.95
+    c.optim.nesterov = True
+    c.optim.ns_steps = 5
+    c.optim.muon_scale = "keller"  # 'keller': sqrt(max(1, fan_out/fan_in)); 'moonlight': 0.2*sqrt(max(fan_in, fan_out))
+    c.optim.muon_weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0  # 0 disables clipping
+    c.optim.warmup_fraction = 0.05  # used when warmup_steps < 0
+    c.optim.warmup_steps = -1
+    c.optim.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
+    c.optim.router_muon = False  # route the MoE router through Muon instead of AdamW
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 20000  # optimizer steps
+    c.train.batch_size = 24  # global sequences per micro-batch
+    c.train.grad_accum = 4  # micro-batches per optimizer step
+    c.train.seq_len = 512
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_batches = 16  # 0: the whole validation set
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.peak_tflops = 0.0  # 0: look up the device in flops.PEAK_TFLOPS (CPU: measured)
+    c.train.plots = True
+    c.train.progress_bar = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "bible"  # 'bible' (shipped), 'tfds' (any TFDS text dataset), 'files' (local .txt/.jsonl)
+    c.data.tfds_name = ""
+    c.data.tfds_data_dir = ""
+    c.data.text_feature = "text"
+    c.data.files = ""  # glob for source='files'
+    c.data.tokenizer_path = ""  # a sentencepiece .model; empty: train one on the training split
+    c.data.cache_dir = ""  # empty: $MOE_JAX_CACHE or ~/.cache/moe_jax
+    c.data.val_fraction = 0.05
+    c.data.packing = "concat"
+    c.data.shuffle_seed = 0
+    c.data.worker_count = 0
+    c.data.max_val_windows = 256
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)
+    c.mesh.axes = MESH_AXES
+    return c
+
+
+def _err(field: str, msg: str) -> ConfigError:
+    return ConfigError(f"config.{field}: {msg}")
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise _err(field, msg)
+
+
+def is_moe_layer(config, layer: int) -> bool:
+    """Whether transformer layer `layer` (0-based) uses the MoE feed-forward."""
+    m = config.moe
+    return m.num_experts > 0 and layer % m.every == m.every - 1
+
+
+def warmup_steps(config) -> int:
+    o = config.optim
+    if o.warmup_steps >= 0:
+        return int(o.warmup_steps)
+    return int(round(o.warmup_fraction * config.train.steps))
+
+
+def validate(config) -> ml_collections.ConfigDict:
+    """Check every field a run depends on; raise ConfigError naming the first bad one. Returns the config."""
+    m, moe, o, t, d = config.model, config.moe, config.optim, config.train, config.data
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+        _check(isinstance(m[f], int) and m[f] > 0, f"model.{f}", f"must be a positive integer, got {m[f]!r}")
+    _check(m.d_model % m.n_heads == 0, "model.d_model",
+           f"d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose d_model = n_heads * head_dim")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+           f"head_dim={m.d_model // m.n_heads} must be even for rotary embeddings")
+    _check(m.mlp in MLP_TYPES, "model.mlp", f"unknown {m.mlp!r}; choose one of {MLP_TYPES}")
+    _check(m.dtype in DTYPES, "model.dtype", f"unknown dtype {m.dtype!r}; choose one of {DTYPES}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(m.rope_base > 0, "model.rope_base", f"must be > 0, got {m.rope_base}")
+    _check(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
+
+    _check(isinstance(moe.num_experts, int) and moe.num_experts >= 0, "moe.num_experts",
+           f"must be an integer >= 0 (0 = dense), got {moe.num_experts!r}")
+    if moe.num_experts > 0:
+        _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
+               f"top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
+        _check(moe.every >= 1, "moe.every", f"must be >= 1, got {moe.every}")
+        _check(moe.every <= m.n_layers, "moe.every",
+               f"every={moe.every} > model.n_layers={m.n_layers} leaves no MoE layer; lower it or set num_experts=0")
+        _check(moe.d_ff > 0, "moe.d_ff", f"must be > 0, got {moe.d_ff}")
+        _check(moe.capacity_factor > 0, "moe.capacity_factor",
+               f"must be > 0, got {moe.capacity_factor} (1.0 = exactly balanced; 1.25 is usual)")
+        _check(moe.eval_capacity_factor > 0, "moe.eval_capacity_factor",
+               f"must be > 0, got {moe.eval_capacity_factor}")
+        _check(moe.min_capacity >= 1, "moe.min_capacity", f"must be >= 1, got {moe.min_capacity}")
+        _check(moe.group_size >= 1, "moe.group_size", f"must be >= 1, got {moe.group_size}")
+        _check(moe.group_size <= 8192, "moe.group_size",
+               f"group_size={moe.group_size}: the dispatch mask grows with its square; keep it <= 8192")
+        _check(moe.load_balance_weight >= 0, "moe.load_balance_weight", "must be >= 0")
+        _check(moe.z_loss_weight >= 0, "moe.z_loss_weight", "must be >= 0")
+        _check(moe.router_noise_std >= 0, "moe.router_noise_std", "must be >= 0")
+
+    _check(o.name in ("muon", "adamw"), "optim.name", f"unknown optimizer {o.name!r}; choose 'muon' or 'adamw'")
+    _check(o.muon_lr > 0, "optim.muon_lr", f"must be > 0, got {o.muon_lr}")
+    _check(o.adamw_lr > 0, "optim.adamw_lr", f"must be > 0, got {o.adamw_lr}")
+    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.muon_scale in ("keller", "moonlight"), "optim.muon_scale",
+           f"unknown {o.muon_scale!r}; choose 'keller' or 'moonlight'")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", f"betas must be in [0, 1), got b1={o.b1} b2={o.b2}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
+    _check(o.ns_steps >= 1, "optim.ns_steps", "must be >= 1")
+
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(warmup_steps(config) < t.steps or t.steps == 1, "optim.warmup_steps",
+           f"warmup ({warmup_steps(config)} steps) must be shorter than train.steps={t.steps}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+    for f in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _check(t[f] >= 1, f"train.{f}", f"must be >= 1, got {t[f]}")
+    _check(t.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0 = whole validation set)")
+
+    _check(d.source in DATA_SOURCES, "data.source", f"unknown source {d.source!r}; choose one of {DATA_SOURCES}")
+    if d.source == "tfds":
+        _check(bool(d.tfds_name), "data.tfds_name", "source='tfds' needs a dataset name, e.g. 'lm1b' or 'c4/en'")
+    if d.source == "files":
+        _check(bool(d.files), "data.files", "source='files' needs a glob of .txt or .jsonl files")
+    _check(d.packing in PACKING, "data.packing", f"unknown {d.packing!r}; choose one of {PACKING}")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+
+    shape = tuple(config.mesh.shape)
+    _check(tuple(config.mesh.axes) == MESH_AXES, "mesh.axes", f"must be {MESH_AXES}, got {tuple(config.mesh.axes)}")
+    _check(len(shape) == 3, "mesh.shape", f"needs one size per axis {MESH_AXES}, got {shape}")
+    _check(sum(1 for s in shape if s == -1) <= 1, "mesh.shape", f"at most one -1 is allowed, got {shape}")
+    _check(all(s == -1 or s >= 1 for s in shape), "mesh.shape", f"sizes must be >= 1 or -1, got {shape}")
+    if moe.num_experts > 0 and shape[1] > 1:
+        _check(moe.num_experts % shape[1] == 0, "mesh.shape",
+               f"the 'expert' axis ({shape[1]}) must divide moe.num_experts={moe.num_experts}")
+    return config
+
+
+def head_dim(config) -> int:
+    return config.model.d_model // config.model.n_heads
+
+
+def capacity(config, group_size: int, capacity_factor: float) -> int:
+    """C = max(ceil(k * group_size * capacity_factor / E), min_capacity), never more than k*group_size."""
+    moe = config.moe
+    c = math.ceil(moe.top_k * group_size * capacity_factor / moe.num_experts)
+    return int(min(max(c, moe.min_capacity), group_size))
