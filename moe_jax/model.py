@@ -1,0 +1,157 @@
+"""The decoder-only transformer (Flax NNX) and the loss.
+
+    tokens [B, S] -> embed (x sqrt(M) if model.embed_scale) -> dropout
+      -> n_layers x [ x + drop(attn(norm(x))) ; x + drop(ffn(norm(x))) ]   (ffn: dense MLP or MoE, per config)
+      -> norm -> head (tied to the embedding or its own [M, V]) -> logits [B, S, V] float32
+
+Randomness is explicit: `rng` (a key) drives dropout and router noise; `None` means deterministic. So a train step
+is a pure function of (params, batch, step), and an exact resume needs no RNG state beyond the seed and the step.
+
+For speed, callers split the module once (`nnx.split`), jit a function over the pure parameter dict and rebuild the
+module inside with `nnx.merge(graphdef, params)` (see `apply`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import config_lib
+from moe_jax.layers import MLP, Attention, Embed, RMSNorm, dropout, dtype_of, param
+from moe_jax.moe import MoEBlock
+from moe_jax.sharding import constrain
+
+MOE_METRICS = ("load_balance_loss", "z_loss", "dropped_fraction", "load_cv", "load_max_over_mean",
+               "router_confidence", "capacity")
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: attention then feed-forward (dense MLP or MoE), each residual."""
+
+    def __init__(self, config, layer: int, rngs: nnx.Rngs):
+        m = config.model
+        dt = dtype_of(m.dtype)
+        self.layer = layer
+        self.dropout_rate = m.dropout
+        self.is_moe = config_lib.is_moe_layer(config, layer)
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps, dt, rngs)
+        self.attn = Attention(config, rngs)
+        self.ffn_norm = RMSNorm(m.d_model, m.norm_eps, dt, rngs)
+        self.ffn = MoEBlock(config, rngs) if self.is_moe else MLP(config, rngs)
+
+    def __call__(self, x, positions, segment_ids, rng, train, cache, cache_index, no_drop):
+        """x [B, S, M] -> (x [B, S, M], MoE metrics or None, new cache or None)."""
+        k_attn, k_ffn, k_router = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+        h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
+        x = x + dropout(h, self.dropout_rate, k_attn)
+        metrics = None
+        if self.is_moe:
+            h, metrics = self.ffn(self.ffn_norm(x), train=train, rng=k_router, no_drop=no_drop)
+        else:
+            h = self.ffn(self.ffn_norm(x))
+        x = constrain(x + dropout(h, self.dropout_rate, k_ffn), ("batch", "length", "embed"))
+        return x, metrics, new_cache
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config, rngs: nnx.Rngs):
+        m = config.model
+        self.config = config
+        self.dtype = dtype_of(m.dtype)
+        self.embed = Embed(m.vocab_size, m.d_model, m.init_std, self.dtype, rngs)
+        self.blocks = nnx.List([Block(config, i, rngs) for i in range(m.n_layers)])
+        self.final_norm = RMSNorm(m.d_model, m.norm_eps, self.dtype, rngs)
+        if not m.tie_embeddings:
+            self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, train: bool = False, rng=None, cache=None,
+                 cache_index=None, no_drop: bool = False):
+        """tokens [B, S] int32 -> (logits [B, S, V] float32, aux, new cache).
+
+        positions [B, S] (default arange; with a cache, cache_index + arange); segment_ids [B, S] restrict attention
+        to the same packed document; cache: list of {'k','v': [B, L, H, D]} from `init_cache`; cache_index: scalar
+        position where `tokens` start. aux: {'moe_loss': weighted auxiliary loss (summed over MoE layers), and each
+        name in MOE_METRICS plus 'tokens_per_expert' stacked over MoE layers ([n_moe] or [n_moe, E])}.
+        """
+        m = self.config.model
+        b, s = tokens.shape
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed(tokens)
+        if m.embed_scale:
+            x = x * jnp.asarray(m.d_model ** 0.5, x.dtype)
+        if rng is not None:
+            rng, k_embed = jax.random.split(rng)
+            x = dropout(x, m.dropout, k_embed)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        layer_metrics, new_cache = [], []
+        for i, block in enumerate(self.blocks):
+            layer_rng = jax.random.fold_in(rng, i) if rng is not None else None
+            layer_cache = cache[i] if cache is not None else None
+            call = nnx.remat(Block.__call__, static_argnums=(5, 8)) if m.remat and cache is None else Block.__call__
+            x, metrics, c = call(block, x, positions, segment_ids, layer_rng, train, layer_cache, cache_index,
+                                 no_drop)
+            new_cache.append(c)
+            if metrics is not None:
+                layer_metrics.append(metrics)
+
+        x = self.final_norm(x)
+        if m.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("bsm,mv->bsv", x, self.head[...].astype(self.dtype))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits, self._aux(layer_metrics), (new_cache if cache is not None else None)
+
+    def _aux(self, layer_metrics: list[dict]) -> dict:
+        moe = self.config.moe
+        if not layer_metrics:
+            return {"moe_loss": jnp.zeros((), jnp.float32)}
+        aux = {k: jnp.stack([lm[k] for lm in layer_metrics]) for k in layer_metrics[0]}
+        aux["moe_loss"] = (moe.load_balance_weight * jnp.sum(aux["load_balance_loss"])
+                           + moe.z_loss_weight * jnp.sum(aux["z_loss"]))
+        return aux
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[dict]:
+        """Empty KV cache: one {'k','v': [batch, length, H, D]} per layer."""
+        m = self.config.model
+        shape = (batch, length, m.n_heads, m.d_model // m.n_heads)
+        dt = dtype or self.dtype
+        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(m.n_layers)]
+
+
+def create(config, seed: int | None = None) -> Transformer:
+    """A freshly initialised model (parameters float32, N(0, init_std), norms at 1)."""
+    return Transformer(config, nnx.Rngs(params=config.seed if seed is None else seed))
+
+
+def abstract(config):
+    """(graphdef, abstract nnx.State) without allocating parameters."""
+    return nnx.split(nnx.eval_shape(lambda: create(config)))
+
+
+def init_params(config, seed: int | None = None):
+    """(graphdef, params as a pure dict of float32 arrays)."""
+    graphdef, state = nnx.split(create(config, seed))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def apply(graphdef, params, tokens, **kwargs):
+    """Functional forward: rebuild the module from the pure parameter dict and call it."""
+    return nnx.merge(graphdef, params)(tokens, **kwargs)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+    """Token cross-entropy in float32. logits [B, S, V], targets [B, S], weights [B, S] (1 = score).
+    Returns sums (loss, correct, weight) so callers can average over micro-batches and hosts exactly."""
+    logits = logits.astype(jnp.float32)
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (logz - target_logit) * weights
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
+    return jnp.sum(nll), jnp.sum(correct), jnp.sum(weights)

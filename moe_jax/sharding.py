@@ -1,0 +1,145 @@
+"""Logical axis names, the one table that maps them to mesh axes, and the mesh builder.
+
+Parameters carry their logical axes as Variable metadata (`nnx.Param(value, logical_axes=('embed', 'mlp'))`);
+activations are pinned with `constrain(x, ('batch', 'length', 'embed'))`. Nothing else in the code names a mesh axis.
+
+Mesh axes are ('data', 'expert', 'model'):
+  data   - pure data parallelism;
+  expert - experts are split over it; outside the MoE block it acts as more data parallelism (batch over both);
+  model  - tensor parallelism over attention heads, MLP width and vocabulary.
+The MoE dispatch einsum turns `[groups, tokens, d_model]` sharded over ('data', 'expert') into
+`[experts, groups, capacity, d_model]` sharded over 'expert' (experts) and 'data' (groups): XLA emits the all-to-all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax.config_lib import MESH_AXES, ConfigError
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "expert")),
+    ("length", None),
+    ("embed", None),
+    ("heads", "model"),
+    ("head_dim", None),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("norm", None),
+    ("router", None),          # router output dim (experts), kept replicated: it is tiny
+    ("expert", "expert"),      # expert weights and dispatched tokens
+    ("group", ("data", "expert")),  # routing groups before dispatch
+    ("group_tokens", None),
+    ("expert_group", "data"),  # routing groups after dispatch (experts now hold the 'expert' axis)
+    ("capacity", None),
+    ("cache_length", None),
+)
+_RULES = dict(LOGICAL_RULES)
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh_axis_names: Sequence[str] | None = None,
+                    shape: Sequence[int] | None = None, mesh_shape: dict | None = None) -> P:
+    """PartitionSpec for logical `axes`. A mesh axis is used at most once (first dimension wins); mesh axes not in
+    `mesh_axis_names` are dropped; with `shape` and `mesh_shape`, mesh axes that don't divide the dimension are dropped
+    (so odd sizes, e.g. a vocab of 8191, stay correct, just less sharded)."""
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in _RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
+        target = _RULES[name]
+        targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        kept = []
+        size = 1
+        for t in targets:
+            if t in used or (mesh_axis_names is not None and t not in mesh_axis_names):
+                continue
+            if shape is not None and mesh_shape is not None:
+                if shape[i] % (size * mesh_shape[t]) != 0:
+                    continue
+                size *= mesh_shape[t]
+            kept.append(t)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin activation `x` to the sharding of its logical `axes` under the current mesh; a no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(axes, mesh.axis_names, x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def logical_axes_tree(state: nnx.State):
+    """Pure-dict tree of each parameter's logical axes (tuples), from the Variables' metadata."""
+    def axes(v):
+        a = v.get_metadata().get("logical_axes")
+        if a is None:
+            raise ValueError(f"parameter of shape {v.shape} has no logical_axes metadata")
+        return tuple(a)
+    return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=_is_var))
+
+
+def param_specs(state: nnx.State, mesh: Mesh):
+    """Pure-dict tree of PartitionSpecs for the parameters in `state` (abstract or concrete) on `mesh`."""
+    shapes = nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.shape), state, is_leaf=_is_var))
+    axes = logical_axes_tree(state)
+    mesh_shape = dict(mesh.shape)
+    return jax.tree.map(lambda a, s: logical_to_spec(a, mesh.axis_names, s, mesh_shape), axes, shapes,
+                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, (str, type(None))) for i in x))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fill the single -1 in `shape` so the product equals `num_devices`; raise ConfigError if impossible."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ConfigError(f"config.mesh.shape: needs {len(MESH_AXES)} sizes for axes {MESH_AXES}, got {shape}")
+    if shape.count(-1) > 1:
+        raise ConfigError(f"config.mesh.shape: at most one -1 is allowed, got {shape}")
+    fixed = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % fixed != 0:
+            raise ConfigError(f"config.mesh.shape: {shape} cannot fill {num_devices} devices: the fixed sizes "
+                              f"multiply to {fixed}, which does not divide {num_devices}")
+        shape = tuple(num_devices // fixed if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ConfigError(f"config.mesh.shape: {shape} has {math.prod(shape)} devices but {num_devices} are "
+                          f"available; use sizes whose product is {num_devices}, or put -1 on one axis")
+    return shape
+
+
+def build_mesh(config_or_shape, devices=None) -> Mesh:
+    """Mesh over ('data', 'expert', 'model') from `config.mesh.shape` (or a shape), on `devices` (default: all)."""
+    shape = config_or_shape.mesh.shape if hasattr(config_or_shape, "mesh") else config_or_shape
+    devices = list(jax.devices()) if devices is None else list(devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over ('data', 'expert'), the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh.axis_names))
