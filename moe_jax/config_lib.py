@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.capacity_factor = 1.25
     c.moe.eval_capacity_factor = 2.0
     c.moe.min_capacity = 4
-    c.moe.group_size = 1024  # tokens per routing group (dispatch mask is [G, S, E, C]: bounded by S)
+    c.moe.group_size = 256  # tokens per routing group: dispatch/combine einsums cost 2*k*T*cf*M FLOPs per token each
     c.moe.renormalize = True  # renormalise the k routing weights to sum to 1
     c.moe.load_balance_weight = 0.01
     c.moe.z_loss_weight = 0.001
@@ -103,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_name = ""
     c.data.tfds_data_dir = ""
     c.data.text_feature = "text"
+    c.data.tfds_val_split = ""  # source='tfds': '' hash-splits 'train' by document; a split name (e.g.
+    #   'validation') validates on that whole TFDS split instead (needed when 'train' is one document)
     c.data.files = ""  # glob for source='files'
     c.data.tokenizer_path = ""  # a sentencepiece .model; empty: train one on the training split
     c.data.cache_dir = ""  # empty: $MOE_JAX_CACHE or ~/.cache/moe_jax
@@ -206,6 +208,14 @@ def validate(config) -> ml_collections.ConfigDict:
         _check(bool(d.files), "data.files", "source='files' needs a glob of .txt or .jsonl files")
     _check(d.packing in PACKING, "data.packing", f"unknown {d.packing!r}; choose one of {PACKING}")
     _check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(not d.tfds_val_split or d.source == "tfds", "data.tfds_val_split",
+           f"only applies to source='tfds' (got source={d.source!r}); leave it empty")
+    _check(isinstance(d.worker_count, int) and d.worker_count >= 0, "data.worker_count",
+           f"must be an integer >= 0 (0 = no worker processes), got {d.worker_count!r}")
+    _check(isinstance(d.max_val_windows, int) and d.max_val_windows >= 0, "data.max_val_windows",
+           f"must be an integer >= 0 (0 = every validation window), got {d.max_val_windows!r}")
+    _check(isinstance(d.shuffle_seed, int) and 0 <= d.shuffle_seed < 2**32, "data.shuffle_seed",
+           f"must be an integer in [0, 2**32), got {d.shuffle_seed!r}")
 
     shape = tuple(config.mesh.shape)
     _check(tuple(config.mesh.axes) == MESH_AXES, "mesh.axes", f"must be {MESH_AXES}, got {tuple(config.mesh.axes)}")
@@ -223,7 +233,8 @@ def head_dim(config) -> int:
 
 
 def capacity(config, group_size: int, capacity_factor: float) -> int:
-    """C = max(ceil(k * group_size * capacity_factor / E), min_capacity), never more than k*group_size."""
+    """C = max(ceil(k * group_size * capacity_factor / E), min_capacity), capped at group_size: an expert gets at most
+    one assignment per token, so group_size slots already drop nothing."""
     moe = config.moe
     c = math.ceil(moe.top_k * group_size * capacity_factor / moe.num_experts)
     return int(min(max(c, moe.min_capacity), group_size))

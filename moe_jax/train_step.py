@@ -1,0 +1,181 @@
+"""The train and eval steps: pure functions of (state, batch), compiled once with explicit shardings.
+
+State is a plain pytree: {'params': pure dict, 'opt_state': optax state, 'step': int32 [], 'rng': uint32 key data}.
+A batch is {'inputs', 'targets': int32 [A*b, S], 'weights': float32 [A*b, S], optional 'segment_ids', 'positions'}
+with A = train.grad_accum micro-batches of b = train.batch_size sequences (global). The step scans over the
+micro-batches (rows a, a+A, a+2A, ... form micro-batch a, so each device's rows feed every micro-batch and the split
+needs no communication), averages the gradients, and applies one optimizer update. Dropout/router-noise keys are
+fold_in(rng, step, micro) — so a resumed run draws exactly the same randomness.
+
+Loss = mean token cross-entropy (float32) + the MoE auxiliary loss (load balance + z-loss, already weighted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax import model as model_lib
+from moe_jax import sharding as sharding_lib
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def init_state(config, params, optimizer) -> dict:
+    """A fresh train state from initial parameters."""
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(config.seed))}
+
+
+def _loss(graphdef, params, micro, rng, train: bool):
+    logits, aux, _ = model_lib.apply(graphdef, params, micro["inputs"], positions=micro.get("positions"),
+                                     segment_ids=micro.get("segment_ids"), train=train, rng=rng)
+    loss_sum, correct, weight = model_lib.cross_entropy(logits, micro["targets"], micro["weights"])
+    ce = loss_sum / jnp.maximum(weight, 1.0)
+    return ce + aux["moe_loss"], (ce, correct, weight, aux)
+
+
+def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -> Callable:
+    accum = config.train.grad_accum
+    nan_step = config.train.get("inject_nan_at_step", -1)
+
+    def step_fn(state, batch):
+        step = state["step"]
+        base = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+
+        def split(x):  # [A*b, ...] -> [A, b, ...], micro-batch a = rows a::A
+            x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        micros = {k: split(v) for k, v in batch.items()}
+        grad_fn = jax.value_and_grad(lambda p, mb, r: _loss(graphdef, p, mb, r, True), has_aux=True)
+
+        def body(carry, xs):
+            grads_acc, sums = carry
+            micro, idx = xs
+            micro = {k: sharding_lib.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in micro.items()}
+            (_, (ce, correct, weight, aux)), grads = grad_fn(state["params"], micro, jax.random.fold_in(base, idx))
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            sums = jax.tree.map(jnp.add, sums, {"ce": ce, "correct": correct, "weight": weight, "aux": aux})
+            return (grads_acc, sums), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, state["params"])
+        aux_shape = jax.eval_shape(lambda: _loss(graphdef, state["params"], jax.tree.map(lambda v: v[0], micros),
+                                                 base, True)[1][3])
+        zeros_s = {"ce": jnp.zeros(()), "correct": jnp.zeros(()), "weight": jnp.zeros(()),
+                   "aux": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)}
+        (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (micros, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = sums["ce"] / accum
+        if nan_step >= 0:  # test hook: poison the loss and gradients at one step
+            poison = jnp.where(step == nan_step, jnp.nan, 1.0)
+            loss = loss * poison
+            grads = jax.tree.map(lambda g: g * poison, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        aux = jax.tree.map(lambda v: v / accum, sums["aux"])
+        metrics = {"loss": loss, "accuracy": sums["correct"] / jnp.maximum(sums["weight"], 1.0),
+                   "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+                   "tokens": sums["weight"], **{f"moe/{k}": v for k, v in aux.items()}}
+        new_state = {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(config, graphdef) -> Callable:
+    """(params, batch) -> sums {'loss', 'correct', 'weight'} over the batch, deterministic (no dropout/noise)."""
+
+    def eval_fn(params, batch):
+        _, (ce, correct, weight, _) = _loss(graphdef, params, batch, None, False)
+        return {"loss": ce * weight, "correct": correct, "weight": weight}
+
+    return eval_fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shardings
+
+
+def _spec_by_suffix(param_specs: dict, leaf_path: tuple, shape: tuple) -> P:
+    """Optimizer-state leaves mirror a parameter (same path suffix and shape): give them its spec."""
+    keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in leaf_path)
+    for n in range(len(keys), 0, -1):
+        hit = param_specs.get(keys[-n:])
+        if hit is not None and hit[1] == tuple(shape):
+            return hit[0]
+    return P()
+
+
+def state_shardings(abstract_state: dict, abstract_nnx_state, mesh) -> dict:
+    """NamedShardings for the whole train state: params by their logical axes, optimizer moments like their
+    parameter, scalars replicated."""
+    pspecs = sharding_lib.param_specs(abstract_nnx_state, mesh)
+    flat = {}
+    for path, spec in jax.tree_util.tree_flatten_with_path(pspecs, is_leaf=lambda x: isinstance(x, P))[0]:
+        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        leaf = abstract_state["params"]
+        for k in path:
+            leaf = leaf[k.key]
+        flat[keys] = (spec, tuple(leaf.shape))
+
+    def for_leaf(path, leaf):
+        if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, _spec_by_suffix(flat, path, leaf.shape))
+
+    return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)
+
+
+def batch_shardings(batch_like: dict, mesh) -> dict:
+    return {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in batch_like.items()}
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The compiled train and eval steps with their shardings."""
+    train: Any
+    eval: Any
+    state_sharding: Any
+    batch_sharding: Any
+    memory: dict
+
+
+def _memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends have no memory analysis
+        return {}
+    if m is None:
+        return {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
+
+
+def compile_steps(config, graphdef, abstract_nnx_state, optimizer, mesh, batch_like: dict,
+                  eval_batch_like: dict) -> Compiled:
+    """Lower and compile both steps ahead of time (so an out-of-memory config fails before step 1, with numbers)."""
+    params_abs = nnx.to_pure_dict(abstract_nnx_state)
+    state_abs = jax.eval_shape(lambda p: init_state(config, p, optimizer), params_abs)
+    s_shard = state_shardings(state_abs, abstract_nnx_state, mesh)
+    b_shard = batch_shardings(batch_like, mesh)
+    e_shard = batch_shardings(eval_batch_like, mesh)
+    replicated = NamedSharding(mesh, P())
+    with jax.set_mesh(mesh):
+        train = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(s_shard, b_shard),
+                        out_shardings=(s_shard, replicated), donate_argnums=(0,))
+        abs_in = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, s_shard)
+        abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch_like.items()}
+        train_c = train.lower(abs_in, abs_batch).compile()
+        ev = jax.jit(make_eval_step(config, graphdef), in_shardings=(s_shard["params"], e_shard),
+                     out_shardings=replicated)
+        abs_eval = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=e_shard[k]) for k, v in eval_batch_like.items()}
+        eval_c = ev.lower(abs_in["params"], abs_eval).compile()
+    return Compiled(train_c, eval_c, s_shard, b_shard, _memory(train_c))
