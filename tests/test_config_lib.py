@@ -1,0 +1,123 @@
+"""Tests for moe_jax/config_lib.py and configs/*.py: every rejected field gets a message naming it; the seed configs
+validate and carry the seed exp5 values."""
+
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+from moe_jax import config_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def set_field(config, path: str, value):
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+# (changes to the smoke config, the field the message must name, a word the message must contain)
+REJECTED = [
+    ({"model.d_model": 66}, "model.d_model", "divisible"),                 # 66 % 4 heads != 0
+    ({"model.d_model": 24, "model.n_heads": 8}, "model.n_heads", "even"),  # head_dim 3: RoPE needs it even
+    ({"moe.top_k": 5}, "moe.top_k", "num_experts"),                        # smoke has 4 experts
+    ({"moe.capacity_factor": 0.0}, "moe.capacity_factor", "> 0"),
+    ({"moe.capacity_factor": -1.0}, "moe.capacity_factor", "> 0"),
+    ({"moe.eval_capacity_factor": 0.0}, "moe.eval_capacity_factor", "> 0"),
+    ({"model.dtype": "float8"}, "model.dtype", "float8"),
+    ({"model.mlp": "relu"}, "model.mlp", "relu"),
+    ({"optim.name": "sgd"}, "optim.name", "sgd"),
+    ({"mesh.shape": (-1, -1, 1)}, "mesh.shape", "-1"),
+    ({"moe.num_experts": 8, "mesh.shape": (1, 3, 1)}, "mesh.shape", "expert"),
+    ({"optim.warmup_steps": 100, "train.steps": 50}, "optim.warmup_steps", "train.steps"),
+    ({"optim.warmup_steps": 50, "train.steps": 50}, "optim.warmup_steps", "train.steps"),
+    ({"data.source": "web"}, "data.source", "web"),
+    ({"data.source": "tfds", "data.tfds_name": ""}, "data.tfds_name", "tfds"),
+    ({"data.source": "files", "data.files": ""}, "data.files", "glob"),
+    ({"moe.every": 3}, "moe.every", "n_layers"),                           # smoke has 2 layers: no MoE layer
+    ({"model.dropout": 1.0}, "model.dropout", "[0, 1)"),
+    ({"train.steps": 0}, "train.steps", ">= 1"),
+    ({"mesh.shape": (2, 2)}, "mesh.shape", "axis"),
+]
+
+
+@pytest.mark.parametrize("changes, field, word", REJECTED,
+                         ids=[f"{r[1]}={list(r[0].values())}" for r in REJECTED])
+def test_validate_rejects_naming_the_field(changes, field, word):
+    c = load_config("smoke")
+    config_lib.validate(c)  # valid before the change
+    for path, value in changes.items():
+        set_field(c, path, value)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"config.{field}:")) as err:
+        config_lib.validate(c)
+    assert word in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_accepts_edge_values():
+    c = load_config("smoke")
+    c.moe.top_k = c.moe.num_experts  # top_k == E is allowed
+    c.mesh.shape = (1, 4, -1)  # expert axis 4 divides 4 experts; one -1
+    c.data.source = "tfds"
+    c.data.tfds_name = "lm1b"
+    config_lib.validate(c)
+    c = load_config("smoke")
+    c.moe.num_experts = 0  # dense: MoE fields are not checked
+    c.moe.top_k = 99
+    config_lib.validate(c)
+
+
+def test_seed_moe_config_has_exp5_values():
+    c = config_lib.validate(load_config("moe"))
+    m, moe, t = c.model, c.moe, c.train
+    assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (384, 6, 8, 1536)
+    assert (moe.num_experts, moe.top_k, moe.every, moe.d_ff) == (8, 2, 1, 1536)
+    assert t.seq_len == 512 and m.dropout == 0.1
+    assert (t.batch_size, t.grad_accum, t.steps) == (24, 4, 20000)
+    assert c.optim.name == "muon"
+    assert all(config_lib.is_moe_layer(c, i) for i in range(6))
+
+
+def test_seed_dense_config_has_exp5_values():
+    c = config_lib.validate(load_config("dense"))
+    m, t = c.model, c.train
+    assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (384, 6, 8, 1536)
+    assert c.moe.num_experts == 0
+    assert not any(config_lib.is_moe_layer(c, i) for i in range(6))
+    assert t.seq_len == 512 and m.dropout == 0.1
+    assert (t.batch_size, t.grad_accum, t.steps) == (24, 4, 20000)
+
+
+def test_smoke_config_validates_and_is_tiny():
+    c = config_lib.validate(load_config("smoke"))
+    assert c.model.n_layers == 2 and c.model.d_model == 64 and c.model.vocab_size <= 512
+    assert c.moe.num_experts == 4 and c.moe.top_k == 2
+
+
+def test_base_config_validates():
+    config_lib.validate(config_lib.base_config())
+
+
+def test_warmup_steps_and_head_dim():
+    c = load_config("moe")
+    assert config_lib.warmup_steps(c) == 1000  # 5% of 20,000
+    c.optim.warmup_steps = 300
+    assert config_lib.warmup_steps(c) == 300
+    assert config_lib.head_dim(c) == 48
+
+
+def test_is_moe_layer_every_two():
+    c = load_config("moe")
+    c.moe.every = 2
+    assert [i for i in range(6) if config_lib.is_moe_layer(c, i)] == [1, 3, 5]

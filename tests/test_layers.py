@@ -1,0 +1,206 @@
+"""Tests for moe_jax/layers.py: RoPE, attention masking, dropout, RMSNorm and the dense MLP."""
+
+import importlib.util
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numpy.testing import assert_allclose
+
+from moe_jax import layers
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(**model):
+    c = load_config("smoke")
+    c.model.dtype = "float32"
+    for k, v in model.items():
+        c.model[k] = v
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_reference(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+    """'halves' RoPE as a complex rotation: (x[i] + 1j*x[i+D/2]) * exp(1j * pos * base^(-2i/D)), in float64."""
+    d = x.shape[-1]
+    half = d // 2
+    z = x[..., :half].astype(np.float64) + 1j * x[..., half:].astype(np.float64)
+    theta = base ** (-2.0 * np.arange(half) / d)  # [D/2]
+    rot = np.exp(1j * positions[..., None, None].astype(np.float64) * theta)  # [B, S, 1, D/2]
+    z = z * rot
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rope_equals_complex_rotation():
+    rng = np.random.default_rng(0)
+    b, s, h, d = 2, 9, 3, 16
+    x = rng.standard_normal((b, s, h, d)).astype(np.float32)
+    positions = rng.integers(0, 64, size=(b, s)).astype(np.int32)
+    for base in (10000.0, 100.0):
+        got = np.asarray(layers.rope(jnp.asarray(x), jnp.asarray(positions), base))
+        assert got.dtype == np.float32
+        assert_allclose(got, rope_reference(x, positions, base), rtol=1e-5, atol=2e-5)
+
+
+def test_rope_position_zero_is_identity_and_norm_preserved():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 5, 2, 8)).astype(np.float32)
+    zero = np.asarray(layers.rope(jnp.asarray(x), jnp.zeros((1, 5), jnp.int32), 10000.0))
+    assert_allclose(zero, x, rtol=0, atol=0)
+    pos = jnp.asarray([[3, 17, 100, 2, 40]], jnp.int32)
+    rotated = np.asarray(layers.rope(jnp.asarray(x), pos, 10000.0))
+    # each (x[i], x[i+D/2]) pair is rotated, so every pair's norm (hence the vector's) is unchanged
+    pair_norm = lambda a: np.hypot(a[..., :4], a[..., 4:])
+    assert_allclose(pair_norm(rotated), pair_norm(x), rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(2)
+    s, h, d = 12, 2, 32
+    q = jnp.asarray(rng.standard_normal((1, s, h, d)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((1, s, h, d)).astype(np.float32))
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+
+    def scores(q_pos, k_pos):
+        qr = layers.rope(q, q_pos, 10000.0)
+        kr = layers.rope(k, k_pos, 10000.0)
+        return np.asarray(jnp.einsum("bqhd,bkhd->bhqk", qr, kr))
+
+    base = scores(pos, pos)
+    for shift in (1, 37, 250):
+        assert_allclose(scores(pos + shift, pos + shift), base, rtol=1e-4, atol=1e-4)
+    # not vacuous: shifting only the queries changes i - j, and the scores
+    assert np.max(np.abs(scores(pos + 5, pos) - base)) > 1e-2
+
+
+def test_rope_keeps_dtype():
+    x = jnp.ones((1, 3, 2, 8), jnp.bfloat16)
+    assert layers.rope(x, jnp.arange(3)[None], 10000.0).dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------------ Attention
+
+
+def make_attention(config):
+    """The layer, called under jit (much faster than op-by-op): f(x, positions, segment_ids=None) -> y."""
+    attn = layers.Attention(config, nnx.Rngs(params=0))
+    graphdef, state = nnx.split(attn)
+
+    @jax.jit
+    def call(x, positions, segment_ids=None):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids)
+
+    return call
+
+
+def test_attention_is_causal():
+    config = tiny_config()
+    attn = make_attention(config)
+    rng = np.random.default_rng(3)
+    b, s, m = 2, 10, config.model.d_model
+    x = rng.standard_normal((b, s, m)).astype(np.float32)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    y0, _ = attn(jnp.asarray(x), pos)
+    t = 6
+    x2 = x.copy()
+    x2[:, t] += 1.0
+    y1, _ = attn(jnp.asarray(x2), pos)
+    assert_allclose(np.asarray(y1[:, :t]), np.asarray(y0[:, :t]), rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(np.asarray(y1[:, t:] - y0[:, t:]))) > 1e-4
+
+
+def test_attention_segment_ids_restrict_to_segment():
+    config = tiny_config()
+    attn = make_attention(config)
+    rng = np.random.default_rng(4)
+    s, m = 12, config.model.d_model
+    x = rng.standard_normal((1, s, m)).astype(np.float32)
+    seg = jnp.asarray([[1] * 5 + [2] * 7])
+    pos = jnp.asarray([list(range(5)) + list(range(7))])
+    packed, _ = attn(jnp.asarray(x), pos, seg)
+    # each segment alone gives the same outputs as in the packed row
+    first, _ = attn(jnp.asarray(x[:, :5]), pos[:, :5])
+    second, _ = attn(jnp.asarray(x[:, 5:]), pos[:, 5:])
+    assert_allclose(np.asarray(packed[:, :5]), np.asarray(first), rtol=1e-5, atol=1e-6)
+    assert_allclose(np.asarray(packed[:, 5:]), np.asarray(second), rtol=1e-5, atol=1e-6)
+    # changing segment 1 leaves segment 2 untouched (without segment_ids it would not)
+    x2 = x.copy()
+    x2[:, 1] += 3.0
+    changed, _ = attn(jnp.asarray(x2), pos, seg)
+    assert_allclose(np.asarray(changed[:, 5:]), np.asarray(packed[:, 5:]), rtol=1e-6, atol=1e-6)
+    unsegmented0, _ = attn(jnp.asarray(x), pos)
+    unsegmented1, _ = attn(jnp.asarray(x2), pos)
+    assert np.max(np.abs(np.asarray(unsegmented1[:, 5:] - unsegmented0[:, 5:]))) > 1e-4
+
+
+# -------------------------------------------------------------------------------------------------------- Dropout
+
+
+def test_dropout_identity_without_rng_or_rate():
+    x = jnp.arange(12.0).reshape(3, 4)
+    assert layers.dropout(x, 0.5, None) is x
+    assert layers.dropout(x, 0.0, jax.random.key(0)) is x
+
+
+def test_dropout_zeroes_and_rescales():
+    x = jnp.ones((200, 100), jnp.float32)
+    y = np.asarray(layers.dropout(x, 0.25, jax.random.key(0)))
+    kept = y != 0
+    assert_allclose(y[kept], 1.0 / 0.75, rtol=1e-6)
+    assert abs(1.0 - kept.mean() - 0.25) < 0.02  # about `rate` of the entries are dropped
+    assert abs(y.mean() - 1.0) < 0.03  # inverted dropout keeps the expectation
+    other = np.asarray(layers.dropout(x, 0.25, jax.random.key(1)))
+    assert not np.array_equal(y, other)
+    assert layers.dropout(x.astype(jnp.bfloat16), 0.25, jax.random.key(0)).dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm and MLP
+
+
+def test_rmsnorm_formula():
+    norm = layers.RMSNorm(8, 1e-6, jnp.float32, nnx.Rngs(params=0))
+    scale = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    norm.scale[...] = jnp.asarray(scale)
+    x = np.random.default_rng(5).standard_normal((2, 3, 8)).astype(np.float32)
+    want = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6) * scale
+    assert_allclose(np.asarray(norm(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+    bf = layers.RMSNorm(8, 1e-6, jnp.bfloat16, nnx.Rngs(params=0))
+    assert bf(jnp.asarray(x)).dtype == jnp.bfloat16
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("kind", ["gelu", "silu", "swiglu"])
+def test_mlp_formula(kind):
+    config = tiny_config(mlp=kind, init_std=0.3)
+    mlp = layers.MLP(config, nnx.Rngs(params=0))
+    assert hasattr(mlp, "w_gate") == (kind == "swiglu")
+    x = np.random.default_rng(6).standard_normal((2, 3, config.model.d_model)).astype(np.float32)
+    w_in = np.asarray(mlp.w_in[...], np.float64)
+    w_out = np.asarray(mlp.w_out[...], np.float64)
+    h = x @ w_in
+    if kind == "swiglu":
+        h = silu(x @ np.asarray(mlp.w_gate[...], np.float64)) * h
+    else:
+        h = gelu_tanh(h) if kind == "gelu" else silu(h)
+    assert_allclose(np.asarray(mlp(jnp.asarray(x))), h @ w_out, rtol=1e-4, atol=1e-5)
