@@ -1,0 +1,290 @@
+"""Autoregressive decoding with a KV cache: sampling filters and `generate`.
+
+One call of `generate` runs two compiled programs:
+  1. prefill: the prompt (right-padded to a length bucket) goes through the model in one pass, filling the cache
+     {'k','v': [B, L, H, D]} for positions [0, bucket); the logits at the last real prompt position give token 1.
+  2. decode: a `jax.lax.while_loop` feeds one token per step at cache position P + i - 1 and samples token i + 1.
+     It stops after `max_new_tokens` tokens or as soon as every row has emitted EOS.
+Both are jitted; the compile key is (batch, prompt bucket, cache length, max_new_tokens) and the model graph. The
+prompt length and every sampling value (temperature, top_k, top_p, repetition_penalty, eos id, seed) are traced
+arguments, so changing them, or the prompt length within its bucket, never recompiles.
+
+Padding is safe: pad positions P..bucket-1 are written to the cache by the prefill but are never attended to, since a
+query at position t attends to cache positions <= t, and the decode step for position t overwrites slot t first.
+MoE layers run with `no_drop=True` (capacity = group size), so each token's expert output is the same however many
+other tokens (pads included) share its routing group, and no decode token is ever dropped.
+
+Context: the model saw at most `config.train.seq_len` positions in training, so the cache is never longer than that
+(RoPE would extrapolate, but quality beyond the trained length is unknown). `max_new_tokens` must be smaller than the
+context. A prompt with P + max_new_tokens > seq_len is LEFT-TRUNCATED: its first tokens are dropped and the last
+seq_len - max_new_tokens kept (`GenerateResult.truncated` says how many were dropped).
+
+Next-token rule, applied per row to the float32 logits of the last position, in this order (as Hugging Face does):
+  1. repetition penalty (CTRL, Keskar et al. 2019; Hugging Face's rule): for every token already in the row (prompt
+     or generated, counted once however often it occurs), a logit x becomes x / penalty if x > 0 and x * penalty if
+     x < 0. With penalty > 1 this always lowers the logit (dividing a negative logit, as seed 003 did, raises it).
+  2. temperature == 0: greedy, argmax of the penalised logits (ties: lowest token id). Otherwise logits / temperature,
+  3. top-k (k > 0): keep the k largest logits (ties broken by lowest token id, so top_k = 1 is exactly greedy),
+  4. top-p (p < 1): keep the smallest set of most likely tokens whose probability (after steps 1-3) reaches p; the
+     most likely token is always kept,
+  5. sample from the softmax of what is kept. Row r at step i uses key fold_in(fold_in(seed_key, r), i).
+A row that has emitted EOS is finished: later positions hold EOS (never sampled) and its length stops growing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MIN_BUCKET = 16
+
+
+class SamplingError(ValueError):
+    """An invalid generation setting. `flag` is the setting's name (the CLI flag without '--')."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
+
+
+def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   max_new_tokens: int = 1, num_samples: int = 1) -> None:
+    """Raise SamplingError naming the first invalid setting."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise SamplingError("temperature", f"must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not (isinstance(top_k, numbers.Integral) and top_k >= 0):
+        raise SamplingError("top_k", f"must be an integer >= 0 (0 = no top-k filter), got {top_k}")
+    if not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise SamplingError("top_p", f"must be in (0, 1] (1 = no nucleus filter), got {top_p}")
+    if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty)
+            and repetition_penalty > 0):
+        raise SamplingError("repetition_penalty",
+                            f"must be a finite number > 0 (1 = none, > 1 discourages repeats), got {repetition_penalty}")
+    if not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 1):
+        raise SamplingError("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens}")
+    if not (isinstance(num_samples, numbers.Integral) and num_samples >= 1):
+        raise SamplingError("num_samples", f"must be an integer >= 1, got {num_samples}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling filters: pure, jittable, over logits [B, V] float32. Scalars may be traced.
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """CTRL / Hugging Face rule: where `seen` [B, V] is true, x -> x / penalty if x > 0 else x * penalty."""
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def _sorted_keep_mask(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """Boolean [B, V]: tokens that survive top-k (k > 0) then top-p (p < 1). One stable sort serves both."""
+    b, v = logits.shape
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # descending; equal logits: lower id first
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(v)[None, :]
+    keep_sorted = (top_k <= 0) | (rank < top_k)
+    sorted_logits = jnp.where(keep_sorted, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+    keep_sorted &= (top_p >= 1.0) | (mass_before < top_p) | (rank == 0)
+    return jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep_sorted)
+
+
+def top_k_top_p_filter(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """Set the logits of tokens outside top-k (k > 0) and then outside the top-p nucleus (p < 1) to -inf."""
+    def filt(x):
+        return jnp.where(_sorted_keep_mask(x, top_k, top_p), x, -jnp.inf)
+    active = (top_k > 0) | (top_p < 1.0)
+    return jax.lax.cond(active, filt, lambda x: x, logits)
+
+
+def next_token(logits: jax.Array, seen: jax.Array, keys: jax.Array, temperature, top_k, top_p,
+               repetition_penalty) -> jax.Array:
+    """The next token [B] int32 from logits [B, V], the seen-token mask [B, V] and one key per row [B]."""
+    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
+
+    def greedy(x):
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def sample(x):
+        x = top_k_top_p_filter(x / temperature, top_k, top_p)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, greedy, sample, logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two compiled programs.
+
+def _row_keys(rng: jax.Array, batch: int, step) -> jax.Array:
+    rows = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(batch))
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(rows)
+
+
+def _mark(seen: jax.Array, tokens: jax.Array) -> jax.Array:
+    """seen [B, V] with tokens [B] set (ids outside [0, V) are ignored)."""
+    return seen.at[jnp.arange(seen.shape[0]), tokens].set(True, mode="drop")
+
+
+def _prefill(graphdef, params, prompt, prompt_len, rng, temperature, top_k, top_p, repetition_penalty,
+             cache_len: int):
+    """prompt [B, bucket] (right-padded), prompt_len scalar -> (cache, first token [B], seen [B, V])."""
+    model = nnx.merge(graphdef, params)
+    b, bucket = prompt.shape
+    cache = model.init_cache(b, cache_len)
+    logits, _, cache = model(prompt, cache=cache, cache_index=0, no_drop=True)
+    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)  # [B, V]
+    vocab = last.shape[-1]
+    real = jnp.where(jnp.arange(bucket)[None, :] < prompt_len, prompt, vocab)  # pads -> out of range: not seen
+    seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], real].set(True, mode="drop")
+    token = next_token(last, seen, _row_keys(rng, b, 0), temperature, top_k, top_p, repetition_penalty)
+    return cache, token, _mark(seen, token)
+
+
+def _decode(graphdef, params, cache, first, seen, prompt_len, rng, temperature, top_k, top_p, repetition_penalty,
+            eos_id, max_new_tokens: int):
+    """The decode loop. Returns (new tokens [B, max_new_tokens], new tokens per row up to and including EOS [B],
+    steps: tokens generated per row before the loop stopped = loop iterations + 1)."""
+    b = first.shape[0]
+    fill = jnp.maximum(eos_id, 0).astype(jnp.int32)
+    out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
+    finished = first == eos_id
+
+    def cond(state):
+        i, _, _, finished, _ = state
+        return (i < max_new_tokens) & ~jnp.all(finished)
+
+    def body(state):
+        i, cache, out, finished, seen = state
+        prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=True)  # [B, 1]
+        logits, _, cache = nnx.merge(graphdef, params)(prev, cache=cache, cache_index=prompt_len + i - 1,
+                                                        no_drop=True)
+        token = next_token(logits[:, -1], seen, _row_keys(rng, b, i), temperature, top_k, top_p,
+                           repetition_penalty)
+        token = jnp.where(finished, fill, token)
+        out = jax.lax.dynamic_update_index_in_dim(out, token, i, axis=1)
+        return i + 1, cache, out, finished | (token == eos_id), _mark(seen, token)
+
+    i, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, finished, seen))
+    is_eos = out == eos_id
+    lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, i).astype(jnp.int32)
+    return out, lengths, i
+
+
+# A model's GraphDef holds its ConfigDict, which is not hashable, so it cannot be a static jit argument. Each graph
+# gets its own pair of jitted closures instead, kept here (with the graph, so its id is never reused) and shared by
+# every call: jit then caches one executable per (batch, bucket, cache length, max_new_tokens).
+_PROGRAMS: dict[int, tuple] = {}
+
+
+def programs(graphdef):
+    """(prefill, decode) jitted for `graphdef`; `cache_len` and `max_new_tokens` are static."""
+    entry = _PROGRAMS.get(id(graphdef))
+    if entry is None or entry[0] is not graphdef:
+        prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("cache_len",))
+        decode = jax.jit(functools.partial(_decode, graphdef), static_argnames=("max_new_tokens",))
+        entry = _PROGRAMS[id(graphdef)] = (graphdef, prefill, decode)
+    return entry[1], entry[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side.
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: np.ndarray  # [B, P + max_new_tokens] int32: the (possibly truncated) prompt then the new tokens
+    lengths: np.ndarray  # [B]: valid tokens per row = P + new tokens up to and including EOS
+    prompt_len: int  # P, after left-truncation
+    truncated: int  # prompt tokens dropped from the left to fit the context
+    steps: int  # tokens generated per row by the loop before it stopped (<= max_new_tokens)
+    compile_s: float  # compiling both programs (0 when cached)
+    prefill_s: float
+    decode_s: float
+
+    def new_tokens(self, row: int, strip_eos: bool = True, eos_id: int = -1) -> list[int]:
+        """The generated ids of `row` (without the final EOS when strip_eos)."""
+        ids = self.tokens[row, self.prompt_len:self.lengths[row]].tolist()
+        if strip_eos and ids and ids[-1] == eos_id:
+            ids = ids[:-1]
+        return ids
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by the decode loop (all rows, prefill excluded) per second of the loop."""
+        b = self.tokens.shape[0]
+        return b * (self.steps - 1) / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        """All generated tokens (all rows) per second of prefill + decode (compilation excluded)."""
+        b = self.tokens.shape[0]
+        return b * self.steps / (self.prefill_s + self.decode_s)
+
+
+def context_length(config) -> int:
+    return int(config.train.seq_len)
+
+
+def prompt_bucket(length: int, limit: int) -> int:
+    """Padded prompt length: the next power of two >= length (at least MIN_BUCKET), at most `limit`."""
+    return min(max(MIN_BUCKET, 1 << max(0, length - 1).bit_length()), limit)
+
+
+def fit_prompt(prompt_ids: np.ndarray, max_new_tokens: int, context: int) -> tuple[np.ndarray, int]:
+    """Left-truncate [B, P] so that P + max_new_tokens <= context. Returns (prompt, tokens dropped)."""
+    if max_new_tokens >= context:
+        raise SamplingError("max_new_tokens", f"{max_new_tokens} leaves no room for the prompt in the model's "
+                                              f"context of {context} tokens (train.seq_len); use at most {context - 1}")
+    keep = context - max_new_tokens
+    dropped = max(0, prompt_ids.shape[1] - keep)
+    return prompt_ids[:, dropped:], dropped
+
+
+def generate(graphdef, params, config, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+             eos_id: int = -1, bucket: bool = True) -> GenerateResult:
+    """Generate `max_new_tokens` after equal-length prompts `prompt_ids` [B, P] (P >= 1; start from BOS for none).
+
+    `eos_id < 0` means no EOS (every row runs to max_new_tokens). `bucket=False` compiles for the exact prompt
+    length instead of padding it to `prompt_bucket`. See the module docstring for the sampling rule and context.
+    """
+    check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    prompt = np.asarray(prompt_ids, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be [batch, length >= 1] (start from BOS for an empty prompt), "
+                         f"got shape {prompt.shape}")
+    vocab = config.model.vocab_size
+    if prompt.min() < 0 or prompt.max() >= vocab:
+        raise ValueError(f"prompt ids must be in [0, {vocab}), got min {prompt.min()} max {prompt.max()}")
+    context = context_length(config)
+    prompt, dropped = fit_prompt(prompt, max_new_tokens, context)
+    b, p = prompt.shape
+    padded_len = prompt_bucket(p, context) if bucket else p
+    cache_len = min(context, padded_len + max_new_tokens)
+    padded = np.zeros((b, padded_len), np.int32)
+    padded[:, :p] = prompt
+
+    rng = jax.random.key(seed)
+    scalars = (np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(repetition_penalty))
+    plen = np.int32(p)
+    t0 = time.perf_counter()
+    prefill_fn, decode_fn = programs(graphdef)
+    prefill = prefill_fn.lower(params, padded, plen, rng, *scalars, cache_len=cache_len).compile()
+    decode = decode_fn.lower(params, *prefill.out_info, plen, rng, *scalars, np.int32(eos_id),
+                             max_new_tokens=max_new_tokens).compile()
+    t1 = time.perf_counter()
+    cache, first, seen = jax.block_until_ready(prefill(params, padded, plen, rng, *scalars))
+    t2 = time.perf_counter()
+    out, lengths, steps = jax.block_until_ready(
+        decode(params, cache, first, seen, plen, rng, *scalars, np.int32(eos_id)))
+    t3 = time.perf_counter()
+    tokens = np.concatenate([prompt, np.asarray(out)], axis=1)
+    return GenerateResult(tokens=tokens, lengths=p + np.asarray(lengths), prompt_len=p, truncated=dropped,
+                          steps=int(steps), compile_s=t1 - t0, prefill_s=t2 - t1, decode_s=t3 - t2)
