@@ -186,15 +186,41 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert_array_equal(keep_mask(logits, 2, 0.7), [[False, True, False, True]])
 
 
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (3, 1.0), (5, 0.5), (8, 0.9), (50, 0.95), (64, 0.3), (512, 0.99)])
+def test_top_k_candidates_equal_the_whole_vocabulary_filter(top_k, top_p):
+    """The fast path (lax.top_k over a power-of-two candidate set) keeps exactly the tokens that the sort-based
+    filter over the whole vocabulary keeps, with the same logits."""
+    rng = np.random.default_rng(top_k)
+    logits = jnp.asarray(rng.normal(size=(3, VOCAB)) * 2, jnp.float32)
+    logits = logits.at[1, :8].set(1.5)  # ties
+    want = np.asarray(decode.top_k_top_p_filter(logits, top_k, top_p))
+    candidates = decode.candidate_count(top_k, VOCAB)
+    assert candidates >= top_k
+    values, ids = decode.top_k_candidates(logits, top_k, top_p, candidates)
+    got = np.full(want.shape, -np.inf, np.float32)
+    np.put_along_axis(got, np.asarray(ids), np.asarray(values), axis=-1)
+    assert_array_equal(got, want)
+
+
+def test_candidate_count():
+    assert [decode.candidate_count(k, 512) for k in (0, 1, 2, 3, 5, 50, 64, 65, 600)] == [0, 1, 2, 4, 8, 64, 64,
+                                                                                          128, 512]
+
+
 def test_temperature_sampling_frequencies():
     """20,000 draws of a 4-way distribution at temperature 0.5 match softmax(logits / 0.5)."""
     n = 20000
     logits = jnp.tile(jnp.array([[1.0, 0.5, 0.0, -1.0]]), (n, 1))
     keys = jax.random.split(jax.random.key(0), n)
     seen = jnp.zeros(logits.shape, bool)
-    tokens = decode.next_token(logits, seen, keys, 0.5, 0, 1.0, 1.0)
-    freq = np.bincount(np.asarray(tokens), minlength=4) / n
-    assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0] / 0.5)), atol=0.015)
+    want = np.asarray(jax.nn.softmax(logits[0] / 0.5))
+    for top_k, candidates in ((0, 0), (4, 4)):  # whole vocabulary, and the top-k candidate path keeping all 4
+        tokens = decode.next_token(logits, seen, keys, 0.5, top_k, 1.0, 1.0, candidates)
+        assert_allclose(np.bincount(np.asarray(tokens), minlength=4) / n, want, atol=0.015)
+    # top_k = 2 renormalises over the two most likely tokens
+    tokens = decode.next_token(logits, seen, keys, 0.5, 2, 1.0, 1.0, 2)
+    assert_allclose(np.bincount(np.asarray(tokens), minlength=4) / n, list(want[:2] / want[:2].sum()) + [0, 0],
+                    atol=0.015)
     greedy = decode.next_token(logits[:4], seen[:4], keys[:4], 0.0, 0, 1.0, 1.0)
     assert_array_equal(greedy, [0, 0, 0, 0])
 
@@ -275,7 +301,8 @@ def test_prompt_bucket():
 
 def test_no_recompilation_within_a_bucket_or_for_new_sampling_values():
     config, graphdef, params = setup("dense")
-    decode.generate(graphdef, params, config, prompt(9), 10, temperature=0.0)  # compiles (bucket 16)
+    decode.generate(graphdef, params, config, prompt(9), 10, temperature=0.0)  # prompt bucket 16, top-k bucket 0
+    decode.generate(graphdef, params, config, prompt(9), 10, top_k=8)  # top-k bucket 8
     compiles = []
 
     def listener(name, *args, **kwargs):
@@ -285,7 +312,8 @@ def test_no_recompilation_within_a_bucket_or_for_new_sampling_values():
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         for length, kw in [(3, dict(temperature=0.7, top_k=5)), (16, dict(temperature=1.3, top_p=0.5, seed=3)),
-                           (12, dict(temperature=0.0, repetition_penalty=1.4, eos_id=5))]:
+                           (12, dict(temperature=0.0, repetition_penalty=1.4, eos_id=5)),
+                           (1, dict(top_k=7, top_p=0.8, seed=9))]:
             r = decode.generate(graphdef, params, config, prompt(length), 10, **kw)
             assert r.compile_s < 1.0
     finally:
