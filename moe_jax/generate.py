@@ -1,0 +1,115 @@
+"""Command line: generate text from a trained checkpoint.
+
+    python -m moe_jax.generate --workdir runs/moe --prompt "In the beginning" \
+        [--max_new_tokens 200 --temperature 0.8 --top_k 50 --top_p 0.95 --repetition_penalty 1.2 \
+         --num_samples 3 --seed 0 --step N]
+
+Restores the parameters of the latest checkpoint (or --step) of a run directory written by `moe_jax.train`, with
+the run's saved config.json and tokenizer.model, then decodes --num_samples continuations of the prompt at once
+(one batch) with a KV cache: see moe_jax/decode.py and docs/generation.md.
+
+- The prompt is conditioned as the start of a document: its ids are [EOS] + encode(prompt). The training pipeline
+  appends EOS to every document and adds no BOS, so EOS is the token every document follows in training; BOS is
+  never an input there. An empty prompt is just [EOS]: the model starts a new document.
+- A sample stops at EOS (or after --max_new_tokens). --temperature 0 is greedy decoding.
+- Context: prompt + new tokens must fit in the model's trained length (train.seq_len). --max_new_tokens must be
+  smaller than it; a longer prompt is left-truncated (its first tokens dropped), and a note says how many.
+- Invalid values exit with status 2 and a message naming the flag; a missing run directory or step exits with 1.
+Prints each sample (prompt text then continuation), then the decode speed: tokens/s of the decode loop alone (all
+samples, prefill excluded) and including the prompt's prefill; compilation is timed apart.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train (config.json, tokenizer.model, "
+                    "checkpoints/).")
+flags.DEFINE_string("prompt", "", "Text to continue; empty: start a new document.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most; EOS stops a sample).")
+flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 50, "Keep only the k most likely tokens; 0 = off.")
+flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set of most likely tokens with this much "
+                   "probability, in (0, 1]; 1 = off.")
+flags.DEFINE_float("repetition_penalty", 1.2, "CTRL/Hugging Face penalty on tokens already in the sample: a "
+                   "positive logit is divided by it, a negative one multiplied; 1 = off.")
+flags.DEFINE_integer("num_samples", 3, "Samples of the prompt, decoded together as one batch.")
+flags.DEFINE_integer("seed", 0, "Sampling seed (sample r at step i uses fold_in(fold_in(key(seed), r), i)).")
+flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def fail(flag: str, message: str, status: int) -> None:
+    print(f"error: --{flag}: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """[EOS] + encode(text): the prompt as the start of a new document (see the module docstring)."""
+    return [tokenizer.eos_id] + list(tokenizer.encode(text))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from moe_jax import decode
+
+    try:
+        decode.check_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty,
+                              FLAGS.max_new_tokens, FLAGS.num_samples)
+    except decode.SamplingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.step is not None and FLAGS.step < 0:
+        fail("step", f"must be >= 0, got {FLAGS.step}", 2)
+
+    from moe_jax import checkpoint as ckpt_lib
+
+    try:
+        config = ckpt_lib.load_config(FLAGS.workdir)
+    except FileNotFoundError as e:
+        fail("workdir", str(e), 1)
+    context = decode.context_length(config)
+    if FLAGS.max_new_tokens >= context:
+        fail("max_new_tokens", f"{FLAGS.max_new_tokens} leaves no room for the prompt in this model's context of "
+                               f"{context} tokens (train.seq_len); use at most {context - 1}", 2)
+    try:
+        config, graphdef, params, tokenizer, step = ckpt_lib.load_for_inference(FLAGS.workdir, FLAGS.step)
+    except FileNotFoundError as e:
+        fail("step" if FLAGS.step is not None else "workdir", str(e), 1)
+
+    import numpy as np
+
+    ids = prompt_ids(tokenizer, FLAGS.prompt)
+    prompt = np.tile(np.asarray(ids, np.int32)[None], (FLAGS.num_samples, 1))
+    result = decode.generate(graphdef, params, config, prompt, FLAGS.max_new_tokens,
+                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                             repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed,
+                             eos_id=tokenizer.eos_id)
+    print(f"# {FLAGS.workdir} step {step}: {result.prompt_len} prompt tokens, {FLAGS.num_samples} samples, "
+          f"temperature {FLAGS.temperature} top_k {FLAGS.top_k} top_p {FLAGS.top_p} "
+          f"repetition_penalty {FLAGS.repetition_penalty} seed {FLAGS.seed}")
+    if result.truncated:
+        print(f"# note: the prompt was left-truncated by {result.truncated} tokens to fit the context of {context} "
+              f"with --max_new_tokens {FLAGS.max_new_tokens}")
+    # The leading EOS is the document-start marker, not text: skip it (unless truncation already dropped it).
+    skip = 1 if result.truncated == 0 else 0
+    for r in range(FLAGS.num_samples):
+        new = result.new_tokens(r, eos_id=tokenizer.eos_id)
+        ended = result.lengths[r] - result.prompt_len > len(new)
+        text = tokenizer.decode(result.tokens[r, skip:result.prompt_len].tolist() + new)
+        print(f"\n--- sample {r + 1}/{FLAGS.num_samples} ({len(new)} new tokens"
+              f"{', ended with EOS' if ended else ''}) ---")
+        print(text)
+    b = FLAGS.num_samples
+    print(f"\n# decode: {b} x {result.steps - 1} tokens in {result.decode_s:.3f} s = "
+          f"{result.decode_tokens_per_s:.1f} tokens/s (prefill excluded); "
+          f"with the prefill of {result.prompt_len} prompt tokens ({result.prefill_s:.3f} s): "
+          f"{result.total_tokens_per_s:.1f} tokens/s; compile {result.compile_s:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
