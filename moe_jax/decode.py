@@ -206,7 +206,7 @@ def _decode(graphdef, params, cache, first, seen, prompt_len, rng, temperature, 
 
 # A model's GraphDef holds its ConfigDict, which is not hashable, so it cannot be a static jit argument. Each graph
 # gets its own pair of jitted closures instead, kept here (with the graph, so its id is never reused) and shared by
-# every call: jit then caches one executable per (batch, bucket, cache length, max_new_tokens).
+# every call: jit then caches one executable per (batch, prompt bucket, cache length, max_new_tokens, top-k bucket).
 _PROGRAMS: dict[int, tuple] = {}
 
 
@@ -276,7 +276,8 @@ def fit_prompt(prompt_ids: np.ndarray, max_new_tokens: int, context: int) -> tup
 def generate(graphdef, params, config, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
              eos_id: int = -1, bucket: bool = True) -> GenerateResult:
-    """Generate `max_new_tokens` after equal-length prompts `prompt_ids` [B, P] (P >= 1; start from BOS for none).
+    """Generate `max_new_tokens` after equal-length prompts `prompt_ids` [B, P], P >= 1 (for no text, pass a
+    document-start token alone: the CLI uses [EOS], see moe_jax/generate.py).
 
     `eos_id < 0` means no EOS (every row runs to max_new_tokens). `bucket=False` compiles for the exact prompt
     length instead of padding it to `prompt_bucket`. See the module docstring for the sampling rule and context.
@@ -284,7 +285,7 @@ def generate(graphdef, params, config, prompt_ids, max_new_tokens: int, *, tempe
     check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     prompt = np.asarray(prompt_ids, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt_ids must be [batch, length >= 1] (start from BOS for an empty prompt), "
+        raise ValueError(f"prompt_ids must be [batch, length >= 1] (for an empty prompt pass a start token), "
                          f"got shape {prompt.shape}")
     vocab = config.model.vocab_size
     if prompt.min() < 0 or prompt.max() >= vocab:

@@ -288,7 +288,7 @@ def test_long_prompt_is_left_truncated():
 
 def test_prompt_validation():
     config, graphdef, params = setup("dense")
-    with pytest.raises(ValueError, match="BOS"):
+    with pytest.raises(ValueError, match="start token"):
         decode.generate(graphdef, params, config, np.zeros((1, 0), np.int32), 4)
     with pytest.raises(ValueError, match="prompt ids"):
         decode.generate(graphdef, params, config, np.full((1, 3), VOCAB), 4)
