@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from flax import nnx
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -119,11 +118,7 @@ def restore_train_state(workdir: str, config, mesh, step: int | None = None):
     from moe_jax import model as model_lib, optimizer as optimizer_lib, train_step as step_lib
 
     graphdef, abstract_nnx = model_lib.abstract(config)
-    opt = optimizer_lib.build(config)
-    params_abs = nnx.to_pure_dict(abstract_nnx)
-    state_abs = jax.eval_shape(lambda p: step_lib.init_state(config, p, opt), params_abs)
-    shardings = step_lib.state_shardings(state_abs, abstract_nnx, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, shardings)
+    target = step_lib.abstract_train_state(config, abstract_nnx, optimizer_lib.build(config), mesh)
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         with jax.set_mesh(mesh):

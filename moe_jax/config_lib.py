@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.peak_tflops = 0.0  # 0: look up the device in flops.PEAK_TFLOPS (CPU: measured)
     c.train.plots = True
     c.train.progress_bar = True
+    c.train.inject_nan_at_step = -1  # test hook: poison the loss of this step (numbered from 1; -1: off)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "bible"  # 'bible' (shipped), 'tfds' (any TFDS text dataset), 'files' (local .txt/.jsonl)

@@ -43,7 +43,7 @@ def _loss(graphdef, params, micro, rng, train: bool):
 
 def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -> Callable:
     accum = config.train.grad_accum
-    nan_step = config.train.get("inject_nan_at_step", -1)
+    nan_step = config.train.inject_nan_at_step
 
     def step_fn(state, batch):
         step = state["step"]
@@ -74,7 +74,7 @@ def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss = sums["ce"] / accum
         if nan_step >= 0:  # test hook: poison the loss and gradients at one step
-            poison = jnp.where(step == nan_step, jnp.nan, 1.0)
+            poison = jnp.where(step + 1 == nan_step, jnp.nan, 1.0)  # steps are numbered from 1 in logs
             loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -137,11 +137,20 @@ def batch_shardings(batch_like: dict, mesh) -> dict:
     return {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in batch_like.items()}
 
 
+def abstract_train_state(config, abstract_nnx_state, optimizer, mesh) -> dict:
+    """The train state as ShapeDtypeStructs carrying their NamedShardings on `mesh` (no memory allocated)."""
+    params_abs = nnx.to_pure_dict(abstract_nnx_state)
+    state_abs = jax.eval_shape(lambda p: init_state(config, p, optimizer), params_abs)
+    shardings = state_shardings(state_abs, abstract_nnx_state, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, shardings)
+
+
 @dataclasses.dataclass
 class Compiled:
     """The compiled train and eval steps with their shardings."""
     train: Any
     eval: Any
+    abstract_state: Any  # ShapeDtypeStructs with shardings: the restore target
     state_sharding: Any
     batch_sharding: Any
     memory: dict
@@ -162,20 +171,18 @@ def _memory(compiled) -> dict:
 def compile_steps(config, graphdef, abstract_nnx_state, optimizer, mesh, batch_like: dict,
                   eval_batch_like: dict) -> Compiled:
     """Lower and compile both steps ahead of time (so an out-of-memory config fails before step 1, with numbers)."""
-    params_abs = nnx.to_pure_dict(abstract_nnx_state)
-    state_abs = jax.eval_shape(lambda p: init_state(config, p, optimizer), params_abs)
-    s_shard = state_shardings(state_abs, abstract_nnx_state, mesh)
+    abs_in = abstract_train_state(config, abstract_nnx_state, optimizer, mesh)
+    s_shard = jax.tree.map(lambda s: s.sharding, abs_in)
     b_shard = batch_shardings(batch_like, mesh)
     e_shard = batch_shardings(eval_batch_like, mesh)
     replicated = NamedSharding(mesh, P())
     with jax.set_mesh(mesh):
         train = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(s_shard, b_shard),
                         out_shardings=(s_shard, replicated), donate_argnums=(0,))
-        abs_in = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, s_shard)
         abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch_like.items()}
         train_c = train.lower(abs_in, abs_batch).compile()
         ev = jax.jit(make_eval_step(config, graphdef), in_shardings=(s_shard["params"], e_shard),
                      out_shardings=replicated)
         abs_eval = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=e_shard[k]) for k, v in eval_batch_like.items()}
         eval_c = ev.lower(abs_in["params"], abs_eval).compile()
-    return Compiled(train_c, eval_c, s_shard, b_shard, _memory(train_c))
+    return Compiled(train_c, eval_c, abs_in, s_shard, b_shard, _memory(train_c))

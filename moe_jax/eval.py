@@ -1,0 +1,66 @@
+"""Command line: evaluate a checkpoint on the fixed validation windows.
+
+    python -m moe_jax.eval --workdir runs/moe [--step N] [--eval_batches 0]
+
+Restores the orbax checkpoint (latest or --step) onto this machine's devices (the run's mesh when it fits, else all
+devices data-parallel: a model trained on 8 devices evaluates on 1), and prints and writes
+`eval_step<N>.json` with val_loss, val_accuracy, val_perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's train.eval_batches; 0 = all).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | None = None, devices=None) -> dict:
+    import jax
+
+    from moe_jax import checkpoint as ckpt_lib, data, train_step as step_lib, trainer
+
+    config = ckpt_lib.load_config(workdir)
+    config.data.tokenizer_path = os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)
+    if eval_batches is not None:
+        config.train.eval_batches = eval_batches
+    mesh = ckpt_lib.inference_mesh(config, devices)
+    graphdef, state, step = ckpt_lib.restore_train_state(workdir, config, mesh, step)
+    ds = data.build(config)
+    batches = list(ds.val_batches(config.train.batch_size))
+    if config.train.eval_batches:
+        batches = batches[:config.train.eval_batches]
+    eval_like = trainer.batch_like(batches[0], config.train.batch_size)
+    shardings = step_lib.batch_shardings(eval_like, mesh)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    with jax.set_mesh(mesh):
+        eval_fn = jax.jit(step_lib.make_eval_step(config, graphdef), out_shardings=NamedSharding(mesh, P()))
+        result = trainer.evaluate(eval_fn, state["params"], batches, shardings)
+    result.update(step=step, workdir=workdir, devices=len(mesh.devices.flat))
+    path = os.path.join(workdir, f"eval_step{step}.json")
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        result = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.eval_batches)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

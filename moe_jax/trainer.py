@@ -1,0 +1,284 @@
+"""The train loop: data -> compiled step -> metrics, evaluation, checkpoints; resumable and preemption-safe.
+
+`train(config, workdir)` is the whole job behind `python -m moe_jax.train`. What it guarantees:
+  * the config is validated and written to the workdir before anything heavy;
+  * both steps are compiled ahead of time and their memory use is printed before step 1;
+  * a workdir with checkpoints resumes from the latest one (params, optimizer, step, data iterator, RNG), and the
+    resumed run's losses equal an uninterrupted run's;
+  * metrics are fetched one step late, so the host never waits on the device between steps;
+  * SIGTERM/SIGINT finish the current step, save, and return (TPU VMs are preempted this way);
+  * a non-finite loss raises FloatingPointError naming the step; no checkpoint is ever written after a bad step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from moe_jax import checkpoint as ckpt_lib
+from moe_jax import config_lib, data, flops, optimizer as optimizer_lib
+from moe_jax import metrics as metrics_lib
+from moe_jax import model as model_lib
+from moe_jax import sharding as sharding_lib
+from moe_jax import train_step as step_lib
+
+
+SUMMARY_FILE = "summary.json"
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def check_batch_fits_mesh(config, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+    if config.train.batch_size % shards:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size: {config.train.batch_size} sequences cannot be split over the "
+            f"{shards} batch shards of mesh {dict(mesh.shape)} (data x expert); use a multiple of {shards}")
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _to_global(batch: dict, shardings: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
+            if k in shardings}
+
+
+def batch_like(batch: dict, rows: int) -> dict:
+    """Global ShapeDtypeStructs for a batch of `rows` sequences, from one process-local example batch."""
+    return {k: jax.ShapeDtypeStruct((rows,) + np.asarray(v).shape[1:], np.asarray(v).dtype) for k, v in batch.items()
+            if k in step_lib.BATCH_KEYS}
+
+
+def evaluate(eval_fn, params, val_batches: list, eval_shardings: dict) -> dict:
+    """Validation loss, accuracy and perplexity over the fixed validation windows (eval_fn: (params, batch) -> sums)."""
+    total = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
+    for b in val_batches:
+        sums = jax.device_get(eval_fn(params, _to_global(b, eval_shardings)))
+        for k in total:
+            total[k] += float(sums[k])
+    w = max(total["weight"], 1.0)
+    loss = total["loss"] / w
+    return {"val_loss": loss, "val_accuracy": total["correct"] / w,
+            "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": total["weight"]}
+
+
+def peak_flops_per_s(config) -> tuple[float, str]:
+    """Peak FLOP/s of the devices in use: config.train.peak_tflops, the table, or a measured CPU matmul."""
+    if config.train.peak_tflops > 0:
+        return config.train.peak_tflops * 1e12 * jax.device_count(), "config"
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return flops.measure_matmul_tflops() * 1e12, "measured CPU matmul"
+    peak = flops.peak_tflops(dev)
+    return peak * 1e12 * jax.device_count(), dev.device_kind
+
+
+def _summarise_train(m: dict) -> dict:
+    """Host-side record from the step's metrics tree (per-layer MoE arrays become lists)."""
+    rec = {}
+    for k, v in m.items():
+        v = np.asarray(v)
+        rec[k] = v.item() if v.ndim == 0 else v.tolist()
+    if "moe/dropped_fraction" in rec:
+        rec["moe/dropped_fraction_mean"] = float(np.mean(m["moe/dropped_fraction"]))
+        rec["moe/load_balance_loss_mean"] = float(np.mean(m["moe/load_balance_loss"]))
+        rec["moe/z_loss_mean"] = float(np.mean(m["moe/z_loss"]))
+    rec["perplexity"] = math.exp(min(rec["loss"], 50.0)) if math.isfinite(rec["loss"]) else float("nan")
+    return rec
+
+
+def train(config, workdir: str, *, max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
+    """Train (or resume) `config` in `workdir`. `max_steps_this_run` stops early after that many steps (a save is
+    made there), as a preemption would. Returns a summary dict (also written as metrics records)."""
+    config_lib.validate(config)
+    t_setup = time.time()
+    mesh = sharding_lib.build_mesh(config, devices)
+    check_batch_fits_mesh(config, mesh)
+    t = config.train
+    log(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)")
+
+    ds = data.build(config)
+    if ds.tokenizer.vocab_size != config.model.vocab_size:
+        raise config_lib.ConfigError(f"config.model.vocab_size: {config.model.vocab_size} differs from the "
+                                     f"tokenizer's {ds.tokenizer.vocab_size}; set it to {ds.tokenizer.vocab_size}")
+    ckpt_lib.write_run_files(workdir, config, ds.tokenizer.path)
+    log(f"data: {ds.stats}")
+
+    graphdef, abstract_state = model_lib.abstract(config)
+    opt = optimizer_lib.build(config)
+    global_rows = t.batch_size * t.grad_accum
+    example = next(iter(ds.val_batches(t.batch_size)))
+    train_like = batch_like(example, global_rows)
+    eval_like = batch_like(example, t.batch_size)
+    compiled = step_lib.compile_steps(config, graphdef, abstract_state, opt, mesh, train_like, eval_like)
+    mem = compiled.memory
+    if mem:
+        log("compiled train step memory per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} "
+                                                                  f"{v / 2**20:.1f} MiB" for k, v in mem.items()))
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    meta: dict = {}
+    if checkpointer.latest_step() is not None:
+        with jax.set_mesh(mesh):
+            state, meta, start = checkpointer.restore(compiled.abstract_state,
+                                                      data_args=data.checkpoint_restore_args(ds.train_iter))
+        metrics_lib.truncate_after(workdir, start)
+        log(f"resumed from step {start} of {t.steps}")
+    else:
+        with jax.set_mesh(mesh):
+            state = jax.jit(lambda: _fresh_state(config, opt), out_shardings=compiled.state_sharding)()
+        start = 0
+    step = int(jax.device_get(state["step"]))
+    if step != start:
+        raise RuntimeError(f"checkpoint step {start} holds state step {step}")
+
+    counts = flops.param_counts(config)
+    flops_per_token = flops.flops_per_token(config)["training"]
+    tokens_per_step = global_rows * t.seq_len
+    peak, peak_source = peak_flops_per_s(config)
+    log(f"params: total {counts['total']:,}, active {counts['active']:,}; training FLOPs/token "
+        f"{flops_per_token:.4g}; peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    val_batches = list(ds.val_batches(t.batch_size))
+    if t.eval_batches:
+        val_batches = val_batches[:t.eval_batches]
+    eval_shardings = step_lib.batch_shardings(eval_like, mesh)
+    wall0 = float(meta.get("wall_time", 0.0))
+    best = float(meta.get("best_val_loss", float("inf")))
+    log(f"setup took {time.time() - t_setup:.1f}s")
+
+    stop_at = t.steps if max_steps_this_run is None else min(t.steps, step + max_steps_this_run)
+    clock0 = time.time()
+    pending = None  # (step, device metrics) of the last dispatched step, fetched after the next dispatch
+    interval = {"t": time.time(), "steps": 0}
+    last_eval = None
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=step, disable=not (t.progress_bar and is_main), dynamic_ncols=True,
+               file=sys.stderr)
+
+    def wall() -> float:
+        return wall0 + time.time() - clock0
+
+    def fetch(p) -> None:
+        s, m = p
+        m = jax.device_get(m)
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {s}; stopping. The last checkpoint (step "
+                                     f"{checkpointer.latest_step()}) was written before it and is intact.")
+        interval["steps"] += 1
+        bar.update(1)
+        if s % t.log_every == 0 or s == stop_at:
+            elapsed = max(time.time() - interval["t"], 1e-9)
+            tps = interval["steps"] * tokens_per_step / elapsed
+            rec = _summarise_train(m)
+            rec.update(kind="train", step=s, tokens=s * tokens_per_step, wall_time=wall(),
+                       tokens_per_s=tps, step_time=elapsed / interval["steps"],
+                       tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
+                       **optimizer_lib.learning_rates(config, s - 1))
+            writer.write(rec)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%")
+            log(f"step {s}: loss {loss:.4f} acc {rec['accuracy']:.3f} grad_norm {rec['grad_norm']:.3f} "
+                f"{tps:,.0f} tok/s {rec['tflops']:.3g} TFLOP/s MFU {100 * rec['mfu']:.1f}%"
+                + (f" dropped {rec['moe/dropped_fraction_mean']:.3f}" if "moe/dropped_fraction_mean" in rec else ""))
+            interval.update(t=time.time(), steps=0)
+
+    def save(s: int, val_loss=None) -> None:
+        checkpointer.save(s, state, data.checkpoint_save_args(ds.train_iter),
+                          meta={"step": s, "tokens": s * tokens_per_step, "wall_time": wall(),
+                                "best_val_loss": best, "val_loss": val_loss}, val_loss=val_loss)
+
+    try:
+        with _StopFlag() as stop, jax.set_mesh(mesh):
+            while step < stop_at and stop.signal is None:
+                batch = _to_global(next(ds.train_iter), compiled.batch_sharding)
+                state, m = compiled.train(state, batch)
+                step += 1
+                if pending is not None:
+                    fetch(pending)
+                pending = (step, m)
+                is_eval = step % t.eval_every == 0 or step == t.steps
+                is_ckpt = step % t.checkpoint_every == 0 or step == stop_at or is_eval
+                if is_eval or is_ckpt or stop.signal is not None:
+                    fetch(pending)
+                    pending = None
+                val_loss = None
+                if is_eval:
+                    ev = evaluate(compiled.eval, state["params"], val_batches, eval_shardings)
+                    val_loss = ev["val_loss"]
+                    best = min(best, val_loss)
+                    writer.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
+                                  "wall_time": wall(), **ev})
+                    log(f"eval step {step}: val_loss {ev['val_loss']:.4f} val_acc {ev['val_accuracy']:.4f} "
+                        f"val_ppl {ev['val_perplexity']:.2f}")
+                    last_eval = ev
+                if is_ckpt:
+                    save(step, val_loss)
+                if is_eval or is_ckpt:
+                    interval.update(t=time.time(), steps=0)
+            if pending is not None:
+                fetch(pending)
+                pending = None
+            if stop.signal is not None:
+                log(f"received signal {stop.signal}: saving step {step} and exiting")
+                if step not in checkpointer.all_steps():
+                    save(step)
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+
+    summary = {"step": step, "finished": step >= t.steps, "tokens": step * tokens_per_step, "wall_time": wall(),
+               "params_total": counts["total"], "params_active": counts["active"],
+               "training_flops_per_token": flops_per_token, "best_val_loss": best,
+               "interrupted": step < stop_at}
+    if last_eval:
+        summary.update(last_eval)
+    records = metrics_lib.read(workdir) if is_main else []
+    tps = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r["step"] > t.log_every]
+    if tps:
+        summary["tokens_per_s"] = float(np.median(tps))
+        summary["mfu"] = summary["tokens_per_s"] * flops_per_token / peak
+    if is_main:
+        metrics_lib.write_json(workdir, SUMMARY_FILE, summary)
+        if t.plots and step >= t.steps:
+            metrics_lib.plot(workdir)
+    return summary
+
+
+def _fresh_state(config, opt):
+    params = nnx.to_pure_dict(nnx.split(model_lib.create(config))[1])
+    return step_lib.init_state(config, params, opt)
