@@ -1,0 +1,241 @@
+"""The optimizer: global-norm clipping, then Muon for hidden matrices and AdamW for everything else.
+
+    tx = optimizer.build(config)          # an optax.GradientTransformation
+    opt_state = tx.init(params)           # params: the pure dict from model.init_params(config)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+One `tx.update` is one optimizer step. Gradient accumulation is not done here: the trainer scans over the
+`train.grad_accum` micro-batches itself, averages their gradients and calls `tx.update` once, so every count in this
+module (warmup, cosine decay, Muon/Adam bias corrections) advances once per optimizer step, never per micro-batch.
+
+Which parameter goes where (`param_labels`, `label_table` prints it):
+
+    parameter                           shape     label   Muon dimension numbers (reduction -> output)
+    embed/embedding                     [V, M]    adamw   -            (weight decay: yes)
+    head (untied output head)           [M, V]    adamw   -            (weight decay: yes)
+    */scale (RMSNorm), any 1-D bias     [M]       adamw   -            (weight decay: no)
+    blocks/i/ffn/w_router               [M, E]    adamw   -            (muon (0 -> 1) when optim.router_muon)
+    blocks/i/attn/{wq,wk,wv}            [M, H, D] muon    0 -> (1, 2)  (all heads as one M x HD matrix)
+    blocks/i/attn/wo                    [H, D, M] muon    (0, 1) -> 2
+    blocks/i/ffn/{w_in,w_gate}  dense   [M, F]    muon    0 -> 1
+    blocks/i/ffn/w_out          dense   [F, M]    muon    0 -> 1
+    blocks/i/ffn/{w_in,w_gate}  experts [E, M, F] muon    1 -> 2, axis 0 batched: each expert on its own
+    blocks/i/ffn/w_out          experts [E, F, M] muon    1 -> 2, axis 0 batched
+
+A parameter of rank >= 2 that matches no rule raises ValueError (a new weight must be placed on purpose).
+
+Chain for optim.name == 'muon':
+    clip_by_global_norm(optim.clip_norm)                       (omitted when clip_norm == 0)
+    partition(labels):
+      'muon':  optax.contrib.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
+                                  nesterov, ns_steps, weight_decay=muon_weight_decay,
+                                  consistent_rms=0.2 if muon_scale == 'moonlight' else None)
+      'adamw': optax.adamw(adamw schedule, b1, b2, eps, weight_decay, mask=rank >= 2)
+For optim.name == 'adamw': the same clip, then that AdamW for every parameter (same schedule and decay mask).
+
+Why the non-Muon parameters get a separate `optax.adamw` rather than the Adam branch built into
+`optax.contrib.muon`: in optax 0.2.8 that branch is `adamw(..., eps=<muon's eps>, nesterov=<muon's nesterov>)` -
+NAdamW whenever Muon uses Nesterov momentum - and its weight decay has no mask, so it would decay the norms. Here
+`optax.contrib.muon` only ever sees the Muon-labelled leaves (its own Adam branch is empty) and AdamW is exactly
+`optax.adamw` with a decay mask. See docs/optimizer.md.
+
+Learning-rate schedule (per optimizer step s = 0, 1, ..., train.steps - 1; W = config_lib.warmup_steps(config)):
+    s < W:  lr = peak * (s + 1) / W                               (linear warmup; step 0 is not wasted at lr 0)
+    s >= W: lr = peak * (r + (1 - r) * (1 + cos(pi * p)) / 2),  p = min(1, (s - W) / max(1, steps - 1 - W))
+with r = optim.min_lr_ratio: the last step (steps - 1) runs at exactly r * peak. Muon uses peak = optim.muon_lr,
+AdamW peak = optim.adamw_lr. Weight decay follows optax/PyTorch: the decay term is multiplied by the scheduled lr.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+MUON, ADAMW = "muon", "adamw"
+
+# Muon dimension numbers by parameter kind.
+_ATTN_IN = MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))  # wq/wk/wv [M, H, D]
+_ATTN_OUT = MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)  # wo [H, D, M]
+_MATRIX = MuonDimensionNumbers(reduction_axis=0, output_axis=1)  # dense [M, F] / [F, M], router [M, E]
+_EXPERTS = MuonDimensionNumbers(reduction_axis=1, output_axis=2)  # experts [E, in, out]: axis 0 is a batch axis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter rules
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path) -> str:
+    """'blocks/0/attn/wq' from a jax key path."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def _rule(path: str, ndim: int, config) -> tuple[str, MuonDimensionNumbers | None, bool]:
+    """(label, Muon dimension numbers or None, AdamW weight decay?) for one parameter."""
+    parts = path.split("/")
+    name = parts[-1]
+    parent = parts[-2] if len(parts) > 1 else ""
+    muon = config.optim.name == "muon"
+    if ndim < 2:  # norm scales, biases
+        return ADAMW, None, False
+    if path == "embed/embedding" or path == "head":
+        return ADAMW, None, True
+    if parent == "ffn" and name == "w_router" and ndim == 2:
+        if muon and config.optim.router_muon:
+            return MUON, _MATRIX, False
+        return ADAMW, None, True
+    if parent == "attn" and name in ("wq", "wk", "wv") and ndim == 3:
+        dims = _ATTN_IN
+    elif parent == "attn" and name == "wo" and ndim == 3:
+        dims = _ATTN_OUT
+    elif parent == "ffn" and name in ("w_in", "w_gate", "w_out") and ndim == 2:
+        dims = _MATRIX
+    elif parent == "ffn" and name in ("w_in", "w_gate", "w_out") and ndim == 3:
+        dims = _EXPERTS
+    else:
+        raise ValueError(f"optimizer: no rule for parameter {path!r} of rank {ndim}; add one to "
+                         f"moe_jax/optimizer.py:_rule (Muon dimension numbers, or AdamW with/without weight decay)")
+    if muon:
+        return MUON, dims, False
+    return ADAMW, None, True
+
+
+def _map_rules(fn, params, config):
+    """Tree like `params` with fn(rule) at each leaf. Subtrees without leaves (optax MaskedNode) are kept as is."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_rule(path_str(p), np.ndim(x), config)), params)
+
+
+def weight_dimension_numbers(params, config):
+    """Pure-dict tree for `muon_weight_dimension_numbers`: MuonDimensionNumbers for Muon leaves, None elsewhere."""
+    return _map_rules(lambda r: r[1], params, config)
+
+
+def labels_tree(params, config):
+    """Tree of 'muon' | 'adamw' labels, shaped like `params`."""
+    return _map_rules(lambda r: r[0], params, config)
+
+
+def decay_mask(params, config):
+    """Tree of bools: AdamW weight decay on matrices (embedding, head, router...), not on norms or biases."""
+    return _map_rules(lambda r: r[2], params, config)
+
+
+def param_labels(params, config) -> dict[str, str]:
+    """{'blocks/0/attn/wq': 'muon', 'embed/embedding': 'adamw', ...}."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {path_str(p): _rule(path_str(p), np.ndim(x), config)[0] for p, x in flat}
+
+
+def _dims_str(dims: MuonDimensionNumbers | None) -> str:
+    if dims is None:
+        return "-"
+    return f"{dims.reduction_axis} -> {dims.output_axis}"
+
+
+def label_table(params, config) -> str:
+    """Printable table: path, shape, label, Muon dimension numbers, AdamW weight decay; then totals per label."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    rows = [("parameter", "shape", "label", "muon dims (reduction -> output)", "adamw decay")]
+    totals = {MUON: 0, ADAMW: 0}
+    for p, x in flat:
+        path = path_str(p)
+        label, dims, decay = _rule(path, np.ndim(x), config)
+        totals[label] += int(np.prod(np.shape(x)))
+        rows.append((path, str(list(np.shape(x))), label, _dims_str(dims),
+                     ("yes" if decay else "no") if label == ADAMW else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"muon: {totals[MUON]:,} parameters; adamw: {totals[ADAMW]:,} parameters")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def _lr_at(peak: float, warmup: int, steps: int, min_ratio: float, step):
+    """Linear warmup then cosine to min_ratio * peak at step `steps - 1`; works on ints and traced arrays."""
+    s = jnp.asarray(step, jnp.float32)
+    warm = peak * (s + 1.0) / max(warmup, 1)
+    p = jnp.clip((s - warmup) / max(1, steps - 1 - warmup), 0.0, 1.0)
+    decay = peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * p)))
+    return jnp.where(s < warmup, warm, decay)
+
+
+def schedule(config, peak: float) -> optax.Schedule:
+    """The warmup + cosine schedule (see module docstring) for a given peak learning rate."""
+    from moe_jax.config_lib import warmup_steps
+    w, t, r = warmup_steps(config), int(config.train.steps), float(config.optim.min_lr_ratio)
+    return lambda count: _lr_at(float(peak), w, t, r, count)
+
+
+def learning_rates(config, step: int) -> dict[str, float]:
+    """{'muon_lr': ..., 'adamw_lr': ...} at optimizer step `step` (0-based), for logging.
+    With optim.name == 'adamw' there is no Muon and muon_lr is 0."""
+    o = config.optim
+    out = {"adamw_lr": float(schedule(config, o.adamw_lr)(step))}
+    out["muon_lr"] = float(schedule(config, o.muon_lr)(step)) if o.name == "muon" else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformation
+
+
+def _adamw(config) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.adamw(schedule(config, o.adamw_lr), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=lambda p: decay_mask(p, config), nesterov=False)
+
+
+def _muon(config) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.contrib.muon(
+        learning_rate=schedule(config, o.muon_lr),
+        ns_steps=int(o.ns_steps),
+        beta=o.momentum,
+        eps=o.eps,
+        weight_decay=o.muon_weight_decay,
+        nesterov=bool(o.nesterov),
+        # Only Muon-labelled leaves reach this transform (the others are masked out by the outer partition), so
+        # its built-in Adam branch is empty; its settings are given explicitly all the same.
+        adam_b1=o.b1,
+        adam_b2=o.b2,
+        adam_weight_decay=0.0,
+        adam_learning_rate=schedule(config, o.adamw_lr),
+        muon_weight_dimension_numbers=lambda p: weight_dimension_numbers(p, config),
+        consistent_rms=0.2 if o.muon_scale == "moonlight" else None,
+    )
+
+
+def build(config) -> optax.GradientTransformation:
+    """clip_by_global_norm(optim.clip_norm) (if > 0), then Muon + AdamW (optim.name='muon') or AdamW alone.
+
+    One call of `update` is one optimizer step: the trainer averages the gradients of its `train.grad_accum`
+    micro-batches (a scan) before calling it, so schedules and moment counts advance per optimizer step.
+    """
+    o = config.optim
+    parts = []
+    if o.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.clip_norm))
+    if o.name == "muon":
+        parts.append(optax.partition({MUON: _muon(config), ADAMW: _adamw(config)},
+                                     lambda p: labels_tree(p, config)))
+    elif o.name == "adamw":
+        parts.append(_adamw(config))
+    else:
+        raise ValueError(f"config.optim.name: unknown optimizer {o.name!r}; choose 'muon' or 'adamw'")
+    return optax.chain(*parts)
