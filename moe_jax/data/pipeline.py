@@ -1,0 +1,237 @@
+"""The grain pipeline: documents -> tokens + EOS -> packed windows of seq_len + 1 -> shifted examples -> batches.
+
+Training (infinite, per JAX process):
+
+    MapDataset.source(train documents)[process_index::process_count]   disjoint document shards
+      .shuffle(seed).repeat()                                           reshuffled every epoch (seed + epoch)
+      .map(TokenizeDoc)                                                 {'tokens': int32 [n + 1]} (EOS appended)
+      .to_iter_dataset(ReadOptions(num_threads))                        threaded reading + tokenising
+    ConcatThenSplitIterDataset(length_struct={'tokens': S + 1})         {'tokens', 'tokens_segment_ids',
+                                                                         'tokens_positions'} [S + 1]
+      .map(WindowToExample)                                             shifted example, see below
+      .batch(B, drop_remainder=True)                                    [B, S] numpy arrays
+      [.mp_prefetch(num_workers)]                                       optional worker processes
+    ExactResumeIterDataset                                              fixes ConcatThenSplit's restore (below)
+
+A window w of S + 1 packed tokens becomes inputs = w[:-1], targets = w[1:] (so inputs[i + 1] == targets[i]) and
+weights = 1 where the target is a real token. Consecutive windows do not overlap: every token of an epoch lies in
+exactly one window. With packing='segments' the example also carries segment_ids = seg[:-1] (1, 2, ... per document
+piece, 0 = padding) and positions = pos[:-1] (restarting at 0 in each piece), and a target in another segment than
+its input (the token after an EOS) gets weight 0. Padding (only at the end of a finite stream) has the pad id,
+segment 0 and weight 0.
+
+Validation: the validation documents in their fixed order, packed the same way, the first `max_val_windows` windows
+(0 = all, the last one padded), computed once as arrays [W, S]; `val_batches` deals them out per process.
+
+Resume workaround: grain 0.2.18's ConcatThenSplit state holds `remainder_slices` as tuples; after the JSON round
+trip of a checkpoint they come back as lists, `[-1, -1] != (-1, -1)` makes `set_state` believe there is a remainder
+when there is none, and the restored iterator skips one document. `ExactResumeIterDataset`'s iterator turns every
+`remainder_slices` value back into tuples (anywhere in the nested state) before delegating `set_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp  # noqa: F401  (registers grain's checkpoint args with orbax)
+from grain import checkpoint as grain_checkpoint
+from grain.experimental import ConcatThenSplitIterDataset
+
+from moe_jax.data.errors import DataError
+
+PACKINGS = ("concat", "segments")
+
+
+class TokenizeDoc(grain.transforms.Map):
+    """record -> {'tokens': int32 [n + 1]}: the document's text tokenised, EOS appended. Picklable."""
+
+    def __init__(self, tokenizer, text_key: str):
+        self.tokenizer = tokenizer
+        self.text_key = text_key
+
+    def map(self, record):
+        value = record[self.text_key]
+        text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+        ids = self.tokenizer.encode(text)
+        ids.append(self.tokenizer.eos_id)
+        return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+class WindowToExample(grain.transforms.Map):
+    """A packed window of S + 1 tokens -> shifted example of length S (see module docstring). Picklable."""
+
+    def __init__(self, packing: str, pad_id: int = 0):
+        if packing not in PACKINGS:
+            raise DataError(f"config.data.packing={packing!r}: choose one of {PACKINGS}")
+        self.packing = packing
+        self.pad_id = int(pad_id)
+
+    def map(self, window):
+        tokens = np.asarray(window["tokens"], dtype=np.int32)
+        seg = np.asarray(window["tokens_segment_ids"], dtype=np.int32)
+        if self.pad_id != 0:
+            tokens = np.where(seg == 0, self.pad_id, tokens).astype(np.int32)
+        inputs, targets = tokens[:-1], tokens[1:]
+        real = seg[1:] != 0
+        out = {"inputs": inputs, "targets": targets}
+        if self.packing == "segments":
+            weights = real & (seg[:-1] == seg[1:])
+            out["segment_ids"] = seg[:-1]
+            out["positions"] = np.asarray(window["tokens_positions"], dtype=np.int32)[:-1]
+        else:
+            weights = real
+        out["weights"] = weights.astype(np.float32)
+        return out
+
+
+def fix_state(state: Any) -> Any:
+    """A copy of a (JSON-restored) pipeline state with every `remainder_slices` value turned back into tuples."""
+    if isinstance(state, dict):
+        fixed = {}
+        for k, v in state.items():
+            if k == "remainder_slices" and isinstance(v, dict):
+                fixed[k] = {name: tuple(int(x) for x in sl) for name, sl in v.items()}
+            else:
+                fixed[k] = fix_state(v)
+        return fixed
+    if isinstance(state, list):
+        return [fix_state(v) for v in state]
+    return state
+
+
+class ExactResumeIterator(grain.DatasetIterator):
+    """Delegates to its parent; `set_state` applies `fix_state` first (the ConcatThenSplit restore workaround)."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(fix_state(state))
+
+    def __str__(self) -> str:
+        return "ExactResumeIterator"
+
+
+class ExactResumeIterDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self) -> ExactResumeIterator:
+        return ExactResumeIterator(self._parent.__iter__())
+
+    def __str__(self) -> str:
+        return "ExactResumeIterDataset"
+
+
+def packed_windows(docs, *, tokenize: Callable | None, seq_len: int, packing: str | None, pad_id: int = 0,
+                   seed: int | None = 0, process_index: int = 0, process_count: int = 1,
+                   num_epochs: int | None = None, read_threads: int = 2) -> grain.IterDataset:
+    """Examples (unbatched) from random-access `docs`: this process's shard, shuffled (seed None: in order),
+    repeated `num_epochs` times (None: forever), tokenised by `tokenize` (None: records already hold 'tokens'),
+    packed into windows of seq_len + 1 and shifted (packing None: the raw ConcatThenSplit windows)."""
+    ds = grain.MapDataset.source(docs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if seed is not None:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    if tokenize is not None:
+        ds = ds.map(tokenize)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+    return it if packing is None else it.map(WindowToExample(packing, pad_id))
+
+
+def train_dataset(docs, *, tokenize: Callable | None, seq_len: int, batch_size: int, packing: str, pad_id: int = 0,
+                  seed: int = 0, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                  worker_count: int = 0, read_threads: int = 2) -> ExactResumeIterDataset:
+    """The training pipeline (module docstring): batches of `batch_size` examples, checkpointable exactly."""
+    if process_count > 1 and len(docs) < process_count:
+        raise DataError(f"config.data: {len(docs)} training document(s) cannot be sharded over {process_count} "
+                        "processes (each needs at least one). Fix: use a larger source or fewer processes.")
+    it = packed_windows(docs, tokenize=tokenize, seq_len=seq_len, packing=packing, pad_id=pad_id, seed=seed,
+                        process_index=process_index, process_count=process_count, num_epochs=num_epochs,
+                        read_threads=read_threads)
+    it = it.batch(batch_size, drop_remainder=True)
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return ExactResumeIterDataset(it)
+
+
+def val_windows(docs, *, tokenize: Callable | None, seq_len: int, packing: str, pad_id: int = 0,
+                max_windows: int = 0, read_threads: int = 2) -> dict[str, np.ndarray]:
+    """The fixed validation windows as arrays [W, S] (first `max_windows`, 0 = all), documents in order."""
+    to_example = WindowToExample(packing, pad_id)
+    rows, real = [], 0
+    for window in packed_windows(docs, tokenize=tokenize, seq_len=seq_len, packing=None, seed=None, num_epochs=1,
+                                 read_threads=read_threads):
+        n = int(np.count_nonzero(window["tokens_segment_ids"]))
+        real += n
+        if n >= 2:  # a window with a single token has no target
+            rows.append(to_example.map(window))
+        if max_windows and len(rows) >= max_windows:
+            break
+    if not rows or (len(rows) == 1 and real < seq_len + 1):
+        raise DataError(
+            f"config.train.seq_len={seq_len}: the validation split has only {real} tokens ({len(docs)} "
+            f"document(s)), fewer than one window of seq_len + 1 = {seq_len + 1}. Fix: lower train.seq_len or "
+            "raise data.val_fraction (or use a larger source).")
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def val_batches(windows: dict[str, np.ndarray], batch_size: int, *, process_index: int, process_count: int,
+                pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """Deal fixed windows into global batches of `batch_size` rows; return this process's rows of each.
+
+    Global batch b holds windows [b * batch_size, (b + 1) * batch_size); process p gets rows
+    [p * per, (p + 1) * per) of it, per = batch_size // process_count, padded with weight-0 rows. Every process gets
+    ceil(W / batch_size) batches; the shares are disjoint and together cover every window once.
+    """
+    if batch_size < 1 or batch_size % process_count:
+        raise DataError(f"config.train.batch_size={batch_size} (the global validation batch) must be a positive "
+                        f"multiple of the process count {process_count}. Fix: set train.batch_size to a multiple "
+                        f"of {process_count}.")
+    per = batch_size // process_count
+    total = len(windows["inputs"])
+    out = []
+    for b in range(math.ceil(total / batch_size)):
+        lo = min(total, b * batch_size + process_index * per)
+        hi = min(total, lo + per) if lo < total else lo
+        batch = {}
+        for k, v in windows.items():
+            rows = v[lo:hi]
+            if len(rows) < per:
+                fill = pad_id if k in ("inputs", "targets") else 0
+                pad = np.full((per - len(rows),) + v.shape[1:], fill, dtype=v.dtype)
+                rows = np.concatenate([rows, pad])
+            batch[k] = np.ascontiguousarray(rows)
+        out.append(batch)
+    return out
+
+
+def _check_iterator(it) -> None:
+    if not isinstance(it, ExactResumeIterator):
+        raise TypeError(f"expected the train iterator of data.build() (an ExactResumeIterator), got "
+                        f"{type(it).__name__}: only it restores ConcatThenSplit state exactly")
+
+
+def checkpoint_save_args(train_iter) -> grain_checkpoint.CheckpointSave:
+    """orbax args saving the iterator's state (JSON, one file per process) in an ocp.args.Composite(data=...)."""
+    _check_iterator(train_iter)
+    return grain_checkpoint.CheckpointSave(item=train_iter)
+
+
+def checkpoint_restore_args(train_iter) -> grain_checkpoint.CheckpointRestore:
+    """orbax args restoring the iterator's state in place (through ExactResumeIterator.set_state)."""
+    _check_iterator(train_iter)
+    return grain_checkpoint.CheckpointRestore(item=train_iter)
