@@ -1,0 +1,174 @@
+"""Analytic parameter and FLOP counts for any config, device peaks, and MFU.
+
+Notation: V vocab, M d_model, H heads, D head_dim (H*D = M), F dense d_ff, Fe expert d_ff, E experts, k top_k,
+L layers (L_moe of them MoE, L_dense = L - L_moe), S sequence length; f = 2 matrices per MLP ('gelu', 'silu':
+w_in, w_out) or 3 ('swiglu': w_in, w_gate, w_out).
+
+Parameters (`param_counts`):
+    embedding     V*M
+    head          M*V when untied (0 when tied: the embedding is reused)
+    attention     L * 4*M*M                  (wq, wk, wv [M,H,D]; wo [H,D,M])
+    dense_ffn     L_dense * f*M*F
+    experts_total L_moe * E*f*M*Fe,   experts_active = L_moe * k*f*M*Fe
+    router        L_moe * M*E
+    norms         (2L + 1) * M
+    total = all of the above; active = total - experts_total + experts_active (what one token touches).
+
+FLOPs per token, forward (`flops_per_token`; one multiply-add = 2 FLOPs):
+    matmul           2 * (attention + dense_ffn + experts_active + V*M)
+                     - the embedding lookup is a gather (0 FLOPs); the output head [M,V] is a matmul, counted
+                       once whether or not it is tied to the embedding; only the k active experts count.
+    attention_scores L * 2*2*S*(H*D)/2 = 2*L*S*M   (QK^T and AV over S keys, halved by the causal mask)
+    router           L_moe * 2*M*E
+    forward = matmul + attention_scores + router;   training = 3 * forward (backward = 2x forward).
+Norms, activations, softmaxes, RoPE and the loss are elementwise (O(M) or O(V) per token) and not counted.
+
+Capacity padding (reported apart, never in `training`): per MoE layer and token, with T tokens per routing group and
+C slots per expert (moe.expected_capacity), the experts compute E*C/T slots per token of which k hold a token when
+routing is balanced: padding = (E*C/T - k) * 2*f*M*Fe = padding_fraction * (E*C/T) * 2*f*M*Fe; plus the dispatch
+('GTEC,GTM->EGCM') and combine ('GTEC,EGCM->GTM') einsums, 2*E*C*M each per token. These are FLOPs the hardware
+spends that the model does not need (an implementation cost), so MFU excludes them. `capacity_padding` is the
+forward count, `capacity_padding_training` is 3x it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import config_lib
+
+# Dense bf16 peak TFLOP/s per chip (no sparsity). Matched on jax.devices()[0].device_kind, first pattern wins
+# (so 'v5 lite' is tested before 'v5'). CPU has no entry: its peak is measured (`measure_matmul_tflops`).
+PEAK_TFLOPS: dict[str, float] = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5e": 197.0,
+    "TPU v5 lite": 197.0,  # device_kind of v5e
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,  # device_kind of v5p
+    "TPU v6e": 918.0,
+    "TPU v6 lite": 918.0,  # device_kind of v6e (Trillium)
+}
+
+
+def _mlp_mats(config) -> int:
+    return 3 if config.model.mlp == "swiglu" else 2
+
+
+def _layer_counts(config) -> tuple[int, int]:
+    """(dense layers, MoE layers)."""
+    n_moe = sum(config_lib.is_moe_layer(config, i) for i in range(config.model.n_layers))
+    return config.model.n_layers - n_moe, n_moe
+
+
+def param_counts(config) -> dict[str, int]:
+    """Parameter counts by kind (see module docstring). 'head' is 0 when tied."""
+    m, moe = config.model, config.moe
+    v, d, f = m.vocab_size, m.d_model, _mlp_mats(config)
+    n_dense, n_moe = _layer_counts(config)
+    hd = m.n_heads * config_lib.head_dim(config)
+    e, k = moe.num_experts, moe.top_k
+    per_expert = f * d * moe.d_ff if n_moe else 0
+    c = dict(
+        embedding=v * d,
+        head=0 if m.tie_embeddings else d * v,
+        attention=m.n_layers * 4 * d * hd,
+        dense_ffn=n_dense * f * d * m.d_ff,
+        experts_total=n_moe * e * per_expert,
+        experts_active=n_moe * k * per_expert,
+        router=n_moe * d * e,
+        norms=(2 * m.n_layers + 1) * d,
+    )
+    c["total"] = (c["embedding"] + c["head"] + c["attention"] + c["dense_ffn"] + c["experts_total"] + c["router"]
+                  + c["norms"])
+    c["active"] = c["total"] - c["experts_total"] + c["experts_active"]
+    return c
+
+
+def flops_per_token(config, seq_len: int | None = None, batch_size: int | None = None) -> dict[str, float]:
+    """Per-token FLOPs (see module docstring). seq_len / batch_size default to config.train's; batch_size only
+    matters for the capacity padding (the routing group size depends on the tokens per micro-batch)."""
+    from moe_jax import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
+    m, moe = config.model, config.moe
+    s = config.train.seq_len if seq_len is None else seq_len
+    b = config.train.batch_size if batch_size is None else batch_size
+    p = param_counts(config)
+    _, n_moe = _layer_counts(config)
+    hd = m.n_heads * config_lib.head_dim(config)
+
+    matmul = 2.0 * (p["attention"] + p["dense_ffn"] + p["experts_active"] + m.vocab_size * m.d_model)
+    attention_scores = m.n_layers * 2.0 * 2.0 * s * hd / 2.0
+    router = n_moe * 2.0 * m.d_model * moe.num_experts
+    forward = matmul + attention_scores + router
+
+    padding = 0.0
+    if n_moe:
+        tokens = b * s
+        t = moe_lib.group_size_for(tokens, moe.group_size)
+        cap = moe_lib.expected_capacity(config, tokens, train=True)
+        frac = moe_lib.capacity_padding_fraction(config, tokens, train=True)
+        slots_per_token = moe.num_experts * cap / t
+        expert_flops_per_slot = 2.0 * _mlp_mats(config) * m.d_model * moe.d_ff
+        dispatch_combine = 2 * (2.0 * moe.num_experts * cap * m.d_model)
+        padding = n_moe * (frac * slots_per_token * expert_flops_per_slot + dispatch_combine)
+    return dict(forward=forward, training=3.0 * forward, matmul=matmul, attention_scores=attention_scores,
+                router=router, capacity_padding=padding, capacity_padding_training=3.0 * padding)
+
+
+def flops_per_step(config) -> float:
+    """Training FLOPs of one optimizer step: training FLOPs/token x batch_size x grad_accum x seq_len."""
+    t = config.train
+    return flops_per_token(config)["training"] * t.batch_size * t.grad_accum * t.seq_len
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peaks and MFU
+
+
+def lookup_peak_tflops(device_kind: str) -> float | None:
+    """Table peak for a device_kind string, or None when it is not in PEAK_TFLOPS."""
+    kind = device_kind.lower()
+    for pattern, tflops in PEAK_TFLOPS.items():
+        if pattern.lower() in kind:
+            return tflops
+    return None
+
+
+def measure_matmul_tflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Achieved TFLOP/s of one jitted [n,n] @ [n,n] matmul (2*n^3 FLOPs) on the default device: compiled and run
+    once to warm up, then the best of `repeats` timed runs (best, because on a shared machine the slow runs measure
+    the neighbours). This is the CPU 'peak' MFU is measured against."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e12
+
+
+def peak_tflops(device=None, measured_cpu: float | None = None) -> float:
+    """Peak TFLOP/s of one device: the PEAK_TFLOPS table for accelerators; for a CPU `measured_cpu` if given, else
+    `measure_matmul_tflops()`. An accelerator missing from the table raises ValueError (set train.peak_tflops)."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return float(measured_cpu) if measured_cpu is not None else measure_matmul_tflops()
+    peak = lookup_peak_tflops(device.device_kind)
+    if peak is None:
+        raise ValueError(f"no peak TFLOP/s for device_kind {device.device_kind!r} in flops.PEAK_TFLOPS; set "
+                         f"config.train.peak_tflops to its bf16 peak")
+    return peak
+
+
+def mfu(tokens_per_s: float, config, peak: float) -> float:
+    """Model FLOP utilisation: tokens/s x training FLOPs/token (padding excluded) / (peak TFLOP/s x 1e12)."""
+    return tokens_per_s * flops_per_token(config)["training"] / (peak * 1e12)
