@@ -267,11 +267,16 @@ def prepare_local(config, source_dir: str) -> str:
         cache.remove(manifest)
         cache.remove(data_dir)
         builder = MoeJaxText(data_dir=data_dir, file_format="array_record", documents=_documents_fn(config))
+        bars = tfds.core.utils.tqdm_utils
+        shown = getattr(bars, "_active", True)
+        bars.display_progress_bar(False)  # a few seconds at most: progress bars would only clutter the log
         try:
             builder.download_and_prepare(file_format="array_record")
         except DataError:
             cache.remove(data_dir)
             raise
+        finally:
+            bars.display_progress_bar(shown)
         files = [os.path.join(r, f) for r, _, fs in os.walk(data_dir) for f in fs]
         cache.write_manifest(manifest, files, data_dir, source=config.data.source)
         log.info("prepared %s (%d files)", data_dir, len(files))
