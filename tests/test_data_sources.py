@@ -167,61 +167,59 @@ def test_source_key_changes_with_the_files(tmp_path):
 # ------------------------------------------------------------------------------------------------- errors
 
 
+def open_fails(tmp_path, match, **data):
+    with pytest.raises(DataError, match=match):
+        sources.open_source(config(tmp_path, **data), str(tmp_path / "c"))
+
+
 def test_error_empty_glob(tmp_path):
-    c = config(tmp_path, source="files", files=str(tmp_path / "nothing" / "*.txt"))
-    with pytest.raises(DataError, match=r"config\.data\.files=.*matched no files"):
-        sources.open_source(c, str(tmp_path / "c"))
+    open_fails(tmp_path, r"config\.data\.files=.*matched no files", source="files",
+               files=str(tmp_path / "nothing" / "*.txt"))
 
 
 def test_error_wrong_extension(tmp_path):
     (tmp_path / "a.csv").write_text("x")
-    with pytest.raises(DataError, match=r"neither \.txt nor \.jsonl"):
-        sources.open_source(config(tmp_path, source="files", files=str(tmp_path / "*")), str(tmp_path / "c"))
+    open_fails(tmp_path, r"neither \.txt nor \.jsonl", source="files", files=str(tmp_path / "*"))
 
 
 def test_error_empty_documents(tmp_path):
     (tmp_path / "e1.txt").write_text("")
     (tmp_path / "e2.txt").write_text(" \n\n ")
-    with pytest.raises(DataError, match=r"config\.data\.files: all 2 document\(s\) .* are empty"):
-        sources.open_source(config(tmp_path, source="files", files=str(tmp_path / "*.txt")), str(tmp_path / "c"))
+    open_fails(tmp_path, r"config\.data\.files: all 2 document\(s\) .* are empty", source="files",
+               files=str(tmp_path / "*.txt"))
 
 
 def test_error_jsonl_text_field_missing(tmp_path):
     pattern = write_corpus(tmp_path, n_txt=0, field="content")
-    with pytest.raises(DataError, match=r"config\.data\.text_feature='text'.*no such field.*'content'"):
-        sources.open_source(config(tmp_path, source="files", files=pattern), str(tmp_path / "c"))
+    open_fails(tmp_path, r"config\.data\.text_feature='text'.*no such field.*'content'", source="files",
+               files=pattern)
 
 
 def test_error_tfds_text_feature_missing(tmp_path, dummy_tfds_dir):
-    c = config(tmp_path, source="tfds", tfds_name="dummy_lines", tfds_data_dir=dummy_tfds_dir, text_feature="text")
-    with pytest.raises(DataError, match=r"config\.data\.text_feature='text'.*no such feature.*'body'"):
-        sources.open_source(c, str(tmp_path / "c"))
+    open_fails(tmp_path, r"config\.data\.text_feature='text'.*no such feature.*'body'", source="tfds",
+               tfds_name="dummy_lines", tfds_data_dir=dummy_tfds_dir, text_feature="text")
 
 
 def test_error_unknown_tfds_name(tmp_path):
-    c = config(tmp_path, source="tfds", tfds_name="no_such_dataset_xyz", tfds_data_dir=str(tmp_path / "t"))
-    with pytest.raises(DataError, match=r"config\.data\.tfds_name='no_such_dataset_xyz': TFDS has no dataset"):
-        sources.open_source(c, str(tmp_path / "c"))
+    open_fails(tmp_path, r"config\.data\.tfds_name='no_such_dataset_xyz': TFDS has no dataset", source="tfds",
+               tfds_name="no_such_dataset_xyz", tfds_data_dir=str(tmp_path / "t"))
 
 
 def test_error_missing_download_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "network_available", lambda *a, **k: False)
-    c = config(tmp_path, source="tfds", tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path / "t"))
-    with pytest.raises(DataError, match=r"tfds_name='tiny_shakespeare': the dataset is not prepared .* no network"):
-        sources.open_source(c, str(tmp_path / "c"))
+    open_fails(tmp_path, r"tfds_name='tiny_shakespeare': the dataset is not prepared .* no network", source="tfds",
+               tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path / "t"))
+    assert not os.path.exists(tmp_path / "t" / "downloads")  # nothing was attempted
 
 
 def test_error_tfds_val_split_missing(tmp_path, dummy_tfds_dir):
-    c = config(tmp_path, source="tfds", tfds_name="dummy_lines", tfds_data_dir=dummy_tfds_dir, text_feature="body",
-               tfds_val_split="test")
-    with pytest.raises(DataError, match=r"no split 'test'"):
-        sources.open_source(c, str(tmp_path / "c"))
+    open_fails(tmp_path, r"no split 'test'", source="tfds", tfds_name="dummy_lines", tfds_data_dir=dummy_tfds_dir,
+               text_feature="body", tfds_val_split="test")
 
 
 def test_error_single_document(tmp_path):
     (tmp_path / "only.txt").write_text("one long text")
-    with pytest.raises(DataError, match=r"1 document\(s\).*at least 2"):
-        sources.open_source(config(tmp_path, source="files", files=str(tmp_path / "*.txt")), str(tmp_path / "c"))
+    open_fails(tmp_path, r"1 document\(s\).*at least 2", source="files", files=str(tmp_path / "*.txt"))
 
 
 def test_tfds_val_split_only_for_tfds(tmp_path):
