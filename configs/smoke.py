@@ -19,8 +19,8 @@ def get_config():
     c.moe.top_k = 2
     c.moe.d_ff = 128
     c.moe.group_size = 256
-    c.optim.muon_lr = 0.02
-    c.optim.adamw_lr = 3e-3
+    c.optim.muon_lr = 0.03
+    c.optim.adamw_lr = 1e-2  # 60 steps: val loss ~3.96 vs 4.47 at 3e-3 (unigram entropy 4.94)
     c.train.steps = 60
     c.train.batch_size = 8
     c.train.grad_accum = 1

@@ -1,0 +1,173 @@
+"""End-to-end tests of the train loop, checkpoints, resume, preemption, NaN guard and the eval command (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from moe_jax import checkpoint as ckpt_lib
+from moe_jax import config_lib
+from moe_jax import eval as eval_lib
+from moe_jax import metrics as metrics_lib
+from moe_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+
+
+def smoke_config(cache_dir, **train):
+    c = smoke.get_config()
+    c.data.cache_dir = cache_dir
+    c.train.progress_bar = False
+    for k, v in train.items():
+        c.train[k] = v
+    return config_lib.validate(c)
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics_lib.read(workdir) if r["kind"] == "train"}
+
+
+def unigram_entropy(workdir, cache_dir):
+    """Entropy (nats) of the unigram distribution of the training tokens: the loss of a model that ignores context."""
+    from moe_jax import data
+    c = smoke_config(cache_dir)
+    ds = data.build(c)
+    counts = np.zeros(c.model.vocab_size)
+    for _ in range(20):
+        b = next(ds.train_iter)
+        np.add.at(counts, b["targets"].ravel(), 1)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_smoke_trains_and_writes_outputs(tmp_path, cache_dir):
+    workdir = str(tmp_path / "run")
+    summary = trainer.train(smoke_config(cache_dir), workdir)
+    assert summary["finished"] and summary["step"] == 60
+    h = unigram_entropy(workdir, cache_dir)
+    assert summary["val_loss"] < h - 0.5, (summary["val_loss"], h)
+    records = metrics_lib.read(workdir)
+    train = [r for r in records if r["kind"] == "train"]
+    for key in ("loss", "accuracy", "perplexity", "muon_lr", "adamw_lr", "grad_norm", "moe/load_balance_loss",
+                "moe/z_loss", "moe/dropped_fraction", "moe/tokens_per_expert", "tokens_per_s", "tflops", "mfu",
+                "step_time"):
+        assert key in train[-1], key
+    assert len(train[-1]["moe/tokens_per_expert"]) == 2  # two MoE layers
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [30, 60]
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 60
+    for png in ("loss.png", "throughput.png", "expert_load.png"):
+        assert os.path.getsize(os.path.join(workdir, "plots", png)) > 1000
+    assert os.listdir(os.path.join(workdir, "tb"))
+    assert ckpt_lib.load_config(workdir).model.d_model == 64
+    assert os.path.exists(os.path.join(workdir, ckpt_lib.TOKENIZER_FILE))
+
+
+def test_resume_is_exact(tmp_path, cache_dir):
+    cfg = dict(steps=12, log_every=1, eval_every=12, checkpoint_every=100)
+    full = str(tmp_path / "full")
+    trainer.train(smoke_config(cache_dir, **cfg), full)
+    split = str(tmp_path / "split")
+    first = trainer.train(smoke_config(cache_dir, **cfg), split, max_steps_this_run=5)
+    assert first["step"] == 5 and not first["finished"]
+    second = trainer.train(smoke_config(cache_dir, **cfg), split)
+    assert second["step"] == 12
+    a, b = train_losses(full), train_losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for s in a:
+        assert a[s] == b[s], (s, a[s], b[s])  # bit-for-bit
+    assert second["val_loss"] == pytest.approx(
+        [r for r in metrics_lib.read(full) if r["kind"] == "eval"][-1]["val_loss"], abs=0)
+
+
+def test_nan_guard_keeps_last_checkpoint(tmp_path, cache_dir):
+    workdir = str(tmp_path / "nan")
+    c = smoke_config(cache_dir, steps=20, checkpoint_every=5, eval_every=100, inject_nan_at_step=7)
+    with pytest.raises(FloatingPointError, match="at step 7"):
+        trainer.train(c, workdir)
+    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+    assert ckpt.latest_step() == 5
+    mesh = ckpt_lib.inference_mesh(c)
+    _, state, step = ckpt_lib.restore_train_state(workdir, c, mesh)
+    assert step == 5
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_eval_restores_8_device_checkpoint_on_1_device(tmp_path, cache_dir):
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
+    workdir = str(tmp_path / "mesh")
+    c = smoke_config(cache_dir, steps=6, eval_every=6, checkpoint_every=6)
+    c.mesh.shape = (2, 2, 2)
+    summary = trainer.train(c, workdir)
+    result = eval_lib.evaluate_workdir(workdir, devices=jax.devices()[:1])
+    assert result["devices"] == 1 and result["step"] == 6
+    np.testing.assert_allclose(result["val_loss"], summary["val_loss"], rtol=2e-5)
+    assert os.path.exists(os.path.join(workdir, "eval_step6.json"))
+
+
+def _cli(args, cache_dir, **kw):
+    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.Popen([sys.executable, "-m", "moe_jax.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.mesh.shape=(3,3,1)", "config.mesh.shape"),
+    ("--config.moe.top_k=9", "config.moe.top_k"),
+])
+def test_config_error_exits_before_compiling(tmp_path, cache_dir, override, field):
+    t0 = time.time()
+    p = _cli(["--config", "configs/smoke.py", "--workdir", str(tmp_path / "bad"), override], cache_dir)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert field in err, err
+    assert "compiled" not in out
+    assert time.time() - t0 < 60
+
+
+def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
+    workdir = str(tmp_path / "preempt")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=100000",
+            "--config.train.checkpoint_every=100000", "--config.train.eval_every=100000",
+            "--config.train.log_every=1", "--config.train.progress_bar=False"]
+    p = _cli(args, cache_dir)
+    deadline = time.time() + 240
+    metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    while time.time() < deadline and p.poll() is None:
+        if os.path.exists(metrics_path) and len(metrics_lib.read(workdir)) >= 3:
+            break
+        time.sleep(0.5)
+    assert p.poll() is None, p.communicate()[1]
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "received signal" in out
+    saved = ckpt_lib.Checkpointer(workdir, read_only=True).latest_step()
+    assert saved is not None and saved >= 3
+    q = _cli(args[:4] + [f"--config.train.steps={saved + 2}", "--config.train.progress_bar=False"], cache_dir)
+    out, err = q.communicate(timeout=240)
+    assert q.returncode == 0, err
+    assert f"resumed from step {saved}" in out
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == saved + 2
+
+
+def test_summary_perplexity_matches_loss(tmp_path, cache_dir):
+    workdir = str(tmp_path / "ppl")
+    s = trainer.train(smoke_config(cache_dir, steps=4, eval_every=4, checkpoint_every=4), workdir)
+    assert s["val_perplexity"] == pytest.approx(math.exp(s["val_loss"]))
+    with open(os.path.join(workdir, trainer.SUMMARY_FILE)) as f:
+        assert json.load(f)["step"] == 4
