@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train.")
@@ -54,6 +54,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
     try:
         result = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.eval_batches)
     except FileNotFoundError as e:

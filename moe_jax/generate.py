@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train (config.json, tokenizer.model, "
@@ -55,6 +55,8 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
     from moe_jax import decode
 
     try:
