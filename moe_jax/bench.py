@@ -1,0 +1,334 @@
+"""Throughput benchmark of the compiled train step: tokens/s, model TFLOP/s, MFU and step time per config, and each
+config's TFLOP/s as a fraction of the dense one's.
+
+    python -m moe_jax.bench --configs configs/dense.py,configs/moe.py --batch 4 --seq 512
+    python -m moe_jax.bench --config configs/moe.py --config.moe.group_size=256 --steps 20
+    python -m moe_jax.bench --configs configs/dense.py,configs/moe.py --rounds 3 --breakdown --set moe.group_size=256
+    python scripts/bench_step.py ...   (the same, as a script)
+
+What is timed: the trainer's own train step (train_step.make_train_step: forward, backward, gradient accumulation
+over train.grad_accum micro-batches, optimizer update, metrics), jitted with the trainer's shardings on a mesh of
+--devices devices (default 1) and the state donated, on a fixed batch of --batch x --seq random tokens per
+micro-batch (--batch overrides train.batch_size, --seq train.seq_len; --grad_accum 0 keeps the config's). Each
+config is compiled, then run --warmup untimed steps; then --rounds rounds of --steps steps are timed with the configs
+interleaved (on a shared machine only numbers taken together compare), and the median round is reported.
+
+Model FLOPs are flops.flops_per_token(config)['training'] (active experts only; capacity padding, dispatch/combine
+and the optimizer's FLOPs excluded, the padding printed apart). MFU = model FLOP/s / peak, where the peak is the
+flops.PEAK_TFLOPS table (per device, x --devices) on GPU/TPU, and on CPU a jitted n x n matmul timed here
+(--matmul_n, in the first config's dtype, best of 5, measured before and after the runs; the larger is used).
+--peak_tflops overrides both. Every config is compared with the first dense one (moe.num_experts == 0).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax import config_lib, flops
+from moe_jax import model as model_lib
+from moe_jax import optimizer as optimizer_lib
+from moe_jax import sharding as sharding_lib
+from moe_jax import train_step as step_lib
+from moe_jax.layers import dtype_of
+
+
+def load_config_file(path: str):
+    """get_config() of a config file (the repository root must be importable for configs that import others)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem + "_bench_config", path)
+    if spec is None:
+        raise FileNotFoundError(f"no config file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def apply_override(config, assignment: str) -> None:
+    """'moe.group_size=256' -> config.moe.group_size = 256 (the value parsed as a Python literal when it is one)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise config_lib.ConfigError(f"--set {assignment!r}: expected key=value, e.g. moe.group_size=256")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        if p not in node:
+            raise config_lib.ConfigError(f"--set {assignment!r}: {key} is not a config field")
+        node = node[p]
+    if leaf not in node:
+        raise config_lib.ConfigError(f"--set {assignment!r}: {key} is not a config field")
+    node[leaf] = value
+
+
+def prepare(config, batch: int, seq: int, grad_accum: int = 0, overrides=()):
+    """A copy of `config` with the benchmark's batch shape and overrides, validated."""
+    config = config.copy_and_resolve_references()
+    for assignment in overrides:
+        apply_override(config, assignment)
+    config.train.batch_size = batch
+    config.train.seq_len = seq
+    if grad_accum:
+        config.train.grad_accum = grad_accum
+    return config_lib.validate(config)
+
+
+class Bench:
+    """One config: its compiled train step, state and a fixed random batch."""
+
+    def __init__(self, name: str, config, devices):
+        self.name, self.config = name, config
+        t = config.train
+        self.mesh = sharding_lib.build_mesh(config, devices)
+        shards = self.mesh.shape["data"] * self.mesh.shape["expert"]
+        if t.batch_size % shards:
+            raise config_lib.ConfigError(f"--batch {t.batch_size} is not divisible by the {shards} batch shards of "
+                                         f"mesh {dict(self.mesh.shape)}")
+        graphdef, abstract_nnx = model_lib.abstract(config)
+        opt = optimizer_lib.build(config)
+        rows = t.batch_size * t.grad_accum
+        rng = np.random.default_rng(1)
+        batch = {"inputs": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
+                 "targets": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
+                 "weights": np.ones((rows, t.seq_len), np.float32)}
+        abs_state = step_lib.abstract_train_state(config, abstract_nnx, opt, self.mesh)
+        s_shard = jax.tree.map(lambda s: s.sharding, abs_state)
+        b_shard = {k: sharding_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+        abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch.items()}
+        t0 = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            step = jax.jit(step_lib.make_train_step(config, graphdef, opt), in_shardings=(s_shard, b_shard),
+                           out_shardings=(s_shard, NamedSharding(self.mesh, P())), donate_argnums=(0,))
+            self.step = step.lower(abs_state, abs_batch).compile()
+
+            def fresh():
+                params = nnx.to_pure_dict(nnx.split(model_lib.create(config))[1])
+                return step_lib.init_state(config, params, opt)
+
+            self.state = jax.jit(fresh, out_shardings=s_shard)()
+            self.batch = {k: jax.device_put(v, b_shard[k]) for k, v in batch.items()}
+        self.compile_s = time.perf_counter() - t0
+        self.graphdef, self.opt = graphdef, opt
+        self.tokens_per_step = rows * t.seq_len
+        self.rounds: list[float] = []  # seconds per step, one entry per timed round
+        self.last_loss = float("nan")
+
+    def run(self, n: int) -> float:
+        """Run n steps; seconds per step."""
+        if n <= 0:
+            return 0.0
+        m = None
+        t0 = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            for _ in range(n):
+                self.state, m = self.step(self.state, self.batch)
+            jax.block_until_ready((self.state, m))
+        sec = (time.perf_counter() - t0) / n
+        self.last_loss = float(m["loss"])
+        return sec
+
+    def breakdown(self, n: int) -> dict[str, float]:
+        """Seconds per call of the loss (forward), forward+backward, and the optimizer update alone (one
+        micro-batch, the state's current parameters)."""
+        graphdef, opt, config = self.graphdef, self.opt, self.config
+        rows = config.train.batch_size
+        micro = {k: v[:rows] for k, v in self.batch.items()}
+        rng = jax.random.key(0)
+        out = {}
+        with jax.set_mesh(self.mesh):
+            params, opt_state = self.state["params"], self.state["opt_state"]
+            fwd = jax.jit(lambda p, b: step_lib._loss(graphdef, p, b, rng, True)[0])
+            grad = jax.jit(jax.grad(lambda p, b: step_lib._loss(graphdef, p, b, rng, True)[0]))
+            upd = jax.jit(lambda g, s, p: opt.update(g, s, p))
+            g = grad(params, micro)
+            for label, fn, args in (("forward", fwd, (params, micro)), ("forward+backward", grad, (params, micro)),
+                                    ("optimizer update", upd, (g, opt_state, params))):
+                jax.block_until_ready(fn(*args))
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    r = fn(*args)
+                jax.block_until_ready(r)
+                out[label] = (time.perf_counter() - t0) / n
+        return out
+
+
+def measure_peak(dtype, matmul_n: int, devices) -> tuple[float, str]:
+    """Peak TFLOP/s of `devices` together: measured matmul on CPU, the table on accelerators."""
+    dev = devices[0]
+    if dev.platform == "cpu":
+        with jax.default_device(dev):
+            tf = flops.measure_matmul_tflops(matmul_n, dtype)
+        return tf, f"measured {matmul_n}x{matmul_n} {jnp.dtype(dtype).name} matmul, best of 5"
+    return flops.peak_tflops(dev) * len(devices), f"table peak of {dev.device_kind} x {len(devices)}"
+
+
+def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, steps: int = 10, warmup: int = 2,
+              rounds: int = 1, matmul_n: int = 2048, breakdown: bool = False, overrides=(), devices=None,
+              peak_tflops: float = 0.0, out=print) -> dict:
+    """Benchmark [(label, config)] together; prints a report through `out` and returns
+    {'device', 'peak_tflops', 'peak_source', 'configs': {label: {...}}, 'fraction_of_dense': {label: {...}}}."""
+    if not entries:
+        raise ValueError("no configs to benchmark")
+    devices = list(jax.devices()[:1] if devices is None else devices)
+    configs, seen = [], set()
+    for label, c in entries:
+        while label in seen:
+            label += "'"
+        seen.add(label)
+        configs.append((label, prepare(c, batch, seq, grad_accum, overrides)))
+    dev = devices[0]
+    out(f"device: {dev.device_kind} ({dev.platform}), timing on {len(devices)} of {jax.device_count()} device(s); "
+        f"jax {jax.__version__}")
+    dtype = dtype_of(configs[0][1].model.dtype)
+    if peak_tflops > 0:
+        peak, source = peak_tflops, "--peak_tflops"
+    else:
+        peak, source = measure_peak(dtype, matmul_n, devices)
+    out(f"peak: {peak * 1e3:,.1f} GFLOP/s ({source})")
+
+    benches = []
+    for label, c in configs:
+        b = Bench(label, c, devices)
+        out(f"compiled {label}: {b.compile_s:.1f} s")
+        b.run(warmup)
+        benches.append(b)
+    for _ in range(max(1, rounds)):
+        for b in benches:
+            b.rounds.append(b.run(steps))
+    if dev.platform == "cpu" and peak_tflops <= 0:  # again after the runs: the spread shows how noisy the machine is
+        peak_after, _ = measure_peak(dtype, matmul_n, devices)
+        out(f"peak re-measured after the runs: {peak_after * 1e3:,.1f} GFLOP/s; using the larger")
+        peak = max(peak, peak_after)
+
+    results = {}
+    out("")
+    for b in benches:
+        c = b.config
+        counts = flops.param_counts(c)
+        fpt = flops.flops_per_token(c)
+        sec = statistics.median(b.rounds)
+        tps = b.tokens_per_step / sec
+        tflops = tps * fpt["training"] / 1e12
+        r = dict(name=c.name, step_time_s=sec, rounds_s=list(b.rounds), tokens_per_s=tps, tflops=tflops,
+                 mfu=tflops / peak, tokens_per_step=b.tokens_per_step, compile_s=b.compile_s,
+                 params_total=counts["total"], params_active=counts["active"],
+                 training_flops_per_token=fpt["training"], padding_flops_per_token=fpt["capacity_padding_training"],
+                 tflops_with_padding=tps * (fpt["training"] + fpt["capacity_padding_training"]) / 1e12,
+                 loss=b.last_loss, dense=c.moe.num_experts == 0)
+        results[b.name] = r
+        t = c.train
+        out(f"== {b.name}: batch {t.batch_size} x accum {t.grad_accum} x seq {t.seq_len}, {c.model.dtype}, "
+            f"optimizer {c.optim.name}")
+        out(f"   params {counts['total'] / 1e6:.2f} M total, {counts['active'] / 1e6:.2f} M active; training "
+            f"{fpt['training'] / 1e6:.2f} MFLOP/token (capacity padding + dispatch "
+            f"{fpt['capacity_padding_training'] / 1e6:.2f} MFLOP/token apart)")
+        out(f"   step time {sec * 1e3:.1f} ms (rounds: {', '.join(f'{s * 1e3:.1f}' for s in b.rounds)} ms), "
+            f"loss {b.last_loss:.3f}")
+        out(f"   tokens/s {tps:,.0f}; TFLOP/s {tflops:.4g}; MFU {r['mfu']:.2%} of the peak "
+            f"({peak * 1e3:,.1f} GFLOP/s)")
+        if fpt["capacity_padding"]:
+            out(f"   counting capacity padding + dispatch/combine: {r['tflops_with_padding']:.4g} TFLOP/s "
+                f"({r['tflops_with_padding'] / peak:.2%} of the peak)")
+        if breakdown:
+            for label, s in b.breakdown(max(2, steps // 2)).items():
+                out(f"   {label:<17} {s * 1e3:8.1f} ms")
+
+    fractions = {}
+    dense_name = next((n for n, r in results.items() if r["dense"]), None)
+    if dense_name is not None and len(results) > 1:
+        out("")
+        d = results[dense_name]
+        for n, r in results.items():
+            if n == dense_name:
+                continue
+            fractions[n] = {"of": dense_name, "tflops": r["tflops"] / d["tflops"],
+                            "tokens_per_s": r["tokens_per_s"] / d["tokens_per_s"]}
+            out(f"{n}: TFLOP/s {fractions[n]['tflops']:.1%} of dense ({dense_name}); tokens/s "
+                f"{fractions[n]['tokens_per_s']:.1%} of dense")
+    return {"device": f"{dev.device_kind} ({dev.platform})", "num_devices": len(devices), "peak_tflops": peak,
+            "peak_source": source, "configs": results, "fraction_of_dense": fractions}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def define_flags() -> None:
+    """Define the command-line flags (call once, before absl.app.run(main))."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A config file; override its fields with --config.x=y.",
+                                    lock_config=False)
+    flags.DEFINE_list("configs", [], "Config files benchmarked together (interleaved), e.g. "
+                      "configs/dense.py,configs/moe.py.")
+    flags.DEFINE_multi_string("set", [], "key=value applied to every config, e.g. --set moe.group_size=256.")
+    flags.DEFINE_integer("batch", 4, "Sequences per micro-batch (train.batch_size).")
+    flags.DEFINE_integer("seq", 512, "Sequence length (train.seq_len).")
+    flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (train.grad_accum); 0 keeps the config's.")
+    flags.DEFINE_integer("steps", 10, "Timed steps per round.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_integer("rounds", 1, "Timing rounds (configs interleaved); the median round is reported.")
+    flags.DEFINE_integer("matmul_n", 2048, "Size of the square matmul timed as the CPU peak.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of all timed devices together (0: table / measured).")
+    flags.DEFINE_integer("devices", 1, "Devices to time on (data-parallel mesh of the config's shape); 0: all.")
+    flags.DEFINE_bool("breakdown", False, "Also time the forward pass, forward+backward and the optimizer alone.")
+    flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+
+
+def main(argv) -> None:
+    """absl entry point (prints the report; run_from_flags returns it)."""
+    run_from_flags(argv)
+
+
+def run_from_flags(argv) -> dict:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    entries = []
+    if FLAGS.config is not None:
+        path = config_flags.get_config_filename(FLAGS["config"])
+        entries.append((f"{FLAGS.config.name} ({path})", FLAGS.config))
+    for path in FLAGS.configs:
+        c = load_config_file(path)
+        entries.append((f"{c.name} ({path})", c))
+    if not entries:
+        raise app.UsageError("give --config FILE or --configs FILE,FILE")
+    n = FLAGS.devices or jax.device_count()
+    if n > jax.device_count():
+        raise app.UsageError(f"--devices {n}: only {jax.device_count()} available")
+    try:
+        results = benchmark(entries, batch=FLAGS.batch, seq=FLAGS.seq, grad_accum=FLAGS.grad_accum,
+                            steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, matmul_n=FLAGS.matmul_n,
+                            breakdown=FLAGS.breakdown, overrides=FLAGS.set, devices=jax.devices()[:n],
+                            peak_tflops=FLAGS.peak_tflops, out=lambda s: print(s, flush=True))
+    except config_lib.ConfigError as e:
+        raise app.UsageError(str(e)) from e
+    if FLAGS.json:
+        import json
+        import os
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
