@@ -183,7 +183,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     stop_at = t.steps if max_steps_this_run is None else min(t.steps, step + max_steps_this_run)
     clock0 = time.time()
     pending = None  # (step, device metrics) of the last dispatched step, fetched after the next dispatch
-    interval = {"t": time.time(), "steps": 0}
+    interval = {"t": time.time(), "steps": 0, "tps": float("nan"), "step_time": float("nan")}
     last_eval = None
     from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=step, disable=not (t.progress_bar and is_main), dynamic_ncols=True,
@@ -192,21 +192,30 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     def wall() -> float:
         return wall0 + time.time() - clock0
 
-    def fetch(p) -> None:
+    def fetch(p, inflight=None) -> None:
+        """Read back step p's metrics (blocks until it is done); log every log_every steps. `inflight`: the metrics of
+        the step dispatched after p, if any. Throughput counts dispatched steps over wall time, and at a log point
+        waits for the in-flight step too, so the interval is exact whether dispatch is asynchronous (GPU/TPU) or
+        runs the step inline (small programs on CPU), at the cost of one pipeline bubble per log line."""
         s, m = p
         m = jax.device_get(m)
         loss = float(m["loss"])
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {s}; stopping. The last checkpoint (step "
                                      f"{checkpointer.latest_step()}) was written before it and is intact.")
-        interval["steps"] += 1
         bar.update(1)
         if s % t.log_every == 0 or s == stop_at:
-            elapsed = max(time.time() - interval["t"], 1e-9)
-            tps = interval["steps"] * tokens_per_step / elapsed
+            if inflight is not None:
+                jax.block_until_ready(inflight)
+            if interval["steps"]:
+                elapsed = max(time.time() - interval["t"], 1e-9)
+                interval.update(tps=interval["steps"] * tokens_per_step / elapsed,
+                                step_time=elapsed / interval["steps"])
+            # else: this step was in flight at the last log point and its time was counted there: reuse that rate
+            tps = interval["tps"]
             rec = _summarise_train(m)
             rec.update(kind="train", step=s, tokens=s * tokens_per_step, wall_time=wall(),
-                       tokens_per_s=tps, step_time=elapsed / interval["steps"],
+                       tokens_per_s=tps, step_time=interval["step_time"],
                        tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
                        **optimizer_lib.learning_rates(config, s - 1))
             writer.write(rec)
@@ -227,8 +236,9 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
                 batch = _to_global(next(ds.train_iter), compiled.batch_sharding)
                 state, m = compiled.train(state, batch)
                 step += 1
+                interval["steps"] += 1
                 if pending is not None:
-                    fetch(pending)
+                    fetch(pending, inflight=m)
                 pending = (step, m)
                 is_eval = step % t.eval_every == 0 or step == t.steps
                 is_ckpt = step % t.checkpoint_every == 0 or step == stop_at or is_eval

@@ -171,3 +171,17 @@ def test_summary_perplexity_matches_loss(tmp_path, cache_dir):
     assert s["val_perplexity"] == pytest.approx(math.exp(s["val_loss"]))
     with open(os.path.join(workdir, trainer.SUMMARY_FILE)) as f:
         assert json.load(f)["step"] == 4
+
+
+def test_throughput_counts_each_step_once(tmp_path, cache_dir):
+    """A log point one step before the end: the last step was in flight (dispatched) at step 5's log point and its
+    time was measured there, so step 6 reuses that rate instead of dividing ~0 s (the bug: 286,255 tok/s, MFU 191%)."""
+    workdir = str(tmp_path / "tps")
+    c = smoke_config(cache_dir, steps=6, log_every=5, eval_every=100, checkpoint_every=100, plots=False)
+    trainer.train(c, workdir, devices=jax.devices()[:1])
+    recs = [r for r in metrics_lib.read(workdir) if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == [5, 6]
+    tokens_per_step = c.train.batch_size * c.train.seq_len
+    for r in recs:
+        assert r["tokens_per_s"] * r["step_time"] == pytest.approx(tokens_per_step)
+    assert recs[1]["tokens_per_s"] == recs[0]["tokens_per_s"]
