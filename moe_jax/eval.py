@@ -16,10 +16,15 @@ import sys
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's train.eval_batches; 0 = all).")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a program (importing this module defines none, so
+    several CLI modules can be imported in one process, e.g. by the tests)."""
+    flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_integer("eval_batches", None, "Validation batches (default: the run's train.eval_batches; 0 = all).")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | None = None, devices=None) -> dict:
@@ -65,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

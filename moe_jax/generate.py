@@ -26,20 +26,25 @@ import sys
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train (config.json, tokenizer.model, "
-                    "checkpoints/).")
-flags.DEFINE_string("prompt", "", "Text to continue; empty: start a new document.")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most; EOS stops a sample).")
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 50, "Keep only the k most likely tokens; 0 = off.")
-flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set of most likely tokens with this much "
-                   "probability, in (0, 1]; 1 = off.")
-flags.DEFINE_float("repetition_penalty", 1.2, "CTRL/Hugging Face penalty on tokens already in the sample: a "
-                   "positive logit is divided by it, a negative one multiplied; 1 = off.")
-flags.DEFINE_integer("num_samples", 3, "Samples of the prompt, decoded together as one batch.")
-flags.DEFINE_integer("seed", 0, "Sampling seed (sample r at step i uses fold_in(fold_in(key(seed), r), i)).")
-flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a program (importing this module defines none, so
+    several CLI modules can be imported in one process, e.g. by the tests)."""
+    flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train (config.json, tokenizer.model, "
+                        "checkpoints/).")
+    flags.DEFINE_string("prompt", "", "Text to continue; empty: start a new document.")
+    flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most; EOS stops a sample).")
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 50, "Keep only the k most likely tokens; 0 = off.")
+    flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set of most likely tokens with this much "
+                       "probability, in (0, 1]; 1 = off.")
+    flags.DEFINE_float("repetition_penalty", 1.2, "CTRL/Hugging Face penalty on tokens already in the sample: a "
+                       "positive logit is divided by it, a negative one multiplied; 1 = off.")
+    flags.DEFINE_integer("num_samples", 3, "Samples of the prompt, decoded together as one batch.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (sample r at step i uses fold_in(fold_in(key(seed), r), i)).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def fail(flag: str, message: str, status: int) -> None:
@@ -114,4 +119,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

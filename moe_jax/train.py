@@ -17,11 +17,16 @@ from ml_collections import config_flags
 from moe_jax import config_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=False)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config.name>.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and GPU "
-                  "clusters: every host runs the same command; the coordinator is auto-detected on Cloud TPU/SLURM).")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a program (importing this module defines none, so
+    several CLI modules can be imported in one process, e.g. by the tests)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=False)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config.name>.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and GPU "
+                      "clusters: every host runs the same command; the coordinator is auto-detected on Cloud TPU/SLURM).")
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -50,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
