@@ -1,0 +1,222 @@
+"""Tests for moe_jax/sharding.py: the mesh builder and its errors, the logical-axis rules, and the end-to-end claim
+that sharding changes nothing but the layout: one jitted train step (loss, gradients, Muon + AdamW update) on an
+8-device 2x2x2 ('data', 'expert', 'model') CPU mesh gives the same loss and parameters as on one device, with the
+stacked expert weights really split over 'expert' and attention/MLP/vocab dimensions over 'model'.
+
+tests/conftest.py gives the session 8 simulated CPU devices.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import smoke
+from moe_jax import config_lib, model, optimizer, sharding, train_step
+
+AXES = ("data", "expert", "model")
+
+
+def test_eight_devices():
+    assert len(jax.devices()) == 8
+
+
+# ------------------------------------------------------------------------------------------------ build_mesh
+
+
+@pytest.mark.parametrize("shape,expected", [
+    ((-1, 1, 1), (8, 1, 1)),
+    ((2, -1, 2), (2, 2, 2)),
+    ((1, 1, -1), (1, 1, 8)),
+    ((2, 2, 2), (2, 2, 2)),
+    ((4, 2, 1), (4, 2, 1)),
+])
+def test_build_mesh_fills_one_minus_one(shape, expected):
+    c = smoke.get_config()
+    c.mesh.shape = shape
+    mesh = sharding.build_mesh(c)
+    assert mesh.axis_names == AXES
+    assert tuple(mesh.shape[a] for a in AXES) == expected
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    # the classic GSPMD behaviour (DESIGN.md): Auto axis types, not jax.make_mesh's Explicit default
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_build_mesh_from_shape_and_device_subset():
+    mesh = sharding.build_mesh((1, 1, -1), devices=jax.devices()[:2])
+    assert dict(mesh.shape) == {"data": 1, "expert": 1, "model": 2}
+    mesh1 = sharding.build_mesh((-1, 1, 1), devices=jax.devices()[:1])
+    assert mesh1.devices.size == 1
+
+
+@pytest.mark.parametrize("shape,words", [
+    ((3, 3, 1), "9 devices but 8 are available"),      # does not multiply to the device count
+    ((3, -1, 1), "does not divide 8"),                  # the fixed sizes can't fill 8
+    ((-1, -1, 1), "at most one -1"),                    # two -1s
+    ((2, 2), "needs 3 sizes"),                          # wrong rank
+])
+def test_build_mesh_rejects_bad_shapes(shape, words):
+    c = smoke.get_config()
+    c.mesh.shape = shape
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.mesh\.shape: ") as err:
+        sharding.build_mesh(c)
+    assert words in str(err.value)
+    assert str(shape).replace(" ", "") in str(err.value).replace(" ", "")  # the offending shape is quoted
+
+
+# ------------------------------------------------------------------------------------------------ logical rules
+
+
+def test_logical_to_spec_follows_the_rules_table():
+    rules = dict(sharding.LOGICAL_RULES)
+    assert rules["expert"] == "expert" and rules["mlp"] == "model" and rules["heads"] == "model"
+    assert rules["vocab"] == "model" and rules["batch"] == ("data", "expert") and rules["embed"] is None
+    spec = sharding.logical_to_spec
+    assert spec(("batch", "length", "embed"), AXES) == P(("data", "expert"), None, None)
+    assert spec(("expert", "embed", "mlp"), AXES) == P("expert", None, "model")      # expert w_in
+    assert spec(("expert", "mlp", "embed"), AXES) == P("expert", "model", None)      # expert w_out
+    assert spec(("embed", "heads", "head_dim"), AXES) == P(None, "model", None)      # wq/wk/wv
+    assert spec(("heads", "head_dim", "embed"), AXES) == P("model", None, None)      # wo
+    assert spec(("vocab", "embed"), AXES) == P("model", None)                        # embedding
+    assert spec(("embed", "router"), AXES) == P(None, None)                          # router: replicated
+    assert spec(("norm",), AXES) == P(None)
+    assert spec(("expert", "expert_group", "capacity", "embed"), AXES) == P("expert", "data", None, None)
+    assert spec((None, "mlp"), AXES) == P(None, "model")
+
+
+def test_logical_to_spec_mesh_axis_used_once_and_dropped_when_absent():
+    spec = sharding.logical_to_spec
+    assert spec(("heads", "mlp"), AXES) == P("model", None)  # 'model' already used by the first dimension
+    assert spec(("batch", "expert"), AXES) == P(("data", "expert"), None)  # 'expert' taken by the batch
+    assert spec(("batch", "mlp"), ("data", "model")) == P("data", "model")  # no 'expert' axis in this mesh
+    with pytest.raises(KeyError, match="no rule"):
+        spec(("nonsense",), AXES)
+
+
+def test_logical_to_spec_drops_axes_that_do_not_divide():
+    spec = sharding.logical_to_spec
+    mesh_shape = {"data": 2, "expert": 2, "model": 2}
+    assert spec(("vocab", "embed"), AXES, (511, 64), mesh_shape) == P(None, None)  # odd vocab: replicated
+    assert spec(("vocab", "embed"), AXES, (512, 64), mesh_shape) == P("model", None)
+    assert spec(("batch", "length"), AXES, (2, 64), mesh_shape) == P("data", None)  # 2 rows: only 'data' fits
+    assert spec(("batch", "length"), AXES, (4, 64), mesh_shape) == P(("data", "expert"), None)
+    assert spec(("batch", "length"), AXES, (6, 64), mesh_shape) == P("data", None)
+
+
+# ------------------------------------------------------------------------------------------------ 8 devices vs 1
+
+
+def equivalence_config():
+    c = smoke.get_config()  # width 64, 2 layers, both MoE with 4 experts top-2
+    c.model.dropout = 0.0
+    c.moe.router_noise_std = 0.0
+    c.train.grad_accum = 2  # the scan over micro-batches is part of what must agree
+    c.moe.group_size = 64   # 8 rows x 64 = 512 tokens per micro-batch -> 8 routing groups, split over the mesh
+    return c
+
+
+def fixed_batch(config) -> dict:
+    t = config.train
+    rows, s = t.batch_size * t.grad_accum, t.seq_len
+    rng = np.random.default_rng(0)
+    weights = np.ones((rows, s), np.float32)
+    weights[:, -5:] = 0.0  # some unscored padding
+    segment_ids = np.where(np.arange(s) < s // 3, 1, 2).astype(np.int32) * np.ones((rows, 1), np.int32)
+    positions = np.where(segment_ids == 1, np.arange(s), np.arange(s) - s // 3).astype(np.int32)
+    batch = {"inputs": rng.integers(0, config.model.vocab_size, (rows, s), dtype=np.int32),
+             "targets": rng.integers(0, config.model.vocab_size, (rows, s), dtype=np.int32),
+             "weights": weights, "segment_ids": segment_ids, "positions": positions}
+    assert set(batch) == set(train_step.BATCH_KEYS)
+    return batch
+
+
+def run_steps(mesh_shape, devices, n_steps=2):
+    """Compile the trainer's step for `mesh_shape` on `devices` and run it n_steps times on one fixed batch.
+    Returns (final state, losses, last metrics, host copy of the params after each step)."""
+    c = equivalence_config()
+    c.mesh.shape = mesh_shape
+    config_lib.validate(c)
+    mesh = sharding.build_mesh(c, devices)
+    graphdef, abstract_nnx = model.abstract(c)
+    tx = optimizer.build(c)
+    batch = fixed_batch(c)
+    compiled = train_step.compile_steps(c, graphdef, abstract_nnx, tx, mesh, batch, batch)
+    _, params = model.init_params(c)
+    state = jax.device_put(train_step.init_state(c, params, tx), compiled.state_sharding)
+    dev_batch = {k: jax.device_put(v, compiled.batch_sharding[k]) for k, v in batch.items()}
+    losses, history = [], []
+    for _ in range(n_steps):
+        state, metrics = compiled.train(state, dev_batch)  # donates the old state
+        losses.append(float(metrics["loss"]))
+        history.append(jax.device_get(state["params"]))
+    return state, losses, metrics, history
+
+
+@pytest.fixture(scope="module")
+def runs():
+    one = run_steps((1, 1, 1), jax.devices()[:1])
+    eight = run_steps((2, 2, 2), jax.devices())
+    return one, eight
+
+
+def leaves_by_path(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_eight_device_step_matches_one_device(runs):
+    (s1, l1, m1, h1), (s8, l8, m8, h8) = runs
+    assert np.isfinite(l1).all() and l1[1] < l1[0]  # it trains: the second step's loss is lower
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)  # both steps' losses
+    for k in ("grad_norm", "param_norm", "accuracy", "moe/load_balance_loss", "moe/z_loss", "moe/dropped_fraction"):
+        np.testing.assert_allclose(np.asarray(m8[k]), np.asarray(m1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    init = leaves_by_path(model.init_params(equivalence_config())[1])
+    after1, after1_8 = leaves_by_path(h1[0]), leaves_by_path(h8[0])
+    assert list(after1) == list(after1_8) == list(init)
+    for path in init:
+        # after one update: float32 tolerance
+        np.testing.assert_allclose(after1_8[path], after1[path], rtol=1e-5, atol=1e-6, err_msg=path)
+        assert not np.allclose(after1[path], init[path]), path  # every parameter was updated
+    # After the second update, AdamW divides each moment by sqrt(v): for the few entries whose gradients are ~1e-3 of
+    # the largest (rare tokens' embedding rows), float32 reduction-order noise (~1e-7 of the largest gradient) becomes
+    # ~1e-3 of that entry's step, up to a few 1e-6 absolute (measured 3.3e-6 at lr 6.7e-3). Hence atol 1e-5 here.
+    after2, after2_8 = leaves_by_path(h1[1]), leaves_by_path(h8[1])
+    for path in init:
+        np.testing.assert_allclose(after2_8[path], after2[path], rtol=1e-5, atol=1e-5, err_msg=path)
+    assert int(s8["step"]) == int(s1["step"]) == 2
+
+
+def test_expert_weights_sharded_over_expert_axis(runs):
+    _, (s8, _, _, _) = runs
+    params = s8["params"]
+    for layer in (0, 1):  # smoke: both layers are MoE
+        ffn = params["blocks"][layer]["ffn"]
+        assert ffn["w_in"].shape == (4, 64, 128)
+        assert ffn["w_in"].sharding.spec == P("expert", None, "model")   # ('expert', 'embed', 'mlp')
+        assert ffn["w_out"].sharding.spec == P("expert", "model", None)  # ('expert', 'mlp', 'embed')
+        assert ffn["w_in"].addressable_shards[0].data.shape == (2, 64, 64)  # 2 of 4 experts, half of d_ff
+        # each expert slice lives on exactly half of the devices (the 'expert' coordinate)
+        owners = {tuple(s.index[0].indices(4)) for s in ffn["w_in"].addressable_shards}
+        assert owners == {(0, 2, 1), (2, 4, 1)}
+        assert ffn["w_router"].sharding.spec == P(None, None)
+        attn = params["blocks"][layer]["attn"]
+        for w in ("wq", "wk", "wv"):
+            assert attn[w].sharding.spec == P(None, "model", None), w  # ('embed', 'heads', 'head_dim')
+        assert attn["wo"].sharding.spec == P("model", None, None)      # ('heads', 'head_dim', 'embed')
+        assert params["blocks"][layer]["attn_norm"]["scale"].sharding.spec == P(None)
+    assert params["embed"]["embedding"].sharding.spec == P("model", None)  # ('vocab', 'embed')
+
+
+def test_optimizer_moments_sharded_like_their_parameter(runs):
+    """Muon's momentum for the experts and AdamW's moments for the embedding follow the parameter's layout."""
+    _, (s8, _, _, _) = runs
+    specs = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(s8["opt_state"])[0]:
+        key = jax.tree_util.keystr(path)
+        if hasattr(leaf, "sharding") and leaf.ndim:
+            specs[key] = leaf.sharding.spec
+    muon_w_in = [v for k, v in specs.items() if re.search(r"\.mu\['blocks'\]\[1\]\['ffn'\]\['w_in'\]$", k)]
+    assert muon_w_in == [P("expert", None, "model")]
+    emb = [v for k, v in specs.items() if k.endswith("['embed']['embedding']")]
+    assert len(emb) == 2 and all(v == P("model", None) for v in emb)  # AdamW mu and nu
