@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MLP_TYPES = ("gelu", "swiglu", "silu")
 DATA_SOURCES = ("bible", "tfds", "files")
 PACKING = ("concat", "segments")
+ATTENTION = ("blocked", "xla")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "float32"  # compute dtype; params are always float32
     c.model.remat = False  # rematerialise each block in the backward pass
+    c.model.attention = "blocked"  # 'blocked' (skips key blocks above the diagonal) or 'xla' (dot_product_attention)
+    c.model.attention_block = 128  # queries per block for 'blocked' (0: one block)
 
     c.moe = ml_collections.ConfigDict()
     c.moe.num_experts = 8  # 0: dense model
@@ -155,6 +158,9 @@ def validate(config) -> ml_collections.ConfigDict:
     _check(m.mlp in MLP_TYPES, "model.mlp", f"unknown {m.mlp!r}; choose one of {MLP_TYPES}")
     _check(m.dtype in DTYPES, "model.dtype", f"unknown dtype {m.dtype!r}; choose one of {DTYPES}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(m.attention in ATTENTION, "model.attention", f"unknown {m.attention!r}; choose one of {ATTENTION}")
+    _check(isinstance(m.attention_block, int) and m.attention_block >= 0, "model.attention_block",
+           f"must be an integer >= 0 (0 = one block), got {m.attention_block!r}")
     _check(m.rope_base > 0, "model.rope_base", f"must be > 0, got {m.rope_base}")
     _check(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import config_lib
-from moe_jax.layers import MLP, Attention, Embed, RMSNorm, dropout, dtype_of, param
+from moe_jax.layers import MLP, Attention, Embed, RMSNorm, dropout, dtype_of, param, project
 from moe_jax.moe import MoEBlock
 from moe_jax.sharding import constrain
 
@@ -102,7 +102,7 @@ class Transformer(nnx.Module):
         if m.tie_embeddings:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("bsm,mv->bsv", x, self.head[...].astype(self.dtype))
+            logits = project(x, self.head[...].astype(self.dtype))
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, self._aux(layer_metrics), (new_cache if cache is not None else None)
 

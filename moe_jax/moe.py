@@ -125,15 +125,18 @@ class MoEBlock(nnx.Module):
         return capacity_formula(self.config, group, moe.capacity_factor if train else moe.eval_capacity_factor)
 
     def experts(self, x: jax.Array) -> jax.Array:
-        """The E expert MLPs, batched: x [E, G, C, M] -> [E, G, C, M]."""
+        """The E expert MLPs, batched: x [E, G, C, M] -> [E, G, C, M]. Each expert's G*C slots are one row block
+        ([E, G*C, M] @ [E, M, F]): XLA:CPU differentiates that 1.5x faster than the 4-D einsum (layers.project)."""
         dt = self.dtype
-        h = jnp.einsum("egcm,emf->egcf", x, self.w_in[...].astype(dt))
+        e, g, c, m = x.shape
+        x3 = x.reshape(e, g * c, m)
+        h = jnp.einsum("enm,emf->enf", x3, self.w_in[...].astype(dt))
         if self.kind == "swiglu":
-            h = jax.nn.silu(jnp.einsum("egcm,emf->egcf", x, self.w_gate[...].astype(dt))) * h
+            h = jax.nn.silu(jnp.einsum("enm,emf->enf", x3, self.w_gate[...].astype(dt))) * h
         else:
             h = activation(self.kind)(h)
-        h = constrain(h, ("expert", "expert_group", "capacity", "mlp"))
-        return jnp.einsum("egcf,efm->egcm", h, self.w_out[...].astype(dt))
+        h = constrain(h.reshape(e, g, c, -1), ("expert", "expert_group", "capacity", "mlp"))
+        return jnp.einsum("enf,efm->enm", h.reshape(e, g * c, -1), self.w_out[...].astype(dt)).reshape(e, g, c, m)
 
     def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None, no_drop: bool = False):
         """x [B, S, M] -> (y [B, S, M], metrics dict). `rng` drives router noise in training (moe.router_noise_std).

@@ -49,6 +49,8 @@ REJECTED = [
     ({"model.dropout": 1.0}, "model.dropout", "[0, 1)"),
     ({"train.steps": 0}, "train.steps", ">= 1"),
     ({"mesh.shape": (2, 2)}, "mesh.shape", "axis"),
+    ({"model.attention": "flash"}, "model.attention", "flash"),
+    ({"model.attention_block": -1}, "model.attention_block", ">= 0"),
 ]
 
 
