@@ -24,6 +24,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from moe_jax import config_lib
+
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINT_DIR = "checkpoints"
@@ -53,12 +55,26 @@ def _tuples(x):
     return x
 
 
+def _fill_defaults(saved: dict, defaults: ml_collections.ConfigDict) -> dict:
+    """`saved` with every field of `defaults` it lacks added (recursively)."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+        elif isinstance(v, ml_collections.ConfigDict) and isinstance(out[k], dict):
+            out[k] = _fill_defaults(out[k], v)
+    return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's saved config. Fields added to the schema after the run was written take their defaults from
+    config_lib.base_config() (so an older run still restores for eval and generation)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by moe_jax.train")
     with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+        saved = _tuples(json.load(f))
+    return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config()))
 
 
 class Checkpointer:
