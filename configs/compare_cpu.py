@@ -54,11 +54,11 @@ def get_config():
     c.arms.moe_same_active = ml_collections.ConfigDict(
         {"derive": "same_active", "from_arm": "dense", "num_experts": 8, "top_k": 2, "every": 1})
     c.arms.dense_same_total = ml_collections.ConfigDict({"derive": "same_total", "from_arm": "moe"})
-    c.arm_names = "dense,moe"
+    c.arm_names = "dense,moe,moe_same_active"
     c.seeds = (0, 1, 2)
     c.budget = ml_collections.ConfigDict()
     c.budget.flops = 0.0  # 0: reference_arm x reference_steps
     c.budget.reference_arm = "moe"
-    c.budget.reference_steps = 250
+    c.budget.reference_steps = 400
     c.num_evals = 8
     return c

@@ -41,6 +41,11 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
+    if "://" in workdir:
+        print(f"error: --workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
+              "tokenizer are written through the filesystem); on a pod, mount the bucket on every host (gcsfuse, "
+              "e.g. --workdir /mnt/gcs/runs/moe) or use a shared filesystem", file=sys.stderr)
+        sys.exit(2)
     import jax
     if FLAGS.distributed:
         jax.distributed.initialize()

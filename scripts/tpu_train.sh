@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Launch training on every worker of a TPU VM / pod slice. jax.distributed initialises itself on Cloud TPU, every
-# host runs the same command, and orbax writes one checkpoint (use a gs:// workdir on pods so all hosts share it).
-#   TPU_NAME=moe-v4 ZONE=us-central2-b WORKDIR=gs://bucket/runs/moe CONFIG=configs/moe.py \
+# host runs the same command, and orbax writes one checkpoint. On a pod slice the workdir must be one directory that
+# every host sees: a bucket mounted with gcsfuse at the same path on each worker, or a shared filesystem.
+#   TPU_NAME=moe-v4 ZONE=us-central2-b WORKDIR=/mnt/gcs/runs/moe CONFIG=configs/moe.py \
 #     bash scripts/tpu_train.sh --config.model.dtype=bfloat16 --config.mesh.shape='(-1,1,1)'
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"

@@ -139,6 +139,13 @@ def test_config_error_exits_before_compiling(tmp_path, cache_dir, override, fiel
     assert time.time() - t0 < 60
 
 
+def test_bucket_url_workdir_is_refused_with_the_fix(tmp_path, cache_dir):
+    p = _cli(["--config", "configs/smoke.py", "--workdir", "gs://bucket/runs/smoke"], cache_dir)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert "--workdir" in err and "gcsfuse" in err
+
+
 def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
     workdir = str(tmp_path / "preempt")
     args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=100000",
