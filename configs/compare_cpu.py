@@ -1,23 +1,22 @@
-"""CPU-sized FLOP-matched comparison on the shipped corpus (King James Bible): dense vs MoE, 3 seeds each.
+"""CPU-sized FLOP-matched comparison on the shipped corpus (King James Bible): dense vs MoE vs MoE with the dense
+model's active parameters, 3 seeds each.
 
     python -m moe_jax.compare --config configs/compare_cpu.py --workdir runs/compare_cpu
 
-Both arms are configs/cpu.py-sized (d_model 128, 4 layers, 4 heads, vocab 4096, seq 128, batch 16, Muon + AdamW,
+All arms are configs/cpu.py-sized (d_model 128, 4 layers, 4 heads, vocab 4096, seq 128, batch 16, Muon + AdamW,
 warmup + cosine) and keep the seed architectures' ratios (configs/dense.py vs configs/moe.py):
-  dense - a GELU FFN with d_ff 512 (4 x d_model) in every layer;
-  moe   - 8 experts of d_ff 512, top-2, in every layer (capacity factor 1.25): 2x the dense arm's active FFN.
-Also defined (add them to arm_names): moe_same_active (8 experts of d_ff 256 top-2: the dense arm's active
-parameters) and dense_same_total (a dense FFN with the MoE arm's total parameters, d_ff 4096).
+  dense           - a GELU FFN with d_ff 512 (4 x d_model) in every layer;
+  moe             - 8 experts of d_ff 512, top-2, in every layer (capacity factor 1.25): 2x the dense arm's active FFN;
+  moe_same_active - 8 experts of d_ff 256, top-2, in every layer: the dense arm's active parameters.
+Also defined (add it to arm_names): dense_same_total (a dense FFN with the MoE arm's total parameters, d_ff 4096).
 
-Budget: the training FLOPs of 250 MoE steps, 5.851e12 FLOPs per run: dense 346 steps (708,608 tokens), MoE 250 steps
-(512,000 tokens), about half an epoch of the 1.0 M training tokens. 8 evaluations per run (16 x 16 validation
-windows), the same training-token order and validation windows for every run.
+Budget: the training FLOPs of 400 MoE steps, 9.362e12 FLOPs per run: dense 554 steps (1.13 M tokens), moe 400 steps
+(0.82 M tokens), moe_same_active 552 steps (1.13 M tokens), about one epoch of the 0.95 M training tokens. 8
+evaluations per run (16 x 16 validation windows), the same training-token order and validation windows for every run.
 
-Time estimate (2-core CPU; timed with this config's steps while other jobs shared the CPU, the fastest intervals
-taken as the quiet speed): dense ~0.46 s/step, MoE ~0.9 s/step (the trainer and `python -m moe_jax.bench` agree;
-contended intervals were 1.5-1.8x slower), setup + compilation ~20 s per run, 8 evaluations ~15 s (dense) and ~30 s
-(MoE) per run. Per seed: 346 x 0.46 + 250 x 0.9 + ~100 s = ~8 min; 3 seeds: ~24 minutes on a quiet CPU (expect
-35-40 minutes on a busy one). Re-running the command after an interruption resumes where it stopped.
+Time (2026-11-24, 2-core CPU): 20.9 minutes for the 9 runs (dense ~1.7, moe ~2.3, moe_same_active ~2.6 minutes of
+training loop per run, plus setup, compilation and evaluation). The report is committed as docs/compare_cpu/.
+Re-running the command after an interruption resumes where it stopped.
 """
 
 import ml_collections

@@ -340,3 +340,29 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_clean_metrics
     monkeypatch.setattr(trainer, "train", lambda config, d, **k: seen.append(metrics_lib.read(d)) or {"step": 0})
     assert compare.run_one(c, rdir) == {"step": 0, "skipped": False}
     assert seen == [[]]
+
+
+def test_committed_cpu_report_matches_its_config_and_the_counter():
+    """docs/compare_cpu/ is the output of configs/compare_cpu.py: same arms, seeds (>= 3), steps and FLOPs as the
+    config and the counter give now, and its table's means equal its results.json."""
+    docs = os.path.join(ROOT, "docs", "compare_cpu")
+    results = json.load(open(os.path.join(docs, "results.json")))
+    report = open(os.path.join(docs, "report.md")).read()
+    cmp = load_config_file("compare_cpu")
+    planned = compare.plan(cmp)
+    assert results["command"] == "python -m moe_jax.compare --config configs/compare_cpu.py --workdir runs/compare_cpu"
+    assert list(results["seeds"]) == list(cmp.seeds) and len(cmp.seeds) >= 3
+    assert set(results["plan"]) == set(planned)
+    for n, p in planned.items():
+        assert results["plan"][n]["steps"] == p["steps"]
+        assert results["plan"][n]["training_flops"] == p["training_flops"]
+        assert results["plan"][n]["flops_per_token"] == flops.flops_per_token(p["config"])
+        runs = [r for r in results["runs"] if r["arm"] == n]
+        assert sorted(r["seed"] for r in runs) == sorted(cmp.seeds)
+        assert all(r["steps"] == p["steps"] and not r["skipped"] for r in runs)
+    rows = {r["arm"]: r for r in _table(report, "arm | runs")}
+    for arm, row in rows.items():
+        mean = results["arms"][arm]["val_loss"]["mean"]
+        assert row["val loss"].startswith(f"{mean:.4f} ± ")
+    for png in ("val_loss_vs_flops.png", "val_loss_vs_wall_time.png", "throughput.png"):
+        assert os.path.getsize(os.path.join(docs, "plots", png)) > 1000
