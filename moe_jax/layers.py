@@ -132,8 +132,9 @@ class Attention(nnx.Module):
 
     Weights: wq, wk, wv [M, H, D]; wo [H, D, M]. Without a cache, attends causally within the sequence (and within
     the same segment when segment_ids are given) with `model.attention`: 'blocked' (`blocked_causal_attention`,
-    skipping the key blocks above the diagonal) or 'xla' (`jax.nn.dot_product_attention`, the full S x S mask). With a cache {'k','v': [B, L, H, D]} and `cache_index` (a scalar:
-    where the new tokens start), writes the new keys/values there and attends to cache positions <= each query's.
+    skipping the key blocks above the diagonal) or 'xla' (`jax.nn.dot_product_attention`, the full S x S mask).
+    With a cache {'k','v': [B, L, H, D]} and `cache_index` (a scalar: where the new tokens start), writes the new
+    keys/values there and attends to cache positions <= each query's (decoding; `jax.nn.dot_product_attention`).
     """
 
     def __init__(self, config, rngs: nnx.Rngs):
