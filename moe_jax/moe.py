@@ -17,6 +17,9 @@ Read top to bottom, one forward pass is:
     Expert hidden   [E, G, C, F] = act(einsum('EGCM,EMF->EGCF', inputs, w_in))
     Expert outputs  [E, G, C, M] = einsum('EGCF,EFM->EGCM', hidden, w_out)
     Combined        [G, T, M]    = einsum('GTEC,EGCM->GTM', combine, outputs)  (expert- back to token-sharded)
+    computed as einsum('GTEC,EGCM->GTM', dispatch, outputs * slot_gate) with slot_gate [E, G, C] = the gate of the
+    token in each slot (sum over T of combine; 0 for an empty slot): the same values, but the backward pass needs no
+    einsum('GTM,EGCM->GTEC') for the gradient of combine (one [G, T, E, C, M]-sized contraction per layer fewer).
  5. Auxiliary losses: Switch load balance E * sum_e f_e * P_e, with f_e the fraction of the G*T*K top-k assignments
     made to expert e (before capacity) and P_e the mean router probability of e (equals 1 when uniform); router z-loss
     mean(logsumexp(logits)^2). Metrics: both losses, dropped fraction of assignments, tokens per expert, their
@@ -64,7 +67,8 @@ def route(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True
     slot_onehot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)  # [G, T, K, C]
     expert_kept = onehot.astype(jnp.float32) * kept[..., None]  # [G, T, K, E]
     dispatch = jnp.einsum("gtke,gtkc->gtec", expert_kept, slot_onehot)
-    combine = jnp.einsum("gtke,gtkc->gtec", expert_kept * gates[..., None], slot_onehot)
+    gate_te = jnp.einsum("gtke,gtk->gte", expert_kept, gates)  # a token picks an expert at most once
+    combine = dispatch * gate_te[..., None]
     info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=kept, slot=slot)
     return dispatch, combine, info
 
@@ -153,13 +157,14 @@ class MoEBlock(nnx.Module):
             logits = logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
         cap = self.capacity(t, train, no_drop)
         dispatch, combine, info = route(logits, self.top_k, cap, self.config.moe.renormalize)
+        slot_gate = jnp.swapaxes(jnp.sum(combine, axis=1), 0, 1)  # [E, G, C]: each slot holds at most one token
         dispatch = constrain(dispatch.astype(dt), ("group", "group_tokens", None, "capacity"))
-        combine = constrain(combine.astype(dt), ("group", "group_tokens", None, "capacity"))
 
         expert_in = constrain(jnp.einsum("gtec,gtm->egcm", dispatch, xg),
                               ("expert", "expert_group", "capacity", "embed"))
-        expert_out = constrain(self.experts(expert_in), ("expert", "expert_group", "capacity", "embed"))
-        y = constrain(jnp.einsum("gtec,egcm->gtm", combine, expert_out), ("group", "group_tokens", "embed"))
+        expert_out = constrain(self.experts(expert_in) * slot_gate[..., None].astype(dt),
+                               ("expert", "expert_group", "capacity", "embed"))
+        y = constrain(jnp.einsum("gtec,egcm->gtm", dispatch, expert_out), ("group", "group_tokens", "embed"))
 
         metrics = routing_metrics(info, logits)
         metrics["capacity"] = jnp.asarray(cap, jnp.float32)

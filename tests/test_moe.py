@@ -244,6 +244,38 @@ def test_block_matches_reference_without_drops(top_k, mode):
     assert metrics["tokens_per_expert"].sum() == 2 * t * top_k  # G * T * K
 
 
+def test_gates_per_slot_equal_the_combine_einsum_in_value_and_gradient():
+    """The block weights each expert slot by its token's gate and combines with the 0/1 dispatch mask; that equals
+    the textbook einsum('GTEC,EGCM->GTM', combine, outputs), gradients (router, experts, input) included, with drops."""
+    c = moe_config(top_k=2, capacity_factor=0.5)
+    block, _ = random_block(c, seed=7)
+    x = jnp.asarray(random_tokens(c))
+    ct = jnp.asarray(np.random.default_rng(8).standard_normal(x.shape), jnp.float32)
+    graphdef, state = nnx.split(block)
+
+    def textbook(st, x):
+        b = nnx.merge(graphdef, st)
+        xg = x.reshape(2, 16, -1)
+        logits = jnp.einsum("gtm,me->gte", xg, b.w_router[...])
+        dispatch, combine, _ = moe.route(logits, 2, b.capacity(16, train=True))
+        out = b.experts(jnp.einsum("gtec,gtm->egcm", dispatch, xg))
+        return jnp.einsum("gtec,egcm->gtm", combine, out).reshape(x.shape)
+
+    def ours(st, x):
+        return nnx.merge(graphdef, st)(x, train=True)[0]
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda st, x: jnp.sum(fn(st, x) * ct), argnums=(0, 1)))(state, x)
+
+    (v1, (g1s, g1x)), (v2, (g2s, g2x)) = loss(ours), loss(textbook)
+    assert call_block(block, np.asarray(x), train=True)[1]["dropped_fraction"] > 0  # drops are exercised
+    assert_allclose(v1, v2, rtol=1e-5)
+    assert_allclose(g1x, g2x, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1s), jax.tree.leaves(g2s)):
+        assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(g1s["w_router"][...]))) > 0
+
+
 def test_block_matches_reference_swiglu():
     c = moe_config(top_k=2, mlp="swiglu")
     block, w = random_block(c, seed=3)
