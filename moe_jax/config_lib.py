@@ -14,8 +14,6 @@ Sections:
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 MESH_AXES = ("data", "expert", "model")
@@ -135,8 +133,9 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 def is_moe_layer(config, layer: int) -> bool:
     """Whether transformer layer `layer` (0-based) uses the MoE feed-forward."""
-    m = config.moe
-    return m.num_experts > 0 and layer % m.every == m.every - 1
+    from moe_jax.model_config import ModelConfig
+
+    return ModelConfig.from_config(config).is_moe_layer(layer)
 
 
 def warmup_steps(config) -> int:
@@ -234,14 +233,3 @@ def validate(config) -> ml_collections.ConfigDict:
                f"the 'expert' axis ({shape[1]}) must divide moe.num_experts={moe.num_experts}")
     return config
 
-
-def head_dim(config) -> int:
-    return config.model.d_model // config.model.n_heads
-
-
-def capacity(config, group_size: int, capacity_factor: float) -> int:
-    """C = max(ceil(k * group_size * capacity_factor / E), min_capacity), capped at group_size: an expert gets at most
-    one assignment per token, so group_size slots already drop nothing."""
-    moe = config.moe
-    c = math.ceil(moe.top_k * group_size * capacity_factor / moe.num_experts)
-    return int(min(max(c, moe.min_capacity), group_size))

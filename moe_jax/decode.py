@@ -9,7 +9,8 @@ Both are jitted; the compile key is (model graph, batch, prompt bucket, cache le
 The prompt length and every sampling value (temperature, top_k, top_p, repetition_penalty, eos id, seed) are traced
 arguments, so changing them, the prompt length within its bucket or top_k within its bucket (0 | 1 | 2 | 3-4 | 5-8
 | ... | 33-64 | ...), never recompiles. The top-k bucket exists for speed: top_k > 0 selects that many candidates
-with `lax.top_k` instead of sorting the vocabulary (on this CPU a stable sort of 8,192 logits costs ~2 ms a step).
+with `lax.top_k` instead of sorting the vocabulary (a stable sort of the whole vocabulary costs far more per step
+than selecting k candidates; measured in docs/benchmarks.md).
 
 Padding is safe: pad positions P..bucket-1 are written to the cache by the prefill but are never attended to, since a
 query at position t attends to cache positions <= t, and the decode step for position t overwrites slot t first.
@@ -36,7 +37,6 @@ A row that has emitted EOS is finished: later positions hold EOS (never sampled)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import time
@@ -128,7 +128,7 @@ def next_token(logits: jax.Array, seen: jax.Array, keys: jax.Array, temperature,
                repetition_penalty, candidates: int = 0) -> jax.Array:
     """The next token [B] int32 from logits [B, V], the seen-token mask [B, V] and one key per row [B].
     `candidates` (static) must be `candidate_count(top_k, V)`: with top_k > 0 only that many tokens are considered
-    (a 64-of-8192 selection is ~60x cheaper than sorting 8192 on a CPU); with top_k == 0 the whole vocabulary."""
+    (a top-k selection is much cheaper than sorting the vocabulary; docs/benchmarks.md); with top_k == 0 the whole vocabulary."""
     logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
 
     def greedy(x):
@@ -204,20 +204,10 @@ def _decode(graphdef, params, cache, first, seen, prompt_len, rng, temperature, 
     return out, lengths, i
 
 
-# A model's GraphDef holds its ConfigDict, which is not hashable, so it cannot be a static jit argument. Each graph
-# gets its own pair of jitted closures instead, kept here (with the graph, so its id is never reused) and shared by
-# every call: jit then caches one executable per (batch, prompt bucket, cache length, max_new_tokens, top-k bucket).
-_PROGRAMS: dict[int, tuple] = {}
-
-
-def programs(graphdef):
-    """(prefill, decode) jitted for `graphdef`; `cache_len`, `max_new_tokens` and `candidates` are static."""
-    entry = _PROGRAMS.get(id(graphdef))
-    if entry is None or entry[0] is not graphdef:
-        prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("cache_len", "candidates"))
-        decode = jax.jit(functools.partial(_decode, graphdef), static_argnames=("max_new_tokens", "candidates"))
-        entry = _PROGRAMS[id(graphdef)] = (graphdef, prefill, decode)
-    return entry[1], entry[2]
+# The model's GraphDef is hashable (its ModelConfig is frozen), so it is a static argument: jit keeps one executable
+# per (graph, batch, prompt bucket, cache length, max_new_tokens, top-k bucket), shared by every call.
+prefill_program = jax.jit(_prefill, static_argnames=("graphdef", "cache_len", "candidates"))
+decode_program = jax.jit(_decode, static_argnames=("graphdef", "max_new_tokens", "candidates"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,12 +292,11 @@ def generate(graphdef, params, config, prompt_ids, max_new_tokens: int, *, tempe
     scalars = (np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(repetition_penalty))
     plen = np.int32(p)
     t0 = time.perf_counter()
-    prefill_fn, decode_fn = programs(graphdef)
     candidates = candidate_count(top_k, vocab)
-    prefill = prefill_fn.lower(params, padded, plen, rng, *scalars, cache_len=cache_len,
-                               candidates=candidates).compile()
-    decode = decode_fn.lower(params, *prefill.out_info, plen, rng, *scalars, np.int32(eos_id),
-                             max_new_tokens=max_new_tokens, candidates=candidates).compile()
+    prefill = prefill_program.lower(graphdef, params, padded, plen, rng, *scalars, cache_len=cache_len,
+                                    candidates=candidates).compile()
+    decode = decode_program.lower(graphdef, params, *prefill.out_info, plen, rng, *scalars, np.int32(eos_id),
+                                  max_new_tokens=max_new_tokens, candidates=candidates).compile()
     t1 = time.perf_counter()
     cache, first, seen = jax.block_until_ready(prefill(params, padded, plen, rng, *scalars))
     t2 = time.perf_counter()

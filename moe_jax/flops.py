@@ -38,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moe_jax import config_lib
+from moe_jax.model_config import ModelConfig
 
 # Dense bf16 peak TFLOP/s per chip (no sparsity). Matched on jax.devices()[0].device_kind, first pattern wins
 # (so 'v5 lite' is tested before 'v5'). CPU has no entry: its peak is measured (`measure_matmul_tflops`).
@@ -62,7 +62,7 @@ def _mlp_mats(config) -> int:
 
 def _layer_counts(config) -> tuple[int, int]:
     """(dense layers, MoE layers)."""
-    n_moe = sum(config_lib.is_moe_layer(config, i) for i in range(config.model.n_layers))
+    n_moe = ModelConfig.from_config(config).num_moe_layers
     return config.model.n_layers - n_moe, n_moe
 
 
@@ -71,7 +71,7 @@ def param_counts(config) -> dict[str, int]:
     m, moe = config.model, config.moe
     v, d, f = m.vocab_size, m.d_model, _mlp_mats(config)
     n_dense, n_moe = _layer_counts(config)
-    hd = m.n_heads * config_lib.head_dim(config)
+    hd = m.n_heads * ModelConfig.from_config(config).head_dim
     e, k = moe.num_experts, moe.top_k
     per_expert = f * d * moe.d_ff if n_moe else 0
     c = dict(
@@ -99,7 +99,7 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
     b = config.train.batch_size if batch_size is None else batch_size
     p = param_counts(config)
     _, n_moe = _layer_counts(config)
-    hd = m.n_heads * config_lib.head_dim(config)
+    hd = m.n_heads * ModelConfig.from_config(config).head_dim
 
     matmul = 2.0 * (p["attention"] + p["dense_ffn"] + p["experts_active"] + m.vocab_size * m.d_model)
     attention_scores = m.n_layers * 2.0 * 2.0 * s * hd / 2.0

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.model_config import ModelConfig
 from moe_jax.sharding import constrain
 
 
@@ -30,9 +31,9 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
 def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """Contract the last `n_in` dims of x with the first `n_in` dims of w: x [..., *K], w [*K, *O] -> [..., *O].
 
-    Computed as one 2-D matmul [rows, prod K] @ [prod K, prod O]. XLA:CPU differentiates the 2-D form much faster
-    than the same contraction written as an einsum over [B, S, ...] (whose weight gradient needs transposing copies
-    of the activations): 1.8x on the fwd+bwd of configs/dense.py's MLP. On accelerators the two are the same.
+    Computed as one 2-D matmul [rows, prod K] @ [prod K, prod O]. XLA:CPU differentiates the 2-D form faster than
+    the same contraction written as an einsum over [B, S, ...] (whose weight gradient needs transposing copies of the
+    activations; measured in docs/benchmarks.md). On accelerators the two are the same.
     """
     k_shape, o_shape = w.shape[:n_in], w.shape[n_in:]
     lead = x.shape[:x.ndim - n_in]
@@ -137,22 +138,21 @@ class Attention(nnx.Module):
     keys/values there and attends to cache positions <= each query's (decoding; `jax.nn.dot_product_attention`).
     """
 
-    def __init__(self, config, rngs: nnx.Rngs):
-        m = config.model
-        self.n_heads = m.n_heads
-        self.head_dim = m.d_model // m.n_heads
-        self.rope_base = m.rope_base
-        self.dtype = dtype_of(m.dtype)
-        self.impl = m.attention
-        self.block = m.attention_block
-        shape_in = (m.d_model, m.n_heads, self.head_dim)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.rope_base = cfg.rope_base
+        self.dtype = dtype_of(cfg.dtype)
+        self.impl = cfg.attention
+        self.block = cfg.attention_block
+        shape_in = (cfg.d_model, cfg.n_heads, self.head_dim)
         axes_in = ("embed", "heads", "head_dim")
-        self.wq = param(rngs, shape_in, axes_in, m.init_std)
-        self.wk = param(rngs, shape_in, axes_in, m.init_std)
-        self.wv = param(rngs, shape_in, axes_in, m.init_std)
+        self.wq = param(rngs, shape_in, axes_in, cfg.init_std)
+        self.wk = param(rngs, shape_in, axes_in, cfg.init_std)
+        self.wv = param(rngs, shape_in, axes_in, cfg.init_std)
         # GPT-2 style: scale the residual output projection by 1/sqrt(2 * n_layers).
-        self.wo = param(rngs, (m.n_heads, self.head_dim, m.d_model), ("heads", "head_dim", "embed"),
-                        m.init_std / (2 * m.n_layers) ** 0.5)
+        self.wo = param(rngs, (cfg.n_heads, self.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
+                        cfg.init_std / (2 * cfg.n_layers) ** 0.5)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None):
         """x [B, S, M], positions [B, S] -> ([B, S, M], new cache or None)."""
@@ -194,14 +194,13 @@ class MLP(nnx.Module):
     """Dense feed-forward. 'gelu'/'silu': w_out(act(w_in x)); 'swiglu': w_out(silu(w_gate x) * w_in x).
     w_in, w_gate [M, F]; w_out [F, M]."""
 
-    def __init__(self, config, rngs: nnx.Rngs):
-        m = config.model
-        self.kind = m.mlp
-        self.dtype = dtype_of(m.dtype)
-        self.w_in = param(rngs, (m.d_model, m.d_ff), ("embed", "mlp"), m.init_std)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        self.dtype = dtype_of(cfg.dtype)
+        self.w_in = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
         if self.kind == "swiglu":
-            self.w_gate = param(rngs, (m.d_model, m.d_ff), ("embed", "mlp"), m.init_std)
-        self.w_out = param(rngs, (m.d_ff, m.d_model), ("mlp", "embed"), m.init_std / (2 * m.n_layers) ** 0.5)
+            self.w_gate = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
+        self.w_out = param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg.init_std / (2 * cfg.n_layers) ** 0.5)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, S, M] -> [B, S, M]."""

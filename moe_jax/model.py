@@ -17,30 +17,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import config_lib
 from moe_jax.layers import MLP, Attention, Embed, RMSNorm, dropout, dtype_of, param, project
+from moe_jax.model_config import ModelConfig
 from moe_jax.moe import MoEBlock
 from moe_jax.sharding import constrain
-
-MOE_METRICS = ("load_balance_loss", "z_loss", "dropped_fraction", "load_cv", "load_max_over_mean",
-               "router_confidence", "capacity")
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: attention then feed-forward (dense MLP or MoE), each residual."""
 
-    def __init__(self, config, layer: int, rngs: nnx.Rngs):
-        m = config.model
-        dt = dtype_of(m.dtype)
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
         self.layer = layer
-        self.dropout_rate = m.dropout
-        self.is_moe = config_lib.is_moe_layer(config, layer)
-        self.attn_norm = RMSNorm(m.d_model, m.norm_eps, dt, rngs)
-        self.attn = Attention(config, rngs)
-        self.ffn_norm = RMSNorm(m.d_model, m.norm_eps, dt, rngs)
-        self.ffn = MoEBlock(config, rngs) if self.is_moe else MLP(config, rngs)
+        self.dropout_rate = cfg.dropout
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, rngs)
+        self.ffn = MoEBlock(cfg, rngs) if self.is_moe else MLP(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, rng, train, cache, cache_index, no_drop):
+    def __call__(self, x, positions, segment_ids, rng, *, train: bool, cache, cache_index, no_drop: bool):
         """x [B, S, M] -> (x [B, S, M], MoE metrics or None, new cache or None)."""
         k_attn, k_ffn, k_router = jax.random.split(rng, 3) if rng is not None else (None, None, None)
         h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
@@ -55,12 +51,14 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, config, rngs: nnx.Rngs):
-        m = config.model
-        self.config = config
+    """The whole model, configured by a ModelConfig (`self.cfg`, hashable: part of the GraphDef)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        m = cfg
+        self.cfg = cfg
         self.dtype = dtype_of(m.dtype)
         self.embed = Embed(m.vocab_size, m.d_model, m.init_std, self.dtype, rngs)
-        self.blocks = nnx.List([Block(config, i, rngs) for i in range(m.n_layers)])
+        self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(m.n_layers)])
         self.final_norm = RMSNorm(m.d_model, m.norm_eps, self.dtype, rngs)
         if not m.tie_embeddings:
             self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
@@ -72,9 +70,9 @@ class Transformer(nnx.Module):
         positions [B, S] (default arange; with a cache, cache_index + arange); segment_ids [B, S] restrict attention
         to the same packed document; cache: list of {'k','v': [B, L, H, D]} from `init_cache`; cache_index: scalar
         position where `tokens` start. aux: {'moe_loss': weighted auxiliary loss (summed over MoE layers), and each
-        name in MOE_METRICS plus 'tokens_per_expert' stacked over MoE layers ([n_moe] or [n_moe, E])}.
+        metric of moe.routing_metrics plus 'capacity' stacked over MoE layers ([n_moe] or [n_moe, E])}.
         """
-        m = self.config.model
+        m = self.cfg
         b, s = tokens.shape
         if positions is None:
             start = 0 if cache_index is None else cache_index
@@ -91,9 +89,12 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             layer_rng = jax.random.fold_in(rng, i) if rng is not None else None
             layer_cache = cache[i] if cache is not None else None
-            call = nnx.remat(Block.__call__, static_argnums=(5, 8)) if m.remat and cache is None else Block.__call__
-            x, metrics, c = call(block, x, positions, segment_ids, layer_rng, train, layer_cache, cache_index,
-                                 no_drop)
+            if m.remat and cache is None:
+                x, metrics, c = _remat_block(block, x, positions, segment_ids, layer_rng, train=train,
+                                             no_drop=no_drop)
+            else:
+                x, metrics, c = block(x, positions, segment_ids, layer_rng, train=train, cache=layer_cache,
+                                      cache_index=cache_index, no_drop=no_drop)
             new_cache.append(c)
             if metrics is not None:
                 layer_metrics.append(metrics)
@@ -107,7 +108,7 @@ class Transformer(nnx.Module):
         return logits, self._aux(layer_metrics), (new_cache if cache is not None else None)
 
     def _aux(self, layer_metrics: list[dict]) -> dict:
-        moe = self.config.moe
+        moe = self.cfg.moe
         if not layer_metrics:
             return {"moe_loss": jnp.zeros((), jnp.float32)}
         aux = {k: jnp.stack([lm[k] for lm in layer_metrics]) for k in layer_metrics[0]}
@@ -117,15 +118,28 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, length: int, dtype=None) -> list[dict]:
         """Empty KV cache: one {'k','v': [batch, length, H, D]} per layer."""
-        m = self.config.model
-        shape = (batch, length, m.n_heads, m.d_model // m.n_heads)
+        m = self.cfg
+        shape = (batch, length, m.n_heads, m.head_dim)
         dt = dtype or self.dtype
         return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(m.n_layers)]
 
 
+def _remat_block(block: Block, x, positions, segment_ids, rng, *, train: bool, no_drop: bool):
+    """`block` without a cache, rematerialised in the backward pass. The Python flags are bound by closure (static
+    for nnx.remat) rather than named by position, so the call cannot silently break when Block's signature changes."""
+    def call(blk, x, positions, segment_ids, rng):
+        return blk(x, positions, segment_ids, rng, train=train, cache=None, cache_index=None, no_drop=no_drop)
+    return nnx.remat(call)(block, x, positions, segment_ids, rng)
+
+
 def create(config, seed: int | None = None) -> Transformer:
-    """A freshly initialised model (parameters float32, N(0, init_std), norms at 1)."""
-    return Transformer(config, nnx.Rngs(params=config.seed if seed is None else seed))
+    """A freshly initialised model (parameters float32, N(0, init_std), norms at 1). `config`: the run's ConfigDict
+    (its ModelConfig is built here; the seed defaults to config.seed) or a ModelConfig (then `seed` is required)."""
+    if seed is None:
+        if isinstance(config, ModelConfig):
+            raise ValueError("create(ModelConfig) needs an explicit seed")
+        seed = config.seed
+    return Transformer(ModelConfig.from_config(config), nnx.Rngs(params=seed))
 
 
 def abstract(config):

@@ -28,12 +28,14 @@ Read top to bottom, one forward pass is:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config_lib import capacity as capacity_formula
 from moe_jax.layers import activation, dtype_of, param
+from moe_jax.model_config import ModelConfig
 from moe_jax.sharding import constrain
 
 
@@ -43,6 +45,16 @@ def group_size_for(num_tokens: int, max_group: int) -> int:
         if num_tokens % g == 0:
             return g
     return 1
+
+
+def capacity(cfg: ModelConfig, group_size: int, train: bool) -> int:
+    """Token slots per expert per routing group: C = max(ceil(k * group_size * cf / E), min_capacity), capped at
+    group_size (an expert gets at most one assignment per token, so group_size slots already drop nothing). cf is
+    moe.capacity_factor in training and moe.eval_capacity_factor otherwise."""
+    moe = cfg.moe
+    cf = moe.capacity_factor if train else moe.eval_capacity_factor
+    c = math.ceil(moe.top_k * group_size * cf / moe.num_experts)
+    return int(min(max(c, moe.min_capacity), group_size))
 
 
 def route(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True):
@@ -108,9 +120,9 @@ class MoEBlock(nnx.Module):
     """Sparse FFN. Parameters: w_router [M, E] (float32 compute), w_in (and w_gate for swiglu) [E, M, F], w_out
     [E, F, M]; expert weights are sharded over the mesh 'expert' axis."""
 
-    def __init__(self, config, rngs: nnx.Rngs):
-        m, moe = config.model, config.moe
-        self.config = config
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        m, moe = cfg, cfg.moe
+        self.cfg = cfg
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.kind = m.mlp
@@ -125,12 +137,12 @@ class MoEBlock(nnx.Module):
     def capacity(self, group: int, train: bool, no_drop: bool = False) -> int:
         if no_drop:
             return group  # an expert can take every token of its group: nothing is ever dropped
-        moe = self.config.moe
-        return capacity_formula(self.config, group, moe.capacity_factor if train else moe.eval_capacity_factor)
+        return capacity(self.cfg, group, train)
 
     def experts(self, x: jax.Array) -> jax.Array:
         """The E expert MLPs, batched: x [E, G, C, M] -> [E, G, C, M]. Each expert's G*C slots are one row block
-        ([E, G*C, M] @ [E, M, F]): XLA:CPU differentiates that 1.5x faster than the 4-D einsum (layers.project)."""
+        ([E, G*C, M] @ [E, M, F]): XLA:CPU differentiates that faster than the 4-D einsum (as layers.project;
+        docs/benchmarks.md)."""
         dt = self.dtype
         e, g, c, m = x.shape
         x3 = x.reshape(e, g * c, m)
@@ -147,16 +159,16 @@ class MoEBlock(nnx.Module):
         `no_drop=True` sizes the capacity so no token is dropped (used for decoding)."""
         b, s, d = x.shape
         dt = self.dtype
-        t = group_size_for(b * s, self.config.moe.group_size)
+        t = group_size_for(b * s, self.cfg.moe.group_size)
         g = b * s // t
         xg = constrain(x.reshape(g, t, d).astype(dt), ("group", "group_tokens", "embed"))
 
         logits = jnp.einsum("gtm,me->gte", xg.astype(jnp.float32), self.w_router[...])  # float32 router
-        noise_std = self.config.moe.router_noise_std
+        noise_std = self.cfg.moe.router_noise_std
         if train and noise_std > 0 and rng is not None:
             logits = logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
         cap = self.capacity(t, train, no_drop)
-        dispatch, combine, info = route(logits, self.top_k, cap, self.config.moe.renormalize)
+        dispatch, combine, info = route(logits, self.top_k, cap, self.cfg.moe.renormalize)
         slot_gate = jnp.swapaxes(jnp.sum(combine, axis=1), 0, 1)  # [E, G, C]: each slot holds at most one token
         dispatch = constrain(dispatch.astype(dt), ("group", "group_tokens", None, "capacity"))
 
@@ -171,16 +183,15 @@ class MoEBlock(nnx.Module):
         return y.reshape(b, s, d), metrics
 
 
+def expected_capacity(config, tokens: int, train: bool = True) -> int:
+    """The capacity a micro-batch of `tokens` tokens gets (config: a ModelConfig or a ConfigDict)."""
+    cfg = ModelConfig.from_config(config)
+    return capacity(cfg, group_size_for(tokens, cfg.moe.group_size), train)
+
+
 def capacity_padding_fraction(config, tokens: int, train: bool = True) -> float:
     """Fraction of the expert slots computed that hold no token if routing were perfectly balanced:
     1 - K*T / (E*C). Used by the FLOP counter to report padding FLOPs apart from model FLOPs."""
-    moe = config.moe
+    moe = ModelConfig.from_config(config).moe
     t = group_size_for(tokens, moe.group_size)
-    c = capacity_formula(config, t, moe.capacity_factor if train else moe.eval_capacity_factor)
-    return max(0.0, 1.0 - moe.top_k * t / (moe.num_experts * c))
-
-
-def expected_capacity(config, tokens: int, train: bool = True) -> int:
-    t = group_size_for(tokens, config.moe.group_size)
-    moe = config.moe
-    return capacity_formula(config, t, moe.capacity_factor if train else moe.eval_capacity_factor)
+    return max(0.0, 1.0 - moe.top_k * t / (moe.num_experts * expected_capacity(config, tokens, train)))

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from moe_jax import config_lib
+from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -116,7 +117,7 @@ def test_warmup_steps_and_head_dim():
     assert config_lib.warmup_steps(c) == 1000  # 5% of 20,000
     c.optim.warmup_steps = 300
     assert config_lib.warmup_steps(c) == 300
-    assert config_lib.head_dim(c) == 48
+    assert ModelConfig.from_config(c).head_dim == 48
 
 
 def test_is_moe_layer_every_two():

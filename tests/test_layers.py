@@ -12,6 +12,7 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax import layers
+from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -164,7 +165,7 @@ def test_project_equals_einsum():
 
 def make_attention(config):
     """The layer, called under jit (much faster than op-by-op): f(x, positions, segment_ids=None) -> y."""
-    attn = layers.Attention(config, nnx.Rngs(params=0))
+    attn = layers.Attention(ModelConfig.from_config(config), nnx.Rngs(params=0))
     graphdef, state = nnx.split(attn)
 
     @jax.jit
@@ -260,7 +261,7 @@ def silu(x):
 @pytest.mark.parametrize("kind", ["gelu", "silu", "swiglu"])
 def test_mlp_formula(kind):
     config = tiny_config(mlp=kind, init_std=0.3)
-    mlp = layers.MLP(config, nnx.Rngs(params=0))
+    mlp = layers.MLP(ModelConfig.from_config(config), nnx.Rngs(params=0))
     assert hasattr(mlp, "w_gate") == (kind == "swiglu")
     x = np.random.default_rng(6).standard_normal((2, 3, config.model.d_model)).astype(np.float32)
     w_in = np.asarray(mlp.w_in[...], np.float64)

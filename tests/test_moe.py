@@ -17,6 +17,7 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax import config_lib, moe
+from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -112,7 +113,7 @@ def moe_config(top_k=2, num_experts=4, d_model=16, d_ff=32, group_size=16, mlp="
 
 def random_block(config, seed=0, router_std=1.0):
     """A MoEBlock with O(1) random weights (so outputs are not tiny), and the weights as float64 numpy arrays."""
-    block = moe.MoEBlock(config, nnx.Rngs(params=0))
+    block = moe.MoEBlock(ModelConfig.from_config(config), nnx.Rngs(params=0))
     rng = np.random.default_rng(seed)
     m, e, f = config.model.d_model, config.moe.num_experts, config.moe.d_ff
     w = dict(w_router=router_std * rng.standard_normal((m, e)) / np.sqrt(m),
@@ -162,8 +163,9 @@ def test_group_size_is_largest_divisor_at_most_max():
 def test_capacity_formula(k, t, cf, e, min_cap, want):
     c = moe_config(top_k=k, num_experts=e, min_capacity=min_cap, capacity_factor=cf, eval_capacity_factor=cf)
     assert want == min(max(math.ceil(k * t * cf / e), min_cap), t)
-    assert config_lib.capacity(c, t, cf) == want
-    block = nnx.eval_shape(lambda: moe.MoEBlock(c, nnx.Rngs(params=0)))  # abstract: no parameters allocated
+    assert moe.capacity(ModelConfig.from_config(c), t, train=True) == want
+    assert moe.capacity(ModelConfig.from_config(c), t, train=False) == want
+    block = nnx.eval_shape(lambda: moe.MoEBlock(ModelConfig.from_config(c), nnx.Rngs(params=0)))  # abstract: no parameters allocated
     assert block.capacity(t, train=True) == want
     assert block.capacity(t, train=False) == want
     assert block.capacity(t, train=True, no_drop=True) == t
@@ -171,9 +173,11 @@ def test_capacity_formula(k, t, cf, e, min_cap, want):
 
 def test_capacity_uses_train_or_eval_factor():
     c = moe_config(top_k=2, num_experts=4, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=1)
-    block = nnx.eval_shape(lambda: moe.MoEBlock(c, nnx.Rngs(params=0)))
+    block = nnx.eval_shape(lambda: moe.MoEBlock(ModelConfig.from_config(c), nnx.Rngs(params=0)))
     assert block.capacity(64, train=True) == 32
     assert block.capacity(64, train=False) == 64
+    cfg = ModelConfig.from_config(c)
+    assert (moe.capacity(cfg, 64, train=True), moe.capacity(cfg, 64, train=False)) == (32, 64)
     assert moe.expected_capacity(c, 128, train=True) == 8  # group_size 16 -> T = 16: ceil(2*16/4) = 8
 
 
@@ -403,7 +407,7 @@ def test_block_metrics_tokens_per_expert_sum_and_aux_with_train_capacity():
     _, metrics = call_block(block, random_tokens(c, b=4, s=16), train=True)
     assert metrics["tokens_per_expert"].shape == (4,)
     assert metrics["tokens_per_expert"].sum() == 4 * 16 * 2  # G=4 groups of T=16, K=2
-    assert metrics["capacity"] == config_lib.capacity(c, 16, c.moe.capacity_factor)
+    assert metrics["capacity"] == moe.capacity(ModelConfig.from_config(c), 16, train=True)
     assert 0.0 <= metrics["dropped_fraction"] <= 1.0
 
 
