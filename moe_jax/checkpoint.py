@@ -120,46 +120,7 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], dict(out["meta"] or {}), step
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def restore_train_state(workdir: str, config, mesh, step: int | None = None):
-    """Restore the full train state of `workdir` (latest or `step`) onto `mesh`, whatever mesh it was saved from.
-    Returns (graphdef, state, step)."""
-    from moe_jax import model as model_lib, optimizer as optimizer_lib, train_step as step_lib
-
-    graphdef, abstract_nnx = model_lib.abstract(config)
-    target = step_lib.abstract_train_state(config, abstract_nnx, optimizer_lib.build(config), mesh)
-    checkpointer = Checkpointer(workdir, read_only=True)
-    try:
-        with jax.set_mesh(mesh):
-            state, _, step = checkpointer.restore(target, step=step)
-    finally:
-        checkpointer.close()
-    return graphdef, state, step
-
-
-def inference_mesh(config, devices=None):
-    """The config's mesh when it fits the devices here, else all devices on 'data' (e.g. trained on 8, run on 1)."""
-    from moe_jax import sharding as sharding_lib
-
-    try:
-        return sharding_lib.build_mesh(config, devices)
-    except ValueError:
-        return sharding_lib.build_mesh((-1, 1, 1), devices)
-
-
-def load_for_inference(workdir: str, step: int | None = None, mesh=None):
-    """(config, graphdef, params, tokenizer, step) from a run directory, for evaluation and generation."""
-    from moe_jax import data
-
-    config = load_config(workdir)
-    mesh = inference_mesh(config) if mesh is None else mesh
-    graphdef, state, step = restore_train_state(workdir, config, mesh, step)
-    tokenizer = data.load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
-    return config, graphdef, state["params"], tokenizer, step

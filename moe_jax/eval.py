@@ -30,24 +30,22 @@ def define_flags() -> None:
 def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | None = None, devices=None) -> dict:
     import jax
 
-    from moe_jax import checkpoint as ckpt_lib, data, train_step as step_lib, trainer
+    from moe_jax import checkpoint as ckpt_lib, data, inference, train_step as step_lib
 
     config = ckpt_lib.load_config(workdir)
     config.data.tokenizer_path = os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)
     if eval_batches is not None:
         config.train.eval_batches = eval_batches
-    mesh = ckpt_lib.inference_mesh(config, devices)
-    graphdef, state, step = ckpt_lib.restore_train_state(workdir, config, mesh, step)
+    mesh = inference.inference_mesh(config, devices)
+    graphdef, state, step = inference.restore_train_state(workdir, config, mesh, step)
     ds = data.build(config)
     batches = list(ds.val_batches(config.train.batch_size))
     if config.train.eval_batches:
         batches = batches[:config.train.eval_batches]
-    eval_like = trainer.batch_like(batches[0], config.train.batch_size)
-    shardings = step_lib.batch_shardings(eval_like, mesh)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    eval_like = step_lib.batch_like(batches[0], config.train.batch_size)
+    eval_fn, shardings = step_lib.compile_eval_step(config, graphdef, state["params"], mesh, eval_like)
     with jax.set_mesh(mesh):
-        eval_fn = jax.jit(step_lib.make_eval_step(config, graphdef), out_shardings=NamedSharding(mesh, P()))
-        result = trainer.evaluate(eval_fn, state["params"], batches, shardings)
+        result = step_lib.evaluate(eval_fn, state["params"], batches, shardings)
     result.update(step=step, workdir=workdir, devices=len(mesh.devices.flat))
     path = os.path.join(workdir, f"eval_step{step}.json")
     if jax.process_index() == 0:

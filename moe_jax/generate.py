@@ -73,7 +73,7 @@ def main(argv):
     if FLAGS.step is not None and FLAGS.step < 0:
         fail("step", f"must be >= 0, got {FLAGS.step}", 2)
 
-    from moe_jax import checkpoint as ckpt_lib
+    from moe_jax import checkpoint as ckpt_lib, inference
 
     try:
         config = ckpt_lib.load_config(FLAGS.workdir)
@@ -84,7 +84,7 @@ def main(argv):
         fail("max_new_tokens", f"{FLAGS.max_new_tokens} leaves no room for the prompt in this model's context of "
                                f"{context} tokens (train.seq_len); use at most {context - 1}", 2)
     try:
-        config, graphdef, params, tokenizer, step = ckpt_lib.load_for_inference(FLAGS.workdir, FLAGS.step)
+        config, graphdef, params, tokenizer, step = inference.load_for_inference(FLAGS.workdir, FLAGS.step)
     except FileNotFoundError as e:
         fail("step" if FLAGS.step is not None else "workdir", str(e), 1)
 

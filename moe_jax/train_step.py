@@ -13,10 +13,12 @@ Loss = mean token cross-entropy (float32) + the MoE auxiliary loss (load balance
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -168,21 +170,81 @@ def _memory(compiled) -> dict:
     return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
+def fresh_state(config, optimizer) -> dict:
+    """A fresh train state: model.create(config)'s parameters (seed config.seed) and `optimizer.init` of them. Pure
+    (jit it with out_shardings to build it in place on a mesh: `init_sharded_state`)."""
+    params = nnx.to_pure_dict(nnx.split(model_lib.create(config))[1])
+    return init_state(config, params, optimizer)
+
+
+def init_sharded_state(config, optimizer, state_sharding) -> dict:
+    """`fresh_state` built directly in `state_sharding` (a tree of NamedShardings; no host copy, no replication)."""
+    return jax.jit(lambda: fresh_state(config, optimizer), out_shardings=state_sharding)()
+
+
+def _abstract_batch(batch_like: dict, shardings: dict) -> dict:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch_like.items()}
+
+
+def compile_train_step(config, graphdef, optimizer, abstract_state, mesh, batch_like: dict):
+    """The train step lowered and compiled for `abstract_state` (ShapeDtypeStructs with shardings) and batches shaped
+    like `batch_like` (anything with .shape/.dtype), the state donated. Returns (executable, batch shardings)."""
+    s_shard = jax.tree.map(lambda s: s.sharding, abstract_state)
+    b_shard = batch_shardings(batch_like, mesh)
+    with jax.set_mesh(mesh):
+        train = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(s_shard, b_shard),
+                        out_shardings=(s_shard, NamedSharding(mesh, P())), donate_argnums=(0,))
+        return train.lower(abstract_state, _abstract_batch(batch_like, b_shard)).compile(), b_shard
+
+
+def compile_eval_step(config, graphdef, abstract_params, mesh, eval_batch_like: dict):
+    """The eval step lowered and compiled for parameters like `abstract_params` (anything with .shape, .dtype and
+    .sharding: ShapeDtypeStructs or the arrays themselves) and batches like `eval_batch_like`.
+    Returns (executable, batch shardings)."""
+    p_shard = jax.tree.map(lambda s: s.sharding, abstract_params)
+    e_shard = batch_shardings(eval_batch_like, mesh)
+    abs_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params,
+                              p_shard)
+    with jax.set_mesh(mesh):
+        ev = jax.jit(make_eval_step(config, graphdef), in_shardings=(p_shard, e_shard),
+                     out_shardings=NamedSharding(mesh, P()))
+        return ev.lower(abs_params, _abstract_batch(eval_batch_like, e_shard)).compile(), e_shard
+
+
 def compile_steps(config, graphdef, abstract_nnx_state, optimizer, mesh, batch_like: dict,
                   eval_batch_like: dict) -> Compiled:
     """Lower and compile both steps ahead of time (so an out-of-memory config fails before step 1, with numbers)."""
     abs_in = abstract_train_state(config, abstract_nnx_state, optimizer, mesh)
     s_shard = jax.tree.map(lambda s: s.sharding, abs_in)
-    b_shard = batch_shardings(batch_like, mesh)
-    e_shard = batch_shardings(eval_batch_like, mesh)
-    replicated = NamedSharding(mesh, P())
-    with jax.set_mesh(mesh):
-        train = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(s_shard, b_shard),
-                        out_shardings=(s_shard, replicated), donate_argnums=(0,))
-        abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch_like.items()}
-        train_c = train.lower(abs_in, abs_batch).compile()
-        ev = jax.jit(make_eval_step(config, graphdef), in_shardings=(s_shard["params"], e_shard),
-                     out_shardings=replicated)
-        abs_eval = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=e_shard[k]) for k, v in eval_batch_like.items()}
-        eval_c = ev.lower(abs_in["params"], abs_eval).compile()
+    train_c, b_shard = compile_train_step(config, graphdef, optimizer, abs_in, mesh, batch_like)
+    eval_c, _ = compile_eval_step(config, graphdef, abs_in["params"], mesh, eval_batch_like)
     return Compiled(train_c, eval_c, abs_in, s_shard, b_shard, _memory(train_c))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches and evaluation
+
+
+def batch_like(batch: dict, rows: int) -> dict:
+    """Global ShapeDtypeStructs for a batch of `rows` sequences, from one process-local example batch."""
+    return {k: jax.ShapeDtypeStruct((rows,) + np.asarray(v).shape[1:], np.asarray(v).dtype) for k, v in batch.items()
+            if k in BATCH_KEYS}
+
+
+def to_global(batch: dict, shardings: dict) -> dict:
+    """A process-local batch as global arrays in `shardings` (keys without a sharding are left out)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
+            if k in shardings}
+
+
+def evaluate(eval_fn, params, val_batches: list, eval_shardings: dict) -> dict:
+    """Validation loss, accuracy and perplexity over the fixed validation windows (eval_fn: (params, batch) -> sums)."""
+    total = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
+    for b in val_batches:
+        sums = jax.device_get(eval_fn(params, to_global(b, eval_shardings)))
+        for k in total:
+            total[k] += float(sums[k])
+    w = max(total["weight"], 1.0)
+    loss = total["loss"] / w
+    return {"val_loss": loss, "val_accuracy": total["correct"] / w,
+            "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": total["weight"]}

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib, decode, trainer
+from moe_jax import config_lib, decode, inference, trainer
 from moe_jax import generate as generate_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +98,7 @@ def test_library_generate_on_the_checkpoint(workdir):
     """The restored parameters decode with the cache exactly as an uncached greedy recomputation would."""
     from moe_jax import model
 
-    config, graphdef, params, tokenizer, step = ckpt_lib.load_for_inference(workdir)
+    config, graphdef, params, tokenizer, step = inference.load_for_inference(workdir)
     assert step == 4 and tokenizer.vocab_size == config.model.vocab_size
     ids = np.asarray([generate_lib.prompt_ids(tokenizer, "In the beginning")], np.int32)
     assert ids[0, 0] == tokenizer.eos_id

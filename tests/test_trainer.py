@@ -18,6 +18,7 @@ from configs import smoke
 from moe_jax import checkpoint as ckpt_lib
 from moe_jax import config_lib
 from moe_jax import eval as eval_lib
+from moe_jax import inference
 from moe_jax import metrics as metrics_lib
 from moe_jax import trainer
 
@@ -101,8 +102,8 @@ def test_nan_guard_keeps_last_checkpoint(tmp_path, cache_dir):
         trainer.train(c, workdir)
     ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
     assert ckpt.latest_step() == 5
-    mesh = ckpt_lib.inference_mesh(c)
-    _, state, step = ckpt_lib.restore_train_state(workdir, c, mesh)
+    mesh = inference.inference_mesh(c)
+    _, state, step = inference.restore_train_state(workdir, c, mesh)
     assert step == 5
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 

@@ -1,0 +1,49 @@
+"""Restoring a trained model for evaluation and generation, on whatever devices are here.
+
+A checkpoint saved from any mesh restores onto `inference_mesh(config)`: the run's own mesh when it fits the devices
+here, else all devices on 'data' (a model trained on 8 devices evaluates and generates on 1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from moe_jax import checkpoint as ckpt_lib
+from moe_jax import data
+from moe_jax import model as model_lib
+from moe_jax import optimizer as optimizer_lib
+from moe_jax import sharding as sharding_lib
+from moe_jax import train_step as step_lib
+
+
+def inference_mesh(config, devices=None):
+    """The config's mesh when it fits the devices here, else all devices on 'data' (e.g. trained on 8, run on 1)."""
+    try:
+        return sharding_lib.build_mesh(config, devices)
+    except ValueError:
+        return sharding_lib.build_mesh((-1, 1, 1), devices)
+
+
+def restore_train_state(workdir: str, config, mesh, step: int | None = None):
+    """Restore the full train state of `workdir` (latest or `step`) onto `mesh`, whatever mesh it was saved from.
+    Returns (graphdef, state, step)."""
+    graphdef, abstract_nnx = model_lib.abstract(config)
+    target = step_lib.abstract_train_state(config, abstract_nnx, optimizer_lib.build(config), mesh)
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+        with jax.set_mesh(mesh):
+            state, _, step = checkpointer.restore(target, step=step)
+    finally:
+        checkpointer.close()
+    return graphdef, state, step
+
+
+def load_for_inference(workdir: str, step: int | None = None, mesh=None):
+    """(config, graphdef, params, tokenizer, step) from a run directory, for evaluation and generation."""
+    config = ckpt_lib.load_config(workdir)
+    mesh = inference_mesh(config) if mesh is None else mesh
+    graphdef, state, step = restore_train_state(workdir, config, mesh, step)
+    tokenizer = data.load_tokenizer(os.path.join(workdir, ckpt_lib.TOKENIZER_FILE))
+    return config, graphdef, state["params"], tokenizer, step
