@@ -29,10 +29,7 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import config_lib, flops
 from moe_jax import model as model_lib
@@ -103,20 +100,10 @@ class Bench:
                  "targets": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
                  "weights": np.ones((rows, t.seq_len), np.float32)}
         abs_state = step_lib.abstract_train_state(config, abstract_nnx, opt, self.mesh)
-        s_shard = jax.tree.map(lambda s: s.sharding, abs_state)
-        b_shard = {k: sharding_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-        abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch.items()}
         t0 = time.perf_counter()
+        self.step, b_shard = step_lib.compile_train_step(config, graphdef, opt, abs_state, self.mesh, batch)
         with jax.set_mesh(self.mesh):
-            step = jax.jit(step_lib.make_train_step(config, graphdef, opt), in_shardings=(s_shard, b_shard),
-                           out_shardings=(s_shard, NamedSharding(self.mesh, P())), donate_argnums=(0,))
-            self.step = step.lower(abs_state, abs_batch).compile()
-
-            def fresh():
-                params = nnx.to_pure_dict(nnx.split(model_lib.create(config))[1])
-                return step_lib.init_state(config, params, opt)
-
-            self.state = jax.jit(fresh, out_shardings=s_shard)()
+            self.state = step_lib.init_sharded_state(config, opt, jax.tree.map(lambda s: s.sharding, abs_state))
             self.batch = {k: jax.device_put(v, b_shard[k]) for k, v in batch.items()}
         self.compile_s = time.perf_counter() - t0
         self.graphdef, self.opt = graphdef, opt
@@ -163,16 +150,6 @@ class Bench:
         return out
 
 
-def measure_peak(dtype, matmul_n: int, devices) -> tuple[float, str]:
-    """Peak TFLOP/s of `devices` together: measured matmul on CPU, the table on accelerators."""
-    dev = devices[0]
-    if dev.platform == "cpu":
-        with jax.default_device(dev):
-            tf = flops.measure_matmul_tflops(matmul_n, dtype)
-        return tf, f"measured {matmul_n}x{matmul_n} {jnp.dtype(dtype).name} matmul, best of 5"
-    return flops.peak_tflops(dev) * len(devices), f"table peak of {dev.device_kind} x {len(devices)}"
-
-
 def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, steps: int = 10, warmup: int = 2,
               rounds: int = 1, matmul_n: int = 2048, breakdown: bool = False, overrides=(), devices=None,
               peak_tflops: float = 0.0, out=print) -> dict:
@@ -194,7 +171,7 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
     if peak_tflops > 0:
         peak, source = peak_tflops, "--peak_tflops"
     else:
-        peak, source = measure_peak(dtype, matmul_n, devices)
+        peak, source = flops.devices_peak_tflops(devices, matmul_n=matmul_n, dtype=dtype)
     out(f"peak: {peak * 1e3:,.1f} GFLOP/s ({source})")
 
     benches = []
@@ -207,7 +184,7 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         for b in benches:
             b.rounds.append(b.run(steps))
     if dev.platform == "cpu" and peak_tflops <= 0:  # again after the runs: the spread shows how noisy the machine is
-        peak_after, _ = measure_peak(dtype, matmul_n, devices)
+        peak_after, _ = flops.devices_peak_tflops(devices, matmul_n=matmul_n, dtype=dtype)
         out(f"peak re-measured after the runs: {peak_after * 1e3:,.1f} GFLOP/s; using the larger")
         peak = max(peak, peak_after)
 
@@ -221,7 +198,7 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         tps = b.tokens_per_step / sec
         tflops = tps * fpt["training"] / 1e12
         r = dict(name=c.name, step_time_s=sec, rounds_s=list(b.rounds), tokens_per_s=tps, tflops=tflops,
-                 mfu=tflops / peak, tokens_per_step=b.tokens_per_step, compile_s=b.compile_s,
+                 mfu=flops.mfu(tps, c, peak), tokens_per_step=b.tokens_per_step, compile_s=b.compile_s,
                  params_total=counts["total"], params_active=counts["active"],
                  training_flops_per_token=fpt["training"], padding_flops_per_token=fpt["capacity_padding_training"],
                  tflops_with_padding=tps * (fpt["training"] + fpt["capacity_padding_training"]) / 1e12,

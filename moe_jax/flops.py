@@ -169,6 +169,22 @@ def peak_tflops(device=None, measured_cpu: float | None = None) -> float:
     return peak
 
 
+def devices_peak_tflops(devices=None, per_device_tflops: float = 0.0, matmul_n: int = 2048,
+                        dtype=jnp.float32) -> tuple[float, str]:
+    """Peak TFLOP/s of `devices` together (default: all) and where it comes from: `per_device_tflops` x n when > 0
+    (config.train.peak_tflops); on a CPU one measured matmul (`measure_matmul_tflops(matmul_n, dtype)` on the first
+    device; simulated CPU devices share the host's cores, so it is not multiplied); else the PEAK_TFLOPS table x n."""
+    devices = list(jax.devices() if devices is None else devices)
+    dev, n = devices[0], len(devices)
+    if per_device_tflops > 0:
+        return per_device_tflops * n, f"config: {per_device_tflops:g} x {n}"
+    if dev.platform == "cpu":
+        with jax.default_device(dev):
+            tf = measure_matmul_tflops(matmul_n, dtype)
+        return tf, f"measured {matmul_n}x{matmul_n} {jnp.dtype(dtype).name} matmul, best of 5"
+    return peak_tflops(dev) * n, f"table peak of {dev.device_kind} x {n}"
+
+
 def mfu(tokens_per_s: float, config, peak: float) -> float:
     """Model FLOP utilisation: tokens/s x training FLOPs/token (padding excluded) / (peak TFLOP/s x 1e12)."""
     return tokens_per_s * flops_per_token(config)["training"] / (peak * 1e12)

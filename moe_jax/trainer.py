@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from tqdm import tqdm
 
 from moe_jax import checkpoint as ckpt_lib
 from moe_jax import config_lib, data, flops, optimizer as optimizer_lib
@@ -36,7 +36,6 @@ SUMMARY_FILE = "summary.json"
 
 def log(msg: str) -> None:
     if jax.process_index() == 0:
-        from tqdm import tqdm
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
 
@@ -68,41 +67,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _to_global(batch: dict, shardings: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
-            if k in shardings}
-
-
-def batch_like(batch: dict, rows: int) -> dict:
-    """Global ShapeDtypeStructs for a batch of `rows` sequences, from one process-local example batch."""
-    return {k: jax.ShapeDtypeStruct((rows,) + np.asarray(v).shape[1:], np.asarray(v).dtype) for k, v in batch.items()
-            if k in step_lib.BATCH_KEYS}
-
-
-def evaluate(eval_fn, params, val_batches: list, eval_shardings: dict) -> dict:
-    """Validation loss, accuracy and perplexity over the fixed validation windows (eval_fn: (params, batch) -> sums)."""
-    total = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
-    for b in val_batches:
-        sums = jax.device_get(eval_fn(params, _to_global(b, eval_shardings)))
-        for k in total:
-            total[k] += float(sums[k])
-    w = max(total["weight"], 1.0)
-    loss = total["loss"] / w
-    return {"val_loss": loss, "val_accuracy": total["correct"] / w,
-            "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": total["weight"]}
-
-
-def peak_flops_per_s(config) -> tuple[float, str]:
-    """Peak FLOP/s of the devices in use: config.train.peak_tflops, the table, or a measured CPU matmul."""
-    if config.train.peak_tflops > 0:
-        return config.train.peak_tflops * 1e12 * jax.device_count(), "config"
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return flops.measure_matmul_tflops() * 1e12, "measured CPU matmul"
-    peak = flops.peak_tflops(dev)
-    return peak * 1e12 * jax.device_count(), dev.device_kind
 
 
 def _summarise_train(m: dict) -> dict:
@@ -140,8 +104,8 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     opt = optimizer_lib.build(config)
     global_rows = t.batch_size * t.grad_accum
     example = next(iter(ds.val_batches(t.batch_size)))
-    train_like = batch_like(example, global_rows)
-    eval_like = batch_like(example, t.batch_size)
+    train_like = step_lib.batch_like(example, global_rows)
+    eval_like = step_lib.batch_like(example, t.batch_size)
     compiled = step_lib.compile_steps(config, graphdef, abstract_state, opt, mesh, train_like, eval_like)
     mem = compiled.memory
     if mem:
@@ -158,7 +122,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
         log(f"resumed from step {start} of {t.steps}")
     else:
         with jax.set_mesh(mesh):
-            state = jax.jit(lambda: _fresh_state(config, opt), out_shardings=compiled.state_sharding)()
+            state = step_lib.init_sharded_state(config, opt, compiled.state_sharding)
         start = 0
     step = int(jax.device_get(state["step"]))
     if step != start:
@@ -167,9 +131,9 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     counts = flops.param_counts(config)
     flops_per_token = flops.flops_per_token(config)["training"]
     tokens_per_step = global_rows * t.seq_len
-    peak, peak_source = peak_flops_per_s(config)
+    peak, peak_source = flops.devices_peak_tflops(per_device_tflops=t.peak_tflops)
     log(f"params: total {counts['total']:,}, active {counts['active']:,}; training FLOPs/token "
-        f"{flops_per_token:.4g}; peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+        f"{flops_per_token:.4g}; peak {peak:.3g} TFLOP/s ({peak_source})")
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     val_batches = list(ds.val_batches(t.batch_size))
@@ -185,7 +149,6 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     pending = None  # (step, device metrics) of the last dispatched step, fetched after the next dispatch
     interval = {"t": time.time(), "steps": 0, "tps": float("nan"), "step_time": float("nan")}
     last_eval = None
-    from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=step, disable=not (t.progress_bar and is_main), dynamic_ncols=True,
                file=sys.stderr)
 
@@ -216,7 +179,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
             rec = _summarise_train(m)
             rec.update(kind="train", step=s, tokens=s * tokens_per_step, wall_time=wall(),
                        tokens_per_s=tps, step_time=interval["step_time"],
-                       tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
+                       tflops=tps * flops_per_token / 1e12, mfu=flops.mfu(tps, config, peak),
                        **optimizer_lib.learning_rates(config, s - 1))
             writer.write(rec)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%")
@@ -233,7 +196,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     try:
         with _StopFlag() as stop, jax.set_mesh(mesh):
             while step < stop_at and stop.signal is None:
-                batch = _to_global(next(ds.train_iter), compiled.batch_sharding)
+                batch = step_lib.to_global(next(ds.train_iter), compiled.batch_sharding)
                 state, m = compiled.train(state, batch)
                 step += 1
                 interval["steps"] += 1
@@ -247,7 +210,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
                     pending = None
                 val_loss = None
                 if is_eval:
-                    ev = evaluate(compiled.eval, state["params"], val_batches, eval_shardings)
+                    ev = step_lib.evaluate(compiled.eval, state["params"], val_batches, eval_shardings)
                     val_loss = ev["val_loss"]
                     best = min(best, val_loss)
                     writer.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
@@ -281,14 +244,10 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     tps = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r["step"] > t.log_every]
     if tps:
         summary["tokens_per_s"] = float(np.median(tps))
-        summary["mfu"] = summary["tokens_per_s"] * flops_per_token / peak
+        summary["mfu"] = flops.mfu(summary["tokens_per_s"], config, peak)
     if is_main:
         metrics_lib.write_json(workdir, SUMMARY_FILE, summary)
         if t.plots and step >= t.steps:
             metrics_lib.plot(workdir)
     return summary
 
-
-def _fresh_state(config, opt):
-    params = nnx.to_pure_dict(nnx.split(model_lib.create(config))[1])
-    return step_lib.init_state(config, params, opt)
