@@ -128,7 +128,8 @@ def next_token(logits: jax.Array, seen: jax.Array, keys: jax.Array, temperature,
                repetition_penalty, candidates: int = 0) -> jax.Array:
     """The next token [B] int32 from logits [B, V], the seen-token mask [B, V] and one key per row [B].
     `candidates` (static) must be `candidate_count(top_k, V)`: with top_k > 0 only that many tokens are considered
-    (a top-k selection is much cheaper than sorting the vocabulary; docs/benchmarks.md); with top_k == 0 the whole vocabulary."""
+    (a top-k selection is much cheaper than sorting the vocabulary; docs/benchmarks.md); with top_k == 0 the whole
+    vocabulary."""
     logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
 
     def greedy(x):

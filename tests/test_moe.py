@@ -163,9 +163,10 @@ def test_group_size_is_largest_divisor_at_most_max():
 def test_capacity_formula(k, t, cf, e, min_cap, want):
     c = moe_config(top_k=k, num_experts=e, min_capacity=min_cap, capacity_factor=cf, eval_capacity_factor=cf)
     assert want == min(max(math.ceil(k * t * cf / e), min_cap), t)
-    assert moe.capacity(ModelConfig.from_config(c), t, train=True) == want
-    assert moe.capacity(ModelConfig.from_config(c), t, train=False) == want
-    block = nnx.eval_shape(lambda: moe.MoEBlock(ModelConfig.from_config(c), nnx.Rngs(params=0)))  # abstract: no parameters allocated
+    cfg = ModelConfig.from_config(c)
+    assert moe.capacity(cfg, t, train=True) == want
+    assert moe.capacity(cfg, t, train=False) == want
+    block = nnx.eval_shape(lambda: moe.MoEBlock(cfg, nnx.Rngs(params=0)))  # abstract: no parameters allocated
     assert block.capacity(t, train=True) == want
     assert block.capacity(t, train=False) == want
     assert block.capacity(t, train=True, no_drop=True) == t

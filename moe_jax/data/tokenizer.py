@@ -72,14 +72,8 @@ class Tokenizer:
         """encode() of each text, computed by sentencepiece in `num_threads` threads."""
         return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
 
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self._sp.encode(text, out_type=int), dtype=np.int32)
-
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-    def id_to_piece(self, i: int) -> str:
-        return self._sp.id_to_piece(int(i))
 
     def __getstate__(self):
         return {"path": self.path, "proto": self._proto}
