@@ -234,6 +234,15 @@ def test_peak_tflops_per_device():
     assert flops.peak_tflops(cpu, measured_cpu=0.123) == 0.123  # the CPU peak is measured, never looked up
 
 
+def test_devices_peak_tflops_sources():
+    gpus = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")] * 4
+    assert flops.devices_peak_tflops(gpus)[0] == 4 * 989.0  # the table, per device, times the devices
+    assert flops.devices_peak_tflops(gpus, per_device_tflops=100.0)[0] == 400.0  # config.train.peak_tflops wins
+    cpus = jax.devices()[:4]
+    peak, source = flops.devices_peak_tflops(cpus, matmul_n=64)
+    assert peak > 0 and "measured 64x64 float32 matmul" in source  # shared host cores: not multiplied by 4
+
+
 def test_measure_matmul_tflops_is_positive():
     assert flops.measure_matmul_tflops(n=128, repeats=2) > 0
 
