@@ -68,8 +68,8 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
         raise SamplingError("top_p", f"must be in (0, 1] (1 = no nucleus filter), got {top_p}")
     if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
-        raise SamplingError("repetition_penalty",
-                            f"must be a finite number > 0 (1 = none, > 1 discourages repeats), got {repetition_penalty}")
+        raise SamplingError("repetition_penalty", "must be a finite number > 0 (1 = none, > 1 discourages repeats), "
+                                                  f"got {repetition_penalty}")
     if not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 1):
         raise SamplingError("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens}")
     if not (isinstance(num_samples, numbers.Integral) and num_samples >= 1):

@@ -11,7 +11,6 @@ not part of `training`.
 import types
 
 import jax
-import numpy as np
 import pytest
 
 from configs import smoke

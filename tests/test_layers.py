@@ -65,7 +65,8 @@ def test_rope_position_zero_is_identity_and_norm_preserved():
     pos = jnp.asarray([[3, 17, 100, 2, 40]], jnp.int32)
     rotated = np.asarray(layers.rope(jnp.asarray(x), pos, 10000.0))
     # each (x[i], x[i+D/2]) pair is rotated, so every pair's norm (hence the vector's) is unchanged
-    pair_norm = lambda a: np.hypot(a[..., :4], a[..., 4:])
+    def pair_norm(a):
+        return np.hypot(a[..., :4], a[..., 4:])
     assert_allclose(pair_norm(rotated), pair_norm(x), rtol=1e-5)
 
 
