@@ -18,7 +18,9 @@ import ml_collections
 
 MESH_AXES = ("data", "expert", "model")
 DTYPES = ("float32", "bfloat16", "float16")
-MLP_TYPES = ("gelu", "swiglu", "silu")
+MLP_TYPES = ("gelu", "gelu_exact", "swiglu", "silu")
+ROPE_LAYOUTS = ("halves", "adjacent")
+FLOAT32_EPS = 1.1920928955078125e-07  # numpy.finfo(float32).eps: torch.nn.RMSNorm's eps when eps=None (the seeds)
 DATA_SOURCES = ("bible", "tfds", "files")
 PACKING = ("concat", "segments")
 ATTENTION = ("blocked", "xla")
@@ -39,12 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.n_layers = 6
     c.model.n_heads = 8
     c.model.d_ff = 1536
-    c.model.mlp = "gelu"  # dense FFN and experts: 'gelu' | 'silu' (Linear-act-Linear) | 'swiglu'
+    c.model.mlp = "gelu"  # dense FFN and experts: 'gelu' (tanh approx.) | 'gelu_exact' (erf) | 'silu' | 'swiglu'
     c.model.dropout = 0.1
     c.model.tie_embeddings = True
     c.model.embed_scale = False  # multiply embeddings by sqrt(d_model) (seed 002)
     c.model.rope_base = 10000.0
-    c.model.norm_eps = 1e-6
+    c.model.rope_layout = "halves"  # RoPE pairs: 'halves' (i, i + D/2; seed exp5) | 'adjacent' (2i, 2i + 1; seed 002)
+    c.model.norm_eps = 1e-6  # RMSNorm eps (the seeds' torch.nn.RMSNorm(eps=None) uses FLOAT32_EPS)
     c.model.init_std = 0.02
     c.model.dtype = "float32"  # compute dtype; params are always float32
     c.model.remat = False  # rematerialise each block in the backward pass
@@ -161,6 +164,11 @@ def validate(config) -> ml_collections.ConfigDict:
     _check(isinstance(m.attention_block, int) and m.attention_block >= 0, "model.attention_block",
            f"must be an integer >= 0 (0 = one block), got {m.attention_block!r}")
     _check(m.rope_base > 0, "model.rope_base", f"must be > 0, got {m.rope_base}")
+    _check(m.rope_layout in ROPE_LAYOUTS, "model.rope_layout",
+           f"unknown {m.rope_layout!r}; choose one of {ROPE_LAYOUTS} ('adjacent' = torchtune / seed 002)")
+    _check(isinstance(m.norm_eps, (int, float)) and not isinstance(m.norm_eps, bool) and 0 < m.norm_eps < 1,
+           "model.norm_eps", f"must be a float in (0, 1), got {m.norm_eps!r} (PyTorch RMSNorm's default is "
+           f"config_lib.FLOAT32_EPS = {FLOAT32_EPS!r})")
     _check(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
 
     _check(isinstance(moe.num_experts, int) and moe.num_experts >= 0, "moe.num_experts",

@@ -80,11 +80,14 @@ class Embed(nnx.Module):
         return project(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding, 'halves' convention: pair (x[i], x[i + D/2]) is rotated by angle pos * base^(-2i/D).
+def rope(x: jax.Array, positions: jax.Array, base: float, layout: str = "halves") -> jax.Array:
+    """Rotary embedding: each pair of channels is rotated by angle pos * base^(-2i/D), i = 0 .. D/2 - 1.
 
-    x: [B, S, H, D]; positions: [B, S] int. Equivalent to multiplying the complex number x[i] + 1j*x[i + D/2] by
-    exp(1j * pos * theta_i). Computed in float32, returned in x's dtype.
+    layout 'halves': pair i is (x[i], x[i + D/2]) (seed exp5, LLaMA-style code); 'adjacent': pair i is
+    (x[2i], x[2i + 1]) (seed 002 and 004 through torchtune's RotaryPositionalEmbeddings). Either is the complex
+    product (x_a + 1j * x_b) * exp(1j * pos * theta_i) for its pair (a, b). The two layouts are the same function up to
+    a fixed permutation of the q/k channels, so they differ for given weights but not as a model family.
+    x: [B, S, H, D]; positions: [B, S] int. Computed in float32, returned in x's dtype.
     """
     d = x.shape[-1]
     half = d // 2
@@ -93,8 +96,15 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    if layout == "adjacent":
+        pairs = x32.reshape(x.shape[:-1] + (half, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+    elif layout == "halves":
+        x1, x2 = x32[..., :half], x32[..., half:]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    else:
+        raise ValueError(f"model.rope_layout: unknown {layout!r}; choose 'halves' or 'adjacent'")
     return out.astype(x.dtype)
 
 
@@ -142,6 +152,7 @@ class Attention(nnx.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         self.rope_base = cfg.rope_base
+        self.rope_layout = cfg.rope_layout
         self.dtype = dtype_of(cfg.dtype)
         self.impl = cfg.attention
         self.block = cfg.attention_block
@@ -161,8 +172,8 @@ class Attention(nnx.Module):
         q = project(x, self.wq[...].astype(dt))  # [B, S, H, D]
         k = project(x, self.wk[...].astype(dt))
         v = project(x, self.wv[...].astype(dt))
-        q = constrain(rope(q, positions, self.rope_base), ("batch", "length", "heads", "head_dim"))
-        k = constrain(rope(k, positions, self.rope_base), ("batch", "length", "heads", "head_dim"))
+        q = constrain(rope(q, positions, self.rope_base, self.rope_layout), ("batch", "length", "heads", "head_dim"))
+        k = constrain(rope(k, positions, self.rope_base, self.rope_layout), ("batch", "length", "heads", "head_dim"))
         v = constrain(v, ("batch", "length", "heads", "head_dim"))
 
         new_cache = None
@@ -186,12 +197,18 @@ class Attention(nnx.Module):
         return constrain(y, ("batch", "length", "embed")), new_cache
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU with the error function, x * Phi(x) (PyTorch's F.gelu default; seed exp5's experts)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
 def activation(name: str):
-    return {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "swiglu": jax.nn.silu}[name]
+    """'gelu': tanh-approximate GELU (jax.nn.gelu's default); 'gelu_exact': erf GELU; 'silu'/'swiglu': SiLU."""
+    return {"gelu": jax.nn.gelu, "gelu_exact": gelu_exact, "silu": jax.nn.silu, "swiglu": jax.nn.silu}[name]
 
 
 class MLP(nnx.Module):
-    """Dense feed-forward. 'gelu'/'silu': w_out(act(w_in x)); 'swiglu': w_out(silu(w_gate x) * w_in x).
+    """Dense feed-forward. 'gelu'/'gelu_exact'/'silu': w_out(act(w_in x)); 'swiglu': w_out(silu(w_gate x) * w_in x).
     w_in, w_gate [M, F]; w_out [F, M]."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):

@@ -42,6 +42,7 @@ class ModelConfig:
     tie_embeddings: bool
     embed_scale: bool
     rope_base: float
+    rope_layout: str
     norm_eps: float
     init_std: float
     dtype: str

@@ -52,6 +52,9 @@ REJECTED = [
     ({"mesh.shape": (2, 2)}, "mesh.shape", "axis"),
     ({"model.attention": "flash"}, "model.attention", "flash"),
     ({"model.attention_block": -1}, "model.attention_block", ">= 0"),
+    ({"model.rope_layout": "interleaved"}, "model.rope_layout", "adjacent"),
+    ({"model.norm_eps": 0.0}, "model.norm_eps", "FLOAT32_EPS"),
+    ({"model.norm_eps": -1e-6}, "model.norm_eps", "(0, 1)"),
 ]
 
 

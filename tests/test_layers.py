@@ -89,6 +89,25 @@ def test_rope_scores_depend_only_on_relative_position():
     assert np.max(np.abs(scores(pos + 5, pos) - base)) > 1e-2
 
 
+def test_rope_adjacent_equals_complex_rotation_of_pairs():
+    """'adjacent' rotates (x[2i], x[2i+1]) (torchtune / seed 002): the 'halves' rotation of the de-interleaved
+    channels, re-interleaved."""
+    rng = np.random.default_rng(3)
+    b, s, h, d = 2, 9, 3, 16
+    x = rng.standard_normal((b, s, h, d)).astype(np.float32)
+    positions = rng.integers(0, 64, size=(b, s)).astype(np.int32)
+    perm = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])  # halves order <- adjacent order
+    want = np.empty_like(x, dtype=np.float64)
+    want[..., perm] = rope_reference(x[..., perm], positions, 10000.0)
+    got = np.asarray(layers.rope(jnp.asarray(x), jnp.asarray(positions), 10000.0, "adjacent"))
+    assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    # not vacuous: the two layouts differ on the same input
+    halves = np.asarray(layers.rope(jnp.asarray(x), jnp.asarray(positions), 10000.0, "halves"))
+    assert np.max(np.abs(halves - got)) > 0.1
+    with pytest.raises(ValueError, match="rope_layout"):
+        layers.rope(jnp.asarray(x), jnp.asarray(positions), 10000.0, "interleaved")
+
+
 def test_rope_keeps_dtype():
     x = jnp.ones((1, 3, 2, 8), jnp.bfloat16)
     assert layers.rope(x, jnp.arange(3)[None], 10000.0).dtype == jnp.bfloat16
@@ -259,7 +278,11 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-@pytest.mark.parametrize("kind", ["gelu", "silu", "swiglu"])
+def gelu_erf(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("kind", ["gelu", "gelu_exact", "silu", "swiglu"])
 def test_mlp_formula(kind):
     config = tiny_config(mlp=kind, init_std=0.3)
     mlp = layers.MLP(ModelConfig.from_config(config), nnx.Rngs(params=0))
@@ -271,5 +294,12 @@ def test_mlp_formula(kind):
     if kind == "swiglu":
         h = silu(x @ np.asarray(mlp.w_gate[...], np.float64)) * h
     else:
-        h = gelu_tanh(h) if kind == "gelu" else silu(h)
+        h = {"gelu": gelu_tanh, "gelu_exact": gelu_erf, "silu": silu}[kind](h)
     assert_allclose(np.asarray(mlp(jnp.asarray(x))), h @ w_out, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_exact_is_erf_not_tanh():
+    x = np.linspace(-6, 6, 241)
+    assert_allclose(np.asarray(layers.gelu_exact(jnp.asarray(x, jnp.float32))), gelu_erf(x), rtol=1e-6, atol=1e-6)
+    # the tanh approximation differs by up to ~5e-4 near |x| = 2: an option, not a rounding detail
+    assert np.max(np.abs(np.asarray(layers.activation("gelu")(jnp.asarray(x, jnp.float32))) - gelu_erf(x))) > 1e-4
