@@ -1,0 +1,42 @@
+"""Seed 000 exp5 (blueberry-llm @ c1b4a78, experiments/exp5_simple_transformer_moe, `SimpleTransformerMoE`), set so
+moe_jax computes its function: d_model 384, 6 layers, 8 heads, every layer MoE with 8 experts (Linear-GELU-Linear,
+d_ff 1536, exact erf GELU as torch's F.gelu) top-2 over softmax probabilities renormalised, RoPE on halves, embedding
+x sqrt(d_model), torch RMSNorm eps (float32 machine epsilon), head tied; no router noise, no z-loss, no drops
+(capacity factor E/k = 4 gives every expert a slot per token). Training as the seed: seq 512, batch 24 x 4, 20,000
+steps, Muon 0.01 (router included) + AdamW 1e-3 (torch betas 0.9/0.999), wd 0.1, clip 1, 5% warmup, cosine to 0.1x.
+Remaining differences (aux-loss form, init, dropout sites, Muon details, vocabulary) are listed in docs/decisions.md
+("Seed fidelity"); tests/test_seed_fidelity.py matches this config's logits to the seed's own PyTorch code.
+
+    python -m moe_jax.train --config configs/seeds/exp5_moe.py --workdir runs/exp5
+"""
+
+from moe_jax import config_lib
+
+
+def get_config():
+    c = config_lib.base_config()
+    c.name = "seed_exp5_moe"
+    m = c.model
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = 384, 6, 8, 1536
+    m.mlp = "gelu_exact"
+    m.dropout = 0.1
+    m.tie_embeddings = True
+    m.embed_scale = True
+    m.rope_layout = "halves"
+    m.norm_eps = config_lib.FLOAT32_EPS
+    moe = c.moe
+    moe.num_experts, moe.top_k, moe.every, moe.d_ff = 8, 2, 1, 1536
+    moe.capacity_factor = moe.eval_capacity_factor = 4.0  # E / k: capacity = group size, nothing is ever dropped
+    moe.renormalize = True
+    moe.router_noise_std = 0.0
+    moe.load_balance_weight = 0.01  # the seed's loss is 0.01 * E * sum(P^2); this is the Switch form (decisions.md)
+    moe.z_loss_weight = 0.0
+    o = c.optim
+    o.name, o.muon_lr, o.adamw_lr, o.momentum, o.nesterov = "muon", 0.01, 1e-3, 0.95, True
+    o.muon_scale = "keller"
+    o.router_muon = True  # the seed sends every 2-D weight but embedding and norms to Muon
+    o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 0.9, 0.999, 1e-8, 0.1, 1.0
+    o.warmup_fraction, o.warmup_steps, o.min_lr_ratio = 0.05, -1, 0.1
+    t = c.train
+    t.steps, t.batch_size, t.grad_accum, t.seq_len = 20000, 24, 4, 512
+    return c
