@@ -127,3 +127,31 @@ def test_is_moe_layer_every_two():
     c = load_config("moe")
     c.moe.every = 2
     assert [i for i in range(6) if config_lib.is_moe_layer(c, i)] == [1, 3, 5]
+
+
+SEED_CONFIGS = {  # name: (d_model, n_layers, n_heads, mlp, rope_layout, norm_eps, experts, top_k, MoE layers, steps)
+    "exp5_moe": (384, 6, 8, "gelu_exact", "halves", config_lib.FLOAT32_EPS, 8, 2, [0, 1, 2, 3, 4, 5], 5000),
+    "seed002_dense": (384, 6, 8, "silu", "adjacent", config_lib.FLOAT32_EPS, 0, 2, [], 530),
+    "seed002_moe": (384, 6, 8, "silu", "adjacent", config_lib.FLOAT32_EPS, 8, 2, [1, 3, 5], 431),
+    "seed004_baseline": (512, 8, 16, "silu", "adjacent", 1e-5, 16, 2, list(range(8)), 150),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_CONFIGS))
+def test_seed_configs_validate_with_the_seeds_values(name):
+    """configs/seeds/*: full size, the seed's numerics, no drops (capacity = group size), no z-loss, embed x sqrt(d)."""
+    c = config_lib.validate(load_config(f"seeds/{name}"))
+    d, n, h, mlp, rope, eps, e, k, moe_layers, steps = SEED_CONFIGS[name]
+    m = c.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.mlp, m.rope_layout, m.norm_eps) == (d, n, h, mlp, rope, eps)
+    assert m.embed_scale and m.tie_embeddings and c.moe.num_experts == e and c.train.steps == steps
+    assert [i for i in range(n) if config_lib.is_moe_layer(c, i)] == moe_layers
+    if e:
+        assert c.moe.top_k == k and c.moe.z_loss_weight == 0.0
+        for cf in (c.moe.capacity_factor, c.moe.eval_capacity_factor):
+            assert config_lib.capacity(c, c.moe.group_size, cf) == c.moe.group_size
+
+
+def test_default_numerics_unchanged():
+    m = config_lib.base_config().model
+    assert (m.mlp, m.rope_layout, m.embed_scale, m.norm_eps) == ("gelu", "halves", False, 1e-6)

@@ -2,8 +2,9 @@
 moe_jax computes its function: d_model 384, 6 layers, 8 heads, every layer MoE with 8 experts (Linear-GELU-Linear,
 d_ff 1536, exact erf GELU as torch's F.gelu) top-2 over softmax probabilities renormalised, RoPE on halves, embedding
 x sqrt(d_model), torch RMSNorm eps (float32 machine epsilon), head tied; no router noise, no z-loss, no drops
-(capacity factor E/k = 4 gives every expert a slot per token). Training as the seed: seq 512, batch 24 x 4, 20,000
-steps, Muon 0.01 (router included) + AdamW 1e-3 (torch betas 0.9/0.999), wd 0.1, clip 1, 5% warmup, cosine to 0.1x.
+(capacity factor E/k = 4 gives every expert a slot per token). Training as the seed: seq 512, batch 24 x 4; the
+seed's 20,000 "steps" were micro-batches (run_experiment.py counts each batch), i.e. 5,000 optimizer steps; Muon 0.01
+(router included) + AdamW 1e-3 (torch betas 0.9/0.999), wd 0.1, clip 1, 5% warmup, cosine to 0.1x.
 Remaining differences (aux-loss form, init, dropout sites, Muon details, vocabulary) are listed in docs/decisions.md
 ("Seed fidelity"); tests/test_seed_fidelity.py matches this config's logits to the seed's own PyTorch code.
 
@@ -38,5 +39,5 @@ def get_config():
     o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 0.9, 0.999, 1e-8, 0.1, 1.0
     o.warmup_fraction, o.warmup_steps, o.min_lr_ratio = 0.05, -1, 0.1
     t = c.train
-    t.steps, t.batch_size, t.grad_accum, t.seq_len = 20000, 24, 4, 512
+    t.steps, t.batch_size, t.grad_accum, t.seq_len = 5000, 24, 4, 512
     return c
