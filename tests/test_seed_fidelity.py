@@ -57,9 +57,9 @@ def seed_config(seed_model: str):
 
 
 def to_params(weights: dict, seed_model: str, config) -> dict:
-    """The seed's named PyTorch weights as moe_jax's pure parameter dict. torch Linear weights are [out, in] (y = x W^T),
-    so every one is transposed; the fused qkv [3M, M] splits into q, k, v with outputs laid out (3, H, D); w_o
-    [M, H*D] becomes [H, D, M]; experts stack into [E, ...]; the tied head is the embedding."""
+    """The seed's named PyTorch weights as moe_jax's pure parameter dict. torch Linear weights are [out, in]
+    (y = x W^T), so every one is transposed; the fused qkv [3M, M] splits into q, k, v with outputs laid out
+    (3, H, D); w_o [M, H*D] becomes [H, D, M]; experts stack into [E, ...]; the tied head is the embedding."""
     n = SEED_NAMES[seed_model.split("_")[0]]
     m = config.model
     h, d = m.n_heads, m.d_model // m.n_heads
@@ -153,4 +153,5 @@ def test_each_option_matters(name, field, value, monkeypatch):
     logits, _ = forward(config, to_params(data, fx["seed_model"], config), data["tokens"], monkeypatch,
                         allow_drops=field.startswith("moe."))
     diff = float(np.max(np.abs(logits - data["logits"])))
-    assert diff > ATOL + RTOL * np.max(np.abs(data["logits"])), f"flipping {field} to {value!r} changed the logits by only {diff:.2e}"
+    tolerance = ATOL + RTOL * np.max(np.abs(data["logits"]))
+    assert diff > tolerance, f"flipping {field} to {value!r} changed the logits by only {diff:.2e} <= {tolerance:.2e}"
