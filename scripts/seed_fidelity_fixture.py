@@ -22,6 +22,8 @@ seed file loaded, the torch version and each fixture's shape.
 Inits: 'seed' is the seed's own initialisation (torch.manual_seed(0)); 'wide' redraws every matrix N(0, 0.3) and
 every norm scale 1 + N(0, 0.2), which makes activations large and routing decisive, so a wrong option (RoPE pairs,
 GELU form, embedding scale, eps) shows as a large logit difference.
+
+Deterministic: re-running it (torch 2.13 CPU, 2026-11-26) rewrote every file byte for byte.
 """
 from __future__ import annotations
 
