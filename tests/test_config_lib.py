@@ -8,6 +8,7 @@ import re
 import pytest
 
 from moe_jax import config_lib
+from moe_jax import moe as moe_lib
 from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -148,8 +149,8 @@ def test_seed_configs_validate_with_the_seeds_values(name):
     assert [i for i in range(n) if config_lib.is_moe_layer(c, i)] == moe_layers
     if e:
         assert c.moe.top_k == k and c.moe.z_loss_weight == 0.0
-        for cf in (c.moe.capacity_factor, c.moe.eval_capacity_factor):
-            assert config_lib.capacity(c, c.moe.group_size, cf) == c.moe.group_size
+        for train in (True, False):
+            assert moe_lib.expected_capacity(c, c.moe.group_size, train) == c.moe.group_size
 
 
 def test_default_numerics_unchanged():
