@@ -3,14 +3,16 @@
     python -m moe_jax.compare --config configs/compare_smoke.py --workdir runs/compare_smoke
 """
 
+import os
+
 import ml_collections
 
-from configs import smoke
+from moe_jax import cli
 
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.base = smoke.get_config()
+    c.base = cli.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "smoke.py"))
     c.base.train.checkpoint_every = 10
     c.base.train.log_every = 5
     c.base.train.plots = False

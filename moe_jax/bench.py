@@ -1,9 +1,12 @@
 """Throughput benchmark of the compiled train step: tokens/s, model TFLOP/s, MFU and step time per config, and each
 config's TFLOP/s as a fraction of the dense one's.
 
-    python -m moe_jax.bench --configs configs/dense.py,configs/moe.py --batch 4 --seq 512
+    python -m moe_jax.bench --config configs/moe.py --baseline configs/dense.py --batch 4 --seq 512
     python -m moe_jax.bench --config configs/moe.py --config.moe.group_size=256 --steps 20
-    python -m moe_jax.bench --configs configs/dense.py,configs/moe.py --rounds 3 --breakdown --set moe.group_size=256
+    python -m moe_jax.bench --config configs/moe.py --baseline configs/dense.py --rounds 3 --breakdown \
+        --config.model.dtype=bfloat16            (a --config.x=y override applies to the baseline too)
+    python -m moe_jax.bench --config configs/smoke.py --baseline configs/smoke.py --baseline.moe.num_experts=0 \
+        --baseline.name=smoke_dense              (a --baseline.x=y override applies to the baseline only)
     python scripts/bench_step.py ...   (the same, as a script)
 
 What is timed: the trainer's own train step (train_step.make_train_step: forward, backward, gradient accumulation
@@ -22,11 +25,8 @@ flops.PEAK_TFLOPS table (per device, x --devices) on GPU/TPU, and on CPU a jitte
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -39,41 +39,24 @@ from moe_jax import train_step as step_lib
 from moe_jax.layers import dtype_of
 
 
-def load_config_file(path: str):
-    """get_config() of a config file (the repository root must be importable for configs that import others)."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem + "_bench_config", path)
-    if spec is None:
-        raise FileNotFoundError(f"no config file {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def apply_overrides(config, overrides: dict) -> None:
+    """{'moe.group_size': 256} -> config.moe.group_size = 256; a path that is not a config field raises ConfigError."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                raise config_lib.ConfigError(f"{key} is not a config field of {config.get('name', 'the config')}")
+            node = node[p]
+        if leaf not in node:
+            raise config_lib.ConfigError(f"{key} is not a config field of {config.get('name', 'the config')}")
+        node[leaf] = value
 
 
-def apply_override(config, assignment: str) -> None:
-    """'moe.group_size=256' -> config.moe.group_size = 256 (the value parsed as a Python literal when it is one)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep:
-        raise config_lib.ConfigError(f"--set {assignment!r}: expected key=value, e.g. moe.group_size=256")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        if p not in node:
-            raise config_lib.ConfigError(f"--set {assignment!r}: {key} is not a config field")
-        node = node[p]
-    if leaf not in node:
-        raise config_lib.ConfigError(f"--set {assignment!r}: {key} is not a config field")
-    node[leaf] = value
-
-
-def prepare(config, batch: int, seq: int, grad_accum: int = 0, overrides=()):
-    """A copy of `config` with the benchmark's batch shape and overrides, validated."""
+def prepare(config, batch: int, seq: int, grad_accum: int = 0, overrides=None):
+    """A copy of `config` with the overrides ({'x.y': value}) and the benchmark's batch shape, validated."""
     config = config.copy_and_resolve_references()
-    for assignment in overrides:
-        apply_override(config, assignment)
+    apply_overrides(config, overrides or {})
     config.train.batch_size = batch
     config.train.seq_len = seq
     if grad_accum:
@@ -151,9 +134,10 @@ class Bench:
 
 
 def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, steps: int = 10, warmup: int = 2,
-              rounds: int = 1, matmul_n: int = 2048, breakdown: bool = False, overrides=(), devices=None,
+              rounds: int = 1, matmul_n: int = 2048, breakdown: bool = False, overrides=None, devices=None,
               peak_tflops: float = 0.0, out=print) -> dict:
-    """Benchmark [(label, config)] together; prints a report through `out` and returns
+    """Benchmark [(label, config)] together (`overrides` {'x.y': value} applied to each); prints a report through
+    `out` and returns
     {'device', 'peak_tflops', 'peak_source', 'configs': {label: {...}}, 'fraction_of_dense': {label: {...}}}."""
     if not entries:
         raise ValueError("no configs to benchmark")
@@ -242,15 +226,16 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
 
 
 def define_flags() -> None:
-    """Define the command-line flags (call once, before absl.app.run(main))."""
+    """Define the command-line flags (cli.run calls it before parsing)."""
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A config file; override its fields with --config.x=y.",
-                                    lock_config=False)
-    flags.DEFINE_list("configs", [], "Config files benchmarked together (interleaved), e.g. "
-                      "configs/dense.py,configs/moe.py.")
-    flags.DEFINE_multi_string("set", [], "key=value applied to every config, e.g. --set moe.group_size=256.")
+    from moe_jax import cli
+
+    cli.config_flag(help_text="The config file to benchmark; override its fields with --config.x.y=value (applied "
+                    "to the --baseline too).")
+    cli.config_flag("baseline", "Optional second config file timed together with --config (interleaved) and reported "
+                    "first, e.g. configs/dense.py; --config.x.y=value overrides apply to it too unless "
+                    "--baseline.x.y=value sets the same field.", required=False)
     flags.DEFINE_integer("batch", 4, "Sequences per micro-batch (train.batch_size).")
     flags.DEFINE_integer("seq", 512, "Sequence length (train.seq_len).")
     flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (train.grad_accum); 0 keeps the config's.")
@@ -264,37 +249,43 @@ def define_flags() -> None:
     flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 
+def entries_from_flags() -> list:
+    """[(label, config)] of --baseline (when given; with the --config overrides it does not set itself) and
+    --config, in report order."""
+    from absl import flags
+
+    from moe_jax import cli
+
+    FLAGS = flags.FLAGS
+    entries = []
+    if FLAGS.baseline is not None:
+        baseline = FLAGS.baseline.copy_and_resolve_references()
+        own = cli.override_values("baseline")
+        apply_overrides(baseline, {k: v for k, v in cli.override_values("config").items() if k not in own})
+        entries.append((f"{baseline.name} ({cli.config_path('baseline')})", baseline))
+    entries.append((f"{FLAGS.config.name} ({cli.config_path('config')})", FLAGS.config))
+    return entries
+
+
 def main(argv) -> None:
     """absl entry point (prints the report; run_from_flags returns it)."""
     run_from_flags(argv)
 
 
 def run_from_flags(argv) -> dict:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from moe_jax import cli
+
+    cli.no_arguments(argv)
     FLAGS = flags.FLAGS
-    entries = []
-    if FLAGS.config is not None:
-        path = config_flags.get_config_filename(FLAGS["config"])
-        entries.append((f"{FLAGS.config.name} ({path})", FLAGS.config))
-    for path in FLAGS.configs:
-        c = load_config_file(path)
-        entries.append((f"{c.name} ({path})", c))
-    if not entries:
-        raise app.UsageError("give --config FILE or --configs FILE,FILE")
     n = FLAGS.devices or jax.device_count()
     if n > jax.device_count():
-        raise app.UsageError(f"--devices {n}: only {jax.device_count()} available")
-    try:
-        results = benchmark(entries, batch=FLAGS.batch, seq=FLAGS.seq, grad_accum=FLAGS.grad_accum,
-                            steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, matmul_n=FLAGS.matmul_n,
-                            breakdown=FLAGS.breakdown, overrides=FLAGS.set, devices=jax.devices()[:n],
-                            peak_tflops=FLAGS.peak_tflops, out=lambda s: print(s, flush=True))
-    except config_lib.ConfigError as e:
-        raise app.UsageError(str(e)) from e
+        raise cli.UsageError(f"--devices {n}: only {jax.device_count()} available; use at most that (0: all)")
+    results = benchmark(entries_from_flags(), batch=FLAGS.batch, seq=FLAGS.seq, grad_accum=FLAGS.grad_accum,
+                        steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, matmul_n=FLAGS.matmul_n,
+                        breakdown=FLAGS.breakdown, devices=jax.devices()[:n], peak_tflops=FLAGS.peak_tflops,
+                        out=lambda s: print(s, flush=True))  # a ConfigError exits with status 2 (cli.run)
     if FLAGS.json:
         import json
         import os
@@ -305,7 +296,6 @@ def run_from_flags(argv) -> dict:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from moe_jax import cli
 
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -513,27 +513,30 @@ def run(cmp, workdir: str, command: str = "", devices=None) -> dict:
     return results
 
 
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a program (see moe_jax/cli.py)."""
+    from absl import flags
+
+    from moe_jax import cli
+
+    cli.config_flag(help_text="A comparison config, e.g. configs/compare.py; override its fields with "
+                    "--config.x.y=value.")
+    flags.DEFINE_string("workdir", "runs/compare", "Directory of the comparison (one sub-directory per run).")
+
+
 def main(argv):
     from absl import flags, logging
 
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    from moe_jax import cli
+
+    cli.no_arguments(argv)
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-        run(FLAGS.config, FLAGS.workdir, " ".join(["python -m moe_jax.compare"] + sys.argv[1:]))
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(FLAGS.config, FLAGS.workdir, " ".join(["python -m moe_jax.compare"] + sys.argv[1:]))  # ConfigError: 2
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from moe_jax import cli
 
-    config_flags.DEFINE_config_file("config", None, "A comparison config, e.g. configs/compare.py.",
-                                    lock_config=False)
-    flags.DEFINE_string("workdir", "runs/compare", "Directory of the comparison (one sub-directory per run).")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, define_flags)

@@ -327,27 +327,45 @@ def benchmark(config, batch: int, prompt_len: int, max_new_tokens: int, repeats:
                 total_tokens_per_s=med([r.total_tokens_per_s for r in runs]))
 
 
-if __name__ == "__main__":
-    import argparse
-    import importlib.util
+def define_flags() -> None:
+    """Flags of the decode benchmark (cli.run calls it before parsing)."""
+    from absl import flags
 
-    parser = argparse.ArgumentParser(description="Decode tokens/s of a config's shapes with random parameters: "
-                                                 "python -m moe_jax.decode --config configs/moe.py")
-    parser.add_argument("--config", required=True, help="a config file in configs/")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--prompt_len", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("bench_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    new = min(args.max_new_tokens, context_length(cfg) - args.prompt_len)
-    print(f"{args.config}: {jax.devices()[0].device_kind}, {jax.device_count()} device(s), dtype {cfg.model.dtype}, "
+    from moe_jax import cli
+
+    cli.config_flag()
+    flags.DEFINE_list("batch", ["1", "3"], "Batch sizes to time, comma-separated.")
+    flags.DEFINE_integer("prompt_len", 16, "Prompt tokens.")
+    flags.DEFINE_integer("max_new_tokens", 200, "New tokens (capped by the context).")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per batch size (the median is reported).")
+
+
+def main(argv) -> None:
+    """Decode tokens/s of a config's shapes with random parameters:
+    python -m moe_jax.decode --config configs/moe.py [--batch 1,3 --config.x.y=value]"""
+    from absl import flags
+
+    from moe_jax import cli
+
+    cli.no_arguments(argv)
+    FLAGS = flags.FLAGS
+    cfg = FLAGS.config
+    path = cli.config_path()
+    try:
+        batches = [int(b) for b in FLAGS.batch]
+    except ValueError:
+        raise cli.UsageError(f"--batch {','.join(FLAGS.batch)}: expected comma-separated integers, e.g. 1,3")
+    new = min(FLAGS.max_new_tokens, context_length(cfg) - FLAGS.prompt_len)
+    print(f"{path}: {jax.devices()[0].device_kind}, {jax.device_count()} device(s), dtype {cfg.model.dtype}, "
           f"context {context_length(cfg)}")
-    for b in args.batch:
-        r = benchmark(cfg, b, args.prompt_len, new, args.repeats)
+    for b in batches:
+        r = benchmark(cfg, b, FLAGS.prompt_len, new, FLAGS.repeats)
         print(f"batch {b}: prompt {r['prompt_len']} + {r['max_new_tokens']} new tokens | decode "
               f"{r['decode_tokens_per_s']:.1f} tokens/s (prefill excluded) | {r['total_tokens_per_s']:.1f} tokens/s "
               f"incl. prefill ({r['prefill_s'] * 1e3:.1f} ms) | compile {r['compile_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    from moe_jax import cli
+
+    cli.run(main, define_flags)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from moe_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -55,18 +56,15 @@ def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | 
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
     try:
         result = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.eval_batches)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

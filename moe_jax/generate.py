@@ -21,9 +21,9 @@ samples, prefill excluded) and including the prompt's prefill; compilation is ti
 
 from __future__ import annotations
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
+from moe_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -48,8 +48,7 @@ def define_flags() -> None:
 
 
 def fail(flag: str, message: str, status: int) -> None:
-    print(f"error: --{flag}: {message}", file=sys.stderr)
-    sys.exit(status)
+    cli.fail(f"--{flag}: {message}", status)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -58,8 +57,7 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
     from moe_jax import decode
@@ -68,8 +66,7 @@ def main(argv):
         decode.check_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty,
                               FLAGS.max_new_tokens, FLAGS.num_samples)
     except decode.SamplingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     if FLAGS.step is not None and FLAGS.step < 0:
         fail("step", f"must be >= 0, got {FLAGS.step}", 2)
 
@@ -119,5 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

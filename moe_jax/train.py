@@ -9,12 +9,10 @@ A workdir that already holds checkpoints is resumed from the latest one.
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from moe_jax import config_lib
+from moe_jax import cli, config_lib
 
 FLAGS = flags.FLAGS
 
@@ -22,43 +20,30 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command's flags, defined only when it runs as a program (importing this module defines none, so
     several CLI modules can be imported in one process, e.g. by the tests)."""
-    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=False)
+    cli.config_flag()
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config.name>.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and GPU "
                       "clusters: every host runs the same command; the coordinator is auto-detected on Cloud TPU/SLURM).")
-    flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-    config = FLAGS.config
-    try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = config_lib.validate(FLAGS.config)  # a ConfigError exits with status 2 (cli.run)
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     if "://" in workdir:
-        print(f"error: --workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
-              "tokenizer are written through the filesystem); on a pod, mount the bucket on every host (gcsfuse, "
-              "e.g. --workdir /mnt/gcs/runs/moe) or use a shared filesystem", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(f"--workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
+                 "tokenizer are written through the filesystem); on a pod, mount the bucket on every host (gcsfuse, "
+                 "e.g. --workdir /mnt/gcs/runs/moe) or use a shared filesystem")
     import jax
     if FLAGS.distributed:
         jax.distributed.initialize()
     from moe_jax import trainer  # heavy imports only after the config is known to be good
-    try:
-        summary = trainer.train(config, workdir)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = trainer.train(config, workdir)
     print(f"done: step {summary['step']}, workdir {workdir}, "
           f"val_loss {summary.get('val_loss', float('nan')):.4f}")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

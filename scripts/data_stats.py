@@ -2,6 +2,8 @@
 
     python scripts/data_stats.py --config configs/moe.py [--batches 40] [--config.data.worker_count=2 ...]
 
+(with the package installed: `pip install -e .` in the repository root).
+
 Prints the source; documents and tokens (one EOS per document included) in each split; the tokenizer's vocab size
 and file; the fixed validation windows; preparation time (first build in this cache, or reuse); and the training
 pipeline's throughput in tokens/s (`--batches` batches of B = batch_size * grad_accum rows of seq_len tokens, timed
@@ -11,36 +13,28 @@ default the ~600 tokens/s of the seed MoE config on this CPU).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from moe_jax import config_lib, data  # noqa: E402  pylint: disable=g-import-not-at-top
+from moe_jax import cli, config_lib, data
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=False)
-flags.DEFINE_integer("batches", 40, "Training batches to time (after one warm-up batch).")
-flags.DEFINE_float("step_tokens_per_s", 600.0, "Tokens/s a training step consumes, for the margin.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+    """The script's flags (cli.run calls it before parsing)."""
+    cli.config_flag()
+    flags.DEFINE_integer("batches", 40, "Training batches to time (after one warm-up batch).")
+    flags.DEFINE_float("step_tokens_per_s", 600.0, "Tokens/s a training step consumes, for the margin.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
-    try:
-        config_lib.validate(config)
-        t0 = time.perf_counter()
-        ds = data.build(config)
-        build_s = time.perf_counter() - t0
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.no_arguments(argv)
+    config = config_lib.validate(FLAGS.config)  # a ConfigError exits with status 2 (cli.run), as from data.build
+    t0 = time.perf_counter()
+    ds = data.build(config)
+    build_s = time.perf_counter() - t0
     st, t, d = ds.stats, config.train, config.data
     est = " (estimated)" if st["tokens_estimated"] else ""
     print(f"source            {st['source']}  (cache {ds.source.cache_dir})")
@@ -67,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

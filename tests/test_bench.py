@@ -16,23 +16,26 @@ from moe_jax import bench, config_lib, flops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, tmp_path, script=False):
-    cmd = [sys.executable] + (["scripts/bench_step.py"] if script else ["-m", "moe_jax.bench"]) + args
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def _run(args, tmp_path, script=False, cwd=ROOT):
+    cmd = [sys.executable] + ([os.path.join(ROOT, "scripts", "bench_step.py")] if script else ["-m", "moe_jax.bench"])
+    # This checkout's package first, whichever is installed (CI installs it with pip install -e .).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_bench_cli_prints_and_returns_throughput_of_moe_and_dense(tmp_path):
+@pytest.mark.slow  # two configs compiled and timed in a subprocess
+def test_bench_cli_prints_and_returns_throughput_of_moe_and_dense(tmp_path, load_config):
     out_json = str(tmp_path / "bench.json")
-    p = _run(["--configs", "configs/smoke.py", "--config", "configs/smoke.py", "--config.moe.num_experts=0",
-              "--config.name=smoke_dense", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "1",
-              "--matmul_n", "128", "--json", out_json], tmp_path)
+    p = _run(["--config", "configs/smoke.py", "--baseline", "configs/smoke.py", "--baseline.moe.num_experts=0",
+              "--baseline.name=smoke_dense", "--config.optim.name=adamw", "--batch", "4", "--seq", "32",
+              "--steps", "2", "--warmup", "1", "--matmul_n", "128", "--json", out_json], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(out_json))
     names = list(res["configs"])
     assert names == ["smoke_dense (configs/smoke.py)", "smoke (configs/smoke.py)"]
     assert res["peak_tflops"] > 0 and "measured 128x128 float32 matmul" in res["peak_source"]
-    smoke_cfg = bench.prepare(bench.load_config_file(os.path.join(ROOT, "configs/smoke.py")), 4, 32)
+    smoke_cfg = bench.prepare(load_config("smoke"), 4, 32, overrides={"optim.name": "adamw"})
     for name, r in res["configs"].items():
         assert r["tokens_per_step"] == 4 * 32 and len(r["rounds_s"]) == 1
         assert r["step_time_s"] > 0 and r["tokens_per_s"] == pytest.approx(128 / r["step_time_s"])
@@ -43,6 +46,7 @@ def test_bench_cli_prints_and_returns_throughput_of_moe_and_dense(tmp_path):
         block = p.stdout.split(f"== {name}:")[1].split("== ")[0]
         assert f"tokens/s {r['tokens_per_s']:,.0f}; TFLOP/s {r['tflops']:.4g}; MFU {r['mfu']:.2%}" in block
         assert f"step time {r['step_time_s'] * 1e3:.1f} ms" in block
+        assert "optimizer adamw" in block  # a --config.x=y override applies to the baseline too
     dense, moe = res["configs"][names[0]], res["configs"][names[1]]
     assert dense["dense"] and not moe["dense"]
     assert moe["training_flops_per_token"] == flops.flops_per_token(smoke_cfg)["training"]
@@ -57,20 +61,25 @@ def test_bench_cli_prints_and_returns_throughput_of_moe_and_dense(tmp_path):
 
 
 def test_bench_script_wrapper_rejects_bad_flags(tmp_path):
-    p = _run(["--configs", "configs/smoke.py", "--set", "moe.nope=3"], tmp_path, script=True)
-    assert p.returncode != 0 and "moe.nope is not a config field" in p.stderr
-    p = _run([], tmp_path, script=True)
-    assert p.returncode != 0 and "give --config FILE or --configs FILE,FILE" in p.stderr
+    """Bad input exits with status 2 and one `error:` line naming the flag (moe_jax/cli.py), from any directory."""
+    cwd = str(tmp_path)
+    smoke = os.path.join(ROOT, "configs", "smoke.py")
+    for args, words in (([], "--config"),
+                        (["--config", smoke, "--config.moe.nope=3"], "--config.moe.nope: moe.nope is not a config field"),
+                        (["--config", smoke, "--baseline", smoke, "--baseline.nope=1"], "--baseline.nope")):
+        p = _run(args, tmp_path, script=True, cwd=cwd)
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert p.stderr.strip().splitlines()[-1].startswith("error: ") and words in p.stderr, (args, p.stderr)
 
 
-def test_prepare_applies_batch_shape_and_overrides():
-    c = bench.load_config_file(os.path.join(ROOT, "configs/moe.py"))
-    b = bench.prepare(c, 2, 64, 3, ["moe.group_size=128", "model.dtype=bfloat16", "optim.name='adamw'"])
+def test_prepare_applies_batch_shape_and_overrides(load_config):
+    c = load_config("moe")
+    b = bench.prepare(c, 2, 64, 3, {"moe.group_size": 128, "model.dtype": "bfloat16", "optim.name": "adamw"})
     assert (b.train.batch_size, b.train.seq_len, b.train.grad_accum) == (2, 64, 3)
     assert b.moe.group_size == 128 and b.model.dtype == "bfloat16" and b.optim.name == "adamw"
     assert c.train.batch_size == 24  # the original is untouched
     assert bench.prepare(c, 2, 64, 0).train.grad_accum == 4  # 0 keeps the config's
-    with pytest.raises(config_lib.ConfigError, match="expected key=value"):
-        bench.prepare(c, 2, 64, 1, ["moe.group_size"])
+    with pytest.raises(config_lib.ConfigError, match="moe.nope is not a config field"):
+        bench.prepare(c, 2, 64, 1, {"moe.nope": 3})
     with pytest.raises(config_lib.ConfigError, match="model.n_heads"):
-        bench.prepare(c, 2, 64, 1, ["model.n_heads=5"])
+        bench.prepare(c, 2, 64, 1, {"model.n_heads": 5})
