@@ -8,6 +8,7 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements.txt
+python -m pip install -q -e . --no-deps
 CONFIG=${CONFIG:-configs/cpu.py}
 WORKDIR=${WORKDIR:-runs/cpu}
 python -m moe_jax.train --config "$CONFIG" --workdir "$WORKDIR" "$@"

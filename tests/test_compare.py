@@ -21,17 +21,9 @@ from moe_jax import trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config_file(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+def cache_dir(data_cache):
+    return data_cache
 
 
 def tiny_comparison(cache_dir: str) -> ml_collections.ConfigDict:
@@ -78,8 +70,8 @@ def tiny_comparison(cache_dir: str) -> ml_collections.ConfigDict:
 
 @pytest.mark.parametrize("name", ["compare", "compare_smoke", "compare_cpu"])
 @pytest.mark.parametrize("budget_flops", [0.0, 3.3e15])
-def test_budget_steps_equalise_training_flops(name, budget_flops):
-    cmp = load_config_file(name)
+def test_budget_steps_equalise_training_flops(name, budget_flops, load_config):
+    cmp = load_config(name)
     cmp.arm_names = ",".join(cmp.arms.keys())  # every defined arm, derived ones included
     cmp.budget.flops = budget_flops
     planned = compare.plan(cmp)
@@ -101,8 +93,8 @@ def test_budget_steps_equalise_training_flops(name, budget_flops):
             assert abs(a["training_flops"] - b["training_flops"]) <= max(a["flops_per_step"], b["flops_per_step"])
 
 
-def test_derived_arms_have_the_intended_parameter_counts():
-    cmp = load_config_file("compare")
+def test_derived_arms_have_the_intended_parameter_counts(load_config):
+    cmp = load_config("compare")
     cmp.arm_names = "dense,moe,moe_same_active,dense_same_total"
     arms = compare.arm_configs(cmp)
     p = {n: flops.param_counts(c) for n, c in arms.items()}
@@ -123,8 +115,8 @@ def test_derived_arms_have_the_intended_parameter_counts():
         assert c.data.to_dict() == cmp.base.data.to_dict() and c.train.seq_len == cmp.base.train.seq_len
 
 
-def test_same_total_of_a_partly_moe_arm():
-    cmp = load_config_file("compare_cpu")
+def test_same_total_of_a_partly_moe_arm(load_config):
+    cmp = load_config("compare_cpu")
     cmp.arms.moe_alt = ml_collections.ConfigDict({"moe": {"num_experts": 8, "top_k": 2, "every": 2, "d_ff": 256}})
     cmp.arms.dense_alt = ml_collections.ConfigDict({"derive": "same_total", "from_arm": "moe_alt"})
     cmp.arm_names = "moe_alt,dense_alt"
@@ -213,6 +205,7 @@ def _table(report: str, first_header: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # a two-arm, two-seed comparison trained end to end (shared by these tests)
 def test_tiny_comparison_writes_report_results_and_plots(tiny_run):
     cmp, workdir, results, calls = tiny_run
     for f in ("report.md", "results.json", "plots/val_loss_vs_flops.png", "plots/val_loss_vs_wall_time.png",
@@ -241,6 +234,7 @@ def test_tiny_comparison_writes_report_results_and_plots(tiny_run):
     assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
+@pytest.mark.slow  # a two-arm, two-seed comparison trained end to end (shared by these tests)
 def test_report_flops_equal_the_counter(tiny_run):
     cmp, workdir, results, _ = tiny_run
     report = open(os.path.join(workdir, "report.md")).read()
@@ -273,6 +267,7 @@ def test_report_flops_equal_the_counter(tiny_run):
     assert f"{budget:.4e} training FLOPs per run" in report
 
 
+@pytest.mark.slow  # a two-arm, two-seed comparison trained end to end (shared by these tests)
 def test_report_mean_and_std_equal_results_json(tiny_run):
     cmp, workdir, _, _ = tiny_run
     report = open(os.path.join(workdir, "report.md")).read()
@@ -300,6 +295,7 @@ def test_report_mean_and_std_equal_results_json(tiny_run):
                      r"larger than the seed-to-seed spread", report)  # a verdict either way
 
 
+@pytest.mark.slow  # a two-arm, two-seed comparison trained end to end (shared by these tests)
 def test_rerun_trains_nothing_and_rewrites_the_same_report(tiny_run, monkeypatch):
     cmp, workdir, results, _ = tiny_run
     mtimes = {r["run_dir"]: os.path.getmtime(os.path.join(r["run_dir"], "metrics.jsonl")) for r in results["runs"]}
@@ -317,6 +313,7 @@ def test_rerun_trains_nothing_and_rewrites_the_same_report(tiny_run, monkeypatch
         assert os.path.getmtime(os.path.join(rdir, "metrics.jsonl")) == t
 
 
+@pytest.mark.slow  # a two-arm, two-seed comparison trained end to end (shared by these tests)
 def test_rerun_with_a_changed_config_is_refused(tiny_run, monkeypatch):
     cmp, workdir, _, _ = tiny_run
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("must not train"))
@@ -342,13 +339,13 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_clean_metrics
     assert seen == [[]]
 
 
-def test_committed_cpu_report_matches_its_config_and_the_counter():
+def test_committed_cpu_report_matches_its_config_and_the_counter(load_config):
     """docs/compare_cpu/ is the output of configs/compare_cpu.py: same arms, seeds (>= 3), steps and FLOPs as the
     config and the counter give now, and its table's means equal its results.json."""
     docs = os.path.join(ROOT, "docs", "compare_cpu")
     results = json.load(open(os.path.join(docs, "results.json")))
     report = open(os.path.join(docs, "report.md")).read()
-    cmp = load_config_file("compare_cpu")
+    cmp = load_config("compare_cpu")
     planned = compare.plan(cmp)
     assert results["command"] == "python -m moe_jax.compare --config configs/compare_cpu.py --workdir runs/compare_cpu"
     assert list(results["seeds"]) == list(cmp.seeds) and len(cmp.seeds) >= 3

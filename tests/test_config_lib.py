@@ -1,7 +1,6 @@
 """Tests for moe_jax/config_lib.py and configs/*.py: every rejected field gets a message naming it; the seed configs
 validate and carry the seed exp5 values."""
 
-import importlib.util
 import pathlib
 import re
 
@@ -9,16 +8,10 @@ import pytest
 
 from moe_jax import config_lib
 from moe_jax import moe as moe_lib
+from moe_jax.cli import load_config_file
 from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def set_field(config, path: str, value):
@@ -62,7 +55,7 @@ REJECTED = [
 @pytest.mark.parametrize("changes, field, word", REJECTED,
                          ids=[f"{r[1]}={list(r[0].values())}" for r in REJECTED])
 def test_validate_rejects_naming_the_field(changes, field, word):
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     config_lib.validate(c)  # valid before the change
     for path, value in changes.items():
         set_field(c, path, value)
@@ -73,20 +66,20 @@ def test_validate_rejects_naming_the_field(changes, field, word):
 
 
 def test_accepts_edge_values():
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     c.moe.top_k = c.moe.num_experts  # top_k == E is allowed
     c.mesh.shape = (1, 4, -1)  # expert axis 4 divides 4 experts; one -1
     c.data.source = "tfds"
     c.data.tfds_name = "lm1b"
     config_lib.validate(c)
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     c.moe.num_experts = 0  # dense: MoE fields are not checked
     c.moe.top_k = 99
     config_lib.validate(c)
 
 
 def test_seed_moe_config_has_exp5_values():
-    c = config_lib.validate(load_config("moe"))
+    c = config_lib.validate(load_config_file(CONFIGS / "moe.py"))
     m, moe, t = c.model, c.moe, c.train
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (384, 6, 8, 1536)
     assert (moe.num_experts, moe.top_k, moe.every, moe.d_ff) == (8, 2, 1, 1536)
@@ -97,7 +90,7 @@ def test_seed_moe_config_has_exp5_values():
 
 
 def test_seed_dense_config_has_exp5_values():
-    c = config_lib.validate(load_config("dense"))
+    c = config_lib.validate(load_config_file(CONFIGS / "dense.py"))
     m, t = c.model, c.train
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (384, 6, 8, 1536)
     assert c.moe.num_experts == 0
@@ -107,7 +100,7 @@ def test_seed_dense_config_has_exp5_values():
 
 
 def test_smoke_config_validates_and_is_tiny():
-    c = config_lib.validate(load_config("smoke"))
+    c = config_lib.validate(load_config_file(CONFIGS / "smoke.py"))
     assert c.model.n_layers == 2 and c.model.d_model == 64 and c.model.vocab_size <= 512
     assert c.moe.num_experts == 4 and c.moe.top_k == 2
 
@@ -117,7 +110,7 @@ def test_base_config_validates():
 
 
 def test_warmup_steps_and_head_dim():
-    c = load_config("moe")
+    c = load_config_file(CONFIGS / "moe.py")
     assert config_lib.warmup_steps(c) == 1000  # 5% of 20,000
     c.optim.warmup_steps = 300
     assert config_lib.warmup_steps(c) == 300
@@ -125,7 +118,7 @@ def test_warmup_steps_and_head_dim():
 
 
 def test_is_moe_layer_every_two():
-    c = load_config("moe")
+    c = load_config_file(CONFIGS / "moe.py")
     c.moe.every = 2
     assert [i for i in range(6) if config_lib.is_moe_layer(c, i)] == [1, 3, 5]
 
@@ -141,7 +134,7 @@ SEED_CONFIGS = {  # name: (d_model, n_layers, n_heads, mlp, rope_layout, norm_ep
 @pytest.mark.parametrize("name", sorted(SEED_CONFIGS))
 def test_seed_configs_validate_with_the_seeds_values(name):
     """configs/seeds/*: full size, the seed's numerics, no drops (capacity = group size), no z-loss, embed x sqrt(d)."""
-    c = config_lib.validate(load_config(f"seeds/{name}"))
+    c = config_lib.validate(load_config_file(CONFIGS / "seeds" / f"{name}.py"))
     d, n, h, mlp, rope, eps, e, k, moe_layers, steps = SEED_CONFIGS[name]
     m = c.model
     assert (m.d_model, m.n_layers, m.n_heads, m.mlp, m.rope_layout, m.norm_eps) == (d, n, h, mlp, rope, eps)

@@ -4,7 +4,6 @@ Random-init smoke-shaped models (2 layers, width 64, vocab 512, context 64): eac
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -14,16 +13,14 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from moe_jax import decode, model
+from moe_jax.cli import load_config_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 VOCAB, CONTEXT = 512, 64
 
 
 def smoke_config(kind: str):
-    spec = importlib.util.spec_from_file_location("configs_smoke_decode", CONFIGS / "smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config_file(CONFIGS / "smoke.py")
     if kind == "dense":
         c.moe.num_experts = 0
     return c

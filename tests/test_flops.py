@@ -8,20 +8,23 @@ active experts count; capacity padding (unused expert slots and the dispatch/com
 not part of `training`.
 """
 
+import pathlib
 import types
 
 import jax
 import pytest
 
-from configs import smoke
 from moe_jax import config_lib, flops, model
+from moe_jax.cli import load_config_file
+
+SMOKE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
 
 V, M, H, S, B = 512, 64, 4, 64, 8
 
 
 def dense_config():
     """2 layers, width 64, 4 heads, GELU MLP (2 matrices) of width 128, tied head."""
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.model.vocab_size, c.model.d_model, c.model.n_heads, c.model.n_layers = V, M, H, 2
     c.model.d_ff, c.model.mlp, c.model.tie_embeddings = 128, "gelu", True
     c.moe.num_experts = 0
@@ -32,7 +35,7 @@ def dense_config():
 def moe_config():
     """4 layers, MoE on alternate layers (1 and 3), 4 experts top-2, SwiGLU (3 matrices), dense d_ff 128,
     expert d_ff 96 (different on purpose), untied head."""
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.model.vocab_size, c.model.d_model, c.model.n_heads, c.model.n_layers = V, M, H, 4
     c.model.d_ff, c.model.mlp, c.model.tie_embeddings = 128, "swiglu", False
     c.moe.num_experts, c.moe.top_k, c.moe.every, c.moe.d_ff = 4, 2, 2, 96

@@ -1,4 +1,4 @@
-"""End-to-end tests of the generate command on a checkpoint of the smoke config (trained 4 steps here), and of each
+"""End-to-end tests of the generate command on a checkpoint of the smoke config (the shared 4-step run), and of each
 bad flag exiting non-zero with its name."""
 
 from __future__ import annotations
@@ -12,28 +12,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs import smoke
 from moe_jax import config_lib, decode, inference, trainer
 from moe_jax import generate as generate_lib
+from moe_jax.cli import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A smoke run trained for 4 steps (checkpoint at step 4) with its config.json and tokenizer.model."""
-    cache_dir = os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    c = smoke.get_config()
-    c.data.cache_dir = cache_dir
-    c.train.progress_bar = False
-    c.train.plots = False
-    c.train.steps = 4
-    c.train.checkpoint_every = 4
-    c.train.eval_every = 4
-    c.train.log_every = 2
-    path = str(tmp_path_factory.mktemp("gen") / "run")
-    trainer.train(config_lib.validate(c), path)
-    return path
+def workdir(smoke_run):
+    """The session's shared smoke run (tests/conftest.py): trained 4 steps, checkpoint at step 4, with its
+    config.json and tokenizer.model."""
+    return smoke_run["workdir"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -42,6 +33,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # generate subprocesses that compile and decode
 def test_cli_prints_samples_and_speed(workdir):
     r = run_cli("--workdir", workdir, "--prompt", "In the beginning", "--max_new_tokens", "20",
                 "--num_samples", "2", "--seed", "0")
@@ -58,6 +50,7 @@ def test_cli_prints_samples_and_speed(workdir):
     assert strip(again.stdout) == strip(out), "a fixed seed must reproduce the samples"
 
 
+@pytest.mark.slow  # generate subprocesses that compile and decode
 def test_cli_empty_prompt_and_step_and_truncation(workdir):
     r = run_cli("--workdir", workdir, "--prompt", "", "--max_new_tokens", "8", "--num_samples", "1",
                 "--temperature", "0", "--step", "4")

@@ -1,6 +1,5 @@
 """Tests for moe_jax/layers.py: RoPE, attention (masking, blocked vs reference), dropout, RMSNorm, the dense MLP."""
 
-import importlib.util
 import math
 import pathlib
 
@@ -12,20 +11,14 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax import layers
+from moe_jax.cli import load_config_file
 from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def tiny_config(**model):
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     c.model.dtype = "float32"
     for k, v in model.items():
         c.model[k] = v

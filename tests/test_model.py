@@ -2,7 +2,6 @@
 rematerialisation. Tiny configs (smoke: 2 layers, width 64, vocab 512) so each compile takes a second or two."""
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -13,20 +12,14 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax import config_lib, layers, model, moe
+from moe_jax.cli import load_config_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 B, S = 2, 16
 
 
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def tiny_config(kind="moe", dtype="float32", dropout=0.0, **model_fields):
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     c.model.dtype = dtype
     c.model.dropout = dropout
     for k, v in model_fields.items():
@@ -108,7 +101,7 @@ def test_segment_ids_restrict_attention_to_the_segment(kind):
 
 @pytest.mark.parametrize("every, moe_layers", [(1, [0, 1, 2, 3, 4, 5]), (2, [1, 3, 5]), (3, [2, 5]), (6, [5])])
 def test_moe_layer_placement_follows_every(every, moe_layers):
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     c.model.n_layers = 6
     c.moe.every = every
     config_lib.validate(c)

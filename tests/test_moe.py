@@ -5,7 +5,6 @@ top-k, renormalise the k weights, capacity C = max(ceil(K*T*cf/E), min_capacity)
 choices in token order, then all second choices", each kept assignment adds gate * expert_mlp(x) to the token.
 """
 
-import importlib.util
 import math
 import pathlib
 
@@ -17,16 +16,10 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax import config_lib, moe
+from moe_jax.cli import load_config_file
 from moe_jax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # ------------------------------------------------------------------------------------------------------ reference
@@ -97,7 +90,7 @@ def ref_moe(x, w_router, w_in, w_out, top_k, capacity, group, kind="gelu", w_gat
 
 
 def moe_config(top_k=2, num_experts=4, d_model=16, d_ff=32, group_size=16, mlp="gelu", **moe_fields):
-    c = load_config("smoke")
+    c = load_config_file(CONFIGS / "smoke.py")
     c.model.d_model = d_model
     c.model.n_heads = 2
     c.model.mlp = mlp

@@ -10,6 +10,7 @@ hand-written matricisations), not with optax's helpers.
 """
 
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import smoke
 from moe_jax import config_lib, model, optimizer
+from moe_jax.cli import load_config_file
+
+SMOKE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic Newton-Schulz, 5 steps
 # NS5 does not converge to singular values of exactly 1. Composing the quintic p(x) = 3.4445x - 4.7750x^3 + 2.0315x^5
@@ -30,7 +33,7 @@ WARMUP = 4
 
 
 def make_config(**optim):
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.moe.every = 2  # layer 0 dense MLP, layer 1 MoE
     c.model.tie_embeddings = False  # a separate head [M, V]
     c.optim.warmup_steps = WARMUP
@@ -350,7 +353,7 @@ def expected_lr(peak, step, warmup, steps, ratio):
 
 
 def test_schedule_warmup_then_cosine_to_min_ratio():
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.train.steps, c.optim.warmup_steps, c.optim.min_lr_ratio = 101, 10, 0.1
     c.optim.muon_lr, c.optim.adamw_lr = 0.02, 3e-3
     config_lib.validate(c)
@@ -372,7 +375,7 @@ def test_schedule_warmup_then_cosine_to_min_ratio():
 
 
 def test_schedule_default_warmup_fraction():
-    c = smoke.get_config()  # 60 steps, warmup_fraction 0.05 -> W = 3
+    c = load_config_file(SMOKE)  # 60 steps, warmup_fraction 0.05 -> W = 3
     assert config_lib.warmup_steps(c) == 3
     assert optimizer.learning_rates(c, 0)["muon_lr"] == pytest.approx(c.optim.muon_lr / 3)
     assert optimizer.learning_rates(c, 2)["muon_lr"] == pytest.approx(c.optim.muon_lr)

@@ -6,6 +6,7 @@ stacked expert weights really split over 'expert' and attention/MLP/vocab dimens
 tests/conftest.py gives the session 8 simulated CPU devices.
 """
 
+import pathlib
 import re
 
 import jax
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import smoke
 from moe_jax import config_lib, model, optimizer, sharding, train_step
+from moe_jax.cli import load_config_file
+
+SMOKE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
 
 AXES = ("data", "expert", "model")
 
@@ -34,7 +37,7 @@ def test_eight_devices():
     ((4, 2, 1), (4, 2, 1)),
 ])
 def test_build_mesh_fills_one_minus_one(shape, expected):
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.mesh.shape = shape
     mesh = sharding.build_mesh(c)
     assert mesh.axis_names == AXES
@@ -58,7 +61,7 @@ def test_build_mesh_from_shape_and_device_subset():
     ((2, 2), "needs 3 sizes"),                          # wrong rank
 ])
 def test_build_mesh_rejects_bad_shapes(shape, words):
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.mesh.shape = shape
     with pytest.raises(config_lib.ConfigError, match=r"^config\.mesh\.shape: ") as err:
         sharding.build_mesh(c)
@@ -109,7 +112,7 @@ def test_logical_to_spec_drops_axes_that_do_not_divide():
 
 
 def equivalence_config():
-    c = smoke.get_config()  # width 64, 2 layers, both MoE with 4 experts top-2
+    c = load_config_file(SMOKE)  # width 64, 2 layers, both MoE with 4 experts top-2
     c.model.dropout = 0.0
     c.moe.router_noise_std = 0.0
     c.train.grad_accum = 2  # the scan over micro-batches is part of what must agree

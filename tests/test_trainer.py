@@ -14,24 +14,24 @@ import jax
 import numpy as np
 import pytest
 
-from configs import smoke
 from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib
+from moe_jax import config_lib, trainer
 from moe_jax import eval as eval_lib
 from moe_jax import inference
 from moe_jax import metrics as metrics_lib
-from moe_jax import trainer
+from moe_jax.cli import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+def cache_dir(data_cache):
+    return data_cache
 
 
 def smoke_config(cache_dir, **train):
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.data.cache_dir = cache_dir
     c.train.progress_bar = False
     for k, v in train.items():
@@ -56,6 +56,7 @@ def unigram_entropy(workdir, cache_dir):
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_smoke_trains_and_writes_outputs(tmp_path, cache_dir):
     workdir = str(tmp_path / "run")
     summary = trainer.train(smoke_config(cache_dir), workdir)
@@ -78,6 +79,7 @@ def test_smoke_trains_and_writes_outputs(tmp_path, cache_dir):
     assert os.path.exists(os.path.join(workdir, ckpt_lib.TOKENIZER_FILE))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, cache_dir):
     cfg = dict(steps=12, log_every=1, eval_every=12, checkpoint_every=100)
     full = str(tmp_path / "full")
@@ -95,6 +97,7 @@ def test_resume_is_exact(tmp_path, cache_dir):
         [r for r in metrics_lib.read(full) if r["kind"] == "eval"][-1]["val_loss"], abs=0)
 
 
+@pytest.mark.slow
 def test_nan_guard_keeps_last_checkpoint(tmp_path, cache_dir):
     workdir = str(tmp_path / "nan")
     c = smoke_config(cache_dir, steps=20, checkpoint_every=5, eval_every=100, inject_nan_at_step=7)
@@ -108,6 +111,7 @@ def test_nan_guard_keeps_last_checkpoint(tmp_path, cache_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_eval_restores_8_device_checkpoint_on_1_device(tmp_path, cache_dir):
     assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
     workdir = str(tmp_path / "mesh")
@@ -147,6 +151,7 @@ def test_bucket_url_workdir_is_refused_with_the_fix(tmp_path, cache_dir):
     assert "--workdir" in err and "gcsfuse" in err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
     workdir = str(tmp_path / "preempt")
     args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=100000",
@@ -173,14 +178,15 @@ def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
     assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == saved + 2
 
 
-def test_summary_perplexity_matches_loss(tmp_path, cache_dir):
-    workdir = str(tmp_path / "ppl")
-    s = trainer.train(smoke_config(cache_dir, steps=4, eval_every=4, checkpoint_every=4), workdir)
+def test_summary_perplexity_matches_loss(smoke_run):
+    """On the shared run (tests/conftest.py: 4 steps, evaluation and checkpoint at step 4)."""
+    workdir, s = smoke_run["workdir"], smoke_run["summary"]
     assert s["val_perplexity"] == pytest.approx(math.exp(s["val_loss"]))
     with open(os.path.join(workdir, trainer.SUMMARY_FILE)) as f:
         assert json.load(f)["step"] == 4
 
 
+@pytest.mark.slow
 def test_throughput_counts_each_step_once(tmp_path, cache_dir):
     """A log point one step before the end: the last step was in flight (dispatched) at step 5's log point and its
     time was measured there, so step 6 reuses that rate instead of dividing ~0 s (the bug: 286,255 tok/s, MFU 191%)."""
