@@ -65,7 +65,8 @@ def test_bench_script_wrapper_rejects_bad_flags(tmp_path):
     cwd = str(tmp_path)
     smoke = os.path.join(ROOT, "configs", "smoke.py")
     for args, words in (([], "--config"),
-                        (["--config", smoke, "--config.moe.nope=3"], "--config.moe.nope: moe.nope is not a config field"),
+                        (["--config", smoke, "--config.moe.nope=3"],
+                         "--config.moe.nope: moe.nope is not a config field"),
                         (["--config", smoke, "--baseline", smoke, "--baseline.nope=1"], "--baseline.nope")):
         p = _run(args, tmp_path, script=True, cwd=cwd)
         assert p.returncode == 2, (args, p.stderr[-2000:])

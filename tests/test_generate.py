@@ -12,12 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import config_lib, decode, inference, trainer
+from moe_jax import decode, inference
 from moe_jax import generate as generate_lib
-from moe_jax.cli import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
 
 @pytest.fixture(scope="module")
