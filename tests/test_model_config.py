@@ -2,22 +2,15 @@
 hashable and equal for equal configs (so it can be a static jit argument)."""
 
 import dataclasses
-import importlib.util
 import pathlib
 
 import pytest
 
 from moe_jax import config_lib, model
+from moe_jax.cli import load_config_file
 from moe_jax.model_config import ModelConfig, MoEConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def test_every_model_and_moe_field_is_read():
@@ -33,7 +26,7 @@ def test_every_model_and_moe_field_is_read():
 
 
 def test_frozen_and_hashable():
-    c = load_config("moe")
+    c = load_config_file(CONFIGS / "moe.py")
     a, b = ModelConfig.from_config(c), ModelConfig.from_config(c.copy_and_resolve_references())
     assert a == b and hash(a) == hash(b)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -51,7 +44,7 @@ def test_lists_become_tuples():
 
 
 def test_derived_values():
-    c = load_config("moe")
+    c = load_config_file(CONFIGS / "moe.py")
     cfg = ModelConfig.from_config(c)
     assert cfg.head_dim == c.model.d_model // c.model.n_heads
     c.moe.every = 2
@@ -64,7 +57,7 @@ def test_derived_values():
 
 @pytest.mark.parametrize("kind", ["smoke", "dense"])
 def test_graphdef_hashable_and_equal_for_equal_configs(kind):
-    c = load_config(kind)
+    c = load_config_file(CONFIGS / f"{kind}.py")
     g1, _ = model.abstract(c)
     g2, _ = model.abstract(c.copy_and_resolve_references())
     assert g1 == g2 and hash(g1) == hash(g2)
