@@ -4,7 +4,6 @@ expert choices in every MoE layer. No PyTorch needed: the fixtures under tests/f
 seeds' weights, tokens, logits and routes, written by scripts/seed_fidelity_fixture.py from the seeds' repositories
 (commits in fixtures.json). Each model option the configs set is shown to matter: flipping it breaks the match."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -15,6 +14,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from moe_jax import config_lib, model, moe
+from moe_jax.cli import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "seed_fidelity"
@@ -35,16 +35,9 @@ SEED_NAMES = {
 }
 
 
-def load_config(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def seed_config(seed_model: str):
     """configs/seeds/<seed_model>.py shrunk to the fixtures' shape; every numerics option left as the config sets it."""
-    c = load_config(ROOT / "configs" / "seeds" / f"{seed_model}.py")
+    c = load_config_file(ROOT / "configs" / "seeds" / f"{seed_model}.py")
     s = META["shape"]
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.d_ff, m.vocab_size = (s["d_model"], s["n_layers"], s["n_heads"], s["d_ff"],
