@@ -45,6 +45,7 @@ from moe_jax.model_config import ModelConfig
 PEAK_TFLOPS: dict[str, float] = {
     "H100": 989.0,
     "H200": 989.0,
+    "B200": 2250.0,  # NVIDIA HGX B200 dense BF16 (datasheet 4.5 PFLOPS with 2:4 sparsity, i.e. 2.25 dense)
     "A100": 312.0,
     "TPU v4": 275.0,
     "TPU v5e": 197.0,

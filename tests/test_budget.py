@@ -1,0 +1,150 @@
+"""Tests for moe_jax/budget.py and moe_jax/hardware.py: the written config spends the budget (training FLOPs x steps
+within 5% of usd / price x 3600 x peak x MFU, worked out here from the table, not from the module), the pick sits
+at ~20 tokens per (active) parameter, the written file loads, validates and trains, and bad budgets, devices and
+flags exit 2 with one line naming the problem."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_jax import budget, config_lib, flops, hardware
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = [  # (usd, device, moe, hours)
+    (0.05, "h100", False, None),
+    (5.0, "h100", True, None),
+    (50.0, "h100", False, None),
+    (50.0, "h100", True, 4.0),
+    (20.0, "b200", False, None),
+    (3.0, "v5e", True, None),
+    (200.0, "v5p", False, 2.0),
+    (1000.0, "v6e", True, None),
+    (10.0, "h200", False, None),
+]
+
+
+def expected_flops(usd: float, device: str, mfu: float) -> float:
+    d = hardware.DEVICES[device]
+    return usd / d.usd_per_hour * 3600.0 * d.peak_tflops * 1e12 * mfu
+
+
+@pytest.mark.parametrize("usd,device,moe,hours", CASES)
+def test_written_config_spends_the_budget(usd, device, moe, hours):
+    p = budget.plan(budget.Options(usd=usd, device=device, moe=moe, hours=hours))
+    c = config_lib.validate(p.config)
+    want = expected_flops(usd, device, hardware.DEFAULT_MFU)
+    got = flops.flops_per_step(c) * c.train.steps
+    assert abs(got / want - 1) <= 0.05, (got, want)
+    assert p.usd == pytest.approx(usd, rel=0.05)
+    # the pick's shape is one config_lib accepts, with d_ff = 4 d_model and the requested routing
+    m = c.model
+    assert m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) in (64, 128) and m.d_ff == 4 * m.d_model
+    if moe:
+        assert (c.moe.num_experts, c.moe.top_k, c.moe.d_ff) == (8, 2, 4 * m.d_model)
+    else:
+        assert c.moe.num_experts == 0
+    # Chinchilla: ~20 tokens per (active) parameter; the grid and the aspect preference allow PICK_TOLERANCE
+    tokens_per_param = c.train.steps * c.train.batch_size * c.train.grad_accum * c.train.seq_len / \
+        flops.param_counts(c)["active"]
+    tol = 1 + budget.PICK_TOLERANCE
+    assert budget.TOKENS_PER_PARAM / tol <= tokens_per_param <= budget.TOKENS_PER_PARAM * tol
+    if hours is not None:
+        assert p.devices == math.ceil(want / (hardware.DEVICES[device].peak_tflops * 1e12 * hardware.DEFAULT_MFU)
+                                      / 3600 / hours)
+        assert p.hours <= hours * 1.05
+        assert c.train.batch_size % p.devices == 0
+
+
+def test_mfu_override_and_default_source():
+    d = hardware.get("H100")
+    assert hardware.mfu_for(d, 0.5) == (0.5, "--mfu")
+    mfu, source = hardware.mfu_for(d)
+    assert mfu == hardware.DEFAULT_MFU and "docs/benchmarks.md" in source
+    a = budget.plan(budget.Options(usd=10, device="h100", mfu=0.5))
+    assert a.budget_flops == pytest.approx(expected_flops(10, "h100", 0.5))
+
+
+def test_b200_peak_in_flops_table():
+    assert flops.lookup_peak_tflops("NVIDIA B200") == 2250.0
+    assert flops.lookup_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+
+
+def test_every_device_row_names_its_sources():
+    for d in hardware.DEVICES.values():
+        assert d.usd_per_hour > 0 and d.peak_tflops > 0 and d.memory_gib > 0
+        assert d.price_source and d.peak_source
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("written_budget_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_write_loads_validates_and_matches(tmp_path, capsys, moe):
+    path = str(tmp_path / "cfg" / "x.py")
+    argv = ["--usd", "7", "--device", "v6e", "--write", path] + (["--moe", "--experts", "4", "--top_k", "1"] if moe
+                                                                  else [])
+    assert budget.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "candidates at their 20-tokens/parameter point" in out and "pick:" in out and f"wrote {path}" in out
+    assert ("MoE caveat" in out) == moe
+    c = config_lib.validate(_load(path))
+    p = budget.plan(budget.Options(usd=7, device="v6e", moe=moe, experts=4, top_k=1))
+    assert flops.flops_per_step(c) * c.train.steps == pytest.approx(p.steps * p.flops_per_step)
+    assert abs(flops.flops_per_step(c) * c.train.steps / expected_flops(7, "v6e", hardware.DEFAULT_MFU) - 1) <= 0.05
+    assert c.to_dict() == p.config.to_dict()
+
+
+def test_too_small_budget_states_the_minimum(capsys):
+    assert budget.main(["--usd", "0.00001", "--device", "v5e"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --usd 1e-05: too small")
+    minimum = float(err.rsplit("$", 1)[1])
+    budget.plan(budget.Options(usd=minimum, device="v5e"))  # the stated minimum is enough
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--usd", "5", "--device", "a100"], "--device 'a100': unknown device; choose one of h100, h200, b200, v5e, v5p"),
+    (["--usd", "-1", "--device", "h100"], "--usd -1"),
+    (["--usd", "5", "--device", "h100", "--mfu", "1.5"], "--mfu 1.5"),
+    (["--usd", "5", "--device", "h100", "--hours", "0"], "--hours 0"),
+    (["--usd", "5", "--device", "h100", "--moe", "--top_k", "9"], "--top_k 9"),
+    (["--usd", "5", "--device", "h100", "--top_k", "1"], "--experts/--top_k need --moe"),
+    (["--usd", "5", "--device", "h100", "--write", "x.json"], "--write x.json"),
+])
+def test_bad_flags_exit_2_naming_them(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert budget.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_flag_is_named():
+    with pytest.raises(SystemExit) as e:
+        budget.main(["--usd", "5", "--device", "h100", "--budget", "5"])
+    assert e.value.code == 2
+
+
+def test_written_config_trains_as_is(tmp_path):
+    """The train CLI runs the written file (2 steps of it here, every other field as written)."""
+    path = str(tmp_path / "tiny.py")
+    assert budget.main(["--usd", "0.003", "--device", "h100", "--seq", "128", "--write", path]) == 0
+    c = _load(path)
+    assert c.model.n_layers <= 4 and c.model.d_model <= 512
+    cache = os.environ.get("MOE_JAX_CACHE") or str(tmp_path / "cache")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MOE_JAX_CACHE=cache)
+    r = subprocess.run([sys.executable, "-m", "moe_jax.train", "--config", path, "--workdir", str(tmp_path / "run"),
+                        "--config.train.steps=2", "--config.train.progress_bar=False", "--config.train.plots=False"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "done: step 2" in r.stdout
