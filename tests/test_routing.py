@@ -1,0 +1,216 @@
+"""Tests for moe_jax/routing.py: a hand-built model whose router sends known token ids to known experts gives exactly
+the counts, drops and specialisation a naive re-implementation of the priority rule (first choices before second,
+earlier tokens first) predicts; the CLI on a smoke checkpoint writes every file; bad flags exit 2 naming them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from moe_jax import config_lib, model as model_lib, routing, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = M = 64
+E, K = 4, 2
+B, S, T = 2, 16, 16  # 2 groups of 16 tokens
+FIRST = lambda v: v % E  # noqa: E731
+SECOND = lambda v: (v + 1) % E  # noqa: E731
+
+
+def hand_config():
+    c = smoke.get_config()
+    c.model.vocab_size, c.model.d_model, c.model.n_layers, c.model.n_heads = V, M, 1, 4
+    c.moe.num_experts, c.moe.top_k, c.moe.every, c.moe.group_size = E, K, 1, T
+    c.moe.capacity_factor, c.moe.eval_capacity_factor, c.moe.min_capacity = 0.5, 1.0, 1  # C = 4 (train), 8 (eval)
+    c.train.batch_size, c.train.seq_len = B, S
+    return config_lib.validate(c)
+
+
+def hand_params(config):
+    """Embedding = identity (token v -> e_v), attention output 0, router: token v -> expert v % 4 (logit 16 after the
+    norm's x8), then (v + 1) % 4 (logit 8): the top-2 choice is (FIRST(v), SECOND(v)) with a gap far above the noise."""
+    graphdef, params = model_lib.init_params(config)
+    params["embed"]["embedding"] = jnp.eye(V, M, dtype=jnp.float32)
+    block = params["blocks"][0]
+    block["attn"]["wo"] = jnp.zeros_like(block["attn"]["wo"])
+    w = np.zeros((M, E), np.float32)
+    for v in range(M):
+        w[v, FIRST(v)], w[v, SECOND(v)] = 2.0, 1.0
+    block["ffn"]["w_router"] = jnp.asarray(w)
+    return graphdef, params
+
+
+def naive_route(groups: np.ndarray, capacity: int):
+    """(demanded [E], kept [E], fully dropped tokens, token_expert [E, V]) by the priority rule, one assignment at a
+    time."""
+    demanded, kept = np.zeros(E), np.zeros(E)
+    token_expert = np.zeros((E, V))
+    fully = 0
+    for group in groups:
+        used = np.zeros(E, int)
+        got = np.zeros(len(group), int)
+        for rank, choose in enumerate((FIRST, SECOND)):
+            for i, v in enumerate(group):
+                e = choose(int(v))
+                demanded[e] += 1
+                token_expert[e, v] += 1
+                if used[e] < capacity:
+                    used[e] += 1
+                    kept[e] += 1
+                    got[i] += 1
+        fully += int(np.sum(got == 0))
+    return demanded, kept, fully, token_expert
+
+
+def test_hand_built_router_counts_drops_and_specialisation():
+    config = hand_config()
+    graphdef, params = hand_params(config)
+    rng = np.random.default_rng(0)
+    # ids 0..7 skewed so experts get unequal loads; 3 batches of [2, 16]
+    batches = [dict(inputs=rng.choice(8, size=(B, S), p=[.3, .2, .1, .1, .1, .1, .05, .05]).astype(np.int32))
+               for _ in range(3)]
+    result = routing.analyse(config, graphdef, params, batches, noise_std=1e-2, min_count=1, top=8)
+    all_groups = np.concatenate([b["inputs"].reshape(-1, T) for b in batches])
+    layer = result["layers"][0]
+    assert layer["layer"] == 0 and result["tokens"] == 3 * B * S
+    for mode, cap in (("eval", 8), ("train", 4)):
+        demanded, kept, fully, token_expert = naive_route(all_groups, cap)
+        got = layer[mode]
+        assert got["capacity"] == cap and got["group_size"] == T
+        assert got["tokens_per_expert_demanded"] == demanded.astype(int).tolist()
+        assert got["tokens_per_expert_kept"] == kept.astype(int).tolist()
+        np.testing.assert_allclose(got["dropped_fraction"], 1 - kept.sum() / demanded.sum(), atol=1e-12)
+        np.testing.assert_allclose(got["tokens_fully_dropped_fraction"], fully / all_groups.size, atol=1e-12)
+        np.testing.assert_allclose(got["load_cv"], demanded.std() / demanded.mean(), rtol=1e-9)
+        np.testing.assert_allclose(got["load_max_over_mean"], demanded.max() / demanded.mean(), rtol=1e-9)
+        assert got["noise_flip_fraction"] == 0.0  # logit gap 8 >> noise 0.01
+        p1 = 1 / (1 + np.exp(-8) + 2 * np.exp(-16))  # softmax of logits (16, 8, 0, 0)
+        np.testing.assert_allclose(got["top1_prob"], p1, rtol=1e-5)
+        np.testing.assert_allclose(got["topk_prob"], p1 * (1 + np.exp(-8)), rtol=1e-5)
+        assert got["router_entropy_normalized"] < 0.01
+    assert layer["train"]["dropped_fraction"] > 0 and layer["eval"]["dropped_fraction"] < \
+        layer["train"]["dropped_fraction"]
+
+    # specialisation: expert e receives exactly the ids v with FIRST(v) == e or SECOND(v) == e
+    _, _, _, token_expert = naive_route(all_groups, 8)
+    freq = np.bincount(all_groups.ravel(), minlength=V).astype(float)
+    for s in layer["specialisation"]:
+        e, row = s["expert"], token_expert[s["expert"]]
+        assert s["assignments"] == row.sum()
+        assert s["top_token"] == int(np.argmax(row))
+        np.testing.assert_allclose(s["top_token_share"], row.max() / row.sum())
+        np.testing.assert_allclose(s["top_token_text_share"], freq[s["top_token"]] / freq.sum())
+        got_tokens = {t["token"] for t in s["top_lift"]}
+        assert got_tokens == {v for v in range(8) if freq[v] and e in (FIRST(v), SECOND(v))}
+        for t in s["top_lift"]:
+            np.testing.assert_allclose(t["lift"], (row[t["token"]] / row.sum()) / (freq[t["token"]] / freq.sum()))
+            # every id here always goes to e: its lift is the maximum N / n(e)
+            np.testing.assert_allclose(t["lift"], freq.sum() / row.sum())
+
+
+def test_padding_is_not_counted():
+    config = hand_config()
+    graphdef, params = hand_params(config)
+    ids = np.arange(20, dtype=np.int32) % 8
+    batches = routing.text_batches(ids, S, B, pad_id=0)
+    assert len(batches) == 1 and batches[0]["inputs"].shape == (B, S) and batches[0]["weights"].sum() == 20
+    result = routing.analyse(config, graphdef, params, batches)
+    assert result["tokens"] == 20
+    assert sum(result["layers"][0]["eval"]["tokens_per_expert_demanded"]) == 20 * K
+
+
+def test_specialisation_lift_by_hand():
+    token_expert = np.array([[6, 0, 2], [2, 4, 2]], float)  # 2 experts, 3 ids; 8 tokens top-2 = 16 assignments
+    token_freq = np.array([4, 2, 2], float)
+    s = routing.specialisation(token_expert, token_freq, min_count=1, top=3)
+    assert s[0]["top_token"] == 0 and s[0]["top_token_share"] == 0.75 and s[0]["share"] == 0.5
+    # lift(0, 0) = (6/8) / (4/8) = 1.5; lift(0, 2) = (2/8) / (2/8) = 1; id 1 never sent to expert 0: not ranked
+    assert [(t["token"], t["lift"]) for t in s[0]["top_lift"]] == [(0, 1.5), (2, 1.0)]
+    assert [(t["token"], t["lift"]) for t in s[1]["top_lift"]] == [(1, 2.0), (2, 1.0), (0, 0.5)]
+
+
+def test_dense_model_is_refused():
+    c = hand_config()
+    c.moe.num_experts = 0
+    graphdef, params = model_lib.init_params(c)
+    with pytest.raises(ValueError, match="dense"):
+        routing.analyse(c, graphdef, params, [dict(inputs=np.zeros((B, S), np.int32))])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A smoke run trained for 4 steps (checkpoint at step 4)."""
+    cache_dir = os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    c = smoke.get_config()
+    c.data.cache_dir = cache_dir
+    c.train.progress_bar = False
+    c.train.plots = False
+    c.train.steps = 4
+    c.train.checkpoint_every = 4
+    c.train.eval_every = 4
+    c.train.log_every = 2
+    path = str(tmp_path_factory.mktemp("routing") / "run")
+    trainer.train(config_lib.validate(c), path)
+    return path
+
+
+def test_cli_writes_every_file(workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "moe_jax.routing", "--workdir", workdir, "--batches", "2"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "routing of" in r.stdout and "drop eval" in r.stdout
+    out = os.path.join(workdir, routing.OUT_DIR)
+    for f in routing.FILES:
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    with open(os.path.join(out, "routing.json")) as f:
+        result = json.load(f)
+    assert result["step"] == 4 and result["batches"] == 2 and result["source"] == "validation split"
+    assert [layer["layer"] for layer in result["layers"]] == [0, 1]  # smoke: 2 layers, both MoE
+    for layer in result["layers"]:
+        for mode in routing.MODES:
+            assert sum(layer[mode]["tokens_per_expert_demanded"]) == result["tokens"] * 2
+            assert 0 <= layer[mode]["dropped_fraction"] <= 1
+        assert layer["train"]["capacity"] < layer["eval"]["capacity"]
+        assert len(layer["specialisation"]) == 4
+    with open(os.path.join(out, "specialisation.txt")) as f:
+        assert "layer 1" in f.read()
+
+
+def test_cli_text_file(workdir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 30)
+    assert routing.main(["--workdir", workdir, "--text", str(text)]) == 0
+    with open(os.path.join(workdir, routing.OUT_DIR, "routing.json")) as f:
+        result = json.load(f)
+    from moe_jax import data
+    n = len(data.load_tokenizer(os.path.join(workdir, "tokenizer.model")).encode(text.read_text()))
+    assert result["source"] == f"text {text}" and result["tokens"] == n
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--batches", "-1"], "--batches -1"),
+    (["--text", "/nonexistent.txt"], "--text /nonexistent.txt"),
+    (["--step", "999"], "--step 999"),
+    (["--noise_std", "-1"], "--noise_std -1"),
+])
+def test_bad_flags_exit_2_naming_them(workdir, extra, needle, capsys):
+    assert routing.main(["--workdir", workdir] + extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_workdir_and_unknown_flag(tmp_path, capsys):
+    assert routing.main(["--workdir", str(tmp_path)]) == 2
+    assert f"--workdir {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        routing.main(["--workdir", str(tmp_path), "--layers", "2"])
+    assert e.value.code == 2
+    assert "--layers" in capsys.readouterr().err
