@@ -322,7 +322,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     names = [str(layer["layer"]) for layer in layers]
     e = result["num_experts"]
 
-    share = np.array([np.asarray(layer["eval"]["tokens_per_expert_demanded"], np.float64)
+    share = np.array([100 * np.asarray(layer["eval"]["tokens_per_expert_demanded"], np.float64)
                       / max(1, sum(layer["eval"]["tokens_per_expert_demanded"])) for layer in layers])
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * e, 1.0 + 0.45 * len(layers)), dpi=80)
     im = ax.imshow(share, cmap="viridis", aspect="auto")
@@ -331,8 +331,8 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     for (i, j), val in np.ndenumerate(share):
-        ax.text(j, i, f"{100 * val:.0f}", ha="center", va="center", color="w" if val < share.max() * 0.6 else "k",
-                fontsize=7)
+        dark = val < (share.min() + share.max()) / 2
+        ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w" if dark else "k", fontsize=7)
     ax.set_title(f"share of top-{result['top_k']} assignments (%)\nuniform = {100 / e:.1f}%", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
