@@ -378,6 +378,27 @@ def environment() -> dict:
             "jax": jax.__version__, "cpu_count": os.cpu_count()}
 
 
+def routing_section(workdir: str, cmp, planned: dict) -> list[str]:
+    """Report lines pointing each MoE arm's runs at their routing diagnostics (moe_jax.routing): a link to
+    <run>/routing/routing.json when it was written, else the command that writes it. None for dense-only studies."""
+    moe_arms = [n for n, p in planned.items() if p["config"].moe.num_experts]
+    if not moe_arms:
+        return []
+    lines = ["## Routing", "", "Per-layer loads, drops at the eval and train capacity, router confidence and expert "
+             "specialisation of each MoE run (`python -m moe_jax.routing`; README: Inside the router):", ""]
+    for n in moe_arms:
+        for seed in cmp.seeds:
+            rdir = run_dir(workdir, n, seed)
+            rel = os.path.relpath(rdir, workdir)
+            if os.path.exists(os.path.join(rdir, "routing", "routing.json")):
+                lines.append(f"- {n} seed {seed}: [routing.json]({rel}/routing/routing.json), "
+                             f"[load heatmap]({rel}/routing/load_heatmap.png), "
+                             f"[specialisation]({rel}/routing/specialisation.txt)")
+            else:
+                lines.append(f"- {n} seed {seed}: `python -m moe_jax.routing --workdir {rdir}` writes {rel}/routing/")
+    return lines + [""]
+
+
 def write_report(workdir: str, cmp, planned: dict, runs: list[dict], command: str, env: dict | None = None) -> dict:
     arms = aggregate(runs)
     budget = next(iter(planned.values()))["budget"]
@@ -418,6 +439,7 @@ def write_report(workdir: str, cmp, planned: dict, runs: list[dict], command: st
     lines += ["", "## Plots", "", "![val loss vs training FLOPs](plots/val_loss_vs_flops.png)", "",
               "![val loss vs wall time](plots/val_loss_vs_wall_time.png)", "",
               "![throughput per arm](plots/throughput.png)", ""]
+    lines += routing_section(workdir, cmp, planned)
     with open(os.path.join(workdir, REPORT_FILE) + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(os.path.join(workdir, REPORT_FILE) + ".tmp", os.path.join(workdir, REPORT_FILE))

@@ -212,8 +212,11 @@ def test_tiny_comparison_writes_report_results_and_plots(tiny_run):
               "plots/throughput.png"):
         assert os.path.getsize(os.path.join(workdir, f)) > 500, f
     report = open(os.path.join(workdir, "report.md")).read()
-    for word in ("## Budget", "## Results", "## Verdict", "seed-to-seed spread", compare.FORMULA):
+    for word in ("## Budget", "## Results", "## Verdict", "seed-to-seed spread", compare.FORMULA, "## Routing"):
         assert word in report
+    for seed in (0, 1):  # the MoE arm's runs point at their routing diagnostics; the dense arm has none
+        assert f"- moe seed {seed}: `python -m moe_jax.routing --workdir {workdir}/moe/seed{seed}`" in report
+    assert "- dense seed" not in report
     on_disk = json.load(open(os.path.join(workdir, "results.json")))
     assert [(r["arm"], r["seed"]) for r in on_disk["runs"]] == [("dense", 0), ("dense", 1), ("moe", 0), ("moe", 1)]
     for r in on_disk["runs"]:
