@@ -408,8 +408,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--usd", type=float, required=True, help="Budget in US dollars.")
     ap.add_argument("--device", required=True, help=f"One of: {', '.join(hardware.DEVICES)}.")
     ap.add_argument("--moe", action="store_true", help="Size a Mixture-of-Experts model (rule on active params).")
-    ap.add_argument("--experts", type=int, default=8, help="Experts per MoE layer (with --moe).")
-    ap.add_argument("--top_k", type=int, default=2, help="Experts per token (with --moe).")
+    ap.add_argument("--experts", type=int, default=None, help="Experts per MoE layer (with --moe; default 8).")
+    ap.add_argument("--top_k", type=int, default=None, help="Experts per token (with --moe; default 2).")
     ap.add_argument("--hours", type=float, default=None, help="Wall-clock limit: sets the number of devices.")
     ap.add_argument("--mfu", type=float, default=None, help="Model FLOP utilisation to assume (default: table).")
     ap.add_argument("--vocab", type=int, default=8192, help="Vocabulary size (the tokenizer's).")
@@ -421,10 +421,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)  # exits 2 naming a bad or unknown flag
-    if not args.moe and ("--experts" in " ".join(argv) or "--top_k" in " ".join(argv)):
+    if not args.moe and (args.experts is not None or args.top_k is not None):
         print("error: --experts/--top_k need --moe", file=sys.stderr)
         return 2
-    o = Options(usd=args.usd, device=args.device, moe=args.moe, experts=args.experts, top_k=args.top_k,
+    experts = Options.experts if args.experts is None else args.experts
+    top_k = Options.top_k if args.top_k is None else args.top_k
+    o = Options(usd=args.usd, device=args.device, moe=args.moe, experts=experts, top_k=top_k,
                 hours=args.hours, mfu=args.mfu, vocab=args.vocab, seq=args.seq)
     try:
         p = plan(o)

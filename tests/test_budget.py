@@ -138,7 +138,7 @@ def test_unknown_flag_is_named():
 def test_written_config_trains_as_is(tmp_path):
     """The train CLI runs the written file (2 steps of it here, every other field as written)."""
     path = str(tmp_path / "tiny.py")
-    assert budget.main(["--usd", "0.003", "--device", "h100", "--seq", "128", "--write", path]) == 0
+    assert budget.main(["--usd", "0.0002", "--device", "h100", "--vocab", "512", "--seq", "128", "--write", path]) == 0
     c = _load(path)
     assert c.model.n_layers <= 4 and c.model.d_model <= 512
     cache = os.environ.get("MOE_JAX_CACHE") or str(tmp_path / "cache")
