@@ -46,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import config_lib
+from moe_jax import model as model_lib
 from moe_jax import moe as moe_lib
-from moe_jax.checkpoint import load_for_inference  # moving to moe_jax.inference: change only this line on rebase
+from moe_jax.model_config import ModelConfig
+from moe_jax.inference import load_for_inference
 
 OUT_DIR = "routing"
 FILES = ("routing.json", "load_heatmap.png", "drops_by_layer.png", "entropy_by_layer.png", "specialisation.txt")
@@ -187,7 +188,7 @@ def specialisation(token_expert: np.ndarray, token_freq: np.ndarray, min_count: 
 
 def make_batch_fn(config, graphdef):
     """jit-compiled (params, batch, key, noise_std) -> {mode: [layer sums]} for both capacities."""
-    moe = config.moe
+    cfg = ModelConfig.from_config(config)
 
     def fn(params, batch, key, noise_std):
         out = {}
@@ -201,7 +202,7 @@ def make_batch_fn(config, graphdef):
             for li, (x, w_router) in enumerate(zip(xs, routers)):
                 logits = router_logits(x, w_router, config)
                 g, t, _ = logits.shape
-                cap = config_lib.capacity(config, t, moe.capacity_factor if train else moe.eval_capacity_factor)
+                cap = moe_lib.capacity(cfg, t, train)
                 noise = noise_std * jax.random.normal(jax.random.fold_in(key, li), logits.shape, jnp.float32)
                 sums = layer_sums(logits, tokens_bs.reshape(g, t), weights_bs.reshape(g, t), config, cap, noise)
                 sums["capacity"] = jnp.asarray(cap, jnp.float32)
@@ -219,6 +220,10 @@ def analyse(config, graphdef, params, batches: list[dict], *, noise_std: float =
     'positions', 'segment_ids'). Returns the routing.json content (without run metadata)."""
     if not config.moe.num_experts:
         raise ValueError("the model is dense (moe.num_experts=0): it has no router to analyse")
+    if config.model.remat:  # the capture wrapper must run in the model's own trace, not inside nnx.remat
+        config = config.copy_and_resolve_references()
+        config.model.remat = False
+        graphdef, _ = model_lib.abstract(config)
     fn = make_batch_fn(config, graphdef)
     totals = None
     key = jax.random.key(seed)

@@ -181,7 +181,8 @@ def test_cli_writes_every_file(workdir):
         assert layer["train"]["capacity"] < layer["eval"]["capacity"]
         assert len(layer["specialisation"]) == 4
     with open(os.path.join(out, "specialisation.txt")) as f:
-        assert "layer 1" in f.read()
+        table = f.read()
+    assert "layer 1" in table and "'\u2581" in table  # token ids shown as their sentencepiece pieces ('▁the')
 
 
 def test_cli_text_file(workdir, tmp_path, capsys):

@@ -75,6 +75,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary piece of id `i` as sentencepiece stores it ('▁the', '<0x0A>'): routing.py's tables show
+        pieces, since decode() of a single id drops its leading-space marker."""
+        return self._sp.id_to_piece(int(i))
+
     def __getstate__(self):
         return {"path": self.path, "proto": self._proto}
 
