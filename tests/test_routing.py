@@ -215,3 +215,13 @@ def test_bad_workdir_and_unknown_flag(tmp_path, capsys):
         routing.main(["--workdir", str(tmp_path), "--layers", "2"])
     assert e.value.code == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_remat_run_is_analysed_like_its_plain_twin():
+    config = hand_config()
+    graphdef, params = hand_params(config)
+    batches = [dict(inputs=(np.arange(B * S, dtype=np.int32) % 8).reshape(B, S))]
+    plain = routing.analyse(config, graphdef, params, batches)
+    config.model.remat = True
+    remat_graphdef, _ = model_lib.abstract(config)
+    assert routing.analyse(config, remat_graphdef, params, batches) == plain
