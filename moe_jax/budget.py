@@ -35,12 +35,11 @@ activations ~(34 + 5 heads seq / d_model) bytes per token, layer and d_model, Ko
 the device's memory; the rest of the global batch is gradient accumulation. It is an estimate: check the compiled
 memory the trainer prints before step 1.
 
-Flags are parsed with argparse, so a bad or unknown flag exits with status 2 and a message naming it.
+Flags, errors and exit codes follow moe_jax/cli.py: a bad flag or value is one `error:` line naming it, status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import math
@@ -403,47 +402,56 @@ def get_config():
 '''
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m moe_jax.budget", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--usd", type=float, required=True, help="Budget in US dollars.")
-    ap.add_argument("--device", required=True, help=f"One of: {', '.join(hardware.DEVICES)}.")
-    ap.add_argument("--moe", action="store_true", help="Size a Mixture-of-Experts model (rule on active params).")
-    ap.add_argument("--experts", type=int, default=None, help="Experts per MoE layer (with --moe; default 8).")
-    ap.add_argument("--top_k", type=int, default=None, help="Experts per token (with --moe; default 2).")
-    ap.add_argument("--hours", type=float, default=None, help="Wall-clock limit: sets the number of devices.")
-    ap.add_argument("--mfu", type=float, default=None, help="Model FLOP utilisation to assume (default: table).")
-    ap.add_argument("--vocab", type=int, default=8192, help="Vocabulary size (the tokenizer's).")
-    ap.add_argument("--seq", type=int, default=1024, help="Sequence length.")
-    ap.add_argument("--write", default=None, help="Write the picked config to this .py file.")
-    return ap
+def define_flags() -> None:
+    """The command's flags (defined only when it runs as a program; see moe_jax/cli.py)."""
+    from absl import flags
+    flags.DEFINE_float("usd", None, "Budget in US dollars.")
+    flags.DEFINE_string("device", None, f"One of: {', '.join(hardware.DEVICES)}.")
+    flags.DEFINE_bool("moe", False, "Size a Mixture-of-Experts model (the rule on active parameters).")
+    flags.DEFINE_integer("experts", None, "Experts per MoE layer (with --moe; default 8).")
+    flags.DEFINE_integer("top_k", None, "Experts per token (with --moe; default 2).")
+    flags.DEFINE_float("hours", None, "Wall-clock limit: sets the number of devices.")
+    flags.DEFINE_float("mfu", None, "Model FLOP utilisation to assume (default: the table's, else 0.35).")
+    flags.DEFINE_integer("vocab", 8192, "Vocabulary size (the tokenizer's).")
+    flags.DEFINE_integer("seq", 1024, "Sequence length.")
+    flags.DEFINE_string("write", None, "Write the picked config to this .py file.")
+    flags.mark_flags_as_required(["usd", "device"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)  # exits 2 naming a bad or unknown flag
-    if not args.moe and (args.experts is not None or args.top_k is not None):
-        print("error: --experts/--top_k need --moe", file=sys.stderr)
-        return 2
-    experts = Options.experts if args.experts is None else args.experts
-    top_k = Options.top_k if args.top_k is None else args.top_k
-    o = Options(usd=args.usd, device=args.device, moe=args.moe, experts=experts, top_k=top_k,
-                hours=args.hours, mfu=args.mfu, vocab=args.vocab, seq=args.seq)
+def command(usd: float, device: str, *, moe: bool = False, experts: int | None = None, top_k: int | None = None,
+            hours: float | None = None, mfu: float | None = None, vocab: int = 8192, seq: int = 1024,
+            write: str | None = None, argv: list[str] | None = None) -> Plan:
+    """The command: plan, print the report, write the config. Bad input raises cli.UsageError naming the flag."""
+    from moe_jax import cli
+    if not moe and (experts is not None or top_k is not None):
+        raise cli.UsageError("--experts/--top_k need --moe")
+    if write is not None and not write.endswith(".py"):
+        raise cli.UsageError(f"--write {write}: must be a .py file")
+    o = Options(usd=usd, device=device, moe=moe, experts=Options.experts if experts is None else experts,
+                top_k=Options.top_k if top_k is None else top_k, hours=hours, mfu=mfu, vocab=vocab, seq=seq)
     try:
         p = plan(o)
     except (BudgetError, ValueError, config_lib.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(str(e)) from None
     print(report(p))
-    if args.write:
-        if not args.write.endswith(".py"):
-            print(f"error: --write {args.write}: must be a .py file", file=sys.stderr)
-            return 2
-        os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
-        with open(args.write, "w") as f:
-            f.write(config_source(p, argv, args.write))
-        print(f"\nwrote {args.write}: python -m moe_jax.train --config {args.write} --workdir runs/{p.config.name}")
-    return 0
+    if write:
+        os.makedirs(os.path.dirname(os.path.abspath(write)), exist_ok=True)
+        with open(write, "w") as f:
+            f.write(config_source(p, argv if argv is not None else sys.argv[1:], write))
+        print(f"\nwrote {write}: python -m moe_jax.train --config {write} --workdir runs/{p.config.name}")
+    return p
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from moe_jax import cli
+    cli.no_arguments(argv)
+    f = flags.FLAGS
+    command(f.usd, f.device, moe=f.moe, experts=f.experts, top_k=f.top_k, hours=f.hours, mfu=f.mfu, vocab=f.vocab,
+            seq=f.seq, write=f.write, argv=sys.argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_jax import cli
+    cli.run(main, define_flags)

@@ -30,17 +30,15 @@ Only real tokens count (validation padding has weight 0).
 
 Writes <workdir>/routing/: routing.json (everything above), load_heatmap.png (layers x experts, share of demanded
 assignments), drops_by_layer.png (eval vs train capacity), entropy_by_layer.png (normalised entropy, top-1 and top-k
-probability), specialisation.txt (the table). Flags are parsed with argparse: a bad or unknown flag exits with status 2
-and a message naming it.
+probability), specialisation.txt (the table). Flags, errors and exit codes follow moe_jax/cli.py: a bad flag or value
+is one `error:` line naming it, status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -429,49 +427,60 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m moe_jax.routing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True, help="Run directory written by moe_jax.train.")
-    ap.add_argument("--step", type=int, default=None, help="Checkpoint step (default: latest).")
-    ap.add_argument("--text", default=None, help="Analyse this text file instead of the validation split.")
-    ap.add_argument("--batches", type=int, default=None,
-                    help="Batches of train.batch_size rows (default: the run's train.eval_batches; 0 = all).")
-    ap.add_argument("--noise_std", type=float, default=1e-2, help="Std of the logit noise for the flip count.")
-    ap.add_argument("--min_count", type=int, default=5, help="Assignments a token id needs to be ranked by lift.")
-    ap.add_argument("--top", type=int, default=5, help="Token ids listed per expert.")
-    return ap
+def define_flags() -> None:
+    """The command's flags (defined only when it runs as a program; see moe_jax/cli.py)."""
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "Run directory written by moe_jax.train.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_string("text", None, "Analyse this text file instead of the validation split.")
+    flags.DEFINE_integer("batches", None, "Batches of train.batch_size rows (default: the run's train.eval_batches; "
+                         "0 = all).")
+    flags.DEFINE_float("noise_std", 1e-2, "Std of the logit noise for the flip count.")
+    flags.DEFINE_integer("min_count", 5, "Assignments a token id needs to be ranked by lift.")
+    flags.DEFINE_integer("top", 5, "Token ids listed per expert.")
+    flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)  # exits 2 naming a bad or unknown flag
+def command(workdir: str, step: int | None = None, text: str | None = None, batches: int | None = None,
+            noise_std: float = 1e-2, min_count: int = 5, top: int = 5) -> dict:
+    """The command: check the flags (cli.UsageError naming a bad one), analyse, print the summary table."""
+    from moe_jax import cli
     checks = [
-        (os.path.isfile(os.path.join(args.workdir, "config.json")),
-         f"--workdir {args.workdir}: no config.json there; give a directory written by moe_jax.train"),
-        (args.step is None or args.step >= 0, f"--step {args.step}: must be >= 0"),
-        (args.text is None or os.path.isfile(args.text), f"--text {args.text}: no such file"),
-        (args.batches is None or args.batches >= 0, f"--batches {args.batches}: must be >= 0 (0 = all)"),
-        (args.noise_std >= 0, f"--noise_std {args.noise_std}: must be >= 0"),
-        (args.min_count >= 1, f"--min_count {args.min_count}: must be >= 1"),
-        (args.top >= 1, f"--top {args.top}: must be >= 1"),
+        (os.path.isfile(os.path.join(workdir, "config.json")),
+         f"--workdir {workdir}: no config.json there; give a directory written by moe_jax.train"),
+        (step is None or step >= 0, f"--step {step}: must be >= 0"),
+        (text is None or os.path.isfile(text), f"--text {text}: no such file"),
+        (batches is None or batches >= 0, f"--batches {batches}: must be >= 0 (0 = all)"),
+        (noise_std >= 0, f"--noise_std {noise_std}: must be >= 0"),
+        (min_count >= 1, f"--min_count {min_count}: must be >= 1"),
+        (top >= 1, f"--top {top}: must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
-    from absl import logging
-    logging.set_verbosity(logging.ERROR)  # orbax logs every restore
+            raise cli.UsageError(msg)
     try:
-        result = run(args.workdir, args.step, args.text, args.batches, args.noise_std, args.min_count, args.top)
+        result = run(workdir, step, text, batches, noise_std, min_count, top)
     except (FileNotFoundError, ValueError) as e:
         msg = str(e)
-        if "no checkpoint" in msg and args.step is not None:
-            msg = f"--step {args.step}: {msg}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        if "no checkpoint" in msg and step is not None:
+            msg = f"--step {step}: {msg}"
+        raise cli.UsageError(msg) from None
     print(summary_table(result))
     print("wrote " + ", ".join(result["files"]))
-    return 0
+    return result
+
+
+def main(argv) -> None:
+    from absl import flags, logging
+
+    from moe_jax import cli
+    cli.no_arguments(argv)
+    f = flags.FLAGS
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # orbax logs every restore
+    command(f.workdir, f.step, f.text, f.batches, f.noise_std, f.min_count, f.top)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_jax import cli
+    cli.run(main, define_flags)

@@ -5,7 +5,6 @@ flags exit 2 with one line naming the problem."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 
-from moe_jax import budget, config_lib, flops, hardware
+from moe_jax import budget, cli, config_lib, flops, hardware
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,18 +82,14 @@ def test_every_device_row_names_its_sources():
 
 
 def _load(path):
-    spec = importlib.util.spec_from_file_location("written_budget_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return cli.load_config_file(path)
 
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_write_loads_validates_and_matches(tmp_path, capsys, moe):
     path = str(tmp_path / "cfg" / "x.py")
-    argv = ["--usd", "7", "--device", "v6e", "--write", path] + (["--moe", "--experts", "4", "--top_k", "1"] if moe
-                                                                  else [])
-    assert budget.main(argv) == 0
+    kwargs = dict(moe=True, experts=4, top_k=1) if moe else {}
+    budget.command(7, "v6e", write=path, argv=["--usd", "7"], **kwargs)
     out = capsys.readouterr().out
     assert "candidates at their 20-tokens/parameter point" in out and "pick:" in out and f"wrote {path}" in out
     assert ("MoE caveat" in out) == moe
@@ -105,40 +100,45 @@ def test_write_loads_validates_and_matches(tmp_path, capsys, moe):
     assert c.to_dict() == p.config.to_dict()
 
 
-def test_too_small_budget_states_the_minimum(capsys):
-    assert budget.main(["--usd", "0.00001", "--device", "v5e"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: --usd 1e-05: too small")
-    minimum = float(err.rsplit("$", 1)[1])
+def test_too_small_budget_states_the_minimum():
+    with pytest.raises(cli.UsageError) as e:
+        budget.command(0.00001, "v5e")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--usd 1e-05: too small")
+    minimum = float(msg.rsplit("$", 1)[1])
     budget.plan(budget.Options(usd=minimum, device="v5e"))  # the stated minimum is enough
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--usd", "5", "--device", "a100"], "--device 'a100': unknown device; choose one of h100, h200, b200, v5e, v5p"),
-    (["--usd", "-1", "--device", "h100"], "--usd -1"),
-    (["--usd", "5", "--device", "h100", "--mfu", "1.5"], "--mfu 1.5"),
-    (["--usd", "5", "--device", "h100", "--hours", "0"], "--hours 0"),
-    (["--usd", "5", "--device", "h100", "--moe", "--top_k", "9"], "--top_k 9"),
-    (["--usd", "5", "--device", "h100", "--top_k", "1"], "--experts/--top_k need --moe"),
-    (["--usd", "5", "--device", "h100", "--write", "x.json"], "--write x.json"),
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(usd=5, device="a100"), "--device 'a100': unknown device; choose one of h100, h200, b200, v5e, v5p, v6e"),
+    (dict(usd=-1, device="h100"), "--usd -1"),
+    (dict(usd=5, device="h100", mfu=1.5), "--mfu 1.5"),
+    (dict(usd=5, device="h100", hours=0), "--hours 0"),
+    (dict(usd=5, device="h100", moe=True, top_k=9), "--top_k 9"),
+    (dict(usd=5, device="h100", top_k=1), "--experts/--top_k need --moe"),
+    (dict(usd=5, device="h100", write="x.json"), "--write x.json"),
 ])
-def test_bad_flags_exit_2_naming_them(argv, needle, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert budget.main(argv) == 2
-    err = capsys.readouterr().err
-    assert needle in err and len(err.strip().splitlines()) == 1
+def test_bad_flags_are_named(kwargs, needle):
+    with pytest.raises(cli.UsageError) as e:
+        budget.command(**kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unknown_flag_is_named():
-    with pytest.raises(SystemExit) as e:
-        budget.main(["--usd", "5", "--device", "h100", "--budget", "5"])
-    assert e.value.code == 2
+@pytest.mark.parametrize("argv,needle", [
+    (["--usd", "5", "--device", "a100"], "error: --device 'a100': unknown device; choose one of"),
+    (["--usd", "5", "--device", "h100", "--budget", "5"], "error: Unknown command line flag 'budget'"),
+])
+def test_cli_exits_2_with_one_error_line(argv, needle):
+    r = subprocess.run([sys.executable, "-m", "moe_jax.budget", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_written_config_trains_as_is(tmp_path):
     """The train CLI runs the written file (2 steps of it here, every other field as written)."""
     path = str(tmp_path / "tiny.py")
-    assert budget.main(["--usd", "0.0002", "--device", "h100", "--vocab", "512", "--seq", "128", "--write", path]) == 0
+    budget.command(0.0002, "h100", vocab=512, seq=128, write=path)
     c = _load(path)
     assert c.model.n_layers <= 4 and c.model.d_model <= 512
     cache = os.environ.get("MOE_JAX_CACHE") or str(tmp_path / "cache")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import smoke
-from moe_jax import config_lib, model as model_lib, routing, trainer
+from moe_jax import cli, model as model_lib, routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = M = 64
@@ -25,11 +25,12 @@ SECOND = lambda v: (v + 1) % E  # noqa: E731
 
 
 def hand_config():
-    c = smoke.get_config()
+    c = cli.load_config_file(os.path.join(ROOT, "configs", "smoke.py"))
     c.model.vocab_size, c.model.d_model, c.model.n_layers, c.model.n_heads = V, M, 1, 4
     c.moe.num_experts, c.moe.top_k, c.moe.every, c.moe.group_size = E, K, 1, T
     c.moe.capacity_factor, c.moe.eval_capacity_factor, c.moe.min_capacity = 0.5, 1.0, 1  # C = 4 (train), 8 (eval)
     c.train.batch_size, c.train.seq_len = B, S
+    from moe_jax import config_lib
     return config_lib.validate(c)
 
 
@@ -145,19 +146,10 @@ def test_dense_model_is_refused():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A smoke run trained for 4 steps (checkpoint at step 4)."""
-    cache_dir = os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    c = smoke.get_config()
-    c.data.cache_dir = cache_dir
-    c.train.progress_bar = False
-    c.train.plots = False
-    c.train.steps = 4
-    c.train.checkpoint_every = 4
-    c.train.eval_every = 4
-    c.train.log_every = 2
+def workdir(smoke_run, tmp_path_factory):
+    """A copy of the session's shared smoke run (4 steps, checkpoint at step 4): routing writes into its workdir."""
     path = str(tmp_path_factory.mktemp("routing") / "run")
-    trainer.train(config_lib.validate(c), path)
+    shutil.copytree(smoke_run["workdir"], path)
     return path
 
 
@@ -185,10 +177,11 @@ def test_cli_writes_every_file(workdir):
     assert "layer 1" in table and "'\u2581" in table  # token ids shown as their sentencepiece pieces ('▁the')
 
 
-def test_cli_text_file(workdir, tmp_path, capsys):
+def test_text_file(workdir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("In the beginning God created the heaven and the earth. " * 30)
-    assert routing.main(["--workdir", workdir, "--text", str(text)]) == 0
+    routing.command(workdir, text=str(text))
+    assert "routing of" in capsys.readouterr().out
     with open(os.path.join(workdir, routing.OUT_DIR, "routing.json")) as f:
         result = json.load(f)
     from moe_jax import data
@@ -197,24 +190,23 @@ def test_cli_text_file(workdir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--batches", "-1"], "--batches -1"),
-    (["--text", "/nonexistent.txt"], "--text /nonexistent.txt"),
-    (["--step", "999"], "--step 999"),
-    (["--noise_std", "-1"], "--noise_std -1"),
+    (dict(batches=-1), "--batches -1"),
+    (dict(text="/nonexistent.txt"), "--text /nonexistent.txt"),
+    (dict(step=999), "--step 999"),
+    (dict(noise_std=-1), "--noise_std -1"),
 ])
-def test_bad_flags_exit_2_naming_them(workdir, extra, needle, capsys):
-    assert routing.main(["--workdir", workdir] + extra) == 2
-    err = capsys.readouterr().err
-    assert needle in err and len(err.strip().splitlines()) == 1
+def test_bad_flags_are_named(workdir, extra, needle):
+    with pytest.raises(cli.UsageError) as e:
+        routing.command(workdir, **extra)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_bad_workdir_and_unknown_flag(tmp_path, capsys):
-    assert routing.main(["--workdir", str(tmp_path)]) == 2
-    assert f"--workdir {tmp_path}" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        routing.main(["--workdir", str(tmp_path), "--layers", "2"])
-    assert e.value.code == 2
-    assert "--layers" in capsys.readouterr().err
+def test_bad_workdir_and_unknown_flag_exit_2(tmp_path):
+    with pytest.raises(cli.UsageError, match=f"--workdir {tmp_path}: no config.json"):
+        routing.command(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "moe_jax.routing", "--workdir", str(tmp_path), "--layers", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error: Unknown command line flag 'layers'" in r.stderr, r.stderr
 
 
 def test_remat_run_is_analysed_like_its_plain_twin():
