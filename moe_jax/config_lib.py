@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.momentum = 0.95
     c.optim.nesterov = True
     c.optim.ns_steps = 5
+    c.optim.muon_impl = "batched"  # 'batched' (moe_jax/muon.py: one Newton-Schulz per shape group) | 'optax'
+    c.optim.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (float32 on CPU, bfloat16 on GPU/TPU) | 'float32' | 'bfloat16'
     c.optim.muon_scale = "keller"  # 'keller': sqrt(max(1, fan_out/fan_in)); 'moonlight': 0.2*sqrt(max(fan_in, fan_out))
     c.optim.muon_weight_decay = 0.0
     c.optim.b1 = 0.9
@@ -204,6 +206,12 @@ def validate(config) -> ml_collections.ConfigDict:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
     _check(o.ns_steps >= 1, "optim.ns_steps", "must be >= 1")
+    _check(o.muon_impl in ("batched", "optax"), "optim.muon_impl",
+           f"unknown {o.muon_impl!r}; choose 'batched' or 'optax'")
+    _check(o.ns_dtype in ("auto", "float32", "bfloat16"), "optim.ns_dtype",
+           f"unknown {o.ns_dtype!r}; choose 'auto', 'float32' or 'bfloat16'")
+    _check(o.muon_impl == "batched" or o.ns_dtype != "bfloat16", "optim.ns_dtype",
+           "bfloat16 Newton-Schulz needs optim.muon_impl='batched'; use ns_dtype='float32' with 'optax'")
 
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(warmup_steps(config) < t.steps or t.steps == 1, "optim.warmup_steps",

@@ -28,9 +28,12 @@ A parameter of rank >= 2 that matches no rule raises ValueError (a new weight mu
 Chain for optim.name == 'muon':
     clip_by_global_norm(optim.clip_norm)                       (omitted when clip_norm == 0)
     partition(labels):
-      'muon':  optax.contrib.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
-                                  nesterov, ns_steps, weight_decay=muon_weight_decay,
-                                  consistent_rms=0.2 if muon_scale == 'moonlight' else None)
+      'muon':  muon.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
+                         nesterov, ns_steps, weight_decay=muon_weight_decay,
+                         consistent_rms=0.2 if muon_scale == 'moonlight' else None,
+                         ns_dtype=ns_dtype(config), group_key=muon_group_key)
+               (optim.muon_impl='batched', the default: optax.contrib.muon's semantics and state, one batched
+               Newton-Schulz per group of same-shaped matrices; 'optax': optax.contrib.muon itself, float32 only)
       'adamw': optax.adamw(adamw schedule, b1, b2, eps, weight_decay, mask=rank >= 2)
 For optim.name == 'adamw': the same clip, then that AdamW for every parameter (same schedule and decay mask).
 
@@ -56,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
+
+from moe_jax import muon as muon_lib
 
 MUON, ADAMW = "muon", "adamw"
 
@@ -201,9 +206,25 @@ def _adamw(config) -> optax.GradientTransformation:
                        mask=lambda p: decay_mask(p, config), nesterov=False)
 
 
+def ns_dtype(config):
+    """The Newton-Schulz dtype for optim.ns_dtype: 'float32' | 'bfloat16', or 'auto' = the faster one on this backend
+    as measured (docs/optimizer.md): float32 on CPU (XLA:CPU's bfloat16 matmuls were slower there), bfloat16 on
+    GPU/TPU (what the reference Muon runs; by reference, not yet measured here)."""
+    name = config.optim.ns_dtype
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def muon_group_key(path) -> str:
+    """Which Muon matrices may share one batched Newton-Schulz: the same weight in every layer ('blocks/*/attn/wq').
+    Those have the same logical axes, hence the same sharding, so stacking them needs no communication."""
+    return "/".join("*" if _key_name(k).isdigit() else _key_name(k) for k in path)
+
+
 def _muon(config) -> optax.GradientTransformation:
     o = config.optim
-    return optax.contrib.muon(
+    kwargs = dict(
         learning_rate=schedule(config, o.muon_lr),
         ns_steps=int(o.ns_steps),
         beta=o.momentum,
@@ -219,6 +240,11 @@ def _muon(config) -> optax.GradientTransformation:
         muon_weight_dimension_numbers=lambda p: weight_dimension_numbers(p, config),
         consistent_rms=0.2 if o.muon_scale == "moonlight" else None,
     )
+    if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); config_lib rejects ns_dtype='bfloat16'
+        return optax.contrib.muon(**kwargs)
+    if o.muon_impl == "batched":
+        return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(config), group_key=muon_group_key)
+    raise ValueError(f"config.optim.muon_impl: unknown {o.muon_impl!r}; choose 'batched' or 'optax'")
 
 
 def build(config) -> optax.GradientTransformation:

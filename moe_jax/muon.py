@@ -1,0 +1,213 @@
+"""Muon with batched Newton-Schulz: `optax.contrib.muon`'s semantics and state, one Newton-Schulz chain per group.
+
+    tx = muon.muon(learning_rate, ns_steps=5, beta=0.95, eps=1e-8, weight_decay=0.0, nesterov=True,
+                   muon_weight_dimension_numbers=dims_fn, consistent_rms=None,
+                   group_key=lambda path: ..., ns_dtype=jnp.float32)
+
+What is the same as optax.contrib.muon (optax 0.2.8; tests/test_optimizer.py checks updates and state against it):
+  - the transformation and its state: partition({'muon': chain(scale_by_muon, scale_by_shape, add_decayed_weights,
+    scale_by_learning_rate), 'adam': adamw}) with `optax.contrib.MuonState(count, mu, ns_coeffs)`, so an optimizer
+    state (a checkpoint) of either implementation feeds the other;
+  - momentum mu <- beta mu + (1 - beta) g, Nesterov mu_hat = beta * mu / (1 - beta^(t+1)) + (1 - beta) g / (1 - beta^t);
+  - each matrix (per MuonDimensionNumbers: batch axes, then reduction -> output, as [B, fan_in, fan_out]) is
+    transposed to put the smaller side first ([B, m, n], m <= n: the Gram matrix X X^T is m x m), divided by its own
+    Frobenius norm + eps, then X <- a X + (b A + c A^2) X, A = X X^T, `ns_steps` times with the coefficients of the
+    state (`ns_coeffs`, shape [3]);
+  - the shape scale (keller sqrt(max(1, fan_out / fan_in)), or consistent_rms * sqrt(max(fan_in, fan_out))), the
+    decoupled weight decay and the learning rate.
+
+What differs: all matrices of one group are stacked on a new leading axis and orthogonalised by one chain of batched
+matmuls ([L, B, m, n]) instead of one chain per parameter. A group is (group_key(path), B, fan_in, fan_out, dtype): the caller's
+key decides which parameters may share a stack. moe_jax/optimizer.py keys by the parameter's name with the layer index
+dropped ('blocks/*/attn/wq'), so only one weight's copies across layers are stacked: they have the same logical axes,
+hence the same sharding, and stacking them on a new replicated axis needs no communication. Every matrix keeps its own
+norm and its own iteration (the batch axes are never mixed), so the result is the per-matrix result.
+
+`ns_dtype`: the dtype the iterations run in. The momentum, the normalisation and the returned update stay in the
+input dtype (float32); with bfloat16 the normalised matrix is cast down, iterated, and cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Hashable
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers, MuonState
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic (optax's 'standard' preset)
+
+
+def _is_dims(x) -> bool:
+    return isinstance(x, MuonDimensionNumbers)
+
+
+def _axes(ndim: int, dims: MuonDimensionNumbers) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(batch, reduction, output) axes, non-negative; batch axes are all the others, in order."""
+    as_tuple = lambda a: (a,) if isinstance(a, int) else tuple(a)
+    red = tuple(a % ndim for a in as_tuple(dims.reduction_axis))
+    out = tuple(a % ndim for a in as_tuple(dims.output_axis))
+    if set(red) & set(out):
+        raise ValueError(f"muon: reduction axes {red} and output axes {out} overlap ({dims})")
+    batch = tuple(a for a in range(ndim) if a not in red and a not in out)
+    return batch, red, out
+
+
+def to_matrices(x: jax.Array, dims: MuonDimensionNumbers) -> jax.Array:
+    """[..] -> [B, fan_in, fan_out]: batch axes flattened first, then the reduction axes, then the output axes."""
+    batch, red, out = _axes(x.ndim, dims)
+    size = lambda axes: math.prod(x.shape[a] for a in axes)
+    return x.transpose(batch + red + out).reshape(size(batch), size(red), size(out))
+
+
+def from_matrices(m: jax.Array, dims: MuonDimensionNumbers, shape) -> jax.Array:
+    """Inverse of to_matrices for an array of `shape`."""
+    batch, red, out = _axes(len(shape), dims)
+    perm = batch + red + out
+    m = m.reshape(tuple(shape[a] for a in perm))
+    return m.transpose(tuple(sorted(range(len(shape)), key=lambda i: perm[i])))
+
+
+def fans(shape, dims: MuonDimensionNumbers) -> tuple[int, int]:
+    _, red, out = _axes(len(shape), dims)
+    return math.prod(shape[a] for a in red), math.prod(shape[a] for a in out)
+
+
+def newton_schulz(x: jax.Array, coeffs: jax.Array, steps: int, eps: float, ns_dtype=None) -> jax.Array:
+    """Orthogonalise each matrix of x [..., m, n] (m <= n) on its own: X / (||X||_F + eps), then `steps` times
+    X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = coeffs [3]. The iterations run in `ns_dtype` (default:
+    x's dtype); the result has x's dtype."""
+    dtype = x.dtype
+    x = x / (jnp.linalg.norm(x, ord="fro", axis=(-2, -1), keepdims=True) + eps)
+    if ns_dtype is not None:
+        x = x.astype(ns_dtype)
+    c = coeffs.astype(x.dtype)
+    for _ in range(steps):
+        a = x @ jnp.swapaxes(x, -1, -2).conj()
+        b = c[1] * a + c[2] * a @ a
+        x = c[0] * x + b @ x
+    return x.astype(dtype)
+
+
+def orthogonalize(tree, dims_tree, coeffs: jax.Array, steps: int, eps: float, ns_dtype=None,
+                  group_key: Callable[[tuple], Hashable] = lambda path: None):
+    """NS applied to every leaf of `tree` (with its MuonDimensionNumbers from `dims_tree`, a tree of the same
+    structure), one batched chain per group (group_key(key path), B, fan_in, fan_out, dtype)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    dims = treedef.flatten_up_to(dims_tree)
+    mats, groups = [], {}
+    for i, ((path, x), d) in enumerate(zip(flat, dims)):
+        if d is None:
+            if x.ndim != 2:
+                raise ValueError(f"muon: parameter {jax.tree_util.keystr(path)} of shape {x.shape} has no "
+                                 f"MuonDimensionNumbers; only 2-D arrays default to (0 -> 1)")
+            d = MuonDimensionNumbers()
+        m = to_matrices(x, d)  # [B, fan_in, fan_out]
+        mats.append((m, d))
+        groups.setdefault((group_key(path), m.shape, m.dtype), []).append(i)
+    out = [None] * len(flat)
+    for members in groups.values():
+        stack = jnp.stack([mats[i][0] for i in members])  # [L, B, fan_in, fan_out]
+        transposed = stack.shape[-2] > stack.shape[-1]
+        if transposed:  # smaller side first: the Gram matrix X X^T is min(fan_in, fan_out) square
+            stack = jnp.swapaxes(stack, -1, -2)
+        res = newton_schulz(stack, coeffs, steps, eps, ns_dtype)
+        if transposed:
+            res = jnp.swapaxes(res, -1, -2)
+        for j, i in enumerate(members):
+            out[i] = from_matrices(res[j], mats[i][1], flat[i][1].shape)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _resolve(dims, updates):
+    return dims(updates) if callable(dims) else dims
+
+
+def scale_by_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, mu_dtype=None, *, nesterov: bool = True,
+                  weight_dimension_numbers=None, ns_dtype=None,
+                  group_key: Callable[[tuple], Hashable] = lambda path: None) -> optax.GradientTransformation:
+    """optax.contrib.scale_by_muon (standard coefficients, frobenius preconditioning, not adaptive) with the
+    batched Newton-Schulz of `orthogonalize`. State: optax.contrib.MuonState(count, mu, ns_coeffs)."""
+    def init_fn(params):
+        return MuonState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+                         ns_coeffs=jnp.asarray(NS_COEFFS))
+
+    def update_fn(updates, state, params=None):
+        del params
+        if state.ns_coeffs.ndim != 1:
+            raise ValueError(f"muon: per-step ns_coeffs of shape {state.ns_coeffs.shape} are not supported; "
+                             f"use optim.muon_impl='optax'")
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count_inc = optax.safe_increment(state.count)
+        if nesterov:
+            mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                                  optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
+                                  optax.tree.bias_correction(updates, beta, count_inc))
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
+        new = orthogonalize(mu_hat, _resolve(weight_dimension_numbers, updates), state.ns_coeffs, ns_steps, eps,
+                            ns_dtype, group_key)
+        return new, MuonState(count=count_inc, mu=optax.tree.cast(mu, mu_dtype), ns_coeffs=state.ns_coeffs)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_shape(weight_dimension_numbers=None, consistent_rms: float | None = None):
+    """optax.contrib.scale_by_shape: keller sqrt(max(1, fan_out / fan_in)) or consistent_rms sqrt(max(in, out))."""
+
+    def scale(u, d):
+        fan_in, fan_out = fans(u.shape, d if d is not None else MuonDimensionNumbers())
+        if consistent_rms is not None:
+            return jnp.sqrt(jnp.maximum(fan_in, fan_out)) * consistent_rms * u
+        return jnp.sqrt(jnp.maximum(1, fan_out / fan_in)) * u
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(scale, updates, _resolve(weight_dimension_numbers, updates), is_leaf=_is_dims), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def muon(learning_rate, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+         weight_decay_mask: Any = None, mu_dtype=None, *, nesterov: bool = True, adam_b1: float = 0.9,
+         adam_b2: float = 0.999, adam_eps_root: float = 0.0, adam_weight_decay: float = 0.0,
+         adam_learning_rate=None, muon_weight_dimension_numbers=None, consistent_rms: float | None = None,
+         ns_dtype=None, group_key: Callable[[tuple], Hashable] = lambda path: None) -> optax.GradientTransformation:
+    """optax.contrib.muon (optax 0.2.8, same arguments, standard coefficients, frobenius preconditioning), built the
+    same way so its state has the same tree, with batched Newton-Schulz (`ns_dtype`, `group_key`: see module doc).
+    `muon_weight_dimension_numbers` is required (a tree of MuonDimensionNumbers / None, or a callable)."""
+    if muon_weight_dimension_numbers is None:
+        raise ValueError("muon: pass muon_weight_dimension_numbers explicitly (optax's default sends every 2-D "
+                         "array, embedding included, to Muon)")
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
+    is_leaf = lambda x: x is None or _is_dims(x)
+
+    def param_labels(params):
+        dims = _resolve(muon_weight_dimension_numbers, params)
+        return jax.tree.map(lambda d, x: jax.tree.map(lambda _: "muon" if d is not None else "adam", x),
+                            dims, params, is_leaf=is_leaf)
+
+    def dims_fn(params):  # dimension numbers where the partition keeps a leaf for Muon, MaskedNode elsewhere
+        dims = _resolve(muon_weight_dimension_numbers, params)
+        mask = jax.tree.map(lambda label: label == "muon", param_labels(params))
+        return jax.tree.map(lambda d, sub: jax.tree.map(lambda m: d if m else optax.MaskedNode(), sub), dims, mask,
+                            is_leaf=lambda x: is_leaf(x) or isinstance(x, optax.MaskedNode))
+
+    return optax.partition(
+        transforms={
+            "muon": optax.chain(
+                scale_by_muon(ns_steps, beta, eps, mu_dtype, nesterov=nesterov, weight_dimension_numbers=dims_fn,
+                              ns_dtype=ns_dtype, group_key=group_key),
+                scale_by_shape(dims_fn, consistent_rms),
+                optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                optax.scale_by_learning_rate(learning_rate),
+            ),
+            "adam": optax.adamw(learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=eps,
+                                eps_root=adam_eps_root, weight_decay=adam_weight_decay, mu_dtype=mu_dtype,
+                                nesterov=nesterov),
+        },
+        param_labels=param_labels,
+    )
