@@ -543,17 +543,18 @@ def count_dots(tx, params) -> int:
 
 def test_batched_muon_runs_one_newton_schulz_chain_per_group(config, params):
     """Groups are one weight across layers: wq, wk, wv, wo (2 layers each), dense w_in/w_out (layer 0) and expert
-    w_in/w_out (layer 1; [E, m, n]): 8 chains of 3 matmuls x ns_steps, against 12 in optax's per-parameter chain."""
+    w_in/w_out (layer 1; [E, m, n]): 8 chains of 3 matmuls x ns_steps (unrolled), against optax's 12 per-parameter
+    loops (a loop body of 3 matmuls each in the jaxpr)."""
     steps = config.optim.ns_steps
     assert count_dots(optimizer.build(make_config(muon_impl="batched")), params) == 8 * 3 * steps
-    assert count_dots(optimizer.build(make_config(muon_impl="optax")), params) == 12 * 3 * steps
+    assert count_dots(optimizer.build(make_config(muon_impl="optax")), params) == 12 * 3
     keys = {optimizer.muon_group_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert "blocks/*/attn/wq" in keys and "blocks/*/ffn/w_in" in keys
 
 
 def test_bfloat16_newton_schulz_keeps_momentum_float32(params):
     """ns_dtype='bfloat16': the momentum state is the float32 one exactly, the update stays float32 and close to the
-    float32 update (bfloat16 has an 8-bit mantissa: a few per cent of relative error, measured in docs/optimizer.md)."""
+    float32 update (bfloat16 has an 8-bit mantissa: ~7% relative Frobenius error here; docs/optimizer.md)."""
     grads = well_conditioned_grads(params, make_config())
     out = {}
     for dt in ("float32", "bfloat16"):
@@ -570,7 +571,7 @@ def test_bfloat16_newton_schulz_keeps_momentum_float32(params):
         if labels[path] == "adamw":
             assert errs[path] == 0.0, path
     muon_errs = [e for p, e in errs.items() if labels[p] == "muon"]
-    assert 1e-4 < min(muon_errs) and max(muon_errs) < 0.05, errs
+    assert 1e-3 < min(muon_errs) and max(muon_errs) < 0.15, errs  # measured 0.063-0.076 (smoke shapes)
 
 
 def test_ns_dtype_and_impl_are_validated():
@@ -616,8 +617,10 @@ def test_sharded_batched_update_equals_unbatched_without_extra_collectives(param
         counts[impl] = collective_counts(compiled.as_text())
         results[impl] = compiled(*args)
         assert isinstance(results[impl][0]["blocks"][1]["ffn"]["w_in"].sharding, NamedSharding)
+    # 1e-5, not 1e-6: a Gram matrix of a 'model'-sharded matrix is summed from per-device partial products (an
+    # all-reduce), whose order differs between the two programs (measured 1.1e-6 for wk).
     for (path, a), b in zip(flat(results["batched"][0]).items(), flat(results["optax"][0]).values()):
-        assert rel_frobenius(a, b) <= 1e-6, path
+        assert rel_frobenius(a, b) <= 1e-5, path
     for c in COLLECTIVES:
         assert counts["batched"][c] <= counts["optax"][c], (c, counts)
     print(counts)
