@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.nesterov = True
     c.optim.ns_steps = 5
     c.optim.muon_impl = "batched"  # 'batched' (moe_jax/muon.py: one Newton-Schulz per shape group) | 'optax'
-    c.optim.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (float32 on CPU, bfloat16 on GPU/TPU) | 'float32' | 'bfloat16'
+    c.optim.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (CPU float32, GPU/TPU bfloat16) | 'float32' | 'bfloat16'
     c.optim.muon_scale = "keller"  # 'keller': sqrt(max(1, fan_out/fan_in)); 'moonlight': 0.2*sqrt(max(fan_in, fan_out))
     c.optim.muon_weight_decay = 0.0
     c.optim.b1 = 0.9

@@ -17,11 +17,12 @@ What is the same as optax.contrib.muon (optax 0.2.8; tests/test_optimizer.py che
     decoupled weight decay and the learning rate.
 
 What differs: all matrices of one group are stacked on a new leading axis and orthogonalised by one chain of batched
-matmuls ([L, B, m, n]) instead of one chain per parameter. A group is (group_key(path), B, fan_in, fan_out, dtype): the caller's
-key decides which parameters may share a stack. moe_jax/optimizer.py keys by the parameter's name with the layer index
-dropped ('blocks/*/attn/wq'), so only one weight's copies across layers are stacked: they have the same logical axes,
-hence the same sharding, and stacking them on a new replicated axis needs no communication. Every matrix keeps its own
-norm and its own iteration (the batch axes are never mixed), so the result is the per-matrix result.
+matmuls ([L, B, m, n]) instead of one chain per parameter. A group is (group_key(path), B, fan_in, fan_out, dtype):
+the caller's key decides which parameters may share a stack. moe_jax/optimizer.py keys by the parameter's name with
+the layer index dropped ('blocks/*/attn/wq'), so only one weight's copies across layers are stacked: they have the
+same logical axes, hence the same sharding, and stacking them on a new replicated axis needs no communication. Every
+matrix keeps its own norm and its own iteration (the batch axes are never mixed), so the result is the per-matrix
+result.
 
 `ns_dtype`: the dtype the iterations run in. The momentum, the normalisation and the returned update stay in the
 input dtype (float32); with bfloat16 the normalised matrix is cast down, iterated, and cast back.
@@ -46,7 +47,9 @@ def _is_dims(x) -> bool:
 
 def _axes(ndim: int, dims: MuonDimensionNumbers) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(batch, reduction, output) axes, non-negative; batch axes are all the others, in order."""
-    as_tuple = lambda a: (a,) if isinstance(a, int) else tuple(a)
+    def as_tuple(a):
+        return (a,) if isinstance(a, int) else tuple(a)
+
     red = tuple(a % ndim for a in as_tuple(dims.reduction_axis))
     out = tuple(a % ndim for a in as_tuple(dims.output_axis))
     if set(red) & set(out):
@@ -58,7 +61,10 @@ def _axes(ndim: int, dims: MuonDimensionNumbers) -> tuple[tuple[int, ...], tuple
 def to_matrices(x: jax.Array, dims: MuonDimensionNumbers) -> jax.Array:
     """[..] -> [B, fan_in, fan_out]: batch axes flattened first, then the reduction axes, then the output axes."""
     batch, red, out = _axes(x.ndim, dims)
-    size = lambda axes: math.prod(x.shape[a] for a in axes)
+
+    def size(axes):
+        return math.prod(x.shape[a] for a in axes)
+
     return x.transpose(batch + red + out).reshape(size(batch), size(red), size(out))
 
 
@@ -183,7 +189,9 @@ def muon(learning_rate, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8
                          "array, embedding included, to Muon)")
     if adam_learning_rate is None:
         adam_learning_rate = learning_rate
-    is_leaf = lambda x: x is None or _is_dims(x)
+
+    def is_leaf(x):
+        return x is None or _is_dims(x)
 
     def param_labels(params):
         dims = _resolve(muon_weight_dimension_numbers, params)

@@ -54,7 +54,9 @@ def params(config):
 
 def flat(tree) -> dict:
     """{'blocks/0/attn/wq': leaf}; MuonDimensionNumbers (a NamedTuple) and None count as leaves."""
-    is_leaf = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+    def is_leaf(x):
+        return x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+
     return {optimizer.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
@@ -91,7 +93,7 @@ def test_label_table_rows(config, params):
     assert set(rows) == set(EXPECTED_LABELS)
 
     def row(path):  # whole row, whitespace-normalised
-        return " ".join(next(l for l in table.splitlines() if l.split()[0] == path).split())
+        return " ".join(next(line for line in table.splitlines() if line.split()[0] == path).split())
 
     assert row("blocks/1/ffn/w_in") == "blocks/1/ffn/w_in [4, 64, 128] muon 1 -> 2 -"
     assert row("blocks/1/ffn/w_out") == "blocks/1/ffn/w_out [4, 128, 64] muon 1 -> 2 -"
@@ -433,7 +435,9 @@ def test_clip_matches_hand_built_chain(params):
     """optim.name='adamw' is exactly clip_by_global_norm -> optax.adamw(masked decay) over two steps, the first with a
     huge gradient (where clipping matters for the moments of the second)."""
     cfg = make_config(name="adamw", clip_norm=0.5)
-    mask = lambda p: jax.tree.map(lambda x: np.ndim(x) >= 2, p)
+    def mask(p):
+        return jax.tree.map(lambda x: np.ndim(x) >= 2, p)
+
     peak, r, steps = cfg.optim.adamw_lr, cfg.optim.min_lr_ratio, cfg.train.steps
 
     def sched(s):  # written out again: linear warmup, cosine to r * peak at the last step
