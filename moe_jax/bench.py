@@ -31,7 +31,7 @@ import time
 import jax
 import numpy as np
 
-from moe_jax import config_lib, flops
+from moe_jax import config_lib, flops, precision
 from moe_jax import model as model_lib
 from moe_jax import optimizer as optimizer_lib
 from moe_jax import sharding as sharding_lib
@@ -53,15 +53,18 @@ def apply_overrides(config, overrides: dict) -> None:
         node[leaf] = value
 
 
-def prepare(config, batch: int, seq: int, grad_accum: int = 0, overrides=None):
-    """A copy of `config` with the overrides ({'x.y': value}) and the benchmark's batch shape, validated."""
+def prepare(config, batch: int, seq: int, grad_accum: int = 0, overrides=None, backend: str | None = None):
+    """A copy of `config` with the overrides ({'x.y': value}) and the benchmark's batch shape, validated, with
+    model.dtype and model.attention 'auto' resolved for `backend` (default: JAX's default backend)."""
     config = config.copy_and_resolve_references()
     apply_overrides(config, overrides or {})
     config.train.batch_size = batch
     config.train.seq_len = seq
     if grad_accum:
         config.train.grad_accum = grad_accum
-    return config_lib.validate(config)
+    config_lib.validate(config)
+    precision.resolve(config, backend)
+    return config
 
 
 class Bench:
@@ -87,6 +90,7 @@ class Bench:
         self.step, b_shard = step_lib.compile_train_step(config, graphdef, opt, abs_state, self.mesh, batch)
         with jax.set_mesh(self.mesh):
             self.state = step_lib.init_sharded_state(config, opt, jax.tree.map(lambda s: s.sharding, abs_state))
+            self.memory = step_lib._memory(self.step)  # bytes per device, XLA's compiled memory analysis
             self.batch = {k: jax.device_put(v, b_shard[k]) for k, v in batch.items()}
         self.compile_s = time.perf_counter() - t0
         self.graphdef, self.opt = graphdef, opt
@@ -147,7 +151,7 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         while label in seen:
             label += "'"
         seen.add(label)
-        configs.append((label, prepare(c, batch, seq, grad_accum, overrides)))
+        configs.append((label, prepare(c, batch, seq, grad_accum, overrides, devices[0].platform)))
     dev = devices[0]
     out(f"device: {dev.device_kind} ({dev.platform}), timing on {len(devices)} of {jax.device_count()} device(s); "
         f"jax {jax.__version__}")
@@ -186,14 +190,18 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
                  params_total=counts["total"], params_active=counts["active"],
                  training_flops_per_token=fpt["training"], padding_flops_per_token=fpt["capacity_padding_training"],
                  tflops_with_padding=tps * (fpt["training"] + fpt["capacity_padding_training"]) / 1e12,
-                 loss=b.last_loss, dense=c.moe.num_experts == 0)
+                 loss=b.last_loss, dense=c.moe.num_experts == 0, dtype=c.model.dtype, attention=c.model.attention,
+                 memory_bytes=dict(b.memory))
         results[b.name] = r
         t = c.train
         out(f"== {b.name}: batch {t.batch_size} x accum {t.grad_accum} x seq {t.seq_len}, {c.model.dtype}, "
-            f"optimizer {c.optim.name}")
+            f"attention {c.model.attention}, optimizer {c.optim.name}")
         out(f"   params {counts['total'] / 1e6:.2f} M total, {counts['active'] / 1e6:.2f} M active; training "
             f"{fpt['training'] / 1e6:.2f} MFLOP/token (capacity padding + dispatch "
             f"{fpt['capacity_padding_training'] / 1e6:.2f} MFLOP/token apart)")
+        if b.memory:
+            out("   compiled step memory per device: " + ", ".join(
+                f"{k.replace('_size_in_bytes', '')} {v / 2**30:.2f} GiB" for k, v in b.memory.items()))
         out(f"   step time {sec * 1e3:.1f} ms (rounds: {', '.join(f'{s * 1e3:.1f}' for s in b.rounds)} ms), "
             f"loss {b.last_loss:.3f}")
         out(f"   tokens/s {tps:,.0f}; TFLOP/s {tflops:.4g}; MFU {r['mfu']:.2%} of the peak "
@@ -214,9 +222,12 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
             if n == dense_name:
                 continue
             fractions[n] = {"of": dense_name, "tflops": r["tflops"] / d["tflops"],
-                            "tokens_per_s": r["tokens_per_s"] / d["tokens_per_s"]}
+                            "tokens_per_s": r["tokens_per_s"] / d["tokens_per_s"],
+                            "step_time": r["step_time_s"] / d["step_time_s"],
+                            "flops_per_token": r["training_flops_per_token"] / d["training_flops_per_token"]}
             out(f"{n}: TFLOP/s {fractions[n]['tflops']:.1%} of dense ({dense_name}); tokens/s "
-                f"{fractions[n]['tokens_per_s']:.1%} of dense")
+                f"{fractions[n]['tokens_per_s']:.1%} of dense; step time {fractions[n]['step_time']:.3f}x dense's "
+                f"at {fractions[n]['flops_per_token']:.3f}x its model FLOPs per token")
     return {"device": f"{dev.device_kind} ({dev.platform})", "num_devices": len(devices), "peak_tflops": peak,
             "peak_source": source, "configs": results, "fraction_of_dense": fractions}
 

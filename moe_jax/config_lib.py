@@ -17,13 +17,13 @@ from __future__ import annotations
 import ml_collections
 
 MESH_AXES = ("data", "expert", "model")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: precision.COMPUTE_DTYPE per backend
 MLP_TYPES = ("gelu", "gelu_exact", "swiglu", "silu")
 ROPE_LAYOUTS = ("halves", "adjacent")
 FLOAT32_EPS = 1.1920928955078125e-07  # numpy.finfo(float32).eps: torch.nn.RMSNorm's eps when eps=None (the seeds)
 DATA_SOURCES = ("bible", "tfds", "files")
 PACKING = ("concat", "segments")
-ATTENTION = ("blocked", "xla")
+ATTENTION = ("auto", "blocked", "xla", "cudnn")  # auto: precision.ATTENTION per backend
 
 
 class ConfigError(ValueError):
@@ -49,9 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.rope_layout = "halves"  # RoPE pairs: 'halves' (i, i + D/2; seed exp5) | 'adjacent' (2i, 2i + 1; seed 002)
     c.model.norm_eps = 1e-6  # RMSNorm eps (the seeds' torch.nn.RMSNorm(eps=None) uses FLOAT32_EPS)
     c.model.init_std = 0.02
-    c.model.dtype = "float32"  # compute dtype; params are always float32
+    c.model.dtype = "auto"  # compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params always float32
     c.model.remat = False  # rematerialise each block in the backward pass
-    c.model.attention = "blocked"  # 'blocked' (skips key blocks above the diagonal) or 'xla' (dot_product_attention)
+    c.model.attention = "auto"  # 'auto' (CPU: blocked, GPU: cudnn, TPU: xla), 'blocked' (skips key blocks above
+    #   the diagonal), 'xla' (jax.nn.dot_product_attention) or 'cudnn' (cuDNN fused flash attention; GPU only)
     c.model.attention_block = 128  # queries per block for 'blocked' (0: one block)
 
     c.moe = ml_collections.ConfigDict()

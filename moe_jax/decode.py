@@ -355,6 +355,8 @@ def main(argv) -> None:
         batches = [int(b) for b in FLAGS.batch]
     except ValueError:
         raise cli.UsageError(f"--batch {','.join(FLAGS.batch)}: expected comma-separated integers, e.g. 1,3")
+    from moe_jax import precision
+    print(precision.describe(precision.resolve(cfg)))
     new = min(FLAGS.max_new_tokens, context_length(cfg) - FLAGS.prompt_len)
     print(f"{path}: {jax.devices()[0].device_kind}, {jax.device_count()} device(s), dtype {cfg.model.dtype}, "
           f"context {context_length(cfg)}")

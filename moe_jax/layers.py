@@ -2,24 +2,28 @@
 cache, the dense feed-forward, and dropout.
 
 Conventions: parameters are float32 and carry `logical_axes` metadata (see sharding.py); computation runs in the
-config's compute dtype (`x.astype(dtype)` at each matmul); softmaxes and norms are computed in float32.
+config's compute dtype (`x.astype(dtype)` at each matmul); softmaxes and norms are computed in float32. Which tensor
+has which dtype, and what 'auto' means per backend, is precision.py's policy.
 Shapes: B batch, S length, M d_model, H heads, D head_dim, F d_ff, V vocab, L cache length.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax import precision
 from moe_jax.model_config import ModelConfig
 from moe_jax.sharding import constrain
 
 
 def dtype_of(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    """model.dtype -> jnp dtype ('auto': the backend's compute dtype, precision.COMPUTE_DTYPE)."""
+    return precision.compute_dtype(name)
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
@@ -28,8 +32,9 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
     """Contract the last `n_in` dims of x with the first `n_in` dims of w: x [..., *K], w [*K, *O] -> [..., *O].
+    `out_dtype` (e.g. float32 for the output logits) sets the accumulation/result dtype; default: the inputs'.
 
     Computed as one 2-D matmul [rows, prod K] @ [prod K, prod O]. XLA:CPU differentiates the 2-D form faster than
     the same contraction written as an einsum over [B, S, ...] (whose weight gradient needs transposing copies of the
@@ -38,7 +43,11 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     k_shape, o_shape = w.shape[:n_in], w.shape[n_in:]
     lead = x.shape[:x.ndim - n_in]
     k = math.prod(k_shape)
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    if out_dtype == jnp.float32 and jnp.result_type(x2, w2) != jnp.float32:
+        y = precision.einsum_f32("nk,ko->no", x2, w2)  # float32 out, backward in the inputs' dtype
+    else:
+        y = jnp.matmul(x2, w2, preferred_element_type=out_dtype)
     return y.reshape(lead + o_shape)
 
 
@@ -76,8 +85,8 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """x [B, S, M] -> logits [B, S, V]."""
-        return project(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        """x [B, S, M] -> logits [B, S, V] float32 (compute-dtype inputs, float32 accumulation and result)."""
+        return project(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T, out_dtype=jnp.float32)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float, layout: str = "halves") -> jax.Array:
@@ -126,8 +135,7 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
     outs = []
     for start in range(0, s, block):
         stop = min(start + block, s)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, start:stop], k[:, :stop],
-                            preferred_element_type=jnp.float32)  # [B, H, stop - start, stop]
+        scores = precision.einsum_f32("bqhd,bkhd->bhqk", q[:, start:stop], k[:, :stop])  # [B, H, q, stop] f32
         visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # [q, k]
         visible = visible[None, None]
         if segment_ids is not None:
@@ -138,12 +146,63 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] segment ids -> [B, 1, S, S] bool: query i may see key j (same segment, j <= i)."""
+    s = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & jnp.tril(jnp.ones((s, s), bool)))[:, None]
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Causal attention by `jax.nn.dot_product_attention` (XLA: the full S x S scores, float32 softmax).
+    q, k, v [B, S, H, D]; segment_ids [B, S] or None -> [B, S, H, D]."""
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), implementation="xla")
+
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def cudnn_fallback_reason(q: jax.Array) -> str | None:
+    """Why cuDNN's fused attention cannot take q [B, S, H, D] (None when it can): it needs bfloat16/float16 inputs
+    and a head_dim that is a multiple of 8 and at most 128 (jax.nn.dot_product_attention, implementation='cudnn')."""
+    d = q.shape[-1]
+    if q.dtype not in CUDNN_DTYPES:
+        return f"cuDNN fused attention needs bfloat16/float16 inputs, got {q.dtype} (set model.dtype=bfloat16)"
+    if d % 8 or d > 128:
+        return f"cuDNN fused attention needs head_dim % 8 == 0 and head_dim <= 128, got {d}"
+    return None
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Causal attention by cuDNN's fused (flash) kernel: `jax.nn.dot_product_attention(implementation='cudnn')`.
+
+    q, k, v [B, S, H, D]; segment_ids [B, S] or None -> [B, S, H, D]. Packed segments go in as cuDNN's mask (an
+    additive bias of [B, 1, S, S] beside the causal mask). Where cuDNN cannot take the inputs (float32, an odd head
+    size, or a mask its version refuses while tracing) this logs the reason and computes `xla_attention` instead.
+    """
+    reason = cudnn_fallback_reason(q)
+    if reason is None:
+        try:
+            if segment_ids is None:
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                                implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # raised while tracing, before anything runs
+            reason = f"cuDNN refused the call: {e}"
+    logging.getLogger(__name__).warning("model.attention='cudnn' falls back to 'xla' attention: %s", reason)
+    return xla_attention(q, k, v, segment_ids)
+
+
 class Attention(nnx.Module):
     """Causal multi-head self-attention with RoPE.
 
     Weights: wq, wk, wv [M, H, D]; wo [H, D, M]. Without a cache, attends causally within the sequence (and within
     the same segment when segment_ids are given) with `model.attention`: 'blocked' (`blocked_causal_attention`,
-    skipping the key blocks above the diagonal) or 'xla' (`jax.nn.dot_product_attention`, the full S x S mask).
+    skipping the key blocks above the diagonal), 'xla' (`jax.nn.dot_product_attention`, the full S x S mask),
+    'cudnn' (cuDNN's fused flash attention, GPU only; see `cudnn_attention`) or 'auto' (precision.ATTENTION: blocked
+    on CPU, cudnn on GPU, xla on TPU).
     With a cache {'k','v': [B, L, H, D]} and `cache_index` (a scalar: where the new tokens start), writes the new
     keys/values there and attends to cache positions <= each query's (decoding; `jax.nn.dot_product_attention`).
     """
@@ -154,7 +213,7 @@ class Attention(nnx.Module):
         self.rope_base = cfg.rope_base
         self.rope_layout = cfg.rope_layout
         self.dtype = dtype_of(cfg.dtype)
-        self.impl = cfg.attention
+        self.impl = precision.attention_impl(cfg.attention)
         self.block = cfg.attention_block
         shape_in = (cfg.d_model, cfg.n_heads, self.head_dim)
         axes_in = ("embed", "heads", "head_dim")
@@ -184,12 +243,10 @@ class Attention(nnx.Module):
             key_pos = jnp.arange(ck.shape[1])
             mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, S, L]
             out = jax.nn.dot_product_attention(q, ck.astype(dt), cv.astype(dt), mask=mask)
+        elif self.impl == "cudnn":
+            out = cudnn_attention(q, k, v, segment_ids)
         elif self.impl == "xla":
-            mask = None
-            if segment_ids is not None:
-                same = segment_ids[:, :, None] == segment_ids[:, None, :]
-                mask = (same & jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool)))[:, None]
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+            out = xla_attention(q, k, v, segment_ids)
         else:
             out = blocked_causal_attention(q, k, v, segment_ids, self.block)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))

@@ -103,7 +103,7 @@ class Transformer(nnx.Module):
         if m.tie_embeddings:
             logits = self.embed.attend(x)
         else:
-            logits = project(x, self.head[...].astype(self.dtype))
+            logits = project(x.astype(self.dtype), self.head[...].astype(self.dtype), out_dtype=jnp.float32)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, self._aux(layer_metrics), (new_cache if cache is not None else None)
 

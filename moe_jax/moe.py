@@ -6,7 +6,8 @@ Shapes: B batch, S length, M d_model, F expert d_ff, E experts, K top-k, G routi
 Read top to bottom, one forward pass is:
  1. Tokens [B, S, M] are regrouped into [G, T, M] (T <= moe.group_size: the dispatch mask is [G, T, E, C] and
     C grows with T, so its size grows with T^2).
- 2. Router in float32: logits [G, T, E] = x @ w_router; probs = softmax over all E experts; top-k of probs;
+ 2. Router in float32: logits [G, T, E] = x @ w_router (float32 inputs, Precision.HIGHEST: precision.router_logits);
+    probs = softmax over all E experts; top-k of probs;
     the k weights are renormalised to sum to 1 (moe.renormalize).
  3. Capacity C = max(ceil(K * T * capacity_factor / E), min_capacity), at most T. Priority: every token's first
     choice is placed before any token's second choice (Switch/flaxformer), and within one choice rank, earlier
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax import precision
 from moe_jax.layers import activation, dtype_of, param
 from moe_jax.model_config import ModelConfig
 from moe_jax.sharding import constrain
@@ -78,8 +80,10 @@ def route(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True
     kept = slot < capacity
     slot_onehot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)  # [G, T, K, C]
     expert_kept = onehot.astype(jnp.float32) * kept[..., None]  # [G, T, K, E]
-    dispatch = jnp.einsum("gtke,gtkc->gtec", expert_kept, slot_onehot)
-    gate_te = jnp.einsum("gtke,gtk->gte", expert_kept, gates)  # a token picks an expert at most once
+    # float32 at Precision.HIGHEST: the default would round the gates to TF32 on GPU / bfloat16 passes on TPU
+    hi = precision.ROUTER_PRECISION
+    dispatch = jnp.einsum("gtke,gtkc->gtec", expert_kept, slot_onehot, precision=hi)
+    gate_te = jnp.einsum("gtke,gtk->gte", expert_kept, gates, precision=hi)  # a token picks an expert at most once
     combine = dispatch * gate_te[..., None]
     info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=kept, slot=slot)
     return dispatch, combine, info
@@ -163,7 +167,7 @@ class MoEBlock(nnx.Module):
         g = b * s // t
         xg = constrain(x.reshape(g, t, d).astype(dt), ("group", "group_tokens", "embed"))
 
-        logits = jnp.einsum("gtm,me->gte", xg.astype(jnp.float32), self.w_router[...])  # float32 router
+        logits = precision.router_logits(xg, self.w_router[...])  # [G, T, E] float32, Precision.HIGHEST
         noise_std = self.cfg.moe.router_noise_std
         if train and noise_std > 0 and rng is not None:
             logits = logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)

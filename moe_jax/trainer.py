@@ -1,7 +1,8 @@
 """The train loop: data -> compiled step -> metrics, evaluation, checkpoints; resumable and preemption-safe.
 
 `train(config, workdir)` is the whole job behind `python -m moe_jax.train`. What it guarantees:
-  * the config is validated and written to the workdir before anything heavy;
+  * the config is validated and written to the workdir before anything heavy, with model.dtype and
+    model.attention 'auto' resolved for the backend (precision.resolve) and printed;
   * both steps are compiled ahead of time and their memory use is printed before step 1;
   * a workdir with checkpoints resumes from the latest one (params, optimizer, step, data iterator, RNG), and the
     resumed run's losses equal an uninterrupted run's;
@@ -27,6 +28,7 @@ from moe_jax import checkpoint as ckpt_lib
 from moe_jax import config_lib, data, flops, optimizer as optimizer_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
+from moe_jax import precision
 from moe_jax import sharding as sharding_lib
 from moe_jax import train_step as step_lib
 
@@ -92,6 +94,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     check_batch_fits_mesh(config, mesh)
     t = config.train
     log(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)")
+    log(precision.describe(precision.resolve(config, mesh.devices.flat[0].platform)))  # config.json records it
 
     ds = data.build(config)
     if ds.tokenizer.vocab_size != config.model.vocab_size:
