@@ -5,7 +5,7 @@ vocabulary 49152 (the seeds' SmolLM tokenizer size), sequence 1024, bfloat16 com
     bash scripts/device_check.sh                     (benchmarks this against configs/gpu_moe.py)
 
 Parameters (flops.param_counts): 122.7 M = embedding 37.7 M (tied head) + attention 28.3 M + FFN 56.6 M + norms.
-Training FLOPs/token (flops.flops_per_token): 3 x forward (matmuls incl. the [M, V] head, causal attention) = 0.79 GFLOP.
+Training FLOPs/token (flops.flops_per_token): 3 x forward (matmuls incl. the [M, V] head; causal attention): 0.79 G.
 
 Batch (sized for one 80 GB H100 in bfloat16, no rematerialisation), an estimate per token of what the backward pass
 keeps: per layer about 38 x d_model bytes (bfloat16 residual, norm outputs, q/k/v, attention output, FFN in/out,

@@ -139,10 +139,11 @@ class Bench:
 
 def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, steps: int = 10, warmup: int = 2,
               rounds: int = 1, matmul_n: int = 2048, breakdown: bool = False, overrides=None, devices=None,
-              peak_tflops: float = 0.0, out=print) -> dict:
+              peak_tflops: float = 0.0, out=print, benches_out: list | None = None) -> dict:
     """Benchmark [(label, config)] together (`overrides` {'x.y': value} applied to each); prints a report through
     `out` and returns
-    {'device', 'peak_tflops', 'peak_source', 'configs': {label: {...}}, 'fraction_of_dense': {label: {...}}}."""
+    {'device', 'peak_tflops', 'peak_source', 'configs': {label: {...}}, 'fraction_of_dense': {label: {...}}}.
+    `benches_out`, when a list, receives the compiled `Bench` objects (e.g. to profile a step afterwards)."""
     if not entries:
         raise ValueError("no configs to benchmark")
     devices = list(jax.devices()[:1] if devices is None else devices)
@@ -176,6 +177,8 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         out(f"peak re-measured after the runs: {peak_after * 1e3:,.1f} GFLOP/s; using the larger")
         peak = max(peak, peak_after)
 
+    if benches_out is not None:
+        benches_out.extend(benches)
     results = {}
     out("")
     for b in benches:

@@ -40,7 +40,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from moe_jax import config_lib, flops
+from moe_jax import config_lib, flops, precision
 from moe_jax import metrics as metrics_lib
 
 REPORT_FILE = "report.md"
@@ -234,6 +234,8 @@ def check_run_dir(config, rdir: str) -> None:
         return
     with open(path) as f:
         old = _flatten(json.load(f))
+    config = config.copy_and_resolve_references()
+    precision.resolve(config)  # config.json holds model.dtype/attention resolved for the backend ('auto' -> ...)
     new = _config_json(config)
     diff = sorted(k for k in set(old) | set(new) if k not in RERUN_IGNORED and old.get(k) != new.get(k))
     if diff:

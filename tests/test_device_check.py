@@ -1,0 +1,39 @@
+"""scripts/device_check.sh --cpu: the device check runs end to end on CPU with smoke-sized configs, so that the
+script that runs on the GPU machine cannot rot. Every step must succeed (the seed anchor is GPU-only: skipped)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_device_check_runs_on_cpu(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on a single accelerator
+    p = subprocess.run(["bash", "scripts/device_check.sh", "--cpu", "--out", str(out), "--work", str(work)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    r = json.loads((out / "device_check.json").read_text())
+    steps = r["steps"]
+    assert {k: v["status"] for k, v in steps.items()} == {
+        "env": "ok", "attention": "ok", "bench": "ok", "profile": "ok", "train": "ok", "decode": "ok",
+        "compare": "ok", "seeds": "skipped", "tests": "ok"}
+    assert steps["env"]["backend"] == "cpu" and "model.dtype auto -> float32" in steps["env"]["policy"]
+    att = steps["attention"]["results"]
+    assert {"blocked/float32/causal", "xla/bfloat16/segments"} <= set(att) and all(a["pass"] for a in att.values())
+    bench = steps["bench"]
+    assert len(bench["configs"]) == 2 and all(c["tokens_per_s"] > 0 and c["memory_bytes"]
+                                              for c in bench["configs"].values())
+    assert bench["moe_step_over_flop_equal_dense_step"] > 0
+    assert steps["profile"]["top_ops"] and steps["profile"]["top_ops"][0]["ms_per_step"] > 0
+    train = steps["train"]
+    assert train["resumed_from_step"] >= 4 and train["summary"]["finished"] and train["summary"]["step"] == 40
+    runs = steps["decode"]["runs"]
+    assert [run["batch"] for run in runs] == [2] and runs[0]["decode_tokens_per_s"] > 0
+    assert steps["compare"]["results"]["arms"]
+    assert " passed" in steps["tests"]["summary"]
+    log = (out / "device_check.log").read_text()
+    assert "== train: ok" in log and "resumed from step" in log
