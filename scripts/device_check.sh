@@ -18,4 +18,7 @@ if [ "$cpu" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
   echo "installed $(ls .whl/*.whl | wc -l) carried wheels into $SITE in $(( $(date +%s) - t0 )) s"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Several processes share the accelerator one after another (this one, training, pytest, torch): none preallocates
+# 75% of its memory except the benchmark's own child process (device_check.py sets it there).
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 exec "$PY" -u scripts/device_check.py "$@"
