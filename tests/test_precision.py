@@ -182,3 +182,13 @@ def test_einsum_f32_gradient_is_the_einsum_gradient_and_runs_in_the_input_dtype(
     assert all(x.dtype == jnp.bfloat16 for x in grads)
     for got, want in zip(grads, jax.grad(g, (0, 1))(a16.astype(jnp.float32), b16.astype(jnp.float32))):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU cuDNN takes the call")
+def test_cudnn_without_cudnn_falls_back_to_xla(caplog):
+    """A run trained on a GPU (config.json: attention 'cudnn', bfloat16) still evaluates and generates elsewhere."""
+    q = jnp.asarray(np.random.default_rng(4).normal(size=(1, 16, 2, 64)), jnp.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        got = jax.jit(layers.cudnn_attention)(q, q, q)
+    assert "cuDNN refused the call" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(layers.xla_attention(q, q, q), np.float32))
