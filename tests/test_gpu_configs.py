@@ -39,7 +39,7 @@ def test_auto_resolves_to_cudnn_bfloat16_on_gpu_with_a_head_size_cudnn_takes(con
         c = c.copy_and_resolve_references()
         precision.resolve(c, "gpu")
         assert (c.model.dtype, c.model.attention) == ("bfloat16", "cudnn")
-        q = jnp.zeros((1, 8, c.model.n_heads, config_lib.head_dim(c)), jnp.bfloat16)
+        q = jnp.zeros((1, 8, c.model.n_heads, c.model.d_model // c.model.n_heads), jnp.bfloat16)
         assert layers.cudnn_fallback_reason(q) is None
         with pytest.raises(config_lib.ConfigError, match="model.attention"):
             precision.resolve(c, "cpu")  # resolved 'cudnn' is explicit now: refused on CPU, naming the fix
