@@ -1,7 +1,7 @@
 """GPU-sized dense model near 125 M parameters: d_model 768, 12 layers, 12 heads (head_dim 64), GELU FFN d_ff 3072,
 vocabulary 49152 (the seeds' SmolLM tokenizer size), sequence 1024, bfloat16 compute, batch 32 x 1024 tokens.
 
-    python -m moe_jax.bench --configs configs/gpu_dense.py,configs/gpu_moe.py --batch 32 --seq 1024
+    python -m moe_jax.bench --config configs/gpu_moe.py --baseline configs/gpu_dense.py --batch 32 --seq 1024
     bash scripts/device_check.sh                     (benchmarks this against configs/gpu_moe.py)
 
 Parameters (flops.param_counts): 122.7 M = embedding 37.7 M (tied head) + attention 28.3 M + FFN 56.6 M + norms.

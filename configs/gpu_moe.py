@@ -2,7 +2,7 @@
 every layer with expert d_ff 1536 (= dense d_ff 3072 / 2, so a token's two experts hold the dense FFN's 2 x 768 x
 3072 active weights), vocabulary 49152, sequence 1024, bfloat16 compute, batch 32 x 1024 tokens.
 
-    python -m moe_jax.bench --configs configs/gpu_dense.py,configs/gpu_moe.py --batch 32 --seq 1024
+    python -m moe_jax.bench --config configs/gpu_moe.py --baseline configs/gpu_dense.py --batch 32 --seq 1024
 
 Parameters: 122.8 M active (the dense model's 122.7 M + the router's 12 x 768 x 8), 292.7 M in total (8 experts per
 layer). Training FLOPs/token equal the dense model's within 0.1% (the router), so step time / dense step time is

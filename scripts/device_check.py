@@ -220,8 +220,8 @@ def step_attention(check: Check, shape) -> dict:
 
 
 def load(path: str):
-    from moe_jax import bench
-    return bench.load_config_file(os.path.join(ROOT, path))
+    from moe_jax import cli
+    return cli.load_config_file(os.path.join(ROOT, path))
 
 
 def step_bench(check: Check, args, keep: list) -> dict:

@@ -21,4 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Several processes share the accelerator one after another (this one, training, pytest, torch): none preallocates
 # 75% of its memory except the benchmark's own child process (device_check.py sets it there).
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+# One persistent compilation cache for all of them: the resumed training run, the comparison's arms and the tests
+# load what an earlier process compiled instead of compiling it again.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/moe_jax_device_check_jax_cache}
 exec "$PY" -u scripts/device_check.py "$@"

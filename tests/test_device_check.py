@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_device_check_runs_on_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
