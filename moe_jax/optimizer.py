@@ -61,6 +61,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from moe_jax import muon as muon_lib
+from moe_jax import precision
 
 MUON, ADAMW = "muon", "adamw"
 
@@ -209,10 +210,9 @@ def _adamw(config) -> optax.GradientTransformation:
 def ns_dtype(config):
     """The Newton-Schulz dtype for optim.ns_dtype: 'float32' | 'bfloat16', or 'auto' = the faster one on this backend
     as measured (docs/optimizer.md): float32 on CPU (XLA:CPU's bfloat16 matmuls were slower there), bfloat16 on
-    GPU/TPU (what the reference Muon runs; by reference, not yet measured here)."""
-    name = config.optim.ns_dtype
-    if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    GPU/TPU (what the reference Muon runs; by reference, not yet measured here). The per-backend table is the
+    precision policy's (precision.NS_DTYPE)."""
+    name = precision.ns_dtype_name(config.optim.ns_dtype)
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 

@@ -192,3 +192,14 @@ def test_cudnn_without_cudnn_falls_back_to_xla(caplog):
         got = jax.jit(layers.cudnn_attention)(q, q, q)
     assert "cuDNN refused the call" in caplog.text
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(layers.xla_attention(q, q, q), np.float32))
+
+
+@pytest.mark.parametrize("name", ["auto", "float32", "bfloat16"])
+def test_optimizer_ns_dtype_follows_the_policy(name):
+    from moe_jax import optimizer
+    c = config_lib.base_config()
+    c.optim.ns_dtype = name
+    want = precision.ns_dtype_name(name)  # auto: precision.NS_DTYPE of this backend (float32 on CPU)
+    assert optimizer.ns_dtype(c) == precision.DTYPES[want]
+    if name == "auto" and precision.backend() == "cpu":
+        assert optimizer.ns_dtype(c) == jnp.float32
