@@ -121,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.worker_count = 0
     c.data.max_val_windows = 256
+    c.data.shards = 0  # training-data shards (0: one per JAX process). Fixes the global batch's rows whatever the
+    #   process count: process p of N reads shards [p * shards / N, (p + 1) * shards / N); see data/pipeline.py
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)
@@ -237,6 +239,10 @@ def validate(config) -> ml_collections.ConfigDict:
            f"must be an integer >= 0 (0 = no worker processes), got {d.worker_count!r}")
     _check(isinstance(d.max_val_windows, int) and d.max_val_windows >= 0, "data.max_val_windows",
            f"must be an integer >= 0 (0 = every validation window), got {d.max_val_windows!r}")
+    _check(isinstance(d.shards, int) and d.shards >= 0, "data.shards",
+           f"must be an integer >= 0 (0 = one shard per JAX process), got {d.shards!r}")
+    _check(d.shards == 0 or t.batch_size % d.shards == 0, "data.shards",
+           f"{d.shards} shards cannot split train.batch_size={t.batch_size}; use a divisor of the batch size")
     _check(isinstance(d.shuffle_seed, int) and 0 <= d.shuffle_seed < 2**32, "data.shuffle_seed",
            f"must be an integer in [0, 2**32), got {d.shuffle_seed!r}")
 

@@ -24,6 +24,27 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config.name>.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and GPU "
                       "clusters: every host runs the same command; the coordinator is auto-detected on Cloud TPU/SLURM).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator, for clusters JAX cannot "
+                        "auto-detect (implies --distributed; JAX also reads JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", None, "Number of JAX processes in the job (implies --distributed).")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --distributed).")
+
+
+def distributed_args(distributed: bool, coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None) -> dict | None:
+    """Keyword arguments for jax.distributed.initialize, or None for a single-process run. Any of the three flags
+    implies a distributed run; flags left out stay None, so JAX auto-detects them (Cloud TPU, SLURM, Open MPI) or
+    reads JAX_COORDINATOR_ADDRESS. Raises ValueError naming the flag when the given values cannot work."""
+    explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    if not distributed and all(v is None for v in explicit.values()):
+        return None
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num_processes={num_processes}: must be >= 1")
+    if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+        raise ValueError(f"--process_id={process_id}: must be in [0, --num_processes={num_processes})")
+    if (num_processes is None) != (process_id is None):
+        raise ValueError("--num_processes and --process_id: give both or neither (neither: auto-detected)")
+    return explicit
 
 
 def main(argv):
@@ -36,9 +57,14 @@ def main(argv):
         cli.fail(f"--workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
                  "tokenizer are written through the filesystem); on a pod, mount the bucket on every host (gcsfuse, "
                  "e.g. --workdir /mnt/gcs/runs/moe) or use a shared filesystem")
-    import jax
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    try:
+        init_args = distributed_args(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
+    except ValueError as e:
+        cli.fail(str(e))
+    if init_args is not None:
+        import jax
+        jax.distributed.initialize(**init_args)
     from moe_jax import trainer  # heavy imports only after the config is known to be good
     summary = trainer.train(config, workdir)
     print(f"done: step {summary['step']}, workdir {workdir}, "

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from moe_jax import config_lib, data
 from moe_jax.data import pipeline
@@ -130,6 +131,43 @@ def test_two_processes(bible, cache_dir):
     c.train.batch_size = 3
     with pytest.raises(data.DataError, match=r"config\.train\.batch_size=3 is not divisible by the 2"):
         data.build(c, process_index=0, process_count=2)
+
+
+def test_shards_fix_the_global_batch_across_process_counts(cache_dir, tmp_path):
+    """With data.shards=2, one process reads exactly the rows two processes read together (process 0 first), and a
+    data state saved by the two processes (one file per shard) resumes in one process, and vice versa."""
+    two = [data.build(make_config(cache_dir), process_index=p, process_count=2) for p in range(2)]
+    one = data.build(make_config(cache_dir, shards=2), process_index=0, process_count=1)
+    for _ in range(3):
+        parts = [next(d.train_iter) for d in two]
+        whole = next(one.train_iter)
+        for k in whole:
+            np.testing.assert_array_equal(whole[k], np.concatenate([parts[0][k], parts[1][k]]))
+    handler = pipeline.ShardFilesHandler()
+    saved = epath.Path(tmp_path / "two")
+    saved.mkdir()
+    for d in two:
+        handler.save(saved, args=pipeline.ShardsSave(d.train_iter))
+    assert sorted(p.name for p in saved.iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
+    resumed = data.build(make_config(cache_dir, shards=2), process_index=0, process_count=1)
+    handler.restore(saved, args=pipeline.ShardsRestore(resumed.train_iter))
+    expect = [next(d.train_iter) for d in two]
+    np.testing.assert_array_equal(next(resumed.train_iter)["inputs"],
+                                  np.concatenate([e["inputs"] for e in expect]))
+    back = [data.build(make_config(cache_dir, shards=2), process_index=p, process_count=2) for p in range(2)]
+    saved_one = epath.Path(tmp_path / "one")
+    saved_one.mkdir()
+    handler.save(saved_one, args=pipeline.ShardsSave(resumed.train_iter))
+    for d in back:
+        handler.restore(saved_one, args=pipeline.ShardsRestore(d.train_iter))
+    whole = next(resumed.train_iter)
+    np.testing.assert_array_equal(np.concatenate([next(d.train_iter)["inputs"] for d in back]), whole["inputs"])
+    # a state of 2 shards does not silently restore into 1 shard
+    with pytest.raises(data.DataError, match=r"config\.data\.shards: .*--config\.data\.shards=2"):
+        handler.restore(saved, args=pipeline.ShardsRestore(data.build(make_config(cache_dir), process_index=0,
+                                                                      process_count=1).train_iter))
+    with pytest.raises(data.DataError, match=r"config\.data\.shards=3: must be a positive multiple of the 2"):
+        pipeline.local_shards(3, 0, 2)
 
 
 def test_val_batches_fixed_finite_padded(bible):

@@ -4,7 +4,8 @@
     ds.tokenizer          Tokenizer (.encode, .decode, .vocab_size, .bos_id, .eos_id, .pad_id, .path)
     ds.train_iter         infinite grain iterator; next() -> {'inputs', 'targets': int32 [B, S], 'weights': float32
                           [B, S], with packing='segments' also 'segment_ids', 'positions': int32 [B, S]}
-                          B = train.batch_size * train.grad_accum // process_count, S = train.seq_len
+                          B = train.batch_size * train.grad_accum // process_count, S = train.seq_len;
+                          the rows of this process's data shards (config.data.shards, see pipeline.py)
     ds.val_batches(n)     fixed list of this process's shares of global validation batches of n rows
     ds.stats              {source, num_docs_train, num_docs_val, tokens_train, tokens_val, vocab_size, val_windows,
                            tokens_estimated}
@@ -41,10 +42,10 @@ class Data:
     """What `build` returns. `source` and `train_dataset` are there for tools and tests."""
 
     tokenizer: Tokenizer
-    train_iter: pipeline.ExactResumeIterator
+    train_iter: pipeline.ShardedIterator
     stats: dict[str, Any]
     source: Source
-    train_dataset: pipeline.ExactResumeIterDataset
+    train_dataset: pipeline.ShardedIterDataset
     process_index: int
     process_count: int
     packing: str
@@ -126,10 +127,14 @@ def build(config, process_index: int | None = None, process_count: int | None = 
 
     windows = pipeline.val_windows(source.val, tokenize=tokenize, seq_len=t.seq_len, packing=d.packing,
                                    pad_id=tok.pad_id, max_windows=d.max_val_windows, read_threads=read_threads)
-    train_ds = pipeline.train_dataset(source.train, tokenize=tokenize, seq_len=t.seq_len, batch_size=batch,
-                                      packing=d.packing, pad_id=tok.pad_id, seed=d.shuffle_seed,
-                                      process_index=process_index, process_count=process_count,
-                                      worker_count=d.worker_count, read_threads=read_threads)
+    num_shards = d.shards or process_count
+    shards = pipeline.local_shards(num_shards, process_index, process_count)
+    per_shard = batch // len(shards)
+    train_ds = pipeline.ShardedIterDataset({
+        k: pipeline.train_dataset(source.train, tokenize=tokenize, seq_len=t.seq_len, batch_size=per_shard,
+                                  packing=d.packing, pad_id=tok.pad_id, seed=d.shuffle_seed, process_index=k,
+                                  process_count=num_shards, worker_count=d.worker_count, read_threads=read_threads)
+        for k in shards}, num_shards)
     stats = {"source": source.name, **_token_stats(config, source, tok), "vocab_size": tok.vocab_size,
              "val_windows": int(len(windows["inputs"]))}
     return Data(tokenizer=tok, train_iter=iter(train_ds), stats=stats, source=source, train_dataset=train_ds,

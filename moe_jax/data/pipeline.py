@@ -20,6 +20,13 @@ piece, 0 = padding) and positions = pos[:-1] (restarting at 0 in each piece), an
 its input (the token after an EOS) gets weight 0. Padding (only at the end of a finite stream) has the pad id,
 segment 0 and weight 0.
 
+Shards (config.data.shards = K, default one per process): the training documents are split into K shards
+`docs[k::K]`, each its own pipeline above with batch B / K. Process p of N reads shards [p K / N, (p + 1) K / N) and
+its batch is their batches concatenated in shard order; the global batch is the processes' batches in process order.
+So a run's global batches depend on K, never on N: a 1-process run with K = 2 sees exactly the rows of a 2-process
+run. The checkpointed data state is one JSON file per shard (`process_<k>-of-<K>.json`, grain's own name, so K = N
+is grain's layout), and a checkpoint restores under any process count that divides K.
+
 Validation: the validation documents in their fixed order, packed the same way, the first `max_val_windows` windows
 (0 = all, the last one padded), computed once as arrays [W, S]; `val_batches` deals them out per process.
 
@@ -31,12 +38,14 @@ when there is none, and the restored iterator skips one document. `ExactResumeIt
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from typing import Any, Callable
 
 import grain
 import numpy as np
-import orbax.checkpoint as ocp  # noqa: F401  (registers grain's checkpoint args with orbax)
+import orbax.checkpoint as ocp  # (importing it also registers grain's checkpoint args with orbax)
 from grain import checkpoint as grain_checkpoint
 from grain.experimental import ConcatThenSplitIterDataset
 
@@ -219,19 +228,101 @@ def val_batches(windows: dict[str, np.ndarray], batch_size: int, *, process_inde
     return out
 
 
+def local_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    """The shards process `process_index` of `process_count` reads: a contiguous block of num_shards / count."""
+    if num_shards < 1 or num_shards % process_count:
+        raise DataError(f"config.data.shards={num_shards}: must be a positive multiple of the {process_count} JAX "
+                        f"processes (every process reads the same number of shards). Fix: set data.shards to a "
+                        f"multiple of {process_count}, or 0 (one shard per process).")
+    per = num_shards // process_count
+    return range(process_index * per, (process_index + 1) * per)
+
+
+class ShardedIterator:
+    """This process's training batches: next() concatenates one batch of each local shard, in shard order.
+
+    `shards`: shard index -> ExactResumeIterator over that shard (batch B / K each); `num_shards`: K."""
+
+    def __init__(self, shards: dict[int, ExactResumeIterator], num_shards: int):
+        self.shards = dict(sorted(shards.items()))
+        self.num_shards = num_shards
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(it) for it in self.shards.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def shard_file(self, shard: int) -> str:
+        return f"process_{shard}-of-{self.num_shards}.json"
+
+
+class ShardedIterDataset:
+    """`iter()` gives a fresh ShardedIterator over the same shard datasets."""
+
+    def __init__(self, shards: dict[int, ExactResumeIterDataset], num_shards: int):
+        self.shards = dict(sorted(shards.items()))
+        self.num_shards = num_shards
+
+    def __iter__(self) -> ShardedIterator:
+        return ShardedIterator({k: iter(v) for k, v in self.shards.items()}, self.num_shards)
+
+
+class ShardFilesHandler(grain_checkpoint.CheckpointHandler):
+    """orbax handler for a ShardedIterator: each process writes/reads one JSON state file per local shard."""
+
+    def save(self, directory, item=None, args=None):
+        it = item or args.item
+        for shard, sub in it.shards.items():
+            (directory / it.shard_file(shard)).write_text(json.dumps(sub.get_state(), indent=4))
+
+    def restore(self, directory, item=None, args=None):
+        it = item or args.item
+        for shard, sub in it.shards.items():
+            path = directory / it.shard_file(shard)
+            if not path.exists():
+                found = sorted(p.name for p in directory.iterdir() if p.name.endswith(".json"))
+                counts = sorted({n.rsplit("-of-", 1)[-1][:-len(".json")] for n in found})
+                raise DataError(f"config.data.shards: the checkpoint in {directory} holds data state files {found} "
+                                f"(written with {' or '.join(counts)} shard(s)), not {path.name}. Fix: resume with "
+                                f"--config.data.shards={counts[0] if counts else '<the shards of the saving run>'}.")
+            sub.set_state(json.loads(path.read_text()))
+            sub.start_prefetch()
+        return it
+
+
+@ocp.args.register_with_handler(ShardFilesHandler, for_save=True)
+@dataclasses.dataclass
+class ShardsSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ShardFilesHandler, for_restore=True)
+@dataclasses.dataclass
+class ShardsRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 def _check_iterator(it) -> None:
-    if not isinstance(it, ExactResumeIterator):
-        raise TypeError(f"expected the train iterator of data.build() (an ExactResumeIterator), got "
-                        f"{type(it).__name__}: only it restores ConcatThenSplit state exactly")
+    if not isinstance(it, (ExactResumeIterator, ShardedIterator)):
+        raise TypeError(f"expected the train iterator of data.build() (a ShardedIterator or ExactResumeIterator), "
+                        f"got {type(it).__name__}: only they restore ConcatThenSplit state exactly")
 
 
-def checkpoint_save_args(train_iter) -> grain_checkpoint.CheckpointSave:
-    """orbax args saving the iterator's state (JSON, one file per process) in an ocp.args.Composite(data=...)."""
+def checkpoint_save_args(train_iter):
+    """orbax args saving the iterator's state (JSON, one file per shard) in an ocp.args.Composite(data=...)."""
     _check_iterator(train_iter)
+    if isinstance(train_iter, ShardedIterator):
+        return ShardsSave(item=train_iter)
     return grain_checkpoint.CheckpointSave(item=train_iter)
 
 
-def checkpoint_restore_args(train_iter) -> grain_checkpoint.CheckpointRestore:
+def checkpoint_restore_args(train_iter):
     """orbax args restoring the iterator's state in place (through ExactResumeIterator.set_state)."""
     _check_iterator(train_iter)
+    if isinstance(train_iter, ShardedIterator):
+        return ShardsRestore(item=train_iter)
     return grain_checkpoint.CheckpointRestore(item=train_iter)
