@@ -126,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)
+    c.mesh.dcn_shape = (1, 1, 1)  # slices/hosts per axis over the slow links (DCN); mesh = shape * dcn_shape per
+    #   axis, shape then being one slice's (ICI) shape. Only 'data' may be > 1 (sharding.DCN_MESH_AXES)
     c.mesh.axes = MESH_AXES
     return c
 
@@ -251,6 +253,9 @@ def validate(config) -> ml_collections.ConfigDict:
     _check(len(shape) == 3, "mesh.shape", f"needs one size per axis {MESH_AXES}, got {shape}")
     _check(sum(1 for s in shape if s == -1) <= 1, "mesh.shape", f"at most one -1 is allowed, got {shape}")
     _check(all(s == -1 or s >= 1 for s in shape), "mesh.shape", f"sizes must be >= 1 or -1, got {shape}")
+    dcn = tuple(config.mesh.get("dcn_shape", (1, 1, 1)))
+    _check(len(dcn) == 3 and all(isinstance(s, int) and s >= 1 for s in dcn), "mesh.dcn_shape",
+           f"needs one size >= 1 per axis {MESH_AXES} (slices/hosts over DCN; no -1), got {dcn}")
     if moe.num_experts > 0 and shape[1] > 1:
         _check(moe.num_experts % shape[1] == 0, "mesh.shape",
                f"the 'expert' axis ({shape[1]}) must divide moe.num_experts={moe.num_experts}")

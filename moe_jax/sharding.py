@@ -43,6 +43,13 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 _RULES = dict(LOGICAL_RULES)
 
+# Mesh axes that may span the slow links between TPU slices or GPU nodes (DCN, ~10x less bandwidth than ICI/NVLink),
+# i.e. config.mesh.dcn_shape may be > 1 only on these. 'data' only: its one gradient all-reduce per step tolerates
+# DCN. Across DCN, 'expert' would put the MoE all-to-all of every layer, and 'model' the tensor-parallel
+# all-reduces of every layer, on the slow links. Logical axes that then cross DCN: those mapped onto 'data' above
+# (batch, group, expert_group), i.e. the batch.
+DCN_MESH_AXES: tuple[str, ...] = ("data",)
+
 
 def logical_to_spec(axes: Sequence[str | None], mesh_axis_names: Sequence[str] | None = None,
                     shape: Sequence[int] | None = None, mesh_shape: dict | None = None) -> P:
@@ -130,14 +137,78 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
-def build_mesh(config_or_shape, devices=None) -> Mesh:
-    """Mesh over ('data', 'expert', 'model') from `config.mesh.shape` (or a shape), on `devices` (default: all)."""
-    shape = config_or_shape.mesh.shape if hasattr(config_or_shape, "mesh") else config_or_shape
+def check_dcn_shape(dcn_shape: Sequence[int], allowed: Sequence[str] = DCN_MESH_AXES) -> tuple[int, ...]:
+    """`dcn_shape` as ints; ConfigError naming config.mesh.dcn_shape when malformed or when it puts a mesh axis
+    outside `allowed` (DCN_MESH_AXES) across the slow links."""
+    dcn = tuple(int(s) for s in dcn_shape)
+    if len(dcn) != len(MESH_AXES) or any(s < 1 for s in dcn):
+        raise ConfigError(f"config.mesh.dcn_shape: needs one size >= 1 per axis {MESH_AXES} (no -1), got {dcn}")
+    crossing = [a for a, s in zip(MESH_AXES, dcn) if s > 1 and a not in allowed]
+    if crossing:
+        raise ConfigError(f"config.mesh.dcn_shape: {dcn} puts mesh axis {crossing} across the slow links between "
+                          f"slices/hosts (DCN); only {tuple(allowed)} may cross them (sharding.DCN_MESH_AXES: "
+                          f"experts and tensor parallelism communicate every layer). Fix: keep "
+                          f"{'/'.join(crossing)} at 1 in dcn_shape and split them within a slice with config.mesh.shape")
+    return dcn
+
+
+class _SlicedDevice:
+    """A device seen with a given slice_index (simulated multi-slice layouts); every other attribute is the device's."""
+
+    def __init__(self, device, slice_index: int):
+        self.device = device
+        self.slice_index = slice_index
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+
+def hybrid_device_array(ici_shape, dcn_shape, devices, slice_of=None) -> np.ndarray:
+    """Devices arranged as ici_shape * dcn_shape (per axis) with mesh_utils.create_hybrid_device_mesh: each granule
+    (a slice, or a process when devices carry no slice_index) fills one ici_shape block, and the blocks are laid out
+    by dcn_shape, so along an axis the DCN index is the outer one. `slice_of`: device -> slice index, to simulate
+    slices (tests); default: the devices' slice_index (TPU multislice), else their process_index."""
+    from jax.experimental import mesh_utils
+    granules = math.prod(dcn_shape)
+    if slice_of is not None:
+        devices = [_SlicedDevice(d, slice_of(d)) for d in devices]
+    by_slice = all(getattr(d, "slice_index", None) is not None for d in devices) and \
+        len({d.slice_index for d in devices}) == granules
+    by_process = len({d.process_index for d in devices}) == granules
+    if not (by_slice or by_process):
+        raise ConfigError(f"config.mesh.dcn_shape: {tuple(dcn_shape)} needs {granules} slices or processes, but the "
+                          f"{len(devices)} devices come from {len({d.process_index for d in devices})} process(es) "
+                          f"and carry no matching slice_index. Fix: set dcn_shape's product to the number of slices "
+                          f"(TPU) or hosts with one process each (GPU)")
+    arr = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=not by_slice)
+    if slice_of is not None:
+        arr = np.vectorize(lambda d: d.device, otypes=[object])(arr)
+    return arr
+
+
+def build_mesh(config_or_shape, devices=None, dcn_shape=None, slice_of=None) -> Mesh:
+    """Mesh over ('data', 'expert', 'model') from `config.mesh.shape` (or a shape), on `devices` (default: all).
+
+    With `config.mesh.dcn_shape` (or `dcn_shape`) other than all ones, `shape` is the ICI shape within one slice
+    (its -1 fills a slice) and the mesh is shape * dcn_shape, built by hybrid_device_array (`slice_of`: see there)."""
+    if hasattr(config_or_shape, "mesh"):
+        shape = config_or_shape.mesh.shape
+        dcn_shape = config_or_shape.mesh.get("dcn_shape", (1, 1, 1)) if dcn_shape is None else dcn_shape
+    else:
+        shape = config_or_shape
+    dcn = check_dcn_shape((1,) * len(MESH_AXES) if dcn_shape is None else dcn_shape)
     devices = list(jax.devices()) if devices is None else list(devices)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn) > 1:
+        if len(devices) % math.prod(dcn):
+            raise ConfigError(f"config.mesh.dcn_shape: {dcn} ({math.prod(dcn)} slices) does not divide the "
+                              f"{len(devices)} devices")
+        ici = resolve_mesh_shape(shape, len(devices) // math.prod(dcn))
+        return Mesh(hybrid_device_array(ici, dcn, devices, slice_of), MESH_AXES, axis_types=types)
     shape = resolve_mesh_shape(shape, len(devices))
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -223,3 +223,48 @@ def test_optimizer_moments_sharded_like_their_parameter(runs):
     assert muon_w_in == [P("expert", None, "model")]
     emb = [v for k, v in specs.items() if k.endswith("['embed']['embedding']")]
     assert len(emb) == 2 and all(v == P("model", None) for v in emb)  # AdamW mu and nu
+
+
+def _coords(mesh):
+    """device id -> its (data, expert, model) index in `mesh`."""
+    return {d.id: idx for idx, d in np.ndenumerate(mesh.devices)}
+
+
+def test_hybrid_mesh_puts_slices_on_the_outer_data_index():
+    """Two simulated slices of 4 devices (ids 0-3, 4-7): with dcn_shape (2, 1, 1) each slice fills one half of the
+    'data' axis (DCN index outer), and within a slice its ICI shape; the other axes never mix slices."""
+    devices = jax.devices()
+    slice_of = lambda d: devices.index(d) // 4  # noqa: E731
+    mesh = sharding.build_mesh((-1, 1, 1), devices, dcn_shape=(2, 1, 1), slice_of=slice_of)
+    assert dict(mesh.shape) == {"data": 8, "expert": 1, "model": 1}
+    for dev_id, (d, e, m) in _coords(mesh).items():
+        assert d // 4 == slice_of(next(x for x in devices if x.id == dev_id))
+    mesh = sharding.build_mesh((1, 2, 2), devices, dcn_shape=(2, 1, 1), slice_of=slice_of)
+    assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
+    for d in range(2):  # each data index is one whole slice: experts and tensor parallelism stay inside it
+        assert {slice_of(x) for x in mesh.devices[d].flat} == {d}
+    cfg = smoke.get_config()
+    cfg.mesh.shape, cfg.mesh.dcn_shape = (-1, 2, 1), (2, 1, 1)
+    mesh = sharding.build_mesh(cfg, devices, slice_of=slice_of)
+    assert dict(mesh.shape) == {"data": 4, "expert": 2, "model": 1}
+    assert {slice_of(x) for x in mesh.devices[:2].flat} == {0} and {slice_of(x) for x in mesh.devices[2:].flat} == {1}
+
+
+def test_dcn_shape_refuses_experts_and_tensor_parallelism_across_slices():
+    devices = jax.devices()
+    slice_of = lambda d: devices.index(d) // 4  # noqa: E731
+    for dcn, axis in (((1, 2, 1), "expert"), ((1, 1, 2), "model")):
+        with pytest.raises(config_lib.ConfigError, match=rf"config\.mesh\.dcn_shape: .*\['{axis}'\] across the slow "
+                                                         r"links .*only \('data',\) may cross"):
+            sharding.build_mesh((-1, 1, 1), devices, dcn_shape=dcn, slice_of=slice_of)
+    # the rule is a table entry: a caller may allow more axes explicitly
+    assert sharding.check_dcn_shape((1, 2, 1), allowed=("data", "expert")) == (1, 2, 1)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.dcn_shape: \(2, 1, 1\) needs 2 slices or "
+                                                     r"processes, but the 8 devices come from 1 process"):
+        sharding.build_mesh((-1, 1, 1), devices, dcn_shape=(2, 1, 1))  # no slices here and one process
+    with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.dcn_shape: \(3, 1, 1\) \(3 slices\) does not"):
+        sharding.build_mesh((-1, 1, 1), devices, dcn_shape=(3, 1, 1), slice_of=slice_of)
+    cfg = smoke.get_config()
+    cfg.mesh.dcn_shape = (-1, 1, 1)
+    with pytest.raises(config_lib.ConfigError, match=r"mesh\.dcn_shape"):
+        config_lib.validate(cfg)
