@@ -3,7 +3,12 @@
     python -m moe_jax.train --config configs/moe.py --workdir runs/moe [--config.train.steps=100 ...]
 
 The config is validated before anything heavy starts; a bad field exits with status 2 and a message naming it.
-A workdir that already holds checkpoints is resumed from the latest one.
+A workdir that already holds checkpoints is resumed from the latest one. A run stopped by SIGTERM/SIGINT (or a Cloud
+TPU maintenance event) before train.steps saves and exits with status 3 (trainer.EXIT_PREEMPTED); run the same
+command again to resume.
+
+Several processes (one per host, or per GPU): run the same command everywhere with --distributed (Cloud TPU, SLURM
+and Open MPI are auto-detected) or with --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ def main(argv):
     summary = trainer.train(config, workdir)
     print(f"done: step {summary['step']}, workdir {workdir}, "
           f"val_loss {summary.get('val_loss', float('nan')):.4f}")
+    if summary.get("stop_reason") and not summary["finished"]:
+        sys.exit(trainer.EXIT_PREEMPTED)  # stopped by a signal/maintenance event after saving: resubmit to resume
 
 
 if __name__ == "__main__":

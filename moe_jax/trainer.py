@@ -7,16 +7,16 @@
   * a workdir with checkpoints resumes from the latest one (params, optimizer, step, data iterator, RNG), and the
     resumed run's losses equal an uninterrupted run's;
   * metrics are fetched one step late, so the host never waits on the device between steps;
-  * SIGTERM/SIGINT finish the current step, save, and return (TPU VMs are preempted this way);
+  * SIGTERM/SIGINT (or a Cloud TPU maintenance event) reaching any process finish the current step, and every
+    process saves the same step and returns (summary['stop_reason']; the CLI exits with EXIT_PREEMPTED);
   * a non-finite loss raises FloatingPointError naming the step; no checkpoint is ever written after a bad step.
 """
 
 from __future__ import annotations
 
 import math
-import signal
+import os
 import sys
-import threading
 import time
 from typing import Any
 
@@ -29,11 +29,16 @@ from moe_jax import config_lib, data, flops, optimizer as optimizer_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
 from moe_jax import precision
+from moe_jax import preemption
 from moe_jax import sharding as sharding_lib
 from moe_jax import train_step as step_lib
 
 
 SUMMARY_FILE = "summary.json"
+EXIT_PREEMPTED = preemption.EXIT_PREEMPTED  # exit status of the CLI when a signal stopped the run before the end
+# With several processes, they agree whether to stop every STOP_CHECK_EVERY steps (one coordinator barrier each;
+# see preemption.py and docs/decisions.md for its cost)
+STOP_CHECK_EVERY = 1
 
 
 def log(msg: str) -> None:
@@ -48,27 +53,6 @@ def check_batch_fits_mesh(config, mesh) -> None:
         raise config_lib.ConfigError(
             f"config.train.batch_size: {config.train.batch_size} sequences cannot be split over the "
             f"{shards} batch shards of mesh {dict(mesh.shape)} (data x expert); use a multiple of {shards}")
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _summarise_train(m: dict) -> dict:
@@ -197,8 +181,11 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
                                 "best_val_loss": best, "val_loss": val_loss}, val_loss=val_loss)
 
     try:
-        with _StopFlag() as stop, jax.set_mesh(mesh):
-            while step < stop_at and stop.signal is None:
+        with preemption.LocalStop() as local, jax.set_mesh(mesh):
+            stop = preemption.AgreedStop(local, every=STOP_CHECK_EVERY, run_key=f"{os.path.abspath(workdir)}@{step}")
+            watch_maintenance_events(local)
+            stopping = False
+            while step < stop_at and not stopping:
                 batch = step_lib.to_global(next(ds.train_iter), compiled.batch_sharding)
                 state, m = compiled.train(state, batch)
                 step += 1
@@ -206,9 +193,10 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
                 if pending is not None:
                     fetch(pending, inflight=m)
                 pending = (step, m)
+                stopping = stop.check(step)
                 is_eval = step % t.eval_every == 0 or step == t.steps
                 is_ckpt = step % t.checkpoint_every == 0 or step == stop_at or is_eval
-                if is_eval or is_ckpt or stop.signal is not None:
+                if is_eval or is_ckpt or stopping:
                     fetch(pending)
                     pending = None
                 val_loss = None
@@ -228,8 +216,9 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
             if pending is not None:
                 fetch(pending)
                 pending = None
-            if stop.signal is not None:
-                log(f"received signal {stop.signal}: saving step {step} and exiting")
+            if stopping:
+                print(f"process {jax.process_index()}: stop requested ({stop.reason}): every process saves step "
+                      f"{step} and exits", flush=True)
                 if step not in checkpointer.all_steps():
                     save(step)
     finally:
@@ -240,7 +229,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     summary = {"step": step, "finished": step >= t.steps, "tokens": step * tokens_per_step, "wall_time": wall(),
                "params_total": counts["total"], "params_active": counts["active"],
                "training_flops_per_token": flops_per_token, "best_val_loss": best,
-               "interrupted": step < stop_at}
+               "interrupted": step < stop_at, "stop_reason": stop.reason}
     if last_eval:
         summary.update(last_eval)
     records = metrics_lib.read(workdir) if is_main else []
@@ -254,3 +243,8 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
             metrics_lib.plot(workdir)
     return summary
 
+
+def watch_maintenance_events(local) -> None:
+    """On Cloud TPU, start a MaintenanceWatcher so a host maintenance event stops the run like a SIGTERM does."""
+    if jax.devices()[0].platform == "tpu":
+        preemption.MaintenanceWatcher(local).start()

@@ -1,0 +1,135 @@
+"""Stopping every process of a run at the same step: signals, Cloud TPU maintenance events, and the agreed stop.
+
+A preemption reaches one host (SIGTERM from the scheduler, SIGINT from a terminal, a Cloud TPU maintenance event),
+but every process must save the same step: orbax's save is a collective, and a process that left the loop early
+would leave the others hanging in the next step's all-reduce. So:
+
+  * `LocalStop` catches SIGTERM/SIGINT in this process and records the request (`request()` does the same for other
+    notices, e.g. `MaintenanceWatcher`);
+  * `AgreedStop.check(step)`, called by every process after every step, returns the same answer on every process:
+    with one process it is the local request; with several, every `every` steps each process publishes its request
+    in the coordination service's key-value store (the one `jax.distributed.initialize` started), all meet at a
+    barrier, and each reads the whole directory: the union is the same everywhere, so all stop after the same step.
+
+Why not `jax.experimental.multihost_utils.reached_preemption_sync_point`: on jax 0.10.2 CPU its SIGTERM notifier
+swallowed the signal but the sync point never came (2 processes, 3000 steps after the SIGTERM: docs/decisions.md),
+it needs its C++ SIGTERM handler (which a Python handler replaces) and it knows nothing of SIGINT or maintenance
+events. The barrier costs one round trip to process 0's coordinator and does not touch the devices, so it does not
+stall the asynchronous dispatch of steps (measured in docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import urllib.request
+
+import jax
+
+# The exit status of `python -m moe_jax.train` when a signal or maintenance event stopped it before train.steps
+# (after saving): a scheduler can tell "preempted, resubmit" from success (0) and errors (1, 2).
+EXIT_PREEMPTED = 3
+
+BARRIER_TIMEOUT_MS = 10 * 60 * 1000
+
+
+class LocalStop:
+    """Context manager: while inside, SIGTERM and SIGINT set `.reason` instead of killing the process (main thread
+    only; elsewhere signals keep their handlers). `request(reason)` sets it from other code."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old = {}
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def _handle(self, signum, frame):
+        self.request(f"signal {signal.Signals(signum).name}")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            # None: the old handler was installed outside Python (e.g. by JAX's preemption notifier); fall back
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+
+
+def _client():
+    from jax._src import distributed
+    return distributed.global_state.client
+
+
+class AgreedStop:
+    """`check(step)` -> the same bool on every process: stop after `step` (see the module docstring).
+
+    `every`: with several processes, consult the others every `every` steps (1: every step). `run_key`: a name for
+    this run's keys, the same on every process and different for each train() call of one job."""
+
+    def __init__(self, local: LocalStop, every: int = 1, run_key: str = "run"):
+        self.local = local
+        self.every = max(1, int(every))
+        self.run_key = hashlib.sha256(run_key.encode()).hexdigest()[:16]
+        self.multi = jax.process_count() > 1
+        self.reason: str | None = None
+
+    def check(self, step: int) -> bool:
+        if not self.multi:
+            self.reason = self.local.reason
+            return self.reason is not None
+        if step % self.every:
+            return False
+        client = _client()
+        prefix = f"moe_jax/stop/{self.run_key}/{step}/"
+        if self.local.reason is not None:
+            client.key_value_set(prefix + str(jax.process_index()), self.local.reason)
+        client.wait_at_barrier(f"moe_jax/stop_barrier/{self.run_key}/{step}", BARRIER_TIMEOUT_MS)
+        requests = sorted(client.key_value_dir_get(prefix))
+        if requests:
+            self.reason = "; ".join(f"process {k.rsplit('/', 1)[-1]}: {v}" for k, v in requests)
+        return bool(requests)
+
+
+MAINTENANCE_URL = "http://metadata.google.internal/computeMetadata/v1/instance/maintenance-event"
+
+
+class MaintenanceWatcher:
+    """A daemon thread that long-polls the GCE metadata server's maintenance-event value (Cloud TPU VMs announce
+    host maintenance there before it happens) and calls `local.request(...)` when it is anything but NONE.
+    `url`: the metadata URL (tests point it at a local server). Stops quietly when the server cannot be reached."""
+
+    def __init__(self, local: LocalStop, url: str = MAINTENANCE_URL, timeout_s: float = 3600.0):
+        self.local = local
+        self.url = url
+        self.timeout_s = timeout_s
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name="maintenance-watcher", daemon=True)
+
+    def start(self) -> "MaintenanceWatcher":
+        self.thread.start()
+        return self
+
+    def _get(self, wait: bool) -> str:
+        url = self.url + ("?wait_for_change=true" if wait else "")
+        req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            return r.read().decode().strip()
+
+    def _run(self) -> None:
+        wait = False
+        while self.local.reason is None:
+            try:
+                value = self._get(wait)
+            except OSError as e:  # not on GCE, or the server went away: nothing to watch
+                self.error = str(e)
+                return
+            if value and value != "NONE":
+                self.local.request(f"maintenance event {value}")
+                return
+            wait = True
