@@ -148,7 +148,8 @@ def check_dcn_shape(dcn_shape: Sequence[int], allowed: Sequence[str] = DCN_MESH_
         raise ConfigError(f"config.mesh.dcn_shape: {dcn} puts mesh axis {crossing} across the slow links between "
                           f"slices/hosts (DCN); only {tuple(allowed)} may cross them (sharding.DCN_MESH_AXES: "
                           f"experts and tensor parallelism communicate every layer). Fix: keep "
-                          f"{'/'.join(crossing)} at 1 in dcn_shape and split them within a slice with config.mesh.shape")
+                          f"{'/'.join(crossing)} at 1 in dcn_shape and split them within a slice with "
+                          f"config.mesh.shape")
     return dcn
 
 

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, "scripts", "*.sbatch")))
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh"))
+                 + glob.glob(os.path.join(ROOT, "scripts", "*.sbatch")))
 
 
 def dry_run(script: str, args, env=None) -> list[list[str]]:
