@@ -1,7 +1,7 @@
 """Several JAX processes on this machine (each with simulated CPU devices, gloo collectives, a local coordinator)
-train as one run: the same losses as one process on the same global mesh, each process reading its own half of every
-global batch, one set of metrics and one checkpoint, restorable under another process count; a SIGTERM reaching one
-process stops all of them at the same step, and rerunning resumes exactly."""
+train as one run: 2 x 4 and 4 x 2 devices reach the same losses as 1 process x 8 on the same global mesh, each
+process reading its own 1/N of every global batch, one set of metrics and one checkpoint, restorable under another
+process count; a SIGTERM reaching one process stops all of them at the same step, and rerunning resumes exactly."""
 
 import json
 import os
@@ -23,7 +23,8 @@ WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 STEPS = 12
 FLAGS = ["--config", "configs/smoke.py", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
          f"--config.train.eval_every={STEPS}", f"--config.train.checkpoint_every={STEPS}",
-         "--config.train.eval_batches=2", "--config.train.progress_bar=False", "--config.train.peak_tflops=1"]
+         "--config.train.eval_batches=2", "--config.train.progress_bar=False", "--config.train.peak_tflops=1",
+         "--config.data.shards=4"]  # 4 data shards: 1, 2 or 4 processes read the same global batches
 
 
 def _env(devices: int, cache_dir: str) -> dict:
@@ -87,31 +88,40 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
-    """One process x 8 devices with data.shards=2, and 2 processes x 4 devices (shards default to 2), both to STEPS;
+    """The same run to STEPS on 1 process x 8 devices, 2 x 4 and 4 x 2 (the global mesh is (8, 1, 1) each time),
     started together."""
     base = tmp_path_factory.mktemp("multihost")
-    one, two = str(base / "one"), str(base / "two")
-    procs_one = launch(1, one, cache_dir, ["--config.data.shards=2"])
-    procs_two = launch(2, two, cache_dir)
-    assert finish(procs_one, one) == [0], logs(one, 1)
-    assert finish(procs_two, two) == [0, 0], logs(two, 2)
-    return {"one": one, "two": two, "base": base}
+    out = {"base": base}
+    procs = {}
+    for n in (1, 2, 4):
+        out[n] = str(base / f"p{n}")
+        procs[n] = launch(n, out[n], cache_dir)
+    for n in (1, 2, 4):
+        assert finish(procs[n], out[n]) == [0] * n, logs(out[n], n)
+    return out
 
 
-def test_two_processes_train_like_one(runs):
-    one, two = runs["one"], runs["two"]
-    a, b = train_losses(one), train_losses(two)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
-    # each process fed a disjoint half of every global batch (train and eval), process 0 the first half
-    whole, halves = rows(one, 0), [rows(two, 0), rows(two, 1)]
-    assert len(whole) == len(halves[0]) == len(halves[1]) == STEPS + 2  # STEPS train batches, 2 eval batches
-    for g, (h0, h1) in enumerate(zip(*halves)):
-        assert h0 + h1 == whole[g], f"batch {g}"
-        assert len(h0) == len(h1) == len(whole[g]) // 2
-        if g < STEPS:
-            assert not set(h0) & set(h1), f"train batch {g}: the processes read the same rows"
-    # written once: one record per step (process 1 wrote none), one checkpoint, the summary and plots
+def test_several_processes_train_like_one(runs):
+    one = runs[1]
+    a = train_losses(one)
+    assert sorted(a) == list(range(1, STEPS + 1))
+    whole = rows(one, 0)
+    assert len(whole) == STEPS + 2  # STEPS train batches, then 2 eval batches
+    for n in (2, 4):
+        b = train_losses(runs[n])
+        assert sorted(b) == sorted(a)
+        np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5)
+        # each process fed its own 1/n of every global batch (train and eval), in process order
+        parts = [rows(runs[n], i) for i in range(n)]
+        assert all(len(p) == len(whole) for p in parts)
+        for g in range(len(whole)):
+            assert sum((p[g] for p in parts), []) == whole[g], f"{n} processes, batch {g}"
+            assert all(len(p[g]) == len(whole[g]) // n for p in parts)
+            if g < STEPS:
+                assert len(set().union(*(set(p[g]) for p in parts))) == len(whole[g]), \
+                    f"{n} processes, train batch {g}: rows read twice"
+    # written once: one record per step (the other processes wrote none), one checkpoint, the summary and plots
+    two = runs[2]
     records = metrics_lib.read(two)
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, STEPS + 1))
     assert len([r for r in records if r["kind"] == "eval"]) == 1
@@ -119,7 +129,7 @@ def test_two_processes_train_like_one(runs):
     assert os.path.exists(os.path.join(two, trainer.SUMMARY_FILE))
     assert os.listdir(os.path.join(two, "plots"))
     data_files = os.listdir(os.path.join(two, ckpt_lib.CHECKPOINT_DIR, str(STEPS), "data"))
-    assert sorted(f for f in data_files if f.endswith(".json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert sorted(f for f in data_files if f.endswith(".json")) == [f"process_{k}-of-4.json" for k in range(4)]
 
 
 def test_checkpoints_move_between_process_counts(runs, cache_dir):
@@ -127,11 +137,11 @@ def test_checkpoints_move_between_process_counts(runs, cache_dir):
     both continue to the same losses, since both hold the same state and data shards."""
     import shutil
     two_to_one, one_to_two = str(runs["base"] / "two_to_one"), str(runs["base"] / "one_to_two")
-    shutil.copytree(runs["two"], two_to_one)
-    shutil.copytree(runs["one"], one_to_two)
+    shutil.copytree(runs[2], two_to_one)
+    shutil.copytree(runs[1], one_to_two)
     more = [f"--config.train.steps={STEPS + 3}", f"--config.train.eval_every={STEPS + 3}",
             f"--config.train.checkpoint_every={STEPS + 3}"]
-    p1 = launch(1, two_to_one, cache_dir, ["--config.data.shards=2", *more])
+    p1 = launch(1, two_to_one, cache_dir, more)
     p2 = launch(2, one_to_two, cache_dir, more)
     assert finish(p1, two_to_one) == [0], logs(two_to_one, 1)
     assert finish(p2, one_to_two) == [0, 0], logs(one_to_two, 2)
@@ -141,8 +151,8 @@ def test_checkpoints_move_between_process_counts(runs, cache_dir):
     new = list(range(STEPS + 1, STEPS + 4))
     np.testing.assert_allclose([a[s] for s in new], [b[s] for s in new], rtol=2e-5)
     env = _env(1, cache_dir)
-    for cmd in (["-m", "moe_jax.eval", "--workdir", runs["two"], "--eval_batches=1"],
-                ["-m", "moe_jax.generate", "--workdir", runs["two"], "--max_new_tokens=8", "--num_samples=1",
+    for cmd in (["-m", "moe_jax.eval", "--workdir", runs[2], "--eval_batches=1"],
+                ["-m", "moe_jax.generate", "--workdir", runs[2], "--max_new_tokens=8", "--num_samples=1",
                  "--prompt=In the beginning"]):
         out = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -171,6 +181,6 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, cache_dir):
             f"{workdir}.p{i}.log").read()
     run(2, workdir, cache_dir, hybrid)
     assert f"resumed from step {saved[0]}" in open(workdir + ".p0.log").read()
-    a, b = train_losses(workdir), train_losses(runs["two"])
+    a, b = train_losses(workdir), train_losses(runs[2])
     assert sorted(a) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([a[s] for s in range(1, STEPS + 1)], [b[s] for s in range(1, STEPS + 1)], rtol=2e-5)
