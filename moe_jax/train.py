@@ -14,6 +14,7 @@ and Open MPI are auto-detected) or with --coordinator_address=HOST:PORT --num_pr
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags, logging
 

@@ -1,5 +1,5 @@
 """`python tests/multihost_worker.py ROWS_DIR <moe_jax.train flags>`: the train CLI, recording which rows each process
-feeds to the devices. Every call of trainer._to_global (train and eval batches, in order) appends one JSON line
+feeds to the devices. Every call of train_step.to_global (train and eval batches, in order) appends one JSON line
 [sha1 of each row's inputs] to ROWS_DIR/p<process_index>.jsonl. Used by tests/test_multihost.py only."""
 
 import hashlib
@@ -7,16 +7,14 @@ import json
 import os
 import sys
 
-from absl import app
-
 
 def main():
     rows_dir = sys.argv.pop(1)
     os.makedirs(rows_dir, exist_ok=True)
     import jax
-    from moe_jax import train, trainer
+    from moe_jax import cli, train, train_step
 
-    to_global = trainer._to_global
+    to_global = train_step.to_global
 
     def recording(batch, shardings):
         hashes = [hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in batch["inputs"]]
@@ -24,9 +22,8 @@ def main():
             f.write(json.dumps(hashes) + "\n")
         return to_global(batch, shardings)
 
-    trainer._to_global = recording
-    train.define_flags()
-    app.run(train.main)
+    train_step.to_global = recording
+    cli.run(train.main, train.define_flags)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def runs(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.mark.slow  # 1, 2 and 4 training processes
 def test_several_processes_train_like_one(runs):
     one = runs[1]
     a = train_losses(one)
@@ -132,6 +133,7 @@ def test_several_processes_train_like_one(runs):
     assert sorted(f for f in data_files if f.endswith(".json")) == [f"process_{k}-of-4.json" for k in range(4)]
 
 
+@pytest.mark.slow  # training subprocesses, eval and generate
 def test_checkpoints_move_between_process_counts(runs, cache_dir):
     """Two processes' checkpoint resumes in one (then eval and generate run on it); one process's resumes in two;
     both continue to the same losses, since both hold the same state and data shards."""
@@ -159,6 +161,7 @@ def test_checkpoints_move_between_process_counts(runs, cache_dir):
         assert out.stdout.strip()
 
 
+@pytest.mark.slow  # two 2-process training runs
 def test_sigterm_to_one_process_stops_both_at_one_step(runs, cache_dir):
     """Also on a hybrid mesh with the processes as DCN granules: dcn_shape (2, 1, 1) x ICI (4, 1, 1) lays the devices
     out as the plain 8-device mesh does, so the losses still equal the uninterrupted 2-process run's."""

@@ -243,7 +243,7 @@ def test_hybrid_mesh_puts_slices_on_the_outer_data_index():
     assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
     for d in range(2):  # each data index is one whole slice: experts and tensor parallelism stay inside it
         assert {slice_of(x) for x in mesh.devices[d].flat} == {d}
-    cfg = smoke.get_config()
+    cfg = load_config_file(SMOKE)
     cfg.mesh.shape, cfg.mesh.dcn_shape = (-1, 2, 1), (2, 1, 1)
     mesh = sharding.build_mesh(cfg, devices, slice_of=slice_of)
     assert dict(mesh.shape) == {"data": 4, "expert": 2, "model": 1}
@@ -264,7 +264,7 @@ def test_dcn_shape_refuses_experts_and_tensor_parallelism_across_slices():
         sharding.build_mesh((-1, 1, 1), devices, dcn_shape=(2, 1, 1))  # no slices here and one process
     with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.dcn_shape: \(3, 1, 1\) \(3 slices\) does not"):
         sharding.build_mesh((-1, 1, 1), devices, dcn_shape=(3, 1, 1), slice_of=slice_of)
-    cfg = smoke.get_config()
+    cfg = load_config_file(SMOKE)
     cfg.mesh.dcn_shape = (-1, 1, 1)
     with pytest.raises(config_lib.ConfigError, match=r"mesh\.dcn_shape"):
         config_lib.validate(cfg)
