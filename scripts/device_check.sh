@@ -5,7 +5,7 @@
 # On an accelerator it first installs the wheels carried in .whl/ (bash scripts/device_prepare.sh makes them) into
 # a target directory put in front of PYTHONPATH; the image's own JAX is used as it is.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 cpu=0
 for a in "$@"; do [ "$a" = "--cpu" ] && cpu=1; done
