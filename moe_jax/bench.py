@@ -16,8 +16,10 @@ micro-batch (--batch overrides train.batch_size, --seq train.seq_len; --grad_acc
 config is compiled, then run --warmup untimed steps; then --rounds rounds of --steps steps are timed with the configs
 interleaved (on a shared machine only numbers taken together compare), and the median round is reported.
 
-Model FLOPs are flops.flops_per_token(config)['training'] (active experts only; capacity padding, dispatch/combine
-and the optimizer's FLOPs excluded, the padding printed apart). MFU = model FLOP/s / peak, where the peak is the
+Model FLOPs are flops.flops_per_token(config)['training'] (active experts only; the MoE dispatch's own FLOPs
+(flops.py `dispatch_overhead`: capacity padding and dispatch/combine einsums, or dropless's combine and XLA:CPU's
+dense ragged_dot) and the optimizer's FLOPs excluded, the dispatch overhead printed apart). --dispatch
+capacity,dropless times every MoE config once per dispatch mode (labels get ' [dropless]'). MFU = model FLOP/s / peak, where the peak is the
 flops.PEAK_TFLOPS table (per device, x --devices) on GPU/TPU, and on CPU a jitted n x n matmul timed here
 (--matmul_n, in the first config's dtype, best of 5, measured before and after the runs; the larger is used).
 --peak_tflops overrides both. Every config is compared with the first dense one (moe.num_experts == 0).
@@ -139,7 +141,7 @@ class Bench:
 
 def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, steps: int = 10, warmup: int = 2,
               rounds: int = 1, matmul_n: int = 2048, breakdown: bool = False, overrides=None, devices=None,
-              peak_tflops: float = 0.0, out=print, benches_out: list | None = None) -> dict:
+              peak_tflops: float = 0.0, out=print, benches_out: list | None = None, dispatch=()) -> dict:
     """Benchmark [(label, config)] together (`overrides` {'x.y': value} applied to each); prints a report through
     `out` and returns
     {'device', 'peak_tflops', 'peak_source', 'configs': {label: {...}}, 'fraction_of_dense': {label: {...}}}.
@@ -148,6 +150,20 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         raise ValueError("no configs to benchmark")
     devices = list(jax.devices()[:1] if devices is None else devices)
     configs, seen = [], set()
+    if dispatch:
+        bad = [d for d in dispatch if d not in config_lib.MOE_DISPATCH]
+        if bad:
+            raise config_lib.ConfigError(f"--dispatch {','.join(bad)}: choose from {config_lib.MOE_DISPATCH}")
+        expanded = []
+        for label, c in entries:
+            if c.moe.num_experts == 0:
+                expanded.append((label, c))
+                continue
+            for d in dispatch:
+                c2 = c.copy_and_resolve_references()
+                c2.moe.dispatch = d
+                expanded.append((f"{label} [{d}]", c2))
+        entries = expanded
     for label, c in entries:
         while label in seen:
             label += "'"
@@ -191,8 +207,9 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         r = dict(name=c.name, step_time_s=sec, rounds_s=list(b.rounds), tokens_per_s=tps, tflops=tflops,
                  mfu=flops.mfu(tps, c, peak), tokens_per_step=b.tokens_per_step, compile_s=b.compile_s,
                  params_total=counts["total"], params_active=counts["active"],
-                 training_flops_per_token=fpt["training"], padding_flops_per_token=fpt["capacity_padding_training"],
-                 tflops_with_padding=tps * (fpt["training"] + fpt["capacity_padding_training"]) / 1e12,
+                 training_flops_per_token=fpt["training"], padding_flops_per_token=fpt["dispatch_overhead_training"],
+                 tflops_with_padding=tps * (fpt["training"] + fpt["dispatch_overhead_training"]) / 1e12,
+                 dispatch=c.moe.dispatch if c.moe.num_experts else "",
                  loss=b.last_loss, dense=c.moe.num_experts == 0, dtype=c.model.dtype, attention=c.model.attention,
                  memory_bytes=dict(b.memory))
         results[b.name] = r
@@ -200,8 +217,9 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
         out(f"== {b.name}: batch {t.batch_size} x accum {t.grad_accum} x seq {t.seq_len}, {c.model.dtype}, "
             f"attention {c.model.attention}, optimizer {c.optim.name}")
         out(f"   params {counts['total'] / 1e6:.2f} M total, {counts['active'] / 1e6:.2f} M active; training "
-            f"{fpt['training'] / 1e6:.2f} MFLOP/token (capacity padding + dispatch "
-            f"{fpt['capacity_padding_training'] / 1e6:.2f} MFLOP/token apart)")
+            f"{fpt['training'] / 1e6:.2f} MFLOP/token (dispatch overhead "
+            f"{fpt['dispatch_overhead_training'] / 1e6:.2f} MFLOP/token apart"
+            + (f", moe.dispatch={c.moe.dispatch}" if c.moe.num_experts else "") + ")")
         if b.memory:
             out("   compiled step memory per device: " + ", ".join(
                 f"{k.replace('_size_in_bytes', '')} {v / 2**30:.2f} GiB" for k, v in b.memory.items()))
@@ -209,8 +227,8 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
             f"loss {b.last_loss:.3f}")
         out(f"   tokens/s {tps:,.0f}; TFLOP/s {tflops:.4g}; MFU {r['mfu']:.2%} of the peak "
             f"({peak * 1e3:,.1f} GFLOP/s)")
-        if fpt["capacity_padding"]:
-            out(f"   counting capacity padding + dispatch/combine: {r['tflops_with_padding']:.4g} TFLOP/s "
+        if fpt["dispatch_overhead"]:
+            out(f"   counting the dispatch overhead: {r['tflops_with_padding']:.4g} TFLOP/s "
                 f"({r['tflops_with_padding'] / peak:.2%} of the peak)")
         if breakdown:
             for label, s in b.breakdown(max(2, steps // 2)).items():
@@ -250,6 +268,8 @@ def define_flags() -> None:
     cli.config_flag("baseline", "Optional second config file timed together with --config (interleaved) and reported "
                     "first, e.g. configs/dense.py; --config.x.y=value overrides apply to it too unless "
                     "--baseline.x.y=value sets the same field.", required=False)
+    flags.DEFINE_list("dispatch", [], "Time every MoE config once per moe.dispatch mode, e.g. capacity,dropless "
+                      "(labels get ' [mode]').")
     flags.DEFINE_integer("batch", 4, "Sequences per micro-batch (train.batch_size).")
     flags.DEFINE_integer("seq", 512, "Sequence length (train.seq_len).")
     flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (train.grad_accum); 0 keeps the config's.")
@@ -299,7 +319,8 @@ def run_from_flags(argv) -> dict:
     results = benchmark(entries_from_flags(), batch=FLAGS.batch, seq=FLAGS.seq, grad_accum=FLAGS.grad_accum,
                         steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, matmul_n=FLAGS.matmul_n,
                         breakdown=FLAGS.breakdown, devices=jax.devices()[:n], peak_tflops=FLAGS.peak_tflops,
-                        out=lambda s: print(s, flush=True))  # a ConfigError exits with status 2 (cli.run)
+                        out=lambda s: print(s, flush=True),
+                        dispatch=FLAGS.dispatch)  # a ConfigError exits with status 2 (cli.run)
     if FLAGS.json:
         import json
         import os

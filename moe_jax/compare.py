@@ -20,7 +20,9 @@ A comparison config (see configs/compare.py) has
 
 Budget rule (also printed and written to the report): for each arm a,
     FLOPs/step(a) = training FLOPs/token(a) x batch_size x grad_accum x seq_len   (flops.flops_per_token: 3 x forward,
-                    active experts only; capacity padding and dispatch/combine FLOPs reported apart, not counted)
+                    active experts only; the dispatch's own FLOPs (moe.dispatch='capacity': capacity padding and the
+                    dispatch/combine einsums; 'dropless': the gate combine and, on XLA:CPU, ragged_dot's dense
+                    fallback; flops.py `dispatch_overhead`) reported apart, not counted)
     steps(a)      = max(1, round(budget / FLOPs/step(a)))
 so |steps(a) x FLOPs/step(a) - budget| <= FLOPs/step(a) / 2, and any two arms differ by at most one step's FLOPs.
 
@@ -218,7 +220,7 @@ def plan(cmp) -> dict[str, dict]:
         out[n] = {"config": c, "steps": steps, "budget": budget, "flops_per_token": fpt,
                   "tokens_per_step": t.batch_size * t.grad_accum * t.seq_len, "flops_per_step": per_step[n],
                   "training_flops": steps * per_step[n],
-                  "padding_flops": steps * fpt["capacity_padding_training"] * t.batch_size * t.grad_accum * t.seq_len,
+                  "padding_flops": steps * fpt["dispatch_overhead_training"] * t.batch_size * t.grad_accum * t.seq_len,
                   "params": flops.param_counts(c)}
     return out
 
@@ -282,7 +284,7 @@ def record(arm: str, seed, p: dict, summary: dict, rdir: str) -> dict:
     return {
         "arm": arm, "seed": int(seed), "run_dir": rdir, "steps": step, "tokens": int(summary["tokens"]),
         "training_flops": step * p["flops_per_step"],
-        "padding_flops": step * p["tokens_per_step"] * p["flops_per_token"]["capacity_padding_training"],
+        "padding_flops": step * p["tokens_per_step"] * p["flops_per_token"]["dispatch_overhead_training"],
         "params_total": p["params"]["total"], "params_active": p["params"]["active"],
         **{k: summary.get(k, final.get(k)) for k in ("val_loss", "val_accuracy", "val_perplexity")},
         "wall_time": summary.get("wall_time"),
@@ -366,7 +368,7 @@ def _arm_shape(c) -> str:
     if n_moe:
         s += (f"{moe.num_experts} experts (d_ff {moe.d_ff}) top-{moe.top_k} in {n_moe} of {m.n_layers} layers"
               + (f", dense d_ff {m.d_ff} in the others" if n_moe < m.n_layers else "")
-              + f", capacity factor {moe.capacity_factor}")
+              + (", dropless dispatch" if moe.dispatch == "dropless" else f", capacity factor {moe.capacity_factor}"))
     else:
         s += f"dense FFN d_ff {m.d_ff}"
     t = c.train
@@ -425,7 +427,7 @@ def write_report(workdir: str, cmp, planned: dict, runs: list[dict], command: st
         lines.append(f"| {n} | {p['flops_per_token']['training']:.6e} | {p['tokens_per_step']:,} | "
                      f"{p['flops_per_step']:.6e} | {p['steps']:,} | {p['training_flops']:.6e} | "
                      f"{p['training_flops'] / budget - 1:+.3%} | {p['steps'] * p['tokens_per_step']:,} | "
-                     f"{p['flops_per_token']['capacity_padding_training']:.4e} | {p['padding_flops']:.4e} |")
+                     f"{p['flops_per_token']['dispatch_overhead_training']:.4e} | {p['padding_flops']:.4e} |")
     lines += ["", f"## Results (mean ± sample std [min, max] over seeds; single values are the same for every seed)",
               "", "| " + " | ".join(["arm", "runs"] + [label for _, label, *_ in REPORT_FIELDS]) + " |",
               "|" + "---|" * (len(REPORT_FIELDS) + 2)]
@@ -511,7 +513,7 @@ def describe_plan(planned: dict) -> list[str]:
                      f"steps = {p['training_flops']:.6e} FLOPs ({p['training_flops'] / budget - 1:+.3%} vs budget), "
                      f"{p['steps'] * p['tokens_per_step']:,} tokens; params {p['params']['total']:,} total, "
                      f"{p['params']['active']:,} active; capacity padding+dispatch "
-                     f"{p['flops_per_token']['capacity_padding_training']:.4e} FLOPs/token (not counted)")
+                     f"{p['flops_per_token']['dispatch_overhead_training']:.4e} FLOPs/token (not counted)")
     return lines
 
 

@@ -24,6 +24,8 @@ FLOAT32_EPS = 1.1920928955078125e-07  # numpy.finfo(float32).eps: torch.nn.RMSNo
 DATA_SOURCES = ("bible", "tfds", "files")
 PACKING = ("concat", "segments")
 ATTENTION = ("auto", "blocked", "xla", "cudnn")  # auto: precision.ATTENTION per backend
+MOE_DISPATCH = ("capacity", "dropless")
+GROUPED_MATMULS = ("ragged_dot", "megablox")
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.top_k = 2
     c.moe.every = 1  # layer i is MoE when i % every == every - 1 (every=1: all; every=2: layers 1, 3, 5)
     c.moe.d_ff = 1536  # hidden width of each expert
+    c.moe.dispatch = "capacity"  # 'capacity' (einsum dispatch into C slots per expert; drops) | 'dropless' (sorted
+    #   assignments, grouped matmuls: moe_jax/dropless.py). Same parameters: switching is a config change.
+    c.moe.grouped_matmul = "ragged_dot"  # dropless only: 'ragged_dot' (jax.lax.ragged_dot) | 'megablox' (Pallas TPU)
     c.moe.capacity_factor = 1.25
     c.moe.eval_capacity_factor = 2.0
     c.moe.min_capacity = 4
@@ -187,6 +192,9 @@ def validate(config) -> ml_collections.ConfigDict:
         _check(moe.every <= m.n_layers, "moe.every",
                f"every={moe.every} > model.n_layers={m.n_layers} leaves no MoE layer; lower it or set num_experts=0")
         _check(moe.d_ff > 0, "moe.d_ff", f"must be > 0, got {moe.d_ff}")
+        _check(moe.dispatch in MOE_DISPATCH, "moe.dispatch", f"unknown {moe.dispatch!r}; choose one of {MOE_DISPATCH}")
+        _check(moe.grouped_matmul in GROUPED_MATMULS, "moe.grouped_matmul",
+               f"unknown {moe.grouped_matmul!r}; choose one of {GROUPED_MATMULS} ('megablox' runs only on TPU)")
         _check(moe.capacity_factor > 0, "moe.capacity_factor",
                f"must be > 0, got {moe.capacity_factor} (1.0 = exactly balanced; 1.25 is usual)")
         _check(moe.eval_capacity_factor > 0, "moe.eval_capacity_factor",

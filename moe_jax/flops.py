@@ -29,6 +29,17 @@ routing is balanced: padding = (E*C/T - k) * 2*f*M*Fe = padding_fraction * (E*C/
 ('GTEC,GTM->EGCM') and combine ('GTEC,EGCM->GTM') einsums, 2*E*C*M each per token. These are FLOPs the hardware
 spends that the model does not need (an implementation cost), so MFU excludes them. `capacity_padding` is the
 forward count, `capacity_padding_training` is 3x it.
+
+Dispatch overhead (`dispatch_overhead`, forward; `dispatch_overhead_training` = 3x): the FLOPs the MoE dispatch
+executes beyond the model FLOPs, for the config's `moe.dispatch`:
+    capacity  = capacity_padding (above);
+    dropless  = L_moe * 2*k*M (the gate-weighted sum of each token's k expert outputs)
+                + on XLA:CPU, L_moe * k*(E-1) * 2*f*M*Fe: jax lowers `ragged_dot` there to one dense dot of every
+                  row against all E experts' weights with a mask (E times the active expert FLOPs; on TPU/GPU it is
+                  a grouped matmul and this term is 0; moe.grouped_matmul='megablox' never has it).
+    Sorting (argsort of k integer keys per token), the gathers into and out of expert order and the all-to-alls
+    move data and are counted as 0 FLOPs: their cost shows in the step time, not in this count.
+`platform` (default: jax.default_backend()) decides the XLA:CPU term.
 """
 
 from __future__ import annotations
@@ -91,9 +102,11 @@ def param_counts(config) -> dict[str, int]:
     return c
 
 
-def flops_per_token(config, seq_len: int | None = None, batch_size: int | None = None) -> dict[str, float]:
+def flops_per_token(config, seq_len: int | None = None, batch_size: int | None = None,
+                    platform: str | None = None) -> dict[str, float]:
     """Per-token FLOPs (see module docstring). seq_len / batch_size default to config.train's; batch_size only
-    matters for the capacity padding (the routing group size depends on the tokens per micro-batch)."""
+    matters for the capacity padding (the routing group size depends on the tokens per micro-batch); platform
+    ('cpu', 'gpu', 'tpu'; default jax.default_backend()) only for the dropless dispatch overhead."""
     from moe_jax import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
     m, moe = config.model, config.moe
     s = config.train.seq_len if seq_len is None else seq_len
@@ -107,8 +120,14 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
     router = n_moe * 2.0 * m.d_model * moe.num_experts
     forward = matmul + attention_scores + router
 
-    padding = 0.0
-    if n_moe:
+    padding = overhead = 0.0
+    dropless = n_moe and moe.dispatch == "dropless"
+    if dropless:
+        platform = jax.default_backend() if platform is None else platform
+        overhead = n_moe * 2.0 * moe.top_k * m.d_model
+        if platform == "cpu" and moe.grouped_matmul == "ragged_dot":
+            overhead += n_moe * moe.top_k * (moe.num_experts - 1) * 2.0 * _mlp_mats(config) * m.d_model * moe.d_ff
+    elif n_moe:
         tokens = b * s
         t = moe_lib.group_size_for(tokens, moe.group_size)
         cap = moe_lib.expected_capacity(config, tokens, train=True)
@@ -116,9 +135,10 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
         slots_per_token = moe.num_experts * cap / t
         expert_flops_per_slot = 2.0 * _mlp_mats(config) * m.d_model * moe.d_ff
         dispatch_combine = 2 * (2.0 * moe.num_experts * cap * m.d_model)
-        padding = n_moe * (frac * slots_per_token * expert_flops_per_slot + dispatch_combine)
+        padding = overhead = n_moe * (frac * slots_per_token * expert_flops_per_slot + dispatch_combine)
     return dict(forward=forward, training=3.0 * forward, matmul=matmul, attention_scores=attention_scores,
-                router=router, capacity_padding=padding, capacity_padding_training=3.0 * padding)
+                router=router, capacity_padding=padding, capacity_padding_training=3.0 * padding,
+                dispatch_overhead=overhead, dispatch_overhead_training=3.0 * overhead)
 
 
 def flops_per_step(config) -> float:

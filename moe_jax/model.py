@@ -36,14 +36,16 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, rngs)
         self.ffn = MoEBlock(cfg, rngs) if self.is_moe else MLP(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, rng, *, train: bool, cache, cache_index, no_drop: bool):
-        """x [B, S, M] -> (x [B, S, M], MoE metrics or None, new cache or None)."""
+    def __call__(self, x, positions, segment_ids, rng, *, train: bool, cache, cache_index, no_drop: bool,
+                 token_mask=None):
+        """x [B, S, M] -> (x [B, S, M], MoE metrics or None, new cache or None). token_mask [B, S]: see MoEBlock."""
         k_attn, k_ffn, k_router = jax.random.split(rng, 3) if rng is not None else (None, None, None)
         h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
         x = x + dropout(h, self.dropout_rate, k_attn)
         metrics = None
         if self.is_moe:
-            h, metrics = self.ffn(self.ffn_norm(x), train=train, rng=k_router, no_drop=no_drop)
+            h, metrics = self.ffn(self.ffn_norm(x), train=train, rng=k_router, no_drop=no_drop,
+                                  token_mask=token_mask)
         else:
             h = self.ffn(self.ffn_norm(x))
         x = constrain(x + dropout(h, self.dropout_rate, k_ffn), ("batch", "length", "embed"))
@@ -64,13 +66,18 @@ class Transformer(nnx.Module):
             self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, train: bool = False, rng=None, cache=None,
-                 cache_index=None, no_drop: bool = False):
+                 cache_index=None, no_drop: bool = False, token_mask=None):
         """tokens [B, S] int32 -> (logits [B, S, V] float32, aux, new cache).
 
         positions [B, S] (default arange; with a cache, cache_index + arange); segment_ids [B, S] restrict attention
         to the same packed document; cache: list of {'k','v': [B, L, H, D]} from `init_cache`; cache_index: scalar
-        position where `tokens` start. aux: {'moe_loss': weighted auxiliary loss (summed over MoE layers), and each
-        metric of moe.routing_metrics plus 'capacity' stacked over MoE layers ([n_moe] or [n_moe, E])}.
+        position where `tokens` start. token_mask [B, S] (bool or 0/1, None = all real): positions that are padding
+        (the train/eval steps pass `weights > 0`) take no expert capacity, get no MoE output and are left out of the
+        auxiliary losses and routing metrics; their hidden states still enter attention, so mask only positions no
+        scored position attends to (padding, the last token of a packed document).
+        aux: {'moe_loss': weighted auxiliary loss (summed over MoE layers), and each metric of moe.routing_metrics
+        (carried load `tokens_per_expert`, demanded `tokens_per_expert_demand`, ...) plus 'capacity' stacked over MoE
+        layers ([n_moe] or [n_moe, E])}.
         """
         m = self.cfg
         b, s = tokens.shape
@@ -90,11 +97,11 @@ class Transformer(nnx.Module):
             layer_rng = jax.random.fold_in(rng, i) if rng is not None else None
             layer_cache = cache[i] if cache is not None else None
             if m.remat and cache is None:
-                x, metrics, c = _remat_block(block, x, positions, segment_ids, layer_rng, train=train,
+                x, metrics, c = _remat_block(block, x, positions, segment_ids, layer_rng, token_mask, train=train,
                                              no_drop=no_drop)
             else:
                 x, metrics, c = block(x, positions, segment_ids, layer_rng, train=train, cache=layer_cache,
-                                      cache_index=cache_index, no_drop=no_drop)
+                                      cache_index=cache_index, no_drop=no_drop, token_mask=token_mask)
             new_cache.append(c)
             if metrics is not None:
                 layer_metrics.append(metrics)
@@ -124,12 +131,13 @@ class Transformer(nnx.Module):
         return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(m.n_layers)]
 
 
-def _remat_block(block: Block, x, positions, segment_ids, rng, *, train: bool, no_drop: bool):
+def _remat_block(block: Block, x, positions, segment_ids, rng, token_mask, *, train: bool, no_drop: bool):
     """`block` without a cache, rematerialised in the backward pass. The Python flags are bound by closure (static
     for nnx.remat) rather than named by position, so the call cannot silently break when Block's signature changes."""
-    def call(blk, x, positions, segment_ids, rng):
-        return blk(x, positions, segment_ids, rng, train=train, cache=None, cache_index=None, no_drop=no_drop)
-    return nnx.remat(call)(block, x, positions, segment_ids, rng)
+    def call(blk, x, positions, segment_ids, rng, token_mask):
+        return blk(x, positions, segment_ids, rng, train=train, cache=None, cache_index=None, no_drop=no_drop,
+                   token_mask=token_mask)
+    return nnx.remat(call)(block, x, positions, segment_ids, rng, token_mask)
 
 
 def create(config, seed: int | None = None) -> Transformer:

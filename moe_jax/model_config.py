@@ -19,6 +19,8 @@ class MoEConfig:
     top_k: int
     every: int
     d_ff: int
+    dispatch: str  # 'capacity' | 'dropless'
+    grouped_matmul: str  # dropless: 'ragged_dot' | 'megablox'
     capacity_factor: float
     eval_capacity_factor: float
     min_capacity: int

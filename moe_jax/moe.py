@@ -1,5 +1,8 @@
 """The sparse Mixture-of-Experts feed-forward: router, capacity-based dispatch and combine by einsum, experts.
 
+Two dispatch modes share the router, the parameters and the metrics (moe.dispatch): 'capacity' (below) and
+'dropless' (moe_jax/dropless.py: assignments sorted by expert, grouped matmuls, no capacity and no drops).
+
 Shapes: B batch, S length, M d_model, F expert d_ff, E experts, K top-k, G routing groups, T tokens per group
 (B*S = G*T), C capacity (token slots per expert per group).
 
@@ -23,8 +26,11 @@ Read top to bottom, one forward pass is:
     einsum('GTM,EGCM->GTEC') for the gradient of combine (one [G, T, E, C, M]-sized contraction per layer fewer).
  5. Auxiliary losses: Switch load balance E * sum_e f_e * P_e, with f_e the fraction of the G*T*K top-k assignments
     made to expert e (before capacity) and P_e the mean router probability of e (equals 1 when uniform); router z-loss
-    mean(logsumexp(logits)^2). Metrics: both losses, dropped fraction of assignments, tokens per expert, their
-    coefficient of variation and max/mean, router confidence (mean top-1 probability).
+    mean(logsumexp(logits)^2). Metrics: both losses, dropped fraction of assignments, tokens per expert carried
+    (after capacity) and demanded (top-k choices, `_demand`), their coefficient of variation and max/mean, router
+    confidence (mean top-1 probability).
+Padding: a token_mask [B, S] marks real positions; masked ones take no slot (they are left out of the priority
+cumsum), get no expert output, and are left out of the losses and metrics (averages over real tokens only).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from flax import nnx
 from moe_jax import precision
 from moe_jax.layers import activation, dtype_of, param
 from moe_jax.model_config import ModelConfig
-from moe_jax.sharding import constrain
+from moe_jax.sharding import constrain, logical_to_spec
 
 
 def group_size_for(num_tokens: int, max_group: int) -> int:
@@ -59,25 +65,34 @@ def capacity(cfg: ModelConfig, group_size: int, train: bool) -> int:
     return int(min(max(c, moe.min_capacity), group_size))
 
 
-def route(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True):
-    """Top-k routing with capacity. logits: [G, T, E] float32.
-
-    Returns (dispatch [G, T, E, C] float32 in {0, 1}, combine [G, T, E, C] float32, info) where info holds
-    probs [G, T, E], expert_index [G, T, K], gates [G, T, K] (routing weights), kept [G, T, K] (bool: the assignment
-    got a slot) and slot [G, T, K] (its position in the expert's buffer).
-    """
-    g, t, e = logits.shape
+def top_k_routing(logits: jax.Array, top_k: int, renormalize: bool = True):
+    """Router probabilities and choices. logits [..., E] float32 -> (probs [..., E], gates [..., K] (the k weights,
+    renormalised to sum to 1 if `renormalize`), expert_index [..., K] int32, highest probability first)."""
     probs = jax.nn.softmax(logits, axis=-1)
-    gates, expert_index = jax.lax.top_k(probs, top_k)  # [G, T, K]
+    gates, expert_index = jax.lax.top_k(probs, top_k)
     if renormalize:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    onehot = jax.nn.one_hot(expert_index, e, dtype=jnp.int32)  # [G, T, K, E]
+    return probs, gates, expert_index
+
+
+def route(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True, mask: jax.Array | None = None):
+    """Top-k routing with capacity. logits: [G, T, E] float32; mask [G, T] bool (None: every token is real).
+
+    A masked token (padding) takes no slot and gets no expert output. Returns (dispatch [G, T, E, C] float32 in
+    {0, 1}, combine [G, T, E, C] float32, info) where info holds probs [G, T, E], expert_index [G, T, K], gates
+    [G, T, K] (routing weights), kept [G, T, K] (bool: the assignment got a slot), slot [G, T, K] (its position in
+    the expert's buffer) and mask [G, T] (bool).
+    """
+    g, t, e = logits.shape
+    mask = jnp.ones((g, t), bool) if mask is None else mask.astype(bool)
+    probs, gates, expert_index = top_k_routing(logits, top_k, renormalize)  # [G, T, K]
+    onehot = jax.nn.one_hot(expert_index, e, dtype=jnp.int32) * mask[..., None, None]  # [G, T, K, E]
     # Priority: rank-major order (all first choices, then all second choices, ...), then token order.
     rank_major = jnp.swapaxes(onehot, 1, 2).reshape(g, top_k * t, e)  # [G, K*T, E]
     position = jnp.cumsum(rank_major, axis=1) - 1  # slot each assignment would take in its expert
     position = jnp.swapaxes(position.reshape(g, top_k, t, e), 1, 2)  # [G, T, K, E]
     slot = jnp.sum(position * onehot, axis=-1)  # [G, T, K]
-    kept = slot < capacity
+    kept = (slot < capacity) & mask[..., None]
     slot_onehot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)  # [G, T, K, C]
     expert_kept = onehot.astype(jnp.float32) * kept[..., None]  # [G, T, K, E]
     # float32 at Precision.HIGHEST: the default would round the gates to TF32 on GPU / bfloat16 passes on TPU
@@ -85,38 +100,63 @@ def route(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True
     dispatch = jnp.einsum("gtke,gtkc->gtec", expert_kept, slot_onehot, precision=hi)
     gate_te = jnp.einsum("gtke,gtk->gte", expert_kept, gates, precision=hi)  # a token picks an expert at most once
     combine = dispatch * gate_te[..., None]
-    info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=kept, slot=slot)
+    info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=kept, slot=slot, mask=mask)
     return dispatch, combine, info
 
 
-def load_balance_loss(probs: jax.Array, expert_index: jax.Array) -> jax.Array:
-    """Switch loss E * sum_e f_e * P_e. probs [..., E]; expert_index [..., K] (top-k choices before capacity)."""
+def _expert_counts(expert_index: jax.Array, e: int, weight: jax.Array | None = None) -> jax.Array:
+    """[E] float32: how many of the assignments expert_index [..., K] go to each expert (weight [..., K]: 0/1)."""
+    onehot = jax.nn.one_hot(expert_index, e, dtype=jnp.float32)
+    if weight is not None:
+        onehot = onehot * weight[..., None].astype(jnp.float32)
+    return jnp.sum(onehot.reshape(-1, e), axis=0)
+
+
+def load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Switch loss E * sum_e f_e * P_e over real tokens. probs [..., E]; expert_index [..., K] (top-k choices before
+    capacity); mask [...] (None: all real). f_e: share of the real assignments made to e; P_e: mean probability of
+    e over real tokens."""
     e = probs.shape[-1]
-    counts = jnp.sum(jax.nn.one_hot(expert_index, e, dtype=jnp.float32), axis=tuple(range(expert_index.ndim)))
-    f = counts / jnp.sum(counts)
-    p = jnp.mean(probs.reshape(-1, e), axis=0)
+    w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    counts = _expert_counts(expert_index, e, jnp.broadcast_to(w[..., None], expert_index.shape))
+    f = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    p = jnp.sum((probs * w[..., None]).reshape(-1, e), axis=0) / jnp.maximum(jnp.sum(w), 1.0)
     return e * jnp.sum(f * p)
 
 
-def z_loss(logits: jax.Array) -> jax.Array:
-    """Router z-loss mean(logsumexp(logits)^2) over all tokens. logits [..., E]."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+def z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Router z-loss mean(logsumexp(logits)^2) over real tokens. logits [..., E]; mask [...] (None: all real)."""
+    sq = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    if mask is None:
+        return jnp.mean(sq)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(sq * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _load_stats(counts: jax.Array, suffix: str) -> dict:
+    mean = jnp.maximum(jnp.mean(counts), 1e-9)
+    return {f"tokens_per_expert{suffix}": counts, f"load_cv{suffix}": jnp.std(counts) / mean,
+            f"load_max_over_mean{suffix}": jnp.max(counts) / mean}
 
 
 def routing_metrics(info: dict, logits: jax.Array) -> dict:
-    """Per-layer diagnostics: losses, dropped fraction, tokens per expert [E] and their CV and max/mean."""
+    """Per-layer diagnostics over real tokens (info['mask']; absent: all real): both auxiliary losses, the dropped
+    fraction of assignments, router confidence (mean top-1 probability) and the expert load twice:
+    `tokens_per_expert` [E], `load_cv`, `load_max_over_mean` count the assignments the experts carried (after
+    capacity); the same names with `_demand` count the top-k choices (before capacity). Dropless: equal."""
     probs, idx, kept = info["probs"], info["expert_index"], info["kept"]
     e = probs.shape[-1]
-    tokens_per_expert = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=tuple(range(idx.ndim)))
-    mean = jnp.mean(tokens_per_expert)
+    mask = info.get("mask")
+    w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    real = jnp.broadcast_to(w[..., None], idx.shape)
+    n_real = jnp.maximum(jnp.sum(w), 1.0)
     return dict(
-        load_balance_loss=load_balance_loss(probs, idx),
-        z_loss=z_loss(logits),
-        dropped_fraction=1.0 - jnp.mean(kept.astype(jnp.float32)),
-        tokens_per_expert=tokens_per_expert,
-        load_cv=jnp.std(tokens_per_expert) / mean,
-        load_max_over_mean=jnp.max(tokens_per_expert) / mean,
-        router_confidence=jnp.mean(jnp.max(probs, axis=-1)),
+        load_balance_loss=load_balance_loss(probs, idx, mask),
+        z_loss=z_loss(logits, mask),
+        dropped_fraction=1.0 - jnp.sum(kept.astype(jnp.float32) * real) / jnp.maximum(jnp.sum(real), 1.0),
+        **_load_stats(_expert_counts(idx, e, kept.astype(jnp.float32) * real), ""),
+        **_load_stats(_expert_counts(idx, e, real), "_demand"),
+        router_confidence=jnp.sum(jnp.max(probs, axis=-1) * w) / n_real,
     )
 
 
@@ -158,21 +198,35 @@ class MoEBlock(nnx.Module):
         h = constrain(h.reshape(e, g, c, -1), ("expert", "expert_group", "capacity", "mlp"))
         return jnp.einsum("enf,efm->enm", h.reshape(e, g * c, -1), self.w_out[...].astype(dt)).reshape(e, g, c, m)
 
-    def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None, no_drop: bool = False):
+    def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None, no_drop: bool = False,
+                 token_mask: jax.Array | None = None):
         """x [B, S, M] -> (y [B, S, M], metrics dict). `rng` drives router noise in training (moe.router_noise_std).
-        `no_drop=True` sizes the capacity so no token is dropped (used for decoding)."""
+        `no_drop=True` sizes the capacity so no token is dropped (used for decoding; dropless never drops).
+        token_mask [B, S] (bool or 0/1; None: all real): masked positions (padding) take no capacity, get no expert
+        output (y = 0 there) and are left out of the auxiliary losses and metrics."""
         b, s, d = x.shape
-        dt = self.dtype
-        t = group_size_for(b * s, self.cfg.moe.group_size)
-        g = b * s // t
-        xg = constrain(x.reshape(g, t, d).astype(dt), ("group", "group_tokens", "embed"))
+        moe = self.cfg.moe
+        # [B*S, E] float32 router at Precision.HIGHEST (precision.router_logits, on one group of all B*S tokens)
+        logits = precision.router_logits(x.reshape(1, b * s, d), self.w_router[...])[0]
+        if train and moe.router_noise_std > 0 and rng is not None:
+            logits = logits + moe.router_noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+        mask = None if token_mask is None else token_mask.reshape(b * s).astype(bool)
+        if moe.dispatch == "dropless":
+            y, metrics = self._dropless(x.reshape(b * s, d).astype(self.dtype), logits, mask)
+        else:
+            y, metrics = self._capacity(x.reshape(b * s, d).astype(self.dtype), logits, mask, train, no_drop)
+        return y.reshape(b, s, d), metrics
 
-        logits = precision.router_logits(xg, self.w_router[...])  # [G, T, E] float32, Precision.HIGHEST
-        noise_std = self.cfg.moe.router_noise_std
-        if train and noise_std > 0 and rng is not None:
-            logits = logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+    def _capacity(self, x, logits, mask, train, no_drop):
+        """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics)."""
+        n, d = x.shape
+        dt = self.dtype
+        t = group_size_for(n, self.cfg.moe.group_size)
+        g = n // t
+        xg = constrain(x.reshape(g, t, d), ("group", "group_tokens", "embed"))
         cap = self.capacity(t, train, no_drop)
-        dispatch, combine, info = route(logits, self.top_k, cap, self.cfg.moe.renormalize)
+        dispatch, combine, info = route(logits.reshape(g, t, -1), self.top_k, cap, self.cfg.moe.renormalize,
+                                        None if mask is None else mask.reshape(g, t))
         slot_gate = jnp.swapaxes(jnp.sum(combine, axis=1), 0, 1)  # [E, G, C]: each slot holds at most one token
         dispatch = constrain(dispatch.astype(dt), ("group", "group_tokens", None, "capacity"))
 
@@ -181,10 +235,35 @@ class MoEBlock(nnx.Module):
         expert_out = constrain(self.experts(expert_in) * slot_gate[..., None].astype(dt),
                                ("expert", "expert_group", "capacity", "embed"))
         y = constrain(jnp.einsum("gtec,egcm->gtm", dispatch, expert_out), ("group", "group_tokens", "embed"))
-
-        metrics = routing_metrics(info, logits)
+        metrics = routing_metrics(info, logits.reshape(g, t, -1))
         metrics["capacity"] = jnp.asarray(cap, jnp.float32)
-        return y.reshape(b, s, d), metrics
+        return y.reshape(n, d), metrics
+
+    def _dropless(self, x, logits, mask):
+        """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics). See moe_jax/dropless.py."""
+        from moe_jax import dropless  # dropless imports layers only; kept local so the two modules read apart
+        n, d = x.shape
+        probs, gates, expert_index = top_k_routing(logits, self.top_k, self.cfg.moe.renormalize)
+        weights = {k: getattr(self, k)[...].astype(self.dtype) for k in self._expert_names()}
+        impl = self.cfg.moe.grouped_matmul
+        mesh = jax.sharding.get_abstract_mesh()
+        sizes = {} if mesh.empty else dict(mesh.shape)
+        shards = sizes.get("data", 1) * sizes.get("expert", 1)
+        if not mesh.empty and n % shards == 0 and self.num_experts % sizes.get("expert", 1) == 0:
+            specs = {k: logical_to_spec(getattr(self, k).get_metadata()["logical_axes"], mesh.axis_names,
+                                        weights[k].shape, sizes) for k in weights}
+            full = jnp.ones((n,), bool) if mask is None else mask
+            y = dropless.expert_parallel_ffn(x, expert_index, gates, weights, self.kind, full, mesh, impl, specs)
+        else:
+            y = dropless.dropless_ffn(x, expert_index, gates, weights, self.kind, mask, impl)
+        info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=jnp.ones(expert_index.shape, bool),
+                    mask=mask)
+        metrics = routing_metrics(info, logits)
+        metrics["capacity"] = jnp.zeros((), jnp.float32)  # no capacity: every assignment is computed
+        return y, metrics
+
+    def _expert_names(self) -> tuple[str, ...]:
+        return ("w_in", "w_gate", "w_out") if self.kind == "swiglu" else ("w_in", "w_out")
 
 
 def expected_capacity(config, tokens: int, train: bool = True) -> int:

@@ -7,6 +7,9 @@ micro-batches (rows a, a+A, a+2A, ... form micro-batch a, so each device's rows 
 needs no communication), averages the gradients, and applies one optimizer update. Dropout/router-noise keys are
 fold_in(rng, step, micro) — so a resumed run draws exactly the same randomness.
 
+Positions with weight 0 (padding; the last token of a packed document) are passed to the model as its token_mask:
+they take no MoE capacity and stay out of the auxiliary losses and routing metrics.
+
 Loss = mean token cross-entropy (float32) + the MoE auxiliary loss (load balance + z-loss, already weighted).
 """
 
@@ -37,7 +40,8 @@ def init_state(config, params, optimizer) -> dict:
 
 def _loss(graphdef, params, micro, rng, train: bool):
     logits, aux, _ = model_lib.apply(graphdef, params, micro["inputs"], positions=micro.get("positions"),
-                                     segment_ids=micro.get("segment_ids"), train=train, rng=rng)
+                                     segment_ids=micro.get("segment_ids"), train=train, rng=rng,
+                                     token_mask=micro["weights"] > 0)
     loss_sum, correct, weight = model_lib.cross_entropy(logits, micro["targets"], micro["weights"])
     ce = loss_sum / jnp.maximum(weight, 1.0)
     return ce + aux["moe_loss"], (ce, correct, weight, aux)

@@ -84,3 +84,18 @@ def test_prepare_applies_batch_shape_and_overrides(load_config):
         bench.prepare(c, 2, 64, 1, {"moe.nope": 3})
     with pytest.raises(config_lib.ConfigError, match="model.n_heads"):
         bench.prepare(c, 2, 64, 1, {"model.n_heads": 5})
+
+
+def test_dispatch_flag_times_each_moe_config_once_per_mode(load_config):
+    c = load_config("smoke")
+    res = bench.benchmark([("smoke", c)], batch=2, seq=32, steps=1, warmup=0, matmul_n=128,
+                          dispatch=("capacity", "dropless"), out=lambda s: None)
+    assert list(res["configs"]) == ["smoke [capacity]", "smoke [dropless]"]
+    cap, drop = res["configs"]["smoke [capacity]"], res["configs"]["smoke [dropless]"]
+    assert (cap["dispatch"], drop["dispatch"]) == ("capacity", "dropless")
+    assert cap["training_flops_per_token"] == drop["training_flops_per_token"]  # same model FLOPs
+    dropless_cfg = bench.prepare(c, 2, 32)
+    dropless_cfg.moe.dispatch = "dropless"
+    assert drop["padding_flops_per_token"] == flops.flops_per_token(dropless_cfg)["dispatch_overhead_training"]
+    with pytest.raises(config_lib.ConfigError, match="--dispatch nope"):
+        bench.benchmark([("smoke", c)], dispatch=("nope",), out=lambda s: None)

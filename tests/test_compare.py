@@ -256,7 +256,7 @@ def test_report_flops_equal_the_counter(tiny_run):
         assert int(row["steps"].replace(",", "")) == c.train.steps
         assert float(row["training FLOPs"]) == pytest.approx(c.train.steps * per_step, rel=1e-6)
         assert float(row["padding+dispatch FLOPs/token (not counted)"]) == pytest.approx(
-            fpt["capacity_padding_training"], rel=1e-4)
+            fpt["dispatch_overhead_training"], rel=1e-4)
         # results.json holds the counter's numbers exactly
         assert results["plan"][n]["flops_per_token"] == fpt
         assert results["plan"][n]["training_flops"] == c.train.steps * per_step

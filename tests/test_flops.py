@@ -121,7 +121,8 @@ def test_flops_per_token_dense_by_hand():
     assert attention == 16_384
     forward = matmul + attention
     assert f == dict(forward=forward, training=3 * forward, matmul=matmul, attention_scores=attention, router=0,
-                     capacity_padding=0, capacity_padding_training=0)
+                     capacity_padding=0, capacity_padding_training=0, dispatch_overhead=0,
+                     dispatch_overhead_training=0)
     assert f["training"] == 638_976
 
 
@@ -147,7 +148,27 @@ def test_flops_per_token_moe_by_hand():
     assert per_layer == 18_432 + 163_840
     assert f["capacity_padding"] == pytest.approx(2 * per_layer)  # 2 MoE layers: 364,544
     assert f["capacity_padding_training"] == pytest.approx(3 * 2 * per_layer)
+    assert f["dispatch_overhead"] == f["capacity_padding"]
     # padding is reported apart: training is 3 x forward without it (checked above)
+
+
+def test_flops_dropless_dispatch_overhead_by_hand():
+    c = moe_config()
+    c.moe.dispatch = "dropless"
+    cap = flops.flops_per_token(moe_config())
+    for platform in ("tpu", "cpu"):
+        f = flops.flops_per_token(c, platform=platform)
+        # the model FLOPs do not depend on the dispatch; dropless has no capacity padding
+        assert {k: f[k] for k in ("forward", "training", "matmul", "router")} == \
+            {k: cap[k] for k in ("forward", "training", "matmul", "router")}
+        assert f["capacity_padding"] == 0
+        combine = 2 * (2 * 2 * 64)  # 2 MoE layers x k=2 gate multiply-adds of width 64
+        # XLA:CPU's ragged_dot: each of the k rows of a token meets all E = 4 experts' 3 matrices, k of them counted
+        dense_fallback = 2 * (2 * 3 * 2 * 3 * 64 * 96) if platform == "cpu" else 0
+        assert f["dispatch_overhead"] == combine + dense_fallback
+        assert f["dispatch_overhead_training"] == 3 * f["dispatch_overhead"]
+    c.moe.grouped_matmul = "megablox"
+    assert flops.flops_per_token(c, platform="cpu")["dispatch_overhead"] == 2 * (2 * 2 * 64)
 
 
 def test_flops_padding_follows_the_batch_and_group_size():

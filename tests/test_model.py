@@ -132,7 +132,7 @@ def test_moe_loss_is_the_weighted_sum_of_layer_losses():
             + config.moe.z_loss_weight * np.sum(aux["z_loss"]))
     assert aux["load_balance_loss"].shape == (config.model.n_layers,)
     assert_allclose(aux["moe_loss"], want, rtol=1e-6)
-    assert_allclose(np.sum(aux["tokens_per_expert"], axis=1), B * S * config.moe.top_k)
+    assert_allclose(np.sum(aux["tokens_per_expert_demand"], axis=1), B * S * config.moe.top_k)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -385,12 +385,16 @@ def test_routing_metrics_by_hand():
     kept = jnp.asarray([[[True, False], [True, True]]])
     logits = jnp.log(probs)
     m = moe.routing_metrics(dict(probs=probs, expert_index=idx, kept=kept), logits)
-    tpe = np.array([2.0, 1.0, 1.0])
-    np.testing.assert_array_equal(m["tokens_per_expert"], tpe)
-    assert m["tokens_per_expert"].sum() == 1 * 2 * 2  # G * T * K
+    tpe = np.array([2.0, 1.0, 1.0])  # demand: the top-k choices
+    np.testing.assert_array_equal(m["tokens_per_expert_demand"], tpe)
+    assert m["tokens_per_expert_demand"].sum() == 1 * 2 * 2  # G * T * K
     assert_allclose(m["dropped_fraction"], 0.25)
-    assert_allclose(m["load_cv"], np.std(tpe) / np.mean(tpe), rtol=1e-6)
-    assert_allclose(m["load_max_over_mean"], 2.0 / (4.0 / 3.0), rtol=1e-6)
+    assert_allclose(m["load_cv_demand"], np.std(tpe) / np.mean(tpe), rtol=1e-6)
+    assert_allclose(m["load_max_over_mean_demand"], 2.0 / (4.0 / 3.0), rtol=1e-6)
+    kept_load = np.array([2.0, 0.0, 1.0])  # carried: token 0's second choice (expert 1) was dropped
+    np.testing.assert_array_equal(m["tokens_per_expert"], kept_load)
+    assert_allclose(m["load_cv"], np.std(kept_load) / np.mean(kept_load), rtol=1e-6)
+    assert_allclose(m["load_max_over_mean"], 2.0 / 1.0, rtol=1e-6)
     assert_allclose(m["router_confidence"], 0.6, rtol=1e-6)
     assert_allclose(m["z_loss"], 0.0, atol=1e-6)  # log-probabilities: logsumexp = 0
 
@@ -400,7 +404,8 @@ def test_block_metrics_tokens_per_expert_sum_and_aux_with_train_capacity():
     block, _ = random_block(c, seed=5)
     _, metrics = call_block(block, random_tokens(c, b=4, s=16), train=True)
     assert metrics["tokens_per_expert"].shape == (4,)
-    assert metrics["tokens_per_expert"].sum() == 4 * 16 * 2  # G=4 groups of T=16, K=2
+    assert metrics["tokens_per_expert_demand"].sum() == 4 * 16 * 2  # G=4 groups of T=16, K=2
+    assert_allclose(metrics["tokens_per_expert"].sum(), 4 * 16 * 2 * (1 - metrics["dropped_fraction"]), rtol=1e-6)
     assert metrics["capacity"] == moe.capacity(ModelConfig.from_config(c), 16, train=True)
     assert 0.0 <= metrics["dropped_fraction"] <= 1.0
 
