@@ -12,8 +12,8 @@ One device (`dropless_ffn`):
                            masked assignments get the key E and sort last, outside every group
     group_sizes  [E]       assignments per expert (real tokens only)
     xs           [R, M]    x[order // K]: the tokens, sorted (rows past sum(group_sizes) are zeroed)
-    out          [R, M]    expert MLP by grouped matmuls: act(xs @ w_in[e]) (* for swiglu silu(xs @ w_gate[e])) @ w_out[e]
-                           for the rows of group e
+    out          [R, M]    expert MLP by grouped matmuls, for the rows of group e:
+                           act(xs @ w_in[e]) @ w_out[e]  (swiglu: (silu(xs @ w_gate[e]) * (xs @ w_in[e])) @ w_out[e])
     y            [N, M]    sum_k gates[n, k] * out[position of assignment (n, k) in order]
 
 Expert parallelism (`expert_parallel_ffn`, inside `jax.shard_map` over the whole mesh): tokens are split over
@@ -27,7 +27,8 @@ rows. `jax.lax.ragged_all_to_all` would send exactly the counts; it is not used 
 run) does not implement it (see docs/decisions.md).
 
 Grouped matmul (`grouped_matmul`): `jax.lax.ragged_dot` (impl 'ragged_dot'). On XLA:CPU, jax lowers ragged_dot to
-one dense dot over all E groups with a mask (E/K times the active expert FLOPs); on TPU it is a native op.
+one dense dot of every row against all E groups with a mask (E times the active expert FLOPs); on TPU it is
+a native op.
 impl 'megablox' selects the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (TPU only; elsewhere it
 runs in Pallas interpret mode, which the tests use to check it and which is far too slow to train with).
 """

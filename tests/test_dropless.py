@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
-from moe_jax import config_lib, decode, dropless, model, moe, sharding, train_step
+from moe_jax import config_lib, decode, dropless, model, sharding, train_step
 from moe_jax import optimizer as optimizer_lib
 from test_moe import call_block, load_config, moe_config, random_block, random_tokens, ref_moe
 
