@@ -22,7 +22,8 @@ dense ragged_dot) and the optimizer's FLOPs excluded, the dispatch overhead prin
 capacity,dropless times every MoE config once per dispatch mode (labels get ' [dropless]').
 MFU = model FLOP/s / peak, where the peak is the flops.PEAK_TFLOPS table (per device, x --devices) on GPU/TPU,
 and on CPU a jitted n x n matmul timed here (--matmul_n, in the first config's dtype, best of 5, measured before
-and after the runs; the larger is used). --peak_tflops overrides both. Every config is compared with the first dense one (moe.num_experts == 0).
+and after the runs; the larger is used). --peak_tflops overrides both. Every config is compared with the first
+dense one (moe.num_experts == 0).
 """
 
 from __future__ import annotations
