@@ -157,7 +157,7 @@ def plot(workdir: str) -> list[str]:
         for layer in range(cv.shape[1]):
             axes[0].plot(steps, cv[:, layer], label=f"MoE layer {layer}")
         axes[0].set_xlabel("optimizer step")
-        axes[0].set_ylabel("expert load CV")
+        axes[0].set_ylabel("expert load CV (carried)")
         axes[0].legend(fontsize=7)
         axes[0].grid(alpha=0.3)
         last = np.asarray(load[-1]["moe/tokens_per_expert"], dtype=float)  # [layers, experts]
@@ -165,7 +165,7 @@ def plot(workdir: str) -> list[str]:
         im = axes[1].imshow(frac, aspect="auto", cmap="viridis")
         axes[1].set_xlabel("expert")
         axes[1].set_ylabel("MoE layer")
-        axes[1].set_title(f"fraction of assignments per expert (step {steps[-1]})")
+        axes[1].set_title(f"fraction of carried assignments per expert (step {steps[-1]})")
         fig.colorbar(im, ax=axes[1])
         fig.tight_layout()
         written.append(os.path.join(out_dir, "expert_load.png"))
