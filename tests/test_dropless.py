@@ -18,7 +18,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from moe_jax import config_lib, decode, dropless, model, sharding, train_step
 from moe_jax import optimizer as optimizer_lib
-from test_moe import call_block, load_config, moe_config, random_block, random_tokens, ref_moe
+from conftest import config as load_config
+from test_moe import call_block, moe_config, random_block, random_tokens, ref_moe
 
 
 def block_pair(top_k=2, mlp="gelu", seed=0, **fields):
@@ -312,16 +313,14 @@ def test_model_decodes_with_dropless_like_a_full_forward():
 # --------------------------------------------------------------------------------------------- model: training
 
 
-def test_model_trains_with_dropless(tmp_path):
-    import os
-
+@pytest.mark.slow
+def test_model_trains_with_dropless(tmp_path, data_cache):
     from moe_jax import trainer
     from test_trainer import smoke_config, unigram_entropy
-    cache_dir = os.environ.get("MOE_JAX_CACHE") or str(tmp_path / "cache")
-    c = smoke_config(cache_dir)
+    c = smoke_config(data_cache)
     c.moe.dispatch = "dropless"
     workdir = str(tmp_path / "run")
     summary = trainer.train(config_lib.validate(c), workdir)
     assert summary["finished"] and summary["step"] == 60
-    h = unigram_entropy(workdir, cache_dir)
+    h = unigram_entropy(workdir, data_cache)
     assert summary["val_loss"] < h - 0.5, (summary["val_loss"], h)
