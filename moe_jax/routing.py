@@ -14,7 +14,7 @@ routing groups of T tokens, moe.route for top-k and capacity), and per layer:
   tokens_per_expert_demanded [E]  top-k assignments made to each expert, before capacity
   tokens_per_expert_kept     [E]  assignments that got a slot (the rest are dropped)
   dropped_fraction                1 - kept / demanded;  tokens_fully_dropped: tokens all of whose k choices dropped
-  load_cv, load_max_over_mean     std / mean and max / mean of the demanded counts (as moe.routing_metrics)
+  load_cv, load_max_over_mean     std / mean and max / mean of the demanded counts (moe.routing_metrics' *_demand)
   router_entropy                  mean over tokens of -sum_e p_e ln p_e (nats), and divided by ln E
   top1_prob, topk_prob            mean probability of the first choice, and of the k choices together (before the
                                   renormalisation of the gates)
