@@ -428,7 +428,7 @@ def write_report(workdir: str, cmp, planned: dict, runs: list[dict], command: st
                      f"{p['flops_per_step']:.6e} | {p['steps']:,} | {p['training_flops']:.6e} | "
                      f"{p['training_flops'] / budget - 1:+.3%} | {p['steps'] * p['tokens_per_step']:,} | "
                      f"{p['flops_per_token']['dispatch_overhead_training']:.4e} | {p['padding_flops']:.4e} |")
-    lines += ["", f"## Results (mean ± sample std [min, max] over seeds; single values are the same for every seed)",
+    lines += ["", "## Results (mean ± sample std [min, max] over seeds; single values are the same for every seed)",
               "", "| " + " | ".join(["arm", "runs"] + [label for _, label, *_ in REPORT_FIELDS]) + " |",
               "|" + "---|" * (len(REPORT_FIELDS) + 2)]
     for n, a in arms.items():

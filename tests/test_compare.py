@@ -195,7 +195,7 @@ def tiny_run(tmp_path_factory, cache_dir):
 
 def _table(report: str, first_header: str) -> list[dict]:
     lines = report.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
     header = [h.strip() for h in lines[start].strip("|").split("|")]
     rows = []
     for line in lines[start + 2:]:
