@@ -86,6 +86,7 @@ def test_prepare_applies_batch_shape_and_overrides(load_config):
         bench.prepare(c, 2, 64, 1, {"model.n_heads": 5})
 
 
+@pytest.mark.slow  # end to end (a full compile of prefill + decode / two bench configs): full suite only
 def test_dispatch_flag_times_each_moe_config_once_per_mode(load_config):
     c = load_config("smoke")
     res = bench.benchmark([("smoke", c)], batch=2, seq=32, steps=1, warmup=0, matmul_n=128,

@@ -296,6 +296,7 @@ def test_megablox_kernel_in_interpret_mode_equals_ragged_dot():
 # -------------------------------------------------------------------------------------------- model: decode
 
 
+@pytest.mark.slow  # end to end (a full compile of prefill + decode / two bench configs): full suite only
 def test_model_decodes_with_dropless_like_a_full_forward():
     c = load_config("smoke")
     c.moe.dispatch = "dropless"
