@@ -141,6 +141,53 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
                 dispatch_overhead=overhead, dispatch_overhead_training=3.0 * overhead)
 
 
+def newton_schulz_flops(rows: int, cols: int, iterations: int) -> float:
+    """FLOPs of `iterations` Newton-Schulz iterations on one [rows, cols] matrix (optax.contrib.muon's quintic).
+    With m = min(rows, cols), n = max(rows, cols) (Muon transposes so that X is [m, n]), one iteration is
+    A = X X^T (2 m^2 n), B = b A + c A^2 (2 m^3; the scalings are elementwise, not counted), X' = a X + B X
+    (2 m^2 n): 4 m^2 n + 2 m^3. The normalisation before the first iteration is O(mn) and not counted."""
+    m, n = min(rows, cols), max(rows, cols)
+    return iterations * (4.0 * m * m * n + 2.0 * m ** 3)
+
+
+def muon_matrices(config) -> list[tuple[int, int, int]]:
+    """(count, rows, cols) of the matrices Muon orthogonalises each step (optimizer.py's dimension numbers): per
+    layer wq, wk, wv as [M, H*D] and wo as [H*D, M]; a dense FFN's f matrices; an MoE layer's E*f expert matrices
+    (each expert on its own) and the router [M, E] when optim.router_muon. Empty when optim.name != 'muon'."""
+    if config.optim.name != "muon":
+        return []
+    m, moe = config.model, config.moe
+    d, f = m.d_model, _mlp_mats(config)
+    hd = m.n_heads * ModelConfig.from_config(config).head_dim
+    n_dense, n_moe = _layer_counts(config)
+    out = [(4 * m.n_layers, d, hd)]
+    if n_dense:
+        out.append((n_dense * f, d, m.d_ff))
+    if n_moe:
+        out.append((n_moe * moe.num_experts * f, d, moe.d_ff))
+        if config.optim.router_muon:
+            out.append((n_moe, d, moe.num_experts))
+    return out
+
+
+def optimizer_flops_per_step(config) -> float:
+    """Newton-Schulz FLOPs of one optimizer step: sum over `muon_matrices` of count x newton_schulz_flops(rows,
+    cols, optim.ns_steps) (5 by default). Once per optimizer step, whatever train.grad_accum is. Momentum, AdamW and
+    clipping are elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
+    it = int(config.optim.ns_steps)
+    return float(sum(c * newton_schulz_flops(r, k, it) for c, r, k in muon_matrices(config)))
+
+
+def executed_flops_per_step(config) -> float:
+    """What one optimizer step makes the hardware compute, as counted here: the model's training FLOPs plus capacity
+    padding and dispatch/combine (flops_per_token's capacity_padding_training) per token, times the tokens of a step,
+    plus the optimizer's Newton-Schulz FLOPs (optimizer_flops_per_step)."""
+    t = config.train
+    fpt = flops_per_token(config)
+    tokens = t.batch_size * t.grad_accum * t.seq_len
+    return (fpt["training"] + fpt["capacity_padding_training"]) * tokens + optimizer_flops_per_step(config)
+
+
 def flops_per_step(config) -> float:
     """Training FLOPs of one optimizer step: training FLOPs/token x batch_size x grad_accum x seq_len."""
     t = config.train
