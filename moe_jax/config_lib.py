@@ -128,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_val_windows = 256
     c.data.shards = 0  # training-data shards (0: one per JAX process). Fixes the global batch's rows whatever the
     #   process count: process p of N reads shards [p * shards / N, (p + 1) * shards / N); see data/pipeline.py
+    c.data.test_fraction = 0.0  # > 0: a hash-chosen test split of whole documents (moe_jax/studies reports on it)
+    c.data.val_window_sampling = "first"  # 'first' max_val_windows windows, or 'even': spread evenly over the split
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)
@@ -247,6 +249,10 @@ def validate(config) -> ml_collections.ConfigDict:
            f"only applies to source='tfds' (got source={d.source!r}); leave it empty")
     _check(isinstance(d.worker_count, int) and d.worker_count >= 0, "data.worker_count",
            f"must be an integer >= 0 (0 = no worker processes), got {d.worker_count!r}")
+    _check(0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1, "data.test_fraction",
+           f"must be in [0, 1) with val_fraction + test_fraction < 1, got {d.test_fraction}")
+    _check(d.val_window_sampling in ("first", "even"), "data.val_window_sampling",
+           f"choose 'first' or 'even', got {d.val_window_sampling!r}")
     _check(isinstance(d.max_val_windows, int) and d.max_val_windows >= 0, "data.max_val_windows",
            f"must be an integer >= 0 (0 = every validation window), got {d.max_val_windows!r}")
     _check(isinstance(d.shards, int) and d.shards >= 0, "data.shards",

@@ -28,7 +28,11 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | None = None, devices=None) -> dict:
+def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | None = None, devices=None,
+                     split: str = "validation") -> dict:
+    """Evaluate a run's checkpoint on its validation (or, split='test', its test) windows; writes and returns
+    {val_loss, val_accuracy, val_perplexity, step, workdir, devices, split} (the keys keep the val_ prefix for either
+    split)."""
     import jax
 
     from moe_jax import checkpoint as ckpt_lib, data, inference, train_step as step_lib
@@ -40,15 +44,15 @@ def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | 
     mesh = inference.inference_mesh(config, devices)
     graphdef, state, step = inference.restore_train_state(workdir, config, mesh, step)
     ds = data.build(config)
-    batches = list(ds.val_batches(config.train.batch_size))
+    batches = list(ds.eval_batches(config.train.batch_size, split))
     if config.train.eval_batches:
         batches = batches[:config.train.eval_batches]
     eval_like = step_lib.batch_like(batches[0], config.train.batch_size)
     eval_fn, shardings = step_lib.compile_eval_step(config, graphdef, state["params"], mesh, eval_like)
     with jax.set_mesh(mesh):
         result = step_lib.evaluate(eval_fn, state["params"], batches, shardings)
-    result.update(step=step, workdir=workdir, devices=len(mesh.devices.flat))
-    path = os.path.join(workdir, f"eval_step{step}.json")
+    result.update(step=step, workdir=workdir, devices=len(mesh.devices.flat), split=split)
+    path = os.path.join(workdir, f"eval_step{step}.json" if split == "validation" else f"eval_{split}_step{step}.json")
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(result, f, indent=2, sort_keys=True)

@@ -7,6 +7,7 @@
                           B = train.batch_size * train.grad_accum // process_count, S = train.seq_len;
                           the rows of this process's data shards (config.data.shards, see pipeline.py)
     ds.val_batches(n)     fixed list of this process's shares of global validation batches of n rows
+    ds.eval_batches(n, split)  the same for 'validation' or 'test' (data.test_fraction > 0; built on first use)
     ds.stats              {source, num_docs_train, num_docs_val, tokens_train, tokens_val, vocab_size, val_windows,
                            tokens_estimated}
 
@@ -28,6 +29,7 @@ from moe_jax import config_lib
 from moe_jax.data import cache, pipeline
 from moe_jax.data.errors import DataError
 from moe_jax.data.sources import Source, open_source
+from moe_jax.data.split import split_tag
 from moe_jax.data.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("moe_jax.data")
@@ -50,6 +52,7 @@ class Data:
     process_count: int
     packing: str
     _val_windows: dict[str, np.ndarray]
+    _test_windows: Any = None  # a zero-argument callable building the test windows (None: no test split)
 
     def val_batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
         """This process's rows of each global validation batch of `batch_size` rows (the same list every call).
@@ -58,6 +61,21 @@ class Data:
         last batch is padded with weight-0 rows; every process gets the same number of batches.
         """
         return pipeline.val_batches(self._val_windows, batch_size, process_index=self.process_index,
+                                    process_count=self.process_count, pad_id=self.tokenizer.pad_id)
+
+    def eval_batches(self, batch_size: int, split: str = "validation") -> list[dict[str, np.ndarray]]:
+        """Like val_batches, for split 'validation' or 'test' (data.test_fraction > 0; its windows are built on the
+        first call: the test split is read only when a caller asks for it)."""
+        if split == "validation":
+            return self.val_batches(batch_size)
+        if split != "test":
+            raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+        if self._test_windows is None:
+            raise DataError("config.data.test_fraction is 0: there is no test split. Fix: set data.test_fraction "
+                            "> 0 (e.g. 0.05) for the runs that report on it.")
+        if callable(self._test_windows):
+            self._test_windows = self._test_windows()
+        return pipeline.val_batches(self._test_windows, batch_size, process_index=self.process_index,
                                     process_count=self.process_count, pad_id=self.tokenizer.pad_id)
 
 
@@ -82,17 +100,22 @@ def _count_tokens(tok: Tokenizer, part, text_of) -> tuple[int, bool]:
 
 
 def _token_stats(config, source: Source, tok: Tokenizer) -> dict[str, Any]:
-    split = f"val{config.data.val_fraction:g}" if source.split is not None else f"val-{config.data.tfds_val_split}"
+    d = config.data
+    split = split_tag(d.val_fraction, d.test_fraction) if source.split is not None else f"val-{d.tfds_val_split}"
     path = os.path.join(source.cache_dir, f"stats-{cache.file_sha256(tok.path)[:12]}-{split}.json")
     cached = cache.read_json(path)
     keys = ("tokens_train", "tokens_val", "tokens_estimated", "num_docs_train", "num_docs_val")
     if (isinstance(cached, dict) and all(k in cached for k in keys) and cached["num_docs_train"] == len(source.train)
             and cached["num_docs_val"] == len(source.val)):
-        return {k: cached[k] for k in keys}
+        return {k: cached[k] for k in keys + ("tokens_test", "num_docs_test") if k in cached}
     tokens_train, est_train = _count_tokens(tok, source.train, source.text)
     tokens_val, est_val = _count_tokens(tok, source.val, source.text)
     stats = {"tokens_train": tokens_train, "tokens_val": tokens_val, "tokens_estimated": est_train or est_val,
              "num_docs_train": len(source.train), "num_docs_val": len(source.val)}
+    if source.test is not None:
+        stats["tokens_test"], est_test = _count_tokens(tok, source.test, source.text)
+        stats["num_docs_test"] = len(source.test)
+        stats["tokens_estimated"] = stats["tokens_estimated"] or est_test
     cache.atomic_write_json(path, stats)
     return stats
 
@@ -125,8 +148,12 @@ def build(config, process_index: int | None = None, process_count: int | None = 
     tokenize = pipeline.TokenizeDoc(tok, source.text_key)
     read_threads = max(1, min(4, os.cpu_count() or 1))
 
-    windows = pipeline.val_windows(source.val, tokenize=tokenize, seq_len=t.seq_len, packing=d.packing,
-                                   pad_id=tok.pad_id, max_windows=d.max_val_windows, read_threads=read_threads)
+    def windows_of(part):
+        return pipeline.val_windows(part, tokenize=tokenize, seq_len=t.seq_len, packing=d.packing,
+                                    pad_id=tok.pad_id, max_windows=d.max_val_windows, read_threads=read_threads,
+                                    sampling=d.val_window_sampling)
+
+    windows = windows_of(source.val)
     num_shards = d.shards or process_count
     shards = pipeline.local_shards(num_shards, process_index, process_count)
     per_shard = batch // len(shards)
@@ -138,4 +165,5 @@ def build(config, process_index: int | None = None, process_count: int | None = 
     stats = {"source": source.name, **_token_stats(config, source, tok), "vocab_size": tok.vocab_size,
              "val_windows": int(len(windows["inputs"]))}
     return Data(tokenizer=tok, train_iter=iter(train_ds), stats=stats, source=source, train_dataset=train_ds,
-                process_index=process_index, process_count=process_count, packing=d.packing, _val_windows=windows)
+                process_index=process_index, process_count=process_count, packing=d.packing, _val_windows=windows,
+                _test_windows=(lambda: windows_of(source.test)) if source.test is not None else None)

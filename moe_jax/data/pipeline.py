@@ -27,8 +27,9 @@ So a run's global batches depend on K, never on N: a 1-process run with K = 2 se
 run. The checkpointed data state is one JSON file per shard (`process_<k>-of-<K>.json`, grain's own name, so K = N
 is grain's layout), and a checkpoint restores under any process count that divides K.
 
-Validation: the validation documents in their fixed order, packed the same way, the first `max_val_windows` windows
-(0 = all, the last one padded), computed once as arrays [W, S]; `val_batches` deals them out per process.
+Validation (and test): the documents in their fixed order, packed the same way, all windows (max_val_windows 0; the
+last one padded) or `max_val_windows` of them, the first ones or spread evenly (data.val_window_sampling), computed
+once as arrays [W, S]; `val_batches` deals them out per process.
 
 Resume workaround: grain 0.2.18's ConcatThenSplit state holds `remainder_slices` as tuples; after the JSON round
 trip of a checkpoint they come back as lists, `[-1, -1] != (-1, -1)` makes `set_state` believe there is a remainder
@@ -177,9 +178,21 @@ def train_dataset(docs, *, tokenize: Callable | None, seq_len: int, batch_size: 
     return ExactResumeIterDataset(it)
 
 
+def even_indices(total: int, count: int) -> np.ndarray:
+    """`count` indices spread evenly over range(total), first and last included (all of them when count >= total):
+    round(linspace(0, total - 1, count))."""
+    if count <= 0 or count >= total:
+        return np.arange(total)
+    return np.unique(np.round(np.linspace(0, total - 1, count)).astype(np.int64))
+
+
 def val_windows(docs, *, tokenize: Callable | None, seq_len: int, packing: str, pad_id: int = 0,
-                max_windows: int = 0, read_threads: int = 2) -> dict[str, np.ndarray]:
-    """The fixed validation windows as arrays [W, S] (first `max_windows`, 0 = all), documents in order."""
+                max_windows: int = 0, read_threads: int = 2, sampling: str = "first") -> dict[str, np.ndarray]:
+    """The fixed evaluation windows as arrays [W, S], documents in order: all of them (max_windows 0), or
+    `max_windows` of them: the first ones (sampling 'first') or ones spread evenly over the whole split ('even',
+    `even_indices`)."""
+    if sampling not in ("first", "even"):
+        raise DataError(f"config.data.val_window_sampling={sampling!r}: choose 'first' or 'even'")
     to_example = WindowToExample(packing, pad_id)
     rows, real = [], 0
     for window in packed_windows(docs, tokenize=tokenize, seq_len=seq_len, packing=None, seed=None, num_epochs=1,
@@ -188,13 +201,15 @@ def val_windows(docs, *, tokenize: Callable | None, seq_len: int, packing: str, 
         real += n
         if n >= 2:  # a window with a single token has no target
             rows.append(to_example.map(window))
-        if max_windows and len(rows) >= max_windows:
+        if max_windows and sampling == "first" and len(rows) >= max_windows:
             break
     if not rows or (len(rows) == 1 and real < seq_len + 1):
         raise DataError(
             f"config.train.seq_len={seq_len}: the validation split has only {real} tokens ({len(docs)} "
             f"document(s)), fewer than one window of seq_len + 1 = {seq_len + 1}. Fix: lower train.seq_len or "
             "raise data.val_fraction (or use a larger source).")
+    if max_windows and sampling == "even":
+        rows = [rows[i] for i in even_indices(len(rows), max_windows)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -19,7 +19,8 @@ Three sources, chosen by `config.data.source`:
 whose records are dicts of bytes: {'id': b'Genesis 1', 'text': b'In the beginning ...'}.
 
 Validation documents are a hash-chosen fraction of the 'train' split (split.py), or, for 'tfds' with
-`config.data.tfds_val_split` set, that whole TFDS split.
+`config.data.tfds_val_split` set, that whole TFDS split. With `config.data.test_fraction` > 0 a further hash-chosen
+fraction is the test split (`Source.test`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Source:
     train: PartSource
     val: PartSource
     split: DocSplit | None  # the hash split (None when validation is a separate TFDS split)
+    test: PartSource | None = None  # the test documents when config.data.test_fraction > 0
 
     def text(self, record: dict) -> str:
         return record_text(record, self.text_key)
@@ -366,21 +368,30 @@ def open_source(config, root: str) -> Source:
         data_dir = prepare_local(config, source_dir)
         docs = tfds.data_source(LOCAL_BUILDER, split="train", data_dir=data_dir, download=False)
         name = "bible" if d.source == "bible" else f"files:{d.files}"
-        split = hash_split(len(docs), d.val_fraction, what=f"source {name!r}")
+        split = hash_split(len(docs), d.val_fraction, what=f"source {name!r}", test_fraction=d.test_fraction)
         return Source(name, key, source_dir, LOCAL_TEXT_KEY, PartSource(docs, split, "train"),
-                      PartSource(docs, split, "validation"), split)
+                      PartSource(docs, split, "validation"), split, _test_part(docs, split))
 
     builder = tfds_builder(d.tfds_name, d.tfds_data_dir)
     _check_text_feature(builder, config)
     name = f"tfds:{d.tfds_name}"
     train_docs = open_tfds_split(config, builder, "train")
     if d.tfds_val_split:
+        if d.test_fraction > 0:
+            raise DataError("config.data.test_fraction: a test split is hash-chosen from the documents that are not "
+                            "validation; with data.tfds_val_split set there is no such split. Fix: set "
+                            "data.tfds_val_split='' (hash split of 'train') or data.test_fraction=0.")
         val_docs = open_tfds_split(config, builder, d.tfds_val_split)
         if len(train_docs) == 0 or len(val_docs) == 0:
             raise DataError(f"config.data: TFDS {d.tfds_name!r} split 'train' has {len(train_docs)} and split "
                             f"{d.tfds_val_split!r} has {len(val_docs)} documents; both need at least one.")
         return Source(name, key, source_dir, d.text_feature, PartSource(train_docs, None, "train"),
                       PartSource(val_docs, None, "validation"), None)
-    split = hash_split(len(train_docs), d.val_fraction, what=f"TFDS {d.tfds_name!r} split 'train'")
+    split = hash_split(len(train_docs), d.val_fraction, what=f"TFDS {d.tfds_name!r} split 'train'",
+                       test_fraction=d.test_fraction)
     return Source(name, key, source_dir, d.text_feature, PartSource(train_docs, split, "train"),
-                  PartSource(train_docs, split, "validation"), split)
+                  PartSource(train_docs, split, "validation"), split, _test_part(train_docs, split))
+
+
+def _test_part(docs, split: DocSplit) -> PartSource | None:
+    return PartSource(docs, split, "test") if split.num_test else None

@@ -1,17 +1,23 @@
-"""Train/validation split by whole documents, chosen by a seeded hash of the document's index.
+"""Train/validation[/test] split by whole documents, chosen by a seeded hash of the document's index.
 
-Document i (its position in the source's 'train' split) goes to validation iff
+Document i (its position in the source's 'train' split), with u_i = splitmix64(i XOR SPLIT_SALT) / 2**64, goes to
 
-    splitmix64(i XOR SPLIT_SALT) / 2**64 < val_fraction
+    validation  iff u_i < val_fraction
+    test        iff val_fraction <= u_i < val_fraction + test_fraction      (only when test_fraction > 0)
+    training    otherwise
 
-so about `val_fraction` of the documents, spread evenly over the source, are held out whole; no document is ever cut
-between the two sides. The rule depends only on (index, val_fraction): not on the shuffle seed, the tokenizer or the
-number of processes, so every run on a source evaluates on the same documents. The hash is vectorised (numpy,
-chunked), and only the sorted validation indices are kept: training position k maps to document
-`k + searchsorted(val - arange(len(val)), k, side='right')`, so a 365M-document source costs 5% of an int64 array.
+so about `val_fraction` (and `test_fraction`) of the documents, spread evenly over the source, are held out whole; no
+document is ever cut between two sides. With test_fraction = 0 (the default) the split is the two-way one, with the
+same validation documents as before the test side existed. Validation is for choosing settings (learning rates...),
+test for reporting a final run once (moe_jax/studies). The rule depends only on (index, fractions): not on the
+shuffle seed, the tokenizer or the number of processes, so every run on a source evaluates on the same documents.
+The hash is vectorised (numpy, chunked), and only the sorted held-out indices are kept: training position k maps to
+document `k + searchsorted(held - arange(len(held)), k, side='right')`, so a 365M-document source costs 5% of an
+int64 array.
 
-If the hash leaves one side empty (tiny sources) the document with the smallest hash goes to validation (or the one
-with the largest to training); with fewer than 2 documents no split exists and `DataError` says so.
+If the hash leaves a side empty (tiny sources) the document with the smallest hash goes to validation, the smallest
+remaining one to test, or the one with the largest to training; with too few documents no split exists and
+`DataError` says so.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from moe_jax.data.errors import DataError
 
 SPLIT_SALT = 0x6D6F655F6A617821  # fixed: the split must not move when seeds or other settings change
 _CHUNK = 1 << 22
+PARTS = ("train", "validation", "test")
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -40,15 +47,24 @@ def doc_hash_unit(indices: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def split_tag(val_fraction: float, test_fraction: float = 0.0) -> str:
+    """Names a split in cache file names: 'val0.05', or 'val0.05-test0.05' with a test side."""
+    return f"val{val_fraction:g}" + (f"-test{test_fraction:g}" if test_fraction else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class DocSplit:
-    """Which of `num_docs` documents are validation (sorted `val_indices`); all others are training."""
+    """Which of `num_docs` documents are validation (sorted `val_indices`) and test (sorted `test_indices`, empty
+    without a test side); all others are training."""
 
     num_docs: int
     val_indices: np.ndarray
+    test_indices: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __post_init__(self):
-        gaps = self.val_indices - np.arange(len(self.val_indices), dtype=np.int64)
+        held = np.sort(np.concatenate([self.val_indices, self.test_indices]).astype(np.int64))
+        gaps = held - np.arange(len(held), dtype=np.int64)
+        object.__setattr__(self, "_held", held)
         object.__setattr__(self, "_gaps", gaps)
 
     @property
@@ -56,8 +72,12 @@ class DocSplit:
         return int(len(self.val_indices))
 
     @property
+    def num_test(self) -> int:
+        return int(len(self.test_indices))
+
+    @property
     def num_train(self) -> int:
-        return self.num_docs - self.num_val
+        return self.num_docs - self.num_val - self.num_test
 
     def train_doc(self, k: int) -> int:
         """Document index of the k-th training document (0 <= k < num_train)."""
@@ -68,50 +88,65 @@ class DocSplit:
     def val_doc(self, k: int) -> int:
         return int(self.val_indices[k])
 
+    def test_doc(self, k: int) -> int:
+        return int(self.test_indices[k])
+
     def train_indices(self) -> np.ndarray:
         """All training document indices (materialised: use for small sources and tests)."""
         mask = np.ones(self.num_docs, dtype=bool)
-        mask[self.val_indices] = False
+        mask[self._held] = False
         return np.flatnonzero(mask)
 
 
-def hash_split(num_docs: int, val_fraction: float, *, what: str) -> DocSplit:
+def hash_split(num_docs: int, val_fraction: float, *, what: str, test_fraction: float = 0.0) -> DocSplit:
     """Split documents 0..num_docs-1 by the seeded hash. `what` names the source in error messages."""
-    if num_docs < 2:
+    need = 3 if test_fraction > 0 else 2
+    if num_docs < need:
         raise DataError(
-            f"config.data: {what} has {num_docs} document(s); a train/validation split by whole documents needs at "
-            f"least 2. Fix: add documents (one per .txt file or per .jsonl line), or for a TFDS dataset whose split "
-            f"is one long text set config.data.tfds_val_split (e.g. 'validation') to validate on its own split.")
-    parts = []
+            f"config.data: {what} has {num_docs} document(s); a split by whole documents needs at least {need}"
+            f"{' (train, validation and test)' if need == 3 else ''}. Fix: add documents (one per .txt file or per "
+            f".jsonl line), or for a TFDS dataset whose split is one long text set config.data.tfds_val_split (e.g. "
+            f"'validation') to validate on its own split.")
+    val_parts, test_parts = [], []
     for start in range(0, num_docs, _CHUNK):
         idx = np.arange(start, min(num_docs, start + _CHUNK), dtype=np.int64)
-        parts.append(idx[doc_hash_unit(idx) < val_fraction])
-    val = np.concatenate(parts)
-    if len(val) == 0 or len(val) == num_docs:
+        u = doc_hash_unit(idx)
+        val_parts.append(idx[u < val_fraction])
+        if test_fraction > 0:
+            test_parts.append(idx[(u >= val_fraction) & (u < val_fraction + test_fraction)])
+    val = np.concatenate(val_parts)
+    test = np.concatenate(test_parts) if test_parts else np.zeros(0, dtype=np.int64)
+    if len(val) == 0 or (test_fraction > 0 and len(test) == 0) or len(val) + len(test) == num_docs:
         u = doc_hash_unit(np.arange(num_docs, dtype=np.int64))  # only reachable for small sources
+        order = np.argsort(u)
         if len(val) == 0:
-            val = np.array([int(np.argmin(u))], dtype=np.int64)
-        else:
-            val = np.delete(val, int(np.argmax(u)))
-    return DocSplit(num_docs=num_docs, val_indices=np.sort(val).astype(np.int64))
+            val = np.array([int(order[0])], dtype=np.int64)
+            test = test[test != order[0]]
+        if test_fraction > 0 and len(test) == 0:
+            test = np.array([int(next(i for i in order if i not in set(val.tolist())))], dtype=np.int64)
+        if len(val) + len(test) == num_docs:  # give the document with the largest hash back to training
+            last = int(order[-1])
+            val, test = val[val != last], test[test != last]
+    return DocSplit(num_docs=num_docs, val_indices=np.sort(val).astype(np.int64),
+                    test_indices=np.sort(test).astype(np.int64))
 
 
 class PartSource:
     """Random-access view (grain data source protocol: __len__, __getitem__) of one side of a split.
 
-    `part` is 'train' or 'validation'; with `split=None` the view is the whole source (used when validation comes
-    from a separate split, config.data.tfds_val_split). Picklable when `source` is, for multiprocessing workers.
+    `part` is 'train', 'validation' or 'test'; with `split=None` the view is the whole source (used when validation
+    comes from a separate split, config.data.tfds_val_split). Picklable when `source` is, for multiprocessing workers.
     """
 
     def __init__(self, source, split: DocSplit | None, part: str):
-        if part not in ("train", "validation"):
-            raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         self.source, self.split, self.part = source, split, part
 
     def __len__(self) -> int:
         if self.split is None:
             return len(self.source)
-        return self.split.num_train if self.part == "train" else self.split.num_val
+        return {"train": self.split.num_train, "validation": self.split.num_val, "test": self.split.num_test}[self.part]
 
     def doc_index(self, k: int) -> int:
         """Index in the underlying source of this view's k-th document."""
@@ -119,7 +154,9 @@ class PartSource:
             if not 0 <= k < len(self.source):
                 raise IndexError(f"document {k} out of range [0, {len(self.source)})")
             return int(k)
-        return self.split.train_doc(k) if self.part == "train" else self.split.val_doc(k)
+        if self.part == "train":
+            return self.split.train_doc(k)
+        return self.split.val_doc(k) if self.part == "validation" else self.split.test_doc(k)
 
     def __getitem__(self, k: int):
         return self.source[self.doc_index(int(k))]

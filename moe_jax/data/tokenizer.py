@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from moe_jax.data import cache
 from moe_jax.data.errors import DataError
+from moe_jax.data.split import split_tag
 
 log = logging.getLogger("moe_jax.data")
 
@@ -164,7 +165,8 @@ def _training_texts(source) -> Iterator[str]:
 
 
 def cache_name(config, source) -> str:
-    split = f"val{config.data.val_fraction:g}" if source.split is not None else f"val-{config.data.tfds_val_split}"
+    d = config.data
+    split = split_tag(d.val_fraction, d.test_fraction) if source.split is not None else f"val-{d.tfds_val_split}"
     return f"tokenizer-bpe{config.model.vocab_size}-{split}"
 
 
