@@ -1,0 +1,518 @@
+"""A study's results: one record per run, learning-rate selection on the validation split, per-arm statistics,
+verdicts, a ranking with intervals, per-layer routing, plots, report.md and results.json.
+
+Selection and reporting. For an arm with a learning-rate grid, the learning rate whose runs have the lowest mean
+final *validation* loss over the replicates is selected; only the selected runs are evaluated on the *test* split,
+once each, and the tables, verdicts and ranking read that test loss. Arms without a grid have all runs selected.
+With no test split (data.test_fraction = 0, no grid) the report reads the validation loss and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+
+import numpy as np
+
+from moe_jax import flops
+from moe_jax import metrics as metrics_lib
+from moe_jax.studies import budget as budget_lib
+from moe_jax.studies import plan as plan_lib
+from moe_jax.studies import stats
+
+REPORT_FILE = "report.md"
+RESULTS_FILE = "results.json"
+ROUTING_KEYS = (("moe/dropped_fraction", "dropped fraction"), ("moe/load_cv", "load CV"),
+                ("moe/router_confidence", "router confidence"))
+
+
+def fields(split: str) -> tuple:
+    """(key, column label, format, varies with the replicate) of the results table."""
+    head = (("params_total", "parameters", "{:,.0f}", False),
+            ("params_active", "active parameters", "{:,.0f}", False),
+            ("steps", "steps", "{:,.0f}", False),
+            ("tokens", "training tokens", "{:,.0f}", False),
+            ("model_flops", "model FLOPs", "{:.4e}", False),
+            ("executed_flops", "executed FLOPs", "{:.4e}", False))
+    test = (("test_loss", "test loss", "{:.4f}", True), ("test_accuracy", "test accuracy", "{:.4f}", True)) \
+        if split == "test" else ()
+    tail = (("val_loss", "val loss", "{:.4f}", True),
+            ("val_accuracy", "val accuracy", "{:.4f}", True),
+            ("val_perplexity", "val perplexity", "{:.2f}", True),
+            ("wall_time", "wall seconds", "{:.1f}", True),
+            ("tokens_per_s", "tokens/s", "{:,.0f}", True),
+            ("mfu", "MFU", "{:.4f}", True),
+            ("dropped_fraction", "dropped-token fraction", "{:.4f}", True))
+    return head + test + tail
+
+
+def metric_key(split: str) -> str:
+    return "test_loss" if split == "test" else "val_loss"
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.median(xs)) if xs else None
+
+
+def record(run: plan_lib.Run, summary: dict) -> dict:
+    """One run's result: the summary plus numbers recomputed from its metrics.jsonl (compact curves included)."""
+    c = run.config
+    records = metrics_lib.read(run.run_dir)
+    log_every = c.train.log_every
+    train_recs = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    final = evals[-1] if evals else {}
+    # Throughput: median over whole logging intervals after the first (the first holds warm-up).
+    full = [r for r in train_recs if r["step"] % log_every == 0 and r["step"] > log_every] or train_recs
+    dropped = [r["moe/dropped_fraction_mean"] for r in train_recs if "moe/dropped_fraction_mean" in r]
+    routing = {}
+    for key, _ in ROUTING_KEYS:
+        per_layer = [r[key] for r in train_recs if isinstance(r.get(key), list)]
+        if per_layer:
+            routing[key] = [float(v) for v in np.mean(np.asarray(per_layer, dtype=float), axis=0)]
+    step = int(summary["step"])
+    per_model = flops.flops_per_step(c)
+    per_exec = flops.executed_flops_per_step(c)
+    p = flops.param_counts(c)
+    return {
+        "kind": run.kind, "arm": run.arm, "lr": run.lr, "label": run.label, "seed": run.seed, "order": run.order,
+        "replicate": run.replicate, "run_dir": run.run_dir, "steps": step, "tokens": int(summary["tokens"]),
+        "model_flops": step * per_model, "executed_flops": step * per_exec,
+        "optimizer_flops": step * flops.optimizer_flops_per_step(c),
+        "params_total": p["total"], "params_active": p["active"],
+        **{k: summary.get(k, final.get(k)) for k in ("val_loss", "val_accuracy", "val_perplexity")},
+        "wall_time": summary.get("wall_time"),
+        "tokens_per_s": _median(r.get("tokens_per_s") for r in full),
+        "mfu": _median(r.get("mfu") for r in full),
+        "dropped_fraction": float(np.mean(dropped)) if dropped else 0.0,
+        "routing": routing,
+        "skipped": bool(summary.get("skipped", False)),
+        "selected": True,
+        "curve": [{"step": r["step"], "tokens": r["tokens"], "val_loss": round(float(r["val_loss"]), 6),
+                   "wall_time": round(float(r["wall_time"]), 3), "model_flops": r["step"] * per_model,
+                   "executed_flops": r["step"] * per_exec} for r in evals],
+    }
+
+
+def select_lrs(planned: dict, records: list[dict]) -> dict:
+    """Per budget and arm with a grid: the learning rate of lowest mean final validation loss; marks the records of
+    every other learning rate as not selected. Returns {kind: {arm: {lr, grid: {lr: summary}}}}."""
+    out: dict = {}
+    for kind in planned["kinds"]:
+        out[kind] = {}
+        for arm, grid in planned["grids"].items():
+            if not grid:
+                continue
+            table = {lr: stats.summary(r["val_loss"] for r in records
+                                       if r["kind"] == kind and r["arm"] == arm and r["lr"] == lr) for lr in grid}
+            best = min(grid, key=lambda lr: (table[lr]["mean"] if table[lr]["mean"] is not None else math.inf))
+            out[kind][arm] = {"lr": best, "grid": {f"{lr:g}": table[lr] for lr in grid}}
+            for r in records:
+                if r["kind"] == kind and r["arm"] == arm:
+                    r["selected"] = r["lr"] == best
+    return out
+
+
+def aggregate(records: list[dict], split: str) -> dict[str, dict]:
+    """arm -> {runs, <field>: stats.summary} over the selected runs of one budget."""
+    arms: dict[str, dict] = {}
+    for r in records:
+        if r["selected"]:
+            arms.setdefault(r["arm"], {"runs": []})["runs"].append(r)
+    for a in arms.values():
+        for key, *_ in fields(split):
+            a[key] = stats.summary([r.get(key) for r in a["runs"]])
+    return arms
+
+
+def fmt_stats(s: dict, fmt: str, varies: bool = True) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    if not varies and s["min"] == s["max"]:
+        return fmt.format(s["mean"])
+    if s["n"] > 1:
+        return f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
+    return fmt.format(s["mean"])
+
+
+def by_replicate(arm: dict, key: str) -> dict:
+    return {r["replicate"]: r.get(key) for r in arm["runs"] if r.get(key) is not None}
+
+
+def verdicts(arms: dict, key: str) -> list[dict]:
+    names = list(arms)
+    return [stats.verdict(a, by_replicate(arms[a], key), b, by_replicate(arms[b], key), key.replace("_", " "))
+            for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def ranking(arms: dict, key: str) -> list[dict]:
+    """Arms by mean `key` (lower first), each with its t interval and its difference from the first arm listed."""
+    names = list(arms)
+    ref = names[0]
+    rows = []
+    for n in names:
+        s = arms[n][key]
+        d = stats.difference(by_replicate(arms[n], key), by_replicate(arms[ref], key)) if n != ref else None
+        rows.append({"arm": n, **s, "vs": ref, "diff": d})
+    return sorted(rows, key=lambda r: (r["mean"] is None, r["mean"] if r["mean"] is not None else 0.0))
+
+
+def _arm_shape(c) -> str:
+    m, moe = c.model, c.moe
+    s = f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}, "
+    n_moe = sum(plan_lib.config_lib.is_moe_layer(c, i) for i in range(m.n_layers))
+    if n_moe:
+        s += (f"{moe.num_experts} experts (d_ff {moe.d_ff}) top-{moe.top_k} in {n_moe} of {m.n_layers} layers"
+              + (f", dense d_ff {m.d_ff} in the others" if n_moe < m.n_layers else "")
+              + f", capacity factor {moe.capacity_factor}")
+    else:
+        s += f"dense FFN d_ff {m.d_ff}"
+    t, o = c.train, c.optim
+    lr = f"Muon lr {o.muon_lr:g}, AdamW lr {o.adamw_lr:g}" if o.name == "muon" else f"AdamW lr {o.adamw_lr:g}"
+    return s + f"; dropout {m.dropout:g}; batch {t.batch_size} x accum {t.grad_accum} x seq {t.seq_len}; {lr}"
+
+
+def randomness(study, planned: dict) -> str:
+    """What the seeds vary, in words (dropout and router noise named only when they are on in some arm)."""
+    arms = planned["arms"].values()
+    what = ["model initialisation"]
+    if any(c.model.dropout > 0 for c in arms):
+        what.append("dropout")
+    if any(c.moe.num_experts and c.moe.router_noise_std > 0 for c in arms):
+        what.append("router noise")
+    seeds = [int(s) for s in study.seeds]
+    orders = study.get("data_orders", "paired")
+    if orders == "paired":
+        return (f"Seeds {seeds}: replicate k uses seed k for the {' and '.join(what)} **and** the training-document "
+                "order (data.shuffle_seed = k); arms share replicates, so differences between arms are paired.")
+    orders = [int(o) for o in orders]
+    if len(orders) == 1:
+        return (f"Seeds {seeds} vary the {' and '.join(what)} only; the training-document order is fixed (shuffle "
+                f"seed {orders[0]}) for every run, so the spread below does not include data-order variation.")
+    return (f"Seeds {seeds} (the {' and '.join(what)}) crossed with data orders {orders} (shuffle seeds): "
+            f"{len(seeds) * len(orders)} replicates per arm, paired across arms.")
+
+
+def evaluation(c, split: str) -> str:
+    d, t = c.data, c.train
+    if d.max_val_windows == 0 and t.eval_batches == 0:
+        cover = "every window of the split (the whole split)"
+    elif d.val_window_sampling == "even":
+        cover = f"{d.max_val_windows} windows spread evenly over the split"
+    else:
+        cover = f"the first {d.max_val_windows} windows of the split (not spread over it)"
+    if t.eval_batches:
+        cover += f", of which the first {t.eval_batches} batches of {t.batch_size} windows during training"
+    split_docs = (f"validation {d.val_fraction:g} and test {d.test_fraction:g} of the documents, hash-chosen whole "
+                  "documents never trained on" if d.test_fraction > 0 else
+                  f"validation {d.val_fraction:g} of the documents (hash-chosen whole documents never trained on); "
+                  "no test split")
+    read = ("learning rates and any setting are chosen on validation; the tables read the **test** split, evaluated "
+            "once per selected run" if split == "test" else
+            "the tables read the **validation** split (no setting was chosen on it)")
+    return f"Evaluation: {cover}. Split: {split_docs}; {read}. Losses are at the last step, not the best step."
+
+
+def describe_plan(planned: dict) -> list[str]:
+    lines = []
+    for kind in planned["kinds"]:
+        lines.append(f"budget ({kind}): {planned['budgets'][kind]:.6e} {budget_lib.UNITS[kind]} per run; "
+                     f"{budget_lib.FORMULAS[kind]}")
+        for lab, cost in planned["per_step"][kind].items():
+            run = next(r for r in planned["runs"] if r.kind == kind and r.label == lab)
+            lines.append(f"  {lab}: {cost:.6e} per step -> {run.steps:,} steps; model FLOPs "
+                         f"{run.costs['model_flops']:.4e}, executed FLOPs {run.costs['executed_flops']:.4e}, tokens "
+                         f"{run.costs['tokens']:,}")
+    lines.append(f"runs: {len(planned['runs'])} ({len(planned['replicates'])} replicates); report split: "
+                 f"{planned['report_split']}")
+    return lines
+
+
+def budget_table(planned: dict, kind: str) -> list[str]:
+    budget = planned["budgets"][kind]
+    lines = [f"Budget **{kind}**: {budget:.4e} {budget_lib.UNITS[kind]} per run. {budget_lib.FORMULAS[kind]}. "
+             "steps = max(1, round(budget / cost per step)).", "",
+             "| arm | lr | tokens/step | training FLOPs/token | padding+dispatch FLOPs/token | optimizer FLOPs/step "
+             "| model FLOPs/step | executed FLOPs/step | steps | model FLOPs | executed FLOPs | tokens | vs budget |",
+             "|" + "---|" * 13]
+    seen = set()
+    for run in planned["runs"]:
+        if run.kind != kind or run.arm in seen:
+            continue
+        seen.add(run.arm)
+        c = run.config
+        fpt = flops.flops_per_token(c)
+        grid = planned["grids"][run.arm]
+        lr = "grid " + ", ".join(f"{v:g}" for v in grid) if grid else f"{_lr_of(c, planned['lr_field']):g}"
+        used = planned["per_step"][kind][run.label] * run.steps
+        lines.append(f"| {run.arm} | {lr} | {budget_lib.tokens_per_step(c):,} | {fpt['training']:.6e} | "
+                     f"{fpt['capacity_padding_training']:.4e} | {flops.optimizer_flops_per_step(c):.4e} | "
+                     f"{flops.flops_per_step(c):.6e} | {flops.executed_flops_per_step(c):.6e} | {run.steps:,} | "
+                     f"{run.costs['model_flops']:.6e} | {run.costs['executed_flops']:.6e} | {run.costs['tokens']:,} | "
+                     f"{used / budget - 1:+.3%} |")
+    return lines
+
+
+def _lr_of(c, field: str) -> float:
+    section, key = field.split(".")
+    return float(c[section][key])
+
+
+def write(workdir: str, study, planned: dict, records: list[dict], selected: dict, command: str,
+          env: dict | None = None) -> dict:
+    split = planned["report_split"]
+    key = metric_key(split)
+    env = env or environment()
+    first_cfg = next(iter(planned["arms"].values()))
+    name = str(study.get("name", "") or "study")
+    lines = [f"# Study {name}: {' vs '.join(planned['arms'])}", "",
+             f"Command: `{command}`", "",
+             f"Machine: {env['device_count']} x {env['device_kind']} ({env['platform']}, {env['cpu_count']} CPU "
+             f"cores), jax {env['jax']}.", "",
+             randomness(study, planned), "", evaluation(first_cfg, split), "",
+             "Budgets: " + "; ".join(f"**{k}** {planned['budgets'][k]:.4e} {budget_lib.UNITS[k]} per run"
+                                     for k in planned["kinds"]) + ". Every table names the budget its steps were "
+             "set by and shows each run's cost under the others.", "", "## Arms", ""]
+    for n, c in planned["arms"].items():
+        grid = planned["grids"][n]
+        lines.append(f"- **{n}**: {_arm_shape(c)}" + (f"; {planned['lr_field']} grid {list(grid)}" if grid else ""))
+    tables: dict = {}
+    for kind in planned["kinds"]:
+        recs = [r for r in records if r["kind"] == kind]
+        arms = aggregate(recs, split)
+        tables[kind] = arms
+        lines += ["", f"## Budget: {kind}", ""] + budget_table(planned, kind)
+        if selected.get(kind):
+            lines += ["", f"### Learning rate chosen on the validation split ({kind})", "",
+                      "| arm | " + " | ".join(["lr", "val loss (mean ± std [min, max])", "runs", "chosen"]) + " |",
+                      "|---|---|---|---|---|"]
+            for arm, sel in selected[kind].items():
+                for lr, s in sel["grid"].items():
+                    lines.append(f"| {arm} | {lr} | {fmt_stats(s, '{:.4f}')} | {s['n']} | "
+                                 f"{'**yes**' if float(lr) == sel['lr'] else ''} |")
+        fl = fields(split)
+        lines += ["", f"## Results ({kind} budget; {split} split; mean ± sample std [min, max] over replicates; single "
+                      "values are the same for every replicate)", "",
+                  "| " + " | ".join(["arm", "runs"] + [label for _, label, *_ in fl]) + " |",
+                  "|" + "---|" * (len(fl) + 2)]
+        for n, a in arms.items():
+            lines.append("| " + " | ".join([n, str(len(a["runs"]))]
+                                           + [fmt_stats(a[k], fmt, varies) for k, _, fmt, varies in fl]) + " |")
+        lines += ["", "Wall seconds are the training loop (steps, evaluations, checkpoints; setup and compilation "
+                      "excluded), runs executed replicate-major so machine load falls on every arm alike. tokens/s "
+                      "and MFU are medians over logging intervals (MFU: model FLOPs only, against the measured matmul "
+                      "peak on CPU). The dropped-token fraction is the mean over logged training steps.", "",
+                  f"### Ranking by {key.replace('_', ' ')} ({kind} budget; {100 * stats.LEVEL:.0f}% t intervals)", "",
+                  "| rank | arm | mean | interval of the mean | runs | difference vs " + next(iter(arms), "") +
+                  " | interval of the difference |", "|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(ranking(arms, key), 1):
+            mean = "n/a" if r["mean"] is None else f"{r['mean']:.4f}"
+            ci = (f"[{r['mean'] - r['ci_half']:.4f}, {r['mean'] + r['ci_half']:.4f}]" if r.get("ci_half") is not None
+                  else "n/a")
+            d = r["diff"]
+            if d is None:
+                dd, di = "(reference)", ""
+            else:
+                dd = "n/a" if d["diff"] is None else f"{d['diff']:+.4f}"
+                di = ("n/a" if d["lo"] is None else
+                      f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ({'paired' if d['paired'] else 'Welch'}, df {d['df']:.1f})")
+            lines.append(f"| {i} | {r['arm']} | {mean} | {ci} | {r['n']} | {dd} | {di} |")
+        lines += ["", f"### Verdicts ({kind} budget)", "",
+                  f"Rule: with fewer than {stats.MIN_RUNS} runs per arm, no verdict; otherwise an arm is better when "
+                  f"the {100 * stats.LEVEL:.0f}% t interval of the difference excludes 0 (paired over shared "
+                  "replicates, Welch otherwise).", ""]
+        lines += [f"- {v['text']}" for v in verdicts(arms, key)]
+        routing = routing_lines(arms)
+        if routing:
+            lines += ["", f"### Routing per MoE layer ({kind} budget; mean over logged training steps and replicates)",
+                      ""] + routing
+    lines += ["", "## Plots", ""]
+    written = plot(workdir, planned, records, tables, key, study)
+    for path in written:
+        rel = os.path.relpath(path, workdir)
+        lines += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
+    conclusions = study.get("conclusions", "")
+    if conclusions:
+        lines += ["## What this supports and what it does not", "", str(conclusions).strip(), ""]
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, REPORT_FILE) + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(os.path.join(workdir, REPORT_FILE) + ".tmp", os.path.join(workdir, REPORT_FILE))
+    results = {"command": command, "environment": env, "study": name, "split": split, "metric": key,
+               "kinds": planned["kinds"], "budgets": planned["budgets"],
+               "formulas": {k: budget_lib.FORMULAS[k] for k in planned["kinds"]},
+               "seeds": [int(s) for s in study.seeds], "data_orders": _orders(study),
+               "replicates": [list(r) for r in planned["replicates"]], "lr_field": planned["lr_field"],
+               "selected_lrs": selected,
+               "plans": {k: plan_summary(planned, k) for k in planned["kinds"]},
+               "runs": records,
+               "tables": {k: {n: {f: v for f, v in a.items() if f != "runs"} for n, a in t.items()}
+                          for k, t in tables.items()},
+               "verdicts": {k: verdicts(t, key) for k, t in tables.items()}}
+    # the first budget's plan and table under the names moe_jax.compare has always used
+    results["budget_flops"] = planned["budgets"][planned["kinds"][0]]
+    results["plan"] = results["plans"][planned["kinds"][0]]
+    results["arms"] = results["tables"][planned["kinds"][0]]
+    metrics_lib.write_json(workdir, RESULTS_FILE, results)
+    return results
+
+
+def _orders(study):
+    o = study.get("data_orders", "paired")
+    return o if isinstance(o, str) else [int(x) for x in o]
+
+
+def plan_summary(planned: dict, kind: str) -> dict:
+    """Per arm (its first variant; a learning rate changes no cost): steps and costs under every convention."""
+    out = {}
+    for run in planned["runs"]:
+        if run.kind != kind or run.arm in out:
+            continue
+        c = run.config
+        out[run.arm] = {"steps": run.steps, "budget": planned["budgets"][kind], "kind": kind,
+                        "flops_per_token": flops.flops_per_token(c), "tokens_per_step": budget_lib.tokens_per_step(c),
+                        "flops_per_step": flops.flops_per_step(c), "training_flops": run.costs["model_flops"],
+                        "executed_flops_per_step": flops.executed_flops_per_step(c),
+                        "optimizer_flops_per_step": flops.optimizer_flops_per_step(c), **run.costs,
+                        "params": flops.param_counts(c), "grid": planned["grids"][run.arm],
+                        "config": c.to_dict()}
+    return out
+
+
+def routing_lines(arms: dict) -> list[str]:
+    lines = []
+    for n, a in arms.items():
+        per = {k: [r["routing"][k] for r in a["runs"] if k in r.get("routing", {})] for k, _ in ROUTING_KEYS}
+        if not any(per.values()):
+            continue
+        if not lines:
+            lines = ["| arm | " + " | ".join(label for _, label in ROUTING_KEYS) + " |", "|---|---|---|---|"]
+        cells = []
+        for k, _ in ROUTING_KEYS:
+            vals = np.mean(np.asarray(per[k], dtype=float), axis=0) if per[k] else []
+            cells.append(", ".join(f"L{i}: {v:.3f}" for i, v in enumerate(vals)))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def environment() -> dict:
+    import jax
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
+            "jax": jax.__version__, "cpu_count": os.cpu_count()}
+
+
+CORRELATION_FEATURES = (("model.d_model", "d_model"), ("model.n_layers", "layers"), ("moe.num_experts", "experts"),
+                        ("moe.top_k", "top_k"), ("model.dropout", "dropout"), ("optim.muon_lr", "muon lr"),
+                        ("train.batch_size", "batch"), ("train.seq_len", "seq_len"))
+
+
+def correlation(tables: dict, planned: dict, key: str) -> tuple[list[str], np.ndarray]:
+    """Pearson correlations over the arms of the first budget between their settings (those that vary), size,
+    steps and outcomes (mean loss, mean wall seconds, tokens/s). NaN where a column is constant."""
+    arms = tables[planned["kinds"][0]]
+    cols: dict[str, list] = {}
+    for path, label in CORRELATION_FEATURES:
+        section, k = path.split(".")
+        vals = [float(a["runs"][0]["lr"]) if path == planned["lr_field"] and a["runs"][0]["lr"] is not None
+                else float(planned["arms"][n][section][k]) for n, a in arms.items()]
+        if len(set(vals)) > 1:
+            cols[label] = vals
+    cols["parameters"] = [a["params_total"]["mean"] for a in arms.values()]
+    cols["steps"] = [a["steps"]["mean"] for a in arms.values()]
+    cols[key.replace("_", " ")] = [a[key]["mean"] for a in arms.values()]
+    cols["wall seconds"] = [a["wall_time"]["mean"] for a in arms.values()]
+    names = list(cols)
+    m = np.full((len(names), len(names)), np.nan)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            r = stats.pearson(cols[a], cols[b])
+            m[i, j] = np.nan if r is None else r
+    return names, m
+
+
+def plot(workdir: str, planned: dict, records: list[dict], tables: dict, key: str, study) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = os.path.join(workdir, "plots")
+    os.makedirs(out, exist_ok=True)
+    written = []
+    multi = len(planned["kinds"]) > 1
+    for kind in planned["kinds"]:
+        prefix = f"{kind}_" if multi else ""
+        recs = [r for r in records if r["kind"] == kind and r["selected"]]
+        arms = list(dict.fromkeys(r["arm"] for r in recs))
+        colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+        for x, label, fname in (("model_flops", "model FLOPs", "val_loss_vs_flops.png"),
+                                ("executed_flops", "executed FLOPs", "val_loss_vs_executed_flops.png"),
+                                ("wall_time", "wall seconds", "val_loss_vs_wall_time.png")):
+            fig, ax = plt.subplots(figsize=(7.5, 4.5))
+            for a in arms:
+                for i, r in enumerate(q for q in recs if q["arm"] == a):
+                    ax.plot([p[x] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], marker="o",
+                            ms=3, color=colors[a], alpha=0.7, label=a if i == 0 else None)
+            ax.set_xlabel(label)
+            ax.set_ylabel("validation loss")
+            ax.set_title(f"validation loss vs {label} ({kind} budget; one line per replicate)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = os.path.join(out, prefix + fname)
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            written.append(path)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, a in enumerate(arms):
+            vals = [r["tokens_per_s"] for r in recs if r["arm"] == a and r["tokens_per_s"]]
+            if vals:
+                ax.bar(i, statistics.fmean(vals), color=colors[a], alpha=0.6,
+                       yerr=statistics.stdev(vals) if len(vals) > 1 else 0, capsize=4)
+                ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, fontsize=8)
+        ax.set_ylabel("training tokens / s")
+        ax.set_title("throughput per arm (bar: mean ± std; dots: runs)")
+        fig.tight_layout()
+        path = os.path.join(out, prefix + "throughput.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+        lrs = sorted({r["lr"] for r in records if r["kind"] == kind and r["lr"] is not None})
+        if lrs:  # seed 000's comparison figure: at each learning rate, every arm's validation curve
+            fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), sharey=True, squeeze=False)
+            for ax, lr in zip(axes[0], lrs):
+                for a in arms:
+                    for i, r in enumerate(q for q in records if q["kind"] == kind and q["arm"] == a
+                                          and q["lr"] == lr):
+                        ax.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]],
+                                color=colors[a], alpha=0.7, label=a if i == 0 else None)
+                ax.set_title(f"{planned['lr_field']} = {lr:g}")
+                ax.set_xlabel("training tokens")
+                ax.grid(alpha=0.3)
+            axes[0][0].set_ylabel("validation loss")
+            axes[0][0].legend(fontsize=7)
+            fig.tight_layout()
+            path = os.path.join(out, prefix + "val_loss_per_lr.png")
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            written.append(path)
+    if study.get("correlation", False):
+        names, m = correlation(tables, planned, key)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.55 * len(names)))
+        im = ax.imshow(np.nan_to_num(m), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, "" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_title(f"Pearson correlation over arms ({planned['kinds'][0]} budget)")
+        fig.tight_layout()
+        path = os.path.join(out, "correlation.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,147 @@
+"""Execute a planned study: train every run (skipping finished ones, resuming interrupted ones), choose each arm's
+learning rate on the validation split, evaluate the chosen runs once on the test split, and write the report.
+
+Order. Runs are executed replicate-major (replicate 1: every arm, replicate 2: every arm, ...), so a period of heavy
+machine load falls on all arms alike rather than on one arm's seeds; the wall seconds in the tables are therefore
+comparable across arms.
+
+Resumability. Each run is an ordinary moe_jax.train workdir (orbax checkpoints, metrics.jsonl, summary.json). A run
+whose summary says finished at its planned step is never trained again; an interrupted one resumes from its last
+checkpoint; a run dir started with a different config is refused. A test evaluation is written once, as
+eval_test_step<N>.json in the run dir, and read back afterwards. A wall_seconds budget's calibration is written to
+<workdir>/calibration.json and reused, so a re-run plans the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from moe_jax import config_lib
+from moe_jax import metrics as metrics_lib
+from moe_jax.studies import plan as plan_lib
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def check_run_dir(config, rdir: str) -> None:
+    """Refuse a run dir whose config.json differs from `config` (resuming it would mix two experiments)."""
+    path = os.path.join(rdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = plan_lib.flatten(json.load(f))
+    new = plan_lib.config_json(config)
+    diff = sorted(k for k in set(old) | set(new) if k not in plan_lib.RERUN_IGNORED and old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise config_lib.ConfigError(f"{rdir} was started with a different config ({shown}"
+                                     f"{', ...' if len(diff) > 6 else ''}); use a new --workdir or delete that run")
+
+
+def finished_summary(config, rdir: str) -> dict | None:
+    from moe_jax import trainer
+
+    path = os.path.join(rdir, trainer.SUMMARY_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("finished") and summary.get("step") == config.train.steps:
+            return summary
+    return None
+
+
+def run_one(config, rdir: str, devices=None) -> dict:
+    """Train one run unless its summary says it finished; returns the summary with 'skipped'."""
+    from moe_jax import trainer
+
+    check_run_dir(config, rdir)
+    done = finished_summary(config, rdir)
+    if done is not None:
+        return done | {"skipped": True}
+    ckpt_dir = os.path.join(rdir, "checkpoints")
+    if not (os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+        # killed before its first checkpoint: it starts over, so drop the records of the lost attempt
+        metrics_lib.truncate_after(rdir, 0)
+    return trainer.train(config, rdir, devices=devices) | {"skipped": False}
+
+
+def test_eval_path(rdir: str, step: int) -> str:
+    return os.path.join(rdir, f"eval_test_step{step}.json")
+
+
+def evaluate_test(rdir: str, step: int, devices=None) -> dict:
+    """The run's final checkpoint on the whole test split (or its evenly sampled windows): computed once, then read
+    back from eval_test_step<N>.json."""
+    path = test_eval_path(rdir, step)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f) | {"skipped": True}
+    from moe_jax import eval as eval_lib
+
+    result = eval_lib.evaluate_workdir(rdir, step=step, eval_batches=0, devices=devices, split="test")
+    return result | {"skipped": False}
+
+
+def calibrate(study, workdir: str, devices=None) -> dict:
+    """Seconds per training step of every arm variant, from a short run of budget.calibration_steps steps each
+    (median over its logging intervals after the first), kept in <workdir>/calibration.json and reused."""
+    from moe_jax import trainer
+
+    path = os.path.join(workdir, CALIBRATION_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    steps = int(study.budget.get("calibration_steps", 30))
+    tokens_study = plan_lib.copy_config(study)  # the same variants, planned under a token budget for their configs
+    tokens_study.budget.kinds = ("tokens",)
+    p = plan_lib.plan(tokens_study, workdir)
+    measured = {}
+    for lab in p["variants"]:
+        run = next(r for r in p["runs"] if r.label == lab)
+        c = plan_lib.copy_config(run.config)
+        c.train.steps = steps
+        c.train.log_every = max(1, steps // 6)
+        c.train.eval_every = steps
+        c.train.checkpoint_every = steps
+        c.train.plots = False
+        s = trainer.train(c, os.path.join(workdir, "calibration", lab), devices=devices)
+        measured[lab] = plan_lib.budget_lib.tokens_per_step(c) / s["tokens_per_s"]
+    os.makedirs(workdir, exist_ok=True)
+    metrics_lib.write_json(workdir, CALIBRATION_FILE, measured)
+    return measured
+
+
+def plan_study(study, workdir: str, devices=None, calibrate_now: bool = True) -> dict:
+    kinds = plan_lib.budget_kinds(study)
+    seconds = None
+    if "wall_seconds" in kinds:
+        seconds = calibrate(study, workdir, devices) if calibrate_now else None
+    return plan_lib.plan(study, workdir, seconds_per_step=seconds)
+
+
+def run_study(study, workdir: str, command: str = "", devices=None, log=print) -> dict:
+    """Plan, train every run (replicate-major), select learning rates on validation, evaluate the selected runs on
+    test once, and write report.md, results.json and plots/ into `workdir`. Returns the results dict."""
+    from moe_jax.studies import report as report_lib
+
+    planned = plan_study(study, workdir, devices)
+    for line in report_lib.describe_plan(planned):
+        log(line)
+    records = []
+    for run in planned["runs"]:
+        summary = run_one(run.config, run.run_dir, devices=devices)
+        log(f"{run.kind} {run.label} {run.replicate}: {'skipped (finished)' if summary['skipped'] else 'trained'}; "
+            f"val_loss {summary.get('val_loss')}")
+        records.append(report_lib.record(run, summary))
+    selected = report_lib.select_lrs(planned, records)
+    if planned["report_split"] == "test":
+        for rec in records:
+            if rec["selected"]:
+                ev = evaluate_test(rec["run_dir"], rec["steps"], devices=devices)
+                rec.update(test_loss=ev["val_loss"], test_accuracy=ev["val_accuracy"],
+                           test_perplexity=ev["val_perplexity"])
+    results = report_lib.write(workdir, study, planned, records, selected, command or " ".join(sys.argv))
+    log(f"report: {os.path.join(workdir, report_lib.REPORT_FILE)}")
+    return results
