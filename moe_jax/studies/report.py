@@ -328,6 +328,7 @@ def write(workdir: str, study, planned: dict, records: list[dict], selected: dic
         if routing:
             lines += ["", f"### Routing per MoE layer ({kind} budget; mean over logged training steps and replicates)",
                       ""] + routing
+    lines += routing_section(workdir, planned, records)
     lines += ["", "## Plots", ""]
     written = plot(workdir, planned, records, tables, key, study)
     for path in written:
@@ -395,6 +396,31 @@ def routing_lines(arms: dict) -> list[str]:
             cells.append(", ".join(f"L{i}: {v:.3f}" for i, v in enumerate(vals)))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
+
+
+def routing_section(workdir: str, planned: dict, records: list[dict]) -> list[str]:
+    """Report lines pointing each selected MoE run at its routing diagnostics (moe_jax.routing): a link to
+    <run>/routing/routing.json when it was written, else the command that writes it. Empty without MoE arms."""
+    multi = len(planned["kinds"]) > 1
+    lines = []
+    for r in records:
+        if not (r["selected"] and planned["arms"][r["arm"]].moe.num_experts):
+            continue
+        rdir = r["run_dir"]
+        rel = os.path.relpath(rdir, workdir)
+        name = (f"{r['label']} seed {r['seed']}" + (f" order {r['order']}" if "_order" in r["replicate"] else "")
+                + (f" ({r['kind']})" if multi else ""))
+        if os.path.exists(os.path.join(rdir, "routing", "routing.json")):
+            lines.append(f"- {name}: [routing.json]({rel}/routing/routing.json), "
+                         f"[load heatmap]({rel}/routing/load_heatmap.png), "
+                         f"[specialisation]({rel}/routing/specialisation.txt)")
+        else:
+            lines.append(f"- {name}: `python -m moe_jax.routing --workdir {rdir}` writes {rel}/routing/")
+    if not lines:
+        return []
+    return ["", "## Routing diagnostics", "", "Per-layer loads, drops at the eval and train capacity, router "
+            "confidence and expert specialisation of each MoE run (`python -m moe_jax.routing`; README: Inside the "
+            "router):", ""] + lines
 
 
 def environment() -> dict:

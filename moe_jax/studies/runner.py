@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from moe_jax import config_lib
+from moe_jax import config_lib, precision
 from moe_jax import metrics as metrics_lib
 from moe_jax.studies import plan as plan_lib
 
@@ -32,6 +32,8 @@ def check_run_dir(config, rdir: str) -> None:
         return
     with open(path) as f:
         old = plan_lib.flatten(json.load(f))
+    config = config.copy_and_resolve_references()
+    precision.resolve(config)  # config.json holds model.dtype/attention resolved for the backend ('auto' -> ...)
     new = plan_lib.config_json(config)
     diff = sorted(k for k in set(old) | set(new) if k not in plan_lib.RERUN_IGNORED and old.get(k) != new.get(k))
     if diff:
