@@ -11,7 +11,8 @@ warmup + cosine) and keep the seed architectures' ratios (configs/dense.py vs co
 Also defined (add it to arm_names): dense_same_total (a dense FFN with the MoE arm's total parameters, d_ff 4096).
 
 Budget: the training FLOPs of 400 MoE steps, 9.362e12 FLOPs per run: dense 554 steps (1.13 M tokens), moe 400 steps
-(0.82 M tokens), moe_same_active 552 steps (1.13 M tokens), about one epoch of the 0.95 M training tokens. 8
+(0.82 M tokens), moe_same_active 552 steps (1.13 M tokens), about one epoch of the 1.01 M training tokens (the
+training split at vocab 4096; data.build's stats). 8
 evaluations per run (16 x 16 validation windows), the same training-token order and validation windows for every run.
 
 Time (2026-11-24, 2-core CPU): 20.9 minutes for the 9 runs (dense ~1.7, moe ~2.3, moe_same_active ~2.6 minutes of
