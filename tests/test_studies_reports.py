@@ -1,0 +1,72 @@
+"""The committed study reports (docs/studies/<name>/) are the output of their configs (configs/studies/<name>.py, at
+the scale named in the recorded command): the same arms, replicates, learning-rate grids, steps and costs as the
+planner and the FLOP counter give now, and tables whose means equal results.json. A study whose report is not
+committed yet is skipped, by name."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+
+import pytest
+
+from moe_jax import flops
+from moe_jax.studies import plan as plan_lib
+from moe_jax.studies import report as report_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDIES = ("dense_vs_moe", "batch_vs_seqlen", "architecture")
+
+
+def _table(report: str, first_header: str) -> list[dict]:
+    lines = report.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
+    header = [h.strip() for h in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, [v.strip() for v in line.strip("|").split("|")])))
+    return rows
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_committed_study_report_matches_its_config_and_the_counter(name):
+    docs = os.path.join(ROOT, "docs", "studies", name)
+    if not os.path.exists(os.path.join(docs, "results.json")):
+        pytest.skip(f"docs/studies/{name}/ is not committed yet (see configs/studies/{name}.py for its command)")
+    results = json.load(open(os.path.join(docs, "results.json")))
+    report = open(os.path.join(docs, "report.md")).read()
+    m = re.fullmatch(rf"python -m moe_jax\.studies --config configs/studies/{name}\.py(?::(\w+))? --workdir \S+",
+                     results["command"])
+    assert m, results["command"]
+    study = importlib.import_module(f"configs.studies.{name}").get_config(m.group(1))
+    planned = plan_lib.plan(study, "")
+    assert results["kinds"] == planned["kinds"] and results["budgets"] == planned["budgets"]
+    assert results["seeds"] == [int(s) for s in study.seeds] and len(study.seeds) >= 3
+    assert len(results["runs"]) == len(planned["runs"])
+    for kind in planned["kinds"]:
+        for arm, p in results["plans"][kind].items():
+            run = next(r for r in planned["runs"] if r.kind == kind and r.arm == arm)
+            assert p["steps"] == run.steps and p["model_flops"] == run.costs["model_flops"]
+            assert p["executed_flops"] == run.costs["executed_flops"] and p["tokens"] == run.costs["tokens"]
+            assert p["flops_per_token"] == flops.flops_per_token(run.config)
+            assert p["optimizer_flops_per_step"] == flops.optimizer_flops_per_step(run.config)
+        runs = [r for r in results["runs"] if r["kind"] == kind]
+        assert all(r["steps"] == next(q.steps for q in planned["runs"] if q.kind == kind and q.label == r["label"])
+                   for r in runs)
+        # every selected run was scored on the split the report reads; no other run touched the test split
+        for r in runs:
+            assert ("test_loss" in r) == (r["selected"] and results["split"] == "test")
+    key = results["metric"]
+    label = dict((k, lab) for k, lab, *_ in report_lib.fields(results["split"]))[key]
+    rows = {r["arm"]: r for r in _table(report, "arm | runs")}
+    first = results["tables"][planned["kinds"][0]]
+    for arm, row in rows.items():
+        assert row[label].startswith(f"{first[arm][key]['mean']:.4f}")
+    assert "## What this supports and what it does not" in report
+    for png in ("val_loss_vs_flops.png", "throughput.png"):
+        names = [f for f in os.listdir(os.path.join(docs, "plots")) if f.endswith(png)]
+        assert names and all(os.path.getsize(os.path.join(docs, "plots", f)) > 1000 for f in names)
