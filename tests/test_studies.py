@@ -279,3 +279,31 @@ def test_lr_is_chosen_on_validation_and_the_report_reads_test_once(tiny_run, mon
     monkeypatch.setattr(eval_lib, "evaluate_workdir", lambda *a, **k: pytest.fail("evaluated test twice"))
     again = runner.run_study(study, workdir, command="tiny study", devices=jax.devices()[:1], log=lambda m: None)
     assert [r.get("test_loss") for r in again["runs"]] == [r.get("test_loss") for r in results["runs"]]
+
+
+def test_wall_seconds_budget_is_planned_from_a_calibration_kept_for_reruns(tmp_path, monkeypatch):
+    s = tiny_study("/nonexistent")
+    s.lr_grid = ml_collections.ConfigDict()
+    s.budget.kinds = ("wall_seconds", "tokens")
+    s.budget.reference_steps = 50
+    speed = {"moe_short": 64.0, "dense_long": 256.0}  # tokens/s: 2 s and 0.5 s per 128-token step
+    seen = []
+
+    def fake_train(config, rdir, **kw):
+        seen.append(os.path.basename(rdir))
+        assert config.train.steps == 30 and "calibration" in rdir
+        return {"tokens_per_s": speed[os.path.basename(rdir)]}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    p = runner.plan_study(s, str(tmp_path))
+    assert sorted(seen) == ["dense_long", "moe_short"]
+    assert json.load(open(tmp_path / "calibration.json")) == {"moe_short": 2.0, "dense_long": 0.5}
+    assert p["budgets"]["wall_seconds"] == 100.0  # 50 reference steps x 2 s
+    steps = {(r.kind, r.arm): r.steps for r in p["runs"]}
+    assert steps[("wall_seconds", "moe_short")] == 50 and steps[("wall_seconds", "dense_long")] == 200
+    assert steps[("tokens", "dense_long")] == 50
+    assert p["runs"][0].run_dir == os.path.join(str(tmp_path), "wall_seconds", "moe_short", "seed0")
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("calibrated twice"))
+    assert [r.steps for r in runner.plan_study(s, str(tmp_path))["runs"]] == [r.steps for r in p["runs"]]
+    with pytest.raises(config_lib.ConfigError, match="wall_seconds budget needs measured seconds"):
+        plan_lib.plan(s, str(tmp_path))
