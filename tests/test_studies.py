@@ -307,3 +307,20 @@ def test_wall_seconds_budget_is_planned_from_a_calibration_kept_for_reruns(tmp_p
     assert [r.steps for r in runner.plan_study(s, str(tmp_path))["runs"]] == [r.steps for r in p["runs"]]
     with pytest.raises(config_lib.ConfigError, match="wall_seconds budget needs measured seconds"):
         plan_lib.plan(s, str(tmp_path))
+
+
+def test_data_build_serves_a_test_split_only_when_configured(cache_dir):
+    from moe_jax import data
+    from moe_jax.data.errors import DataError
+
+    c = plan_lib.arm_configs(tiny_study(cache_dir))["moe_short"]
+    ds = data.build(c, 0, 1)
+    sp = ds.source.split
+    assert ds.stats["num_docs_test"] == sp.num_test > 0 and ds.stats["tokens_test"] > 0
+    assert not set(sp.test_indices) & set(sp.train_indices()) and not set(sp.test_indices) & set(sp.val_indices)
+    val, test = ds.eval_batches(4), ds.eval_batches(4, "test")
+    assert len(val) == len(test) == 4  # 16 windows spread evenly over each split, 4 per batch
+    assert not np.array_equal(val[0]["inputs"], test[0]["inputs"])
+    c.data.test_fraction = 0.0
+    with pytest.raises(DataError, match="there is no test split"):
+        data.build(c, 0, 1).eval_batches(4, "test")
