@@ -22,7 +22,7 @@ STUDIES = ("dense_vs_moe", "batch_vs_seqlen", "architecture")
 
 def _table(report: str, first_header: str) -> list[dict]:
     lines = report.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
     header = [h.strip() for h in lines[start].strip("|").split("|")]
     rows = []
     for line in lines[start + 2:]:
