@@ -24,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+def cache_dir(data_cache):
+    return data_cache
 
 
 def tiny_study(cache_dir: str) -> ml_collections.ConfigDict:
@@ -239,6 +239,7 @@ def tiny_run(tmp_path_factory, cache_dir):
     return study, workdir, results, calls
 
 
+@pytest.mark.slow  # a three-run study trained end to end, killed and resumed (shared by these tests)
 def test_killed_study_resumes_without_retraining_finished_runs(tiny_run):
     study, workdir, results, calls = tiny_run
     order = [r["run_dir"] for r in results["runs"]]
@@ -249,6 +250,7 @@ def test_killed_study_resumes_without_retraining_finished_runs(tiny_run):
     assert all(r["steps"] == 6 for r in results["runs"])
 
 
+@pytest.mark.slow  # a three-run study trained end to end, killed and resumed (shared by these tests)
 def test_lr_is_chosen_on_validation_and_the_report_reads_test_once(tiny_run, monkeypatch):
     study, workdir, results, _ = tiny_run
     moe = [r for r in results["runs"] if r["arm"] == "moe_short"]

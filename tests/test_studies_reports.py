@@ -5,7 +5,7 @@ committed yet is skipped, by name."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import os
 import re
@@ -42,7 +42,11 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
     m = re.fullmatch(rf"python -m moe_jax\.studies --config configs/studies/{name}\.py(?::(\w+))? --workdir \S+",
                      results["command"])
     assert m, results["command"]
-    study = importlib.import_module(f"configs.studies.{name}").get_config(m.group(1))
+    spec = importlib.util.spec_from_file_location(f"study_{name}", os.path.join(ROOT, "configs", "studies",
+                                                                                f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    study = module.get_config(m.group(1))
     planned = plan_lib.plan(study, "")
     assert results["kinds"] == planned["kinds"] and results["budgets"] == planned["budgets"]
     assert results["seeds"] == [int(s) for s in study.seeds] and len(study.seeds) >= 3

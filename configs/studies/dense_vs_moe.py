@@ -10,12 +10,23 @@ combine and Newton-Schulz charged).
 as in compare_cpu): about 2 hours on an idle 2-core CPU. 'tiny': the same design at d_model 64 (common.py).
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
-from configs.studies import common
+
+def _common():
+    """configs/studies/common.py, loaded by path (configs/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+    spec = importlib.util.spec_from_file_location("moe_jax_config_studies_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg=None):
+    common = _common()
     scale = common.scale_of(arg)
     s = common.study("dense_vs_moe", scale)
     d_ff = s.base.model.d_ff
