@@ -180,12 +180,13 @@ def optimizer_flops_per_step(config) -> float:
 
 def executed_flops_per_step(config) -> float:
     """What one optimizer step makes the hardware compute, as counted here: the model's training FLOPs plus capacity
-    padding and dispatch/combine (flops_per_token's capacity_padding_training) per token, times the tokens of a step,
+    overhead of its dispatch (flops_per_token's dispatch_overhead_training: capacity padding and dispatch/combine, or
+    dropless's gate combine and dense fallback) per token, times the tokens of a step,
     plus the optimizer's Newton-Schulz FLOPs (optimizer_flops_per_step)."""
     t = config.train
     fpt = flops_per_token(config)
     tokens = t.batch_size * t.grad_accum * t.seq_len
-    return (fpt["training"] + fpt["capacity_padding_training"]) * tokens + optimizer_flops_per_step(config)
+    return (fpt["training"] + fpt["dispatch_overhead_training"]) * tokens + optimizer_flops_per_step(config)
 
 
 def flops_per_step(config) -> float:

@@ -127,9 +127,9 @@ def test_budgets_under_every_convention_equal_hand_counts_for_arms_of_different_
                             "tokens": 12_800}
     moe = p["arms"]["moe_short"]
     fpt = flops.flops_per_token(moe)
-    moe_exec = (fpt["training"] + fpt["capacity_padding_training"]) * 128 + flops.optimizer_flops_per_step(moe)
+    moe_exec = (fpt["training"] + fpt["dispatch_overhead_training"]) * 128 + flops.optimizer_flops_per_step(moe)
     assert p["per_step"]["executed_flops"]["moe_short"] == pytest.approx(moe_exec, rel=1e-12)
-    assert fpt["capacity_padding_training"] > 0
+    assert fpt["dispatch_overhead_training"] == fpt["capacity_padding_training"] > 0  # capacity dispatch
     for kind in p["kinds"]:
         for run in (r for r in p["runs"] if r.kind == kind):
             per = p["per_step"][kind][run.label]

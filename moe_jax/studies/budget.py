@@ -6,7 +6,7 @@ set by:
     model_flops     flops.flops_per_step: training FLOPs/token (3 x forward, k active experts, causal attention,
                     router) x tokens/step. Capacity padding, dispatch/combine and the optimizer are not counted.
     executed_flops  flops.executed_flops_per_step: model_flops + capacity padding and dispatch/combine
-                    (flops_per_token's capacity_padding_training) x tokens/step + the optimizer's Newton-Schulz
+                    (flops_per_token's dispatch_overhead_training) x tokens/step + the optimizer's Newton-Schulz
                     FLOPs (flops.optimizer_flops_per_step: ns_steps iterations of 4 m^2 n + 2 m^3 per Muon matrix).
     tokens          train.batch_size x train.grad_accum x train.seq_len per step.
     wall_seconds    measured seconds per training step of the arm (a calibration run, `runner.calibrate`).
@@ -69,5 +69,5 @@ def costs(config, steps: int) -> dict:
     return {"model_flops": steps * flops.flops_per_step(config),
             "executed_flops": steps * flops.executed_flops_per_step(config),
             "optimizer_flops": steps * flops.optimizer_flops_per_step(config),
-            "padding_flops": steps * tokens_per_step(config) * fpt["capacity_padding_training"],
+            "padding_flops": steps * tokens_per_step(config) * fpt["dispatch_overhead_training"],
             "tokens": steps * tokens_per_step(config)}

@@ -248,7 +248,7 @@ def budget_table(planned: dict, kind: str) -> list[str]:
         lr = "grid " + ", ".join(f"{v:g}" for v in grid) if grid else f"{_lr_of(c, planned['lr_field']):g}"
         used = planned["per_step"][kind][run.label] * run.steps
         lines.append(f"| {run.arm} | {lr} | {budget_lib.tokens_per_step(c):,} | {fpt['training']:.6e} | "
-                     f"{fpt['capacity_padding_training']:.4e} | {flops.optimizer_flops_per_step(c):.4e} | "
+                     f"{fpt['dispatch_overhead_training']:.4e} | {flops.optimizer_flops_per_step(c):.4e} | "
                      f"{flops.flops_per_step(c):.6e} | {flops.executed_flops_per_step(c):.6e} | {run.steps:,} | "
                      f"{run.costs['model_flops']:.6e} | {run.costs['executed_flops']:.6e} | {run.costs['tokens']:,} | "
                      f"{used / budget - 1:+.3%} |")
