@@ -3,21 +3,38 @@
 Layout of a workdir:
   config.json       the resolved, validated config (written before training starts)
   tokenizer.model   the sentencepiece model the run was trained with
-  checkpoints/<step>/{state,data,meta}
+  config_history.jsonl  every config the run was started or resumed with (one JSON line each, with the step)
+  train.lock        the one-writer lock (fcntl.flock; JSON: host, pid, start time of the holder)
+  checkpoints/<step>/{state,data,meta,fingerprint.json}
                     state: {'params', 'opt_state', 'step', 'rng'} (orbax StandardSave, restorable into any mesh);
                     data:  the grain train-iterator state (exact resume of the token order);
-                    meta:  JSON (step, tokens seen, wall time, validation loss when evaluated at that step).
+                    meta:  JSON (step, tokens seen, wall time, validation loss when evaluated at that step);
+                    fingerprint.json: sha256 and size of every other file of the step, written after orbax finalized
+                    the step (for an async save: as soon as the trainer sees it finished, at the latest at the next
+                    save or at close).
+  checkpoints_set_aside/<step>.<time>
+                    steps restore found damaged, or newer than an explicit `--restore_step`, moved out of the way so
+                    the resumed run can save those steps again (kept for inspection; delete them by hand).
 Kept: the last `train.keep_checkpoints` steps plus the best one by validation loss (orbax preservation policies).
 Orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save never damages an
 earlier checkpoint; a half-written step is ignored on restore.
+
+Restore (`restore_verified`, used by train, eval and generate) tries the newest step first and checks it against its
+fingerprint; a step that is incomplete, damaged (a file missing, truncated or with changed bytes) or fails to restore
+is named in one line with the reason and the next older step is tried. A step without fingerprint.json is trusted
+only when no step of the run has one (a run written before fingerprints existed); otherwise it is a save that did not
+complete (killed between orbax's rename and the fingerprint) and is skipped.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
 import shutil
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -29,17 +46,35 @@ from moe_jax import config_lib
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = "checkpoints_set_aside"
+FINGERPRINT_FILE = "fingerprint.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = "train.lock"
 
 
-def write_run_files(workdir: str, config, tokenizer_path: str | None) -> None:
-    """Write config.json and copy the tokenizer into the workdir (process 0 only)."""
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or no checkpoint could be restored; the message is one line naming the path."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used (not a directory, not writable, locked by another trainer): one line with the fix."""
+
+
+def write_run_files(workdir: str, config, tokenizer_path: str | None, step: int | None = None) -> None:
+    """Write config.json, append it to config_history.jsonl (with the step it starts from) and copy the tokenizer into
+    the workdir (process 0 only). The trainer calls this only after a successful restore (or a fresh start)."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
     tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
     with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        f.write(text)
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    if step is not None:
+        with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
+            f.write(json.dumps({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                "start_step": step, "config": json.loads(text)}, sort_keys=True) + "\n")
     if tokenizer_path:
         dst = os.path.join(workdir, TOKENIZER_FILE)
         if os.path.abspath(tokenizer_path) != os.path.abspath(dst):
@@ -77,6 +112,68 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config()))
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(step_dir: str) -> dict:
+    """{relative path: {'size', 'sha256'}} of every file under `step_dir` but the fingerprint itself."""
+    files = {}
+    for root, dirs, names in os.walk(step_dir):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel.startswith(FINGERPRINT_FILE):
+                continue
+            files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    return files
+
+
+def write_fingerprint(step_dir: str) -> None:
+    """Write `<step_dir>/fingerprint.json` atomically (temporary file, fsync, rename)."""
+    tmp = os.path.join(step_dir, FINGERPRINT_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 1, "files": fingerprint(step_dir)}, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, FINGERPRINT_FILE))
+
+
+def check_fingerprint(step_dir: str, required: bool = True) -> str | None:
+    """None when the files of `step_dir` match its fingerprint (or it has none and `required` is False), else the
+    reason, e.g. 'state/_METADATA is missing' or 'state/d/abc has 1234 bytes, 4096 when saved (truncated)'."""
+    if not os.path.isdir(step_dir):
+        return "the step directory is missing"
+    path = os.path.join(step_dir, FINGERPRINT_FILE)
+    if not os.path.exists(path):
+        return "no fingerprint.json (the save did not complete)" if required else None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"fingerprint.json is unreadable ({e})"
+    for rel, want in sorted(files.items()):
+        p = os.path.join(step_dir, rel)
+        if not os.path.exists(p):
+            return f"{rel} is missing"
+        size = os.path.getsize(p)
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} when saved (truncated or overwritten)"
+        if _sha256(p) != want["sha256"]:
+            return f"{rel} differs from its fingerprint (sha256): the bytes changed after the save"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 class Checkpointer:
     """One orbax CheckpointManager for a run: save, restore the latest (or a given) step, keep last K + best."""
 
@@ -91,6 +188,11 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save,
                                                preservation_policy=policy)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.async_save = async_save
+        self._unfingerprinted: list[int] = []  # saved steps whose fingerprint is not written yet
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -104,7 +206,52 @@ class Checkpointer:
         if data_args is not None:
             items["data"] = data_args
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        self.poll(block=True)  # the previous save's failure surfaces here at the latest, its fingerprint is written
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        except Exception as e:
+            raise CheckpointError(f"saving step {step} to {self.step_dir(step)} failed ({_one_line(e)}); free disk "
+                                  f"space or fix the permissions of {self.directory}, then rerun to resume "
+                                  f"from step {self.latest_finished()}") from e
+        self._unfingerprinted.append(step)
+        if not self.async_save:
+            self.poll(block=True)
+
+    def latest_finished(self) -> int | None:
+        """The newest step whose save completed and whose fingerprint is written."""
+        done = [s for s in self.all_steps() if s not in self._unfingerprinted
+                and os.path.exists(os.path.join(self.step_dir(s), FINGERPRINT_FILE))]
+        return max(done) if done else None
+
+    def poll(self, block: bool = False) -> None:
+        """Finish the bookkeeping of completed saves: raise CheckpointError if an async save failed (called every
+        step by the trainer, so a failure is reported at the step it is noticed), and write the fingerprint of every
+        step whose save has completed. `block`: wait for a save in progress first."""
+        if not self._unfingerprinted:
+            return
+        if not block and self.manager.is_saving_in_progress():
+            return
+        steps, self._unfingerprinted = self._unfingerprinted, []
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"saving step {steps[-1]} to {self.step_dir(steps[-1])} failed "
+                                  f"({_one_line(e)}); free disk space or fix the permissions of {self.directory}, "
+                                  f"then rerun to resume from step {self.latest_finished()}") from e
+        if jax.process_index() == 0:
+            for s in steps:
+                if os.path.isdir(self.step_dir(s)):  # a step deleted meanwhile by the keep policy has no fingerprint
+                    write_fingerprint(self.step_dir(s))
+
+    def set_aside(self, step: int, workdir: str) -> str:
+        """Move step `step` out of checkpoints/ into checkpoints_set_aside/<step>.<time> (process 0), so it can be
+        saved again; returns the new path."""
+        dst = os.path.join(workdir, SET_ASIDE_DIR, f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(self.step_dir(step), dst)
+        self.manager.reload()
+        return dst
 
     def restore(self, abstract_state, step: int | None = None, data_args=None) -> tuple[Any, dict, int]:
         """Restore `state` into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding), the meta JSON,
@@ -121,6 +268,45 @@ class Checkpointer:
         return out["state"], dict(out["meta"] or {}), step
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.poll(block=True)
+        finally:
+            self.manager.close()
+
+
+def restore_verified(checkpointer: Checkpointer, abstract_state, step: int | None = None, data_args=None,
+                     log: Callable[[str], None] = print, workdir: str | None = None) -> tuple[Any, dict, int]:
+    """Restore the newest intact step (or exactly `step`) of `checkpointer`: the one function train, eval and generate
+    restore through. Each candidate is checked against its fingerprint, then restored; a step that is incomplete,
+    damaged or fails to restore is named in one `log` line with the reason and the next older step is tried (with an
+    explicit `step`, CheckpointError instead). `workdir` given (train): the skipped steps, and with an explicit `step`
+    every newer step, are moved to checkpoints_set_aside/ once a step restored, so the run can save them again.
+    Returns (state, meta, step) as Checkpointer.restore."""
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpointer.directory}; have {sorted(steps)}")
+    # Fingerprints are required once the run has any (a run from before fingerprints restores unverified).
+    required = any(os.path.exists(os.path.join(checkpointer.step_dir(s), FINGERPRINT_FILE)) for s in steps)
+    skipped = []
+    for s in ([step] if step is not None else steps):
+        reason = check_fingerprint(checkpointer.step_dir(s), required)
+        if reason is None:
+            try:
+                out = checkpointer.restore(abstract_state, s, data_args)
+            except Exception as e:  # orbax/tensorstore errors on damage the fingerprint cannot see (legacy runs)
+                reason = f"restore failed ({_one_line(e)})"
+            else:
+                if workdir is not None:
+                    for bad in skipped + [n for n in steps if n > s and n not in skipped]:
+                        log(f"set aside step {bad}: moved to {checkpointer.set_aside(bad, workdir)}")
+                return out
+        if step is not None:
+            raise CheckpointError(f"checkpoint {checkpointer.step_dir(s)} is unusable: {reason}; choose another "
+                                  f"step of {sorted(steps)} or leave the step flag out to take the newest intact one")
+        log(f"checkpoint {checkpointer.step_dir(s)} is unusable: {reason}; trying the previous step")
+        skipped.append(s)
+    raise CheckpointError(f"no usable checkpoint in {checkpointer.directory}: all of steps {sorted(steps)} are "
+                          "damaged (see above); restore the directory from a backup or start a new --workdir")
 

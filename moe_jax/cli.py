@@ -72,6 +72,20 @@ def config_path(name: str = "config") -> str:
     return config_flags.get_config_filename(flags.FLAGS[name])
 
 
+def config_value(name: str = "config"):
+    """The config of `--<name>` (file loaded, overrides applied). A missing file, or one that fails to load (which
+    ml_collections reports only when the value is first read), exits with status 2 in one line naming it."""
+    from absl import flags
+
+    path = config_path(name)
+    if not os.path.isfile(path):
+        fail(f"--{name} {path}: no such file; give a config file such as configs/smoke.py")
+    try:
+        return getattr(flags.FLAGS, name)
+    except OSError as e:
+        fail(f"--{name} {path}: cannot be loaded ({str(e).strip().splitlines()[0]}); fix the file")
+
+
 def override_values(name: str = "config") -> dict:
     """{'x.y': value} of the overrides given as `--<name>.x.y=value`, in command-line order."""
     from absl import flags

@@ -14,6 +14,8 @@ Sections:
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 MESH_AXES = ("data", "expert", "model")
@@ -69,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.eval_capacity_factor = 2.0
     c.moe.min_capacity = 4
     c.moe.group_size = 256  # tokens per routing group: dispatch/combine einsums cost 2*k*T*cf*M FLOPs per token each
-    c.moe.renormalize = True  # renormalise the k routing weights to sum to 1
+    c.moe.renormalize = True  # renormalise the k routing weights to sum to 1 (top_k > 1 only: at top_k = 1 the gate
+    #   is the raw probability, as in Switch, so the router keeps its gradient from the LM loss)
     c.moe.load_balance_weight = 0.01
     c.moe.z_loss_weight = 0.001
     c.moe.router_noise_std = 0.0  # Gaussian noise on router logits in training (seed 002 used 0.1)
@@ -109,7 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.peak_tflops = 0.0  # 0: look up the device in flops.PEAK_TFLOPS (CPU: measured)
     c.train.plots = True
     c.train.progress_bar = True
-    c.train.inject_nan_at_step = -1  # test hook: poison the loss of this step (numbered from 1; -1: off)
+    c.train.inject_nan_at_step = -1  # test hook: poison this step (numbered from 1; -1: off)
+    c.train.inject_nan_mode = "all"  # 'all': the loss and the gradients; 'grads': the gradients only (loss finite)
+    c.train.on_nonfinite = "stop"  # a step whose loss, grad norm or new state is not finite: 'stop' before any save,
+    #   or 'skip' its update (the step is counted and logged) and stop after train.max_skipped_steps in a row
+    c.train.max_skipped_steps = 10
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "bible"  # 'bible' (shipped), 'tfds' (any TFDS text dataset), 'files' (local .txt/.jsonl)
@@ -162,8 +169,27 @@ def warmup_steps(config) -> int:
     return int(round(o.warmup_fraction * config.train.steps))
 
 
+NONFINITE_ACTIONS = ("stop", "skip")
+INJECT_NAN_MODES = ("all", "grads")
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """Every float anywhere in the config (lists and tuples included) must be finite: an `inf` learning rate
+    passes `> 0` checks and only dies in training."""
+    items = node.items() if isinstance(node, (ml_collections.ConfigDict, dict)) else enumerate(node)
+    for k, v in items:
+        name = f"{prefix}{k}" if isinstance(k, str) else f"{prefix[:-1]}[{k}]"
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            _check_finite(v, name + ".")
+        elif isinstance(v, (list, tuple)):
+            _check_finite(v, name + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise _err(name, f"must be a finite number, got {v}")
+
+
 def validate(config) -> ml_collections.ConfigDict:
     """Check every field a run depends on; raise ConfigError naming the first bad one. Returns the config."""
+    _check_finite(config)
     m, moe, o, t, d = config.model, config.moe, config.optim, config.train, config.data
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
         _check(isinstance(m[f], int) and m[f] > 0, f"model.{f}", f"must be a positive integer, got {m[f]!r}")
@@ -237,6 +263,12 @@ def validate(config) -> ml_collections.ConfigDict:
     for f in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _check(t[f] >= 1, f"train.{f}", f"must be >= 1, got {t[f]}")
     _check(t.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0 = whole validation set)")
+    _check(t.on_nonfinite in NONFINITE_ACTIONS, "train.on_nonfinite",
+           f"unknown {t.on_nonfinite!r}; choose one of {NONFINITE_ACTIONS}")
+    _check(isinstance(t.max_skipped_steps, int) and t.max_skipped_steps >= 1, "train.max_skipped_steps",
+           f"must be an integer >= 1, got {t.max_skipped_steps!r}")
+    _check(t.inject_nan_mode in INJECT_NAN_MODES, "train.inject_nan_mode",
+           f"unknown {t.inject_nan_mode!r}; choose one of {INJECT_NAN_MODES}")
 
     _check(d.source in DATA_SOURCES, "data.source", f"unknown source {d.source!r}; choose one of {DATA_SOURCES}")
     if d.source == "tfds":

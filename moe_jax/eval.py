@@ -2,15 +2,17 @@
 
     python -m moe_jax.eval --workdir runs/moe [--step N] [--eval_batches 0]
 
-Restores the orbax checkpoint (latest or --step) onto this machine's devices (the run's mesh when it fits, else all
-devices data-parallel: a model trained on 8 devices evaluates on 1), and prints and writes
-`eval_step<N>.json` with val_loss, val_accuracy, val_perplexity.
+Restores the orbax checkpoint (the newest intact step, or --step) onto this machine's devices (the run's mesh when it
+fits, else all devices data-parallel: a model trained on 8 devices evaluates on 1), prints the result first, then
+writes `eval_step<N>.json` with val_loss, val_accuracy, val_perplexity (a workdir it cannot write to is a warning).
+Exit status: 0 done, 2 bad input (a flag value, no run at --workdir, no such --step), 1 anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import flags, logging
 
@@ -28,11 +30,30 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
+def write_result(workdir: str, result: dict) -> str | None:
+    """Write `eval_step<N>.json` (validation) or `eval_<split>_step<N>.json` into the workdir (process 0); a workdir
+    that cannot be written to (read-only mount, permissions, disk full) gives a one-line warning on stderr instead of
+    an error. Returns the path or None."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None
+    split, step = result.get("split", "validation"), result["step"]
+    path = os.path.join(workdir, f"eval_step{step}.json" if split == "validation" else f"eval_{split}_step{step}.json")
+    try:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+    except OSError as e:
+        print(f"warning: could not write {path} ({e.strerror or e}); the result above is not saved", file=sys.stderr)
+        return None
+    return path
+
+
 def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | None = None, devices=None,
-                     split: str = "validation") -> dict:
-    """Evaluate a run's checkpoint on its validation (or, split='test', its test) windows; writes and returns
-    {val_loss, val_accuracy, val_perplexity, step, workdir, devices, split} (the keys keep the val_ prefix for either
-    split)."""
+                     split: str = "validation", write: bool = True) -> dict:
+    """Evaluate a run's checkpoint on its validation (or, split='test', its test) windows; returns {val_loss,
+    val_accuracy, val_perplexity, step, workdir, devices, split} (the keys keep the val_ prefix for either split) and,
+    with `write`, also writes it (write_result)."""
     import jax
 
     from moe_jax import checkpoint as ckpt_lib, data, inference, train_step as step_lib
@@ -52,10 +73,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | 
     with jax.set_mesh(mesh):
         result = step_lib.evaluate(eval_fn, state["params"], batches, shardings)
     result.update(step=step, workdir=workdir, devices=len(mesh.devices.flat), split=split)
-    path = os.path.join(workdir, f"eval_step{step}.json" if split == "validation" else f"eval_{split}_step{step}.json")
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
+    if write:
+        write_result(workdir, result)
     return result
 
 
@@ -63,11 +82,20 @@ def main(argv):
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
+    if FLAGS.eval_batches is not None and FLAGS.eval_batches < 0:
+        cli.fail(f"--eval_batches: must be >= 0 (0 = the whole validation set), got {FLAGS.eval_batches}")
+    if FLAGS.step is not None and FLAGS.step < 0:
+        cli.fail(f"--step: must be a checkpoint step >= 0, got {FLAGS.step}")
+    from moe_jax import checkpoint as ckpt_lib
+
     try:
-        result = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.eval_batches)
+        result = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.eval_batches, write=False)
     except FileNotFoundError as e:
         cli.fail(str(e))
-    print(json.dumps(result, indent=2, sort_keys=True))
+    except ckpt_lib.CheckpointError as e:
+        cli.fail(str(e), cli.EXIT_ERROR)
+    print(json.dumps(result, indent=2, sort_keys=True), flush=True)  # the result first, whatever happens next
+    write_result(FLAGS.workdir, result)
 
 
 if __name__ == "__main__":

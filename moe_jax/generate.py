@@ -84,6 +84,8 @@ def main(argv):
         config, graphdef, params, tokenizer, step = inference.load_for_inference(FLAGS.workdir, FLAGS.step)
     except FileNotFoundError as e:
         fail("step" if FLAGS.step is not None else "workdir", str(e), 1)
+    except ckpt_lib.CheckpointError as e:
+        fail("step" if FLAGS.step is not None else "workdir", str(e), 1)
 
     import numpy as np
 

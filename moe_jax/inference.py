@@ -7,6 +7,7 @@ here, else all devices on 'data' (a model trained on 8 devices evaluates and gen
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 
@@ -26,15 +27,20 @@ def inference_mesh(config, devices=None):
         return sharding_lib.build_mesh((-1, 1, 1), devices)
 
 
-def restore_train_state(workdir: str, config, mesh, step: int | None = None):
-    """Restore the full train state of `workdir` (latest or `step`) onto `mesh`, whatever mesh it was saved from.
-    Returns (graphdef, state, step)."""
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def restore_train_state(workdir: str, config, mesh, step: int | None = None, log=_note):
+    """Restore the full train state of `workdir` (the newest intact step, or exactly `step`) onto `mesh`, whatever
+    mesh it was saved from, through checkpoint.restore_verified (a damaged step is named in one `log` line and the
+    previous one is tried; nothing in the workdir is moved). Returns (graphdef, state, step)."""
     graphdef, abstract_nnx = model_lib.abstract(config)
     target = step_lib.abstract_train_state(config, abstract_nnx, optimizer_lib.build(config), mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
         with jax.set_mesh(mesh):
-            state, _, step = checkpointer.restore(target, step=step)
+            state, _, step = ckpt_lib.restore_verified(checkpointer, target, step=step, log=log)
     finally:
         checkpointer.close()
     return graphdef, state, step

@@ -11,7 +11,9 @@ Read top to bottom, one forward pass is:
     C grows with T, so its size grows with T^2).
  2. Router in float32: logits [G, T, E] = x @ w_router (float32 inputs, Precision.HIGHEST: precision.router_logits);
     probs = softmax over all E experts; top-k of probs;
-    the k weights are renormalised to sum to 1 (moe.renormalize).
+    the k weights are renormalised to sum to 1 (moe.renormalize) when k > 1. At k = 1 the gate is the raw top-1
+    probability (Switch Transformer), whatever moe.renormalize says: renormalising one weight gives p/p = 1, a
+    constant, and the router would get no gradient from the language-model loss (only from the auxiliary losses).
  3. Capacity C = max(ceil(K * T * capacity_factor / E), min_capacity), at most T. Priority: every token's first
     choice is placed before any token's second choice (Switch/flaxformer), and within one choice rank, earlier
     tokens first. An assignment whose slot would be >= C is dropped: the token gets nothing from that expert
@@ -70,7 +72,7 @@ def top_k_routing(logits: jax.Array, top_k: int, renormalize: bool = True):
     renormalised to sum to 1 if `renormalize`), expert_index [..., K] int32, highest probability first)."""
     probs = jax.nn.softmax(logits, axis=-1)
     gates, expert_index = jax.lax.top_k(probs, top_k)
-    if renormalize:
+    if renormalize and top_k > 1:  # k = 1: p/p = 1 would cut the router off from the LM loss's gradient
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return probs, gates, expert_index
 

@@ -3,9 +3,14 @@
     python -m moe_jax.train --config configs/moe.py --workdir runs/moe [--config.train.steps=100 ...]
 
 The config is validated before anything heavy starts; a bad field exits with status 2 and a message naming it.
-A workdir that already holds checkpoints is resumed from the latest one. A run stopped by SIGTERM/SIGINT (or a Cloud
-TPU maintenance event) before train.steps saves and exits with status 3 (trainer.EXIT_PREEMPTED); run the same
-command again to resume.
+A workdir that already holds checkpoints is resumed from the newest intact one (--restore_step N: exactly step N;
+newer steps are moved to checkpoints_set_aside/). Only safe config changes are accepted on resume
+(--allow_config_change=optim.muon_lr,... allows others deliberately). One trainer per workdir (train.lock).
+
+Exit status: 0 finished (or stopped by --config.train.steps being reached); 2 bad input (a config field, flag,
+workdir, a changed config on resume, a workdir held by another trainer); 3 stopped by SIGTERM/SIGINT before
+train.steps, after saving (resubmit the same command to resume); 1 anything else (a non-finite step, a failed save,
+no usable checkpoint: one `error:` line; other failures with their traceback).
 
 Several processes (one per host, or per GPU): run the same command everywhere with --distributed (Cloud TPU, SLURM
 and Open MPI are auto-detected) or with --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
@@ -29,7 +34,8 @@ def define_flags() -> None:
     cli.config_flag()
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config.name>.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and GPU "
-                      "clusters: every host runs the same command; the coordinator is auto-detected on Cloud TPU/SLURM).")
+                      "clusters: every host runs the same command; the coordinator is auto-detected on Cloud "
+                      "TPU/SLURM).")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator, for clusters JAX cannot "
                         "auto-detect (implies --distributed; JAX also reads JAX_COORDINATOR_ADDRESS).")
     flags.DEFINE_integer("num_processes", None, "Number of JAX processes in the job (implies --distributed).")
@@ -51,13 +57,19 @@ def distributed_args(distributed: bool, coordinator_address: str | None, num_pro
     if (num_processes is None) != (process_id is None):
         raise ValueError("--num_processes and --process_id: give both or neither (neither: auto-detected)")
     return explicit
+    flags.DEFINE_integer("restore_step", None, "Resume from exactly this checkpoint step (default: the newest intact "
+                         "one); newer steps are moved to <workdir>/checkpoints_set_aside/.")
+    flags.DEFINE_list("allow_config_change", [], "Config fields (or sections) a resumed run may change beyond the "
+                      "safe ones, e.g. optim.muon_lr,optim.adamw_lr or optim.")
 
 
 def main(argv):
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-    config = config_lib.validate(FLAGS.config)  # a ConfigError exits with status 2 (cli.run)
+    config = config_lib.validate(cli.config_value())  # a ConfigError exits with status 2 (cli.run)
+    if FLAGS.restore_step is not None and FLAGS.restore_step < 0:
+        cli.fail(f"--restore_step: must be a checkpoint step >= 0, got {FLAGS.restore_step}")
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     if "://" in workdir:
         cli.fail(f"--workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
@@ -71,8 +83,14 @@ def main(argv):
     if init_args is not None:
         import jax
         jax.distributed.initialize(**init_args)
-    from moe_jax import trainer  # heavy imports only after the config is known to be good
-    summary = trainer.train(config, workdir)
+    from moe_jax import checkpoint as ckpt_lib, trainer  # heavy imports only after the config is known to be good
+    try:
+        summary = trainer.train(config, workdir, restore_step=FLAGS.restore_step,
+                                allow_config_change=FLAGS.allow_config_change)
+    except ckpt_lib.WorkdirError as e:  # (a ConfigError, e.g. a refused config change, exits 2 through cli.run)
+        cli.fail(str(e))
+    except (ckpt_lib.CheckpointError, trainer.NonFiniteError) as e:
+        cli.fail(str(e), cli.EXIT_ERROR)
     print(f"done: step {summary['step']}, workdir {workdir}, "
           f"val_loss {summary.get('val_loss', float('nan')):.4f}")
     if summary.get("stop_reason") and not summary["finished"]:

@@ -47,9 +47,20 @@ def _loss(graphdef, params, micro, rng, train: bool):
     return ce + aux["moe_loss"], (ce, correct, weight, aux)
 
 
+def all_finite(tree) -> jax.Array:
+    """bool []: every floating-point element of `tree` is finite (one reduction per leaf, fused into the step)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -> Callable:
+    """(state, batch) -> (new state, metrics). metrics['finite'] (bool []) says whether the loss, the gradient norm and
+    the updated params and optimizer state are all finite; with train.on_nonfinite='skip' a non-finite step keeps the
+    previous params and optimizer state (the step counter still advances)."""
     accum = config.train.grad_accum
     nan_step = config.train.inject_nan_at_step
+    skip_nonfinite = config.train.on_nonfinite == "skip"
 
     def step_fn(state, batch):
         step = state["step"]
@@ -79,16 +90,22 @@ def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -
         (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (micros, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss = sums["ce"] / accum
-        if nan_step >= 0:  # test hook: poison the loss and gradients at one step
+        if nan_step >= 0:  # test hook: poison the gradients (and the loss unless inject_nan_mode='grads') at one step
             poison = jnp.where(step + 1 == nan_step, jnp.nan, 1.0)  # steps are numbered from 1 in logs
-            loss = loss * poison
+            if config.train.inject_nan_mode == "all":
+                loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((params, opt_state))
+        if skip_nonfinite:  # drop the update of a non-finite step: the state stays the last finite one
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state["params"], state["opt_state"]))
         aux = jax.tree.map(lambda v: v / accum, sums["aux"])
         metrics = {"loss": loss, "accuracy": sums["correct"] / jnp.maximum(sums["weight"], 1.0),
-                   "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-                   "tokens": sums["weight"], **{f"moe/{k}": v for k, v in aux.items()}}
+                   "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+                   "tokens": sums["weight"], "finite": finite, **{f"moe/{k}": v for k, v in aux.items()}}
         new_state = {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}
         return new_state, metrics
 

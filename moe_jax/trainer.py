@@ -1,15 +1,23 @@
 """The train loop: data -> compiled step -> metrics, evaluation, checkpoints; resumable and preemption-safe.
 
 `train(config, workdir)` is the whole job behind `python -m moe_jax.train`. What it guarantees:
-  * the config is validated and written to the workdir before anything heavy, with model.dtype and
-    model.attention 'auto' resolved for the backend (precision.resolve) and printed;
+  * the config is validated before anything heavy, with model.dtype and model.attention 'auto' resolved for the
+    backend (precision.resolve) and printed; one trainer per workdir (workdir.lock: a second one exits naming the
+    holder); a resumed run's (resolved) config is checked against the run's config.json before anything is written
+    (workdir.check_resume_config), and config.json is written (and appended to config_history.jsonl) only after
+    a successful restore or a fresh start;
   * both steps are compiled ahead of time and their memory use is printed before step 1;
-  * a workdir with checkpoints resumes from the latest one (params, optimizer, step, data iterator, RNG), and the
-    resumed run's losses equal an uninterrupted run's;
+  * a workdir with checkpoints resumes from the newest intact one (params, optimizer, step, data iterator, RNG; a
+    damaged step is named and skipped: checkpoint.restore_verified), and the resumed run's losses equal an
+    uninterrupted run's;
   * metrics are fetched one step late, so the host never waits on the device between steps;
   * SIGTERM/SIGINT (or a Cloud TPU maintenance event) reaching any process finish the current step, and every
     process saves the same step and returns (summary['stop_reason']; the CLI exits with EXIT_PREEMPTED);
-  * a non-finite loss raises FloatingPointError naming the step; no checkpoint is ever written after a bad step.
+  * the step reports whether its loss, gradient norm and new state are finite: a non-finite step raises
+    NonFiniteError (train.on_nonfinite='stop') naming the step and the newest checkpoint, before any save of the bad
+    state, or has its update dropped ('skip') until train.max_skipped_steps in a row;
+  * a failed save raises checkpoint.CheckpointError at the step it is noticed (the step of the save when it is
+    synchronous, the next step that finds the async save finished otherwise).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from moe_jax import precision
 from moe_jax import preemption
 from moe_jax import sharding as sharding_lib
 from moe_jax import train_step as step_lib
+from moe_jax import workdir as workdir_lib
 
 
 SUMMARY_FILE = "summary.json"
@@ -39,6 +48,10 @@ EXIT_PREEMPTED = preemption.EXIT_PREEMPTED  # exit status of the CLI when a sign
 # With several processes, they agree whether to stop every STOP_CHECK_EVERY steps (one coordinator barrier each;
 # see preemption.py and docs/decisions.md for its cost)
 STOP_CHECK_EVERY = 1
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss, gradient or state; the message names the step and the newest checkpoint."""
 
 
 def log(msg: str) -> None:
@@ -69,22 +82,49 @@ def _summarise_train(m: dict) -> dict:
     return rec
 
 
-def train(config, workdir: str, *, max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
+def train(config, workdir: str, *, max_steps_this_run: int | None = None, devices=None,
+          restore_step: int | None = None, allow_config_change=()) -> dict[str, Any]:
     """Train (or resume) `config` in `workdir`. `max_steps_this_run` stops early after that many steps (a save is
-    made there), as a preemption would. Returns a summary dict (also written as metrics records)."""
+    made there), as a preemption would. `restore_step`: resume from exactly this step (newer steps are set aside).
+    `allow_config_change`: config fields (or sections) a resumed run may change beyond workdir.SAFE_FIELDS.
+    Returns a summary dict (also written as metrics records)."""
     config_lib.validate(config)
+    lock = workdir_lib.lock(workdir)
+    try:
+        return _train(config, workdir, max_steps_this_run, devices, restore_step, tuple(allow_config_change))
+    finally:
+        workdir_lib.unlock(lock)
+
+
+def _train(config, workdir, max_steps_this_run, devices, restore_step, allow_config_change) -> dict[str, Any]:
     t_setup = time.time()
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoint)
+    try:
+        if restore_step is not None and restore_step not in checkpointer.all_steps():
+            raise config_lib.ConfigError(f"--restore_step {restore_step}: no such checkpoint in "
+                                         f"{checkpointer.directory}; have {checkpointer.all_steps()}")
+        return _run(config, workdir, max_steps_this_run, devices, restore_step, allow_config_change, checkpointer,
+                    t_setup)
+    finally:
+        checkpointer.close()
+
+
+def _run(config, workdir, max_steps_this_run, devices, restore_step, allow_config_change, checkpointer,
+         t_setup) -> dict[str, Any]:
     mesh = sharding_lib.build_mesh(config, devices)
     check_batch_fits_mesh(config, mesh)
     t = config.train
     log(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)")
     log(precision.describe(precision.resolve(config, mesh.devices.flat[0].platform)))  # config.json records it
+    if checkpointer.all_steps() and os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
+        # the resolved config against the run's (also resolved): before anything is written to the workdir
+        workdir_lib.check_resume_config(ckpt_lib.load_config(workdir), config, allow_config_change, log)
 
     ds = data.build(config)
     if ds.tokenizer.vocab_size != config.model.vocab_size:
         raise config_lib.ConfigError(f"config.model.vocab_size: {config.model.vocab_size} differs from the "
                                      f"tokenizer's {ds.tokenizer.vocab_size}; set it to {ds.tokenizer.vocab_size}")
-    ckpt_lib.write_run_files(workdir, config, ds.tokenizer.path)
     log(f"data: {ds.stats}")
 
     graphdef, abstract_state = model_lib.abstract(config)
@@ -99,12 +139,12 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
         log("compiled train step memory per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} "
                                                                   f"{v / 2**20:.1f} MiB" for k, v in mem.items()))
 
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
     meta: dict = {}
     if checkpointer.latest_step() is not None:
         with jax.set_mesh(mesh):
-            state, meta, start = checkpointer.restore(compiled.abstract_state,
-                                                      data_args=data.checkpoint_restore_args(ds.train_iter))
+            state, meta, start = ckpt_lib.restore_verified(
+                checkpointer, compiled.abstract_state, restore_step,
+                data_args=data.checkpoint_restore_args(ds.train_iter), log=log, workdir=workdir)
         metrics_lib.truncate_after(workdir, start)
         log(f"resumed from step {start} of {t.steps}")
     else:
@@ -114,6 +154,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     step = int(jax.device_get(state["step"]))
     if step != start:
         raise RuntimeError(f"checkpoint step {start} holds state step {step}")
+    ckpt_lib.write_run_files(workdir, config, ds.tokenizer.path, step=start)
 
     counts = flops.param_counts(config)
     flops_per_token = flops.flops_per_token(config)["training"]
@@ -136,6 +177,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
     pending = None  # (step, device metrics) of the last dispatched step, fetched after the next dispatch
     interval = {"t": time.time(), "steps": 0, "tps": float("nan"), "step_time": float("nan")}
     last_eval = None
+    skipped = {"in_row": 0, "total": 0}
     bar = tqdm(total=t.steps, initial=step, disable=not (t.progress_bar and is_main), dynamic_ncols=True,
                file=sys.stderr)
 
@@ -150,9 +192,29 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
         s, m = p
         m = jax.device_get(m)
         loss = float(m["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {s}; stopping. The last checkpoint (step "
-                                     f"{checkpointer.latest_step()}) was written before it and is intact.")
+        if not bool(m["finite"]):
+            what = (f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({float(m['grad_norm'])})"
+                    if not math.isfinite(float(m["grad_norm"])) else "updated parameters or optimizer state")
+            newest = checkpointer.latest_step()
+            newest = ("no checkpoint was saved before it" if newest is None else
+                      f"the newest checkpoint, step {newest} ({checkpointer.step_dir(newest)}), was saved from a "
+                      "finite state")
+            if t.on_nonfinite == "skip":
+                skipped["in_row"] += 1
+                skipped["total"] += 1
+                writer.write({"kind": "skipped", "step": s, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                              "in_row": skipped["in_row"]})
+                log(f"step {s}: non-finite {what}: update skipped ({skipped['in_row']} in a row, "
+                    f"train.max_skipped_steps={t.max_skipped_steps})")
+                if skipped["in_row"] >= t.max_skipped_steps:
+                    raise NonFiniteError(f"non-finite {what} at step {s}: {skipped['in_row']} steps in a row "
+                                         f"skipped (train.max_skipped_steps); stopping: {newest}")
+            else:
+                raise NonFiniteError(f"non-finite {what} at step {s}; stopped before saving it: {newest}; lower the "
+                                     "learning rate (resume with --allow_config_change=optim) or set "
+                                     "train.on_nonfinite='skip'")
+        else:
+            skipped["in_row"] = 0
         bar.update(1)
         if s % t.log_every == 0 or s == stop_at:
             if inflight is not None:
@@ -190,6 +252,7 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
                 state, m = compiled.train(state, batch)
                 step += 1
                 interval["steps"] += 1
+                checkpointer.poll()  # an async save that failed is reported here, at the step it is noticed
                 if pending is not None:
                     fetch(pending, inflight=m)
                 pending = (step, m)
@@ -221,15 +284,16 @@ def train(config, workdir: str, *, max_steps_this_run: int | None = None, device
                       f"{step} and exits", flush=True)
                 if step not in checkpointer.all_steps():
                     save(step)
+            checkpointer.poll(block=True)
     finally:
         bar.close()
-        checkpointer.close()
         writer.close()
 
     summary = {"step": step, "finished": step >= t.steps, "tokens": step * tokens_per_step, "wall_time": wall(),
                "params_total": counts["total"], "params_active": counts["active"],
                "training_flops_per_token": flops_per_token, "best_val_loss": best,
-               "interrupted": step < stop_at, "stop_reason": stop.reason}
+               "interrupted": step < stop_at, "stop_reason": stop.reason,
+               "skipped_steps": skipped["total"]}
     if last_eval:
         summary.update(last_eval)
     records = metrics_lib.read(workdir) if is_main else []

@@ -47,7 +47,7 @@ def ref_routing(logits: np.ndarray, top_k: int, capacity: int, renormalize: bool
             p = p / p.sum()
             order = sorted(range(e_n), key=lambda e: (-p[e], e))[:top_k]  # highest prob first
             w = np.array([p[e] for e in order])
-            if renormalize:
+            if renormalize and top_k > 1:  # k=1 keeps the raw probability (Switch): see moe.route
                 w = w / w.sum()
             expert_index[g, t] = order
             gates[g, t] = w
