@@ -223,10 +223,11 @@ class Checkpointer:
                 and os.path.exists(os.path.join(self.step_dir(s), FINGERPRINT_FILE))]
         return max(done) if done else None
 
-    def poll(self, block: bool = False) -> None:
+    def poll(self, block: bool = False, step: int | None = None) -> None:
         """Finish the bookkeeping of completed saves: raise CheckpointError if an async save failed (called every
         step by the trainer, so a failure is reported at the step it is noticed), and write the fingerprint of every
-        step whose save has completed. `block`: wait for a save in progress first."""
+        step whose save has completed. `block`: wait for a save in progress first. `step`: the train step now (named in
+        the error)."""
         if not self._unfingerprinted:
             return
         if not block and self.manager.is_saving_in_progress():
@@ -235,8 +236,9 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
+            noticed = "" if step is None else f"; noticed at step {step}"
             raise CheckpointError(f"saving step {steps[-1]} to {self.step_dir(steps[-1])} failed "
-                                  f"({_one_line(e)}); free disk space or fix the permissions of {self.directory}, "
+                                  f"({_one_line(e)}{noticed}); free disk space or fix the permissions of {self.directory}, "
                                   f"then rerun to resume from step {self.latest_finished()}") from e
         if jax.process_index() == 0:
             for s in steps:

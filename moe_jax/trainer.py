@@ -252,7 +252,7 @@ def _run(config, workdir, max_steps_this_run, devices, restore_step, allow_confi
                 state, m = compiled.train(state, batch)
                 step += 1
                 interval["steps"] += 1
-                checkpointer.poll()  # an async save that failed is reported here, at the step it is noticed
+                checkpointer.poll(step=step)  # an async save that failed is reported here, at the step it is noticed
                 if pending is not None:
                     fetch(pending, inflight=m)
                 pending = (step, m)

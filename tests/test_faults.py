@@ -1,0 +1,438 @@
+"""Faults a long run must survive (issue 13), each reproduced and its handling asserted: non-finite steps, damaged
+checkpoints, two trainers on one workdir, a changed config on resume, bad input, failed saves, signals, kill -9, a
+read-only run directory for eval, and the router gradient at top_k=1. docs/reliability.md maps each guarantee here.
+
+The in-process runs share one uninterrupted reference run (`reference`: 8 smoke steps, a checkpoint every 2); the
+damage tests resume copies of it. Subprocess tests run `python -m moe_jax.train` on configs/smoke.py.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import smoke
+from moe_jax import checkpoint as ckpt_lib
+from moe_jax import config_lib
+from moe_jax import eval as eval_lib
+from moe_jax import inference
+from moe_jax import metrics as metrics_lib
+from moe_jax import model as model_lib
+from moe_jax import moe as moe_lib
+from moe_jax import trainer
+from moe_jax import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = dict(steps=8, checkpoint_every=2, log_every=1, eval_every=8, keep_checkpoints=10, plots=False)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+
+
+def smoke_config(cache_dir, **train):
+    c = smoke.get_config()
+    c.data.cache_dir = cache_dir
+    c.train.progress_bar = False
+    for k, v in train.items():
+        c.train[k] = v
+    return config_lib.validate(c)
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics_lib.read(workdir) if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted 8-step run with checkpoints at 2, 4, 6, 8: (workdir, {step: loss})."""
+    workdir = str(tmp_path_factory.mktemp("faults") / "reference")
+    trainer.train(smoke_config(cache_dir, **REF), workdir)
+    return workdir, train_losses(workdir)
+
+
+def _copy(reference, tmp_path, name="run"):
+    dst = str(tmp_path / name)
+    shutil.copytree(reference[0], dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing non-finite is ever saved
+
+
+def test_nan_gradients_with_finite_loss_are_never_saved(tmp_path, cache_dir):
+    """The table's first row: a finite loss with NaN gradients, a checkpoint every step."""
+    workdir = str(tmp_path / "nan")
+    c = smoke_config(cache_dir, steps=10, checkpoint_every=1, eval_every=100, log_every=1, inject_nan_at_step=5,
+                     inject_nan_mode="grads", plots=False)
+    with pytest.raises(trainer.NonFiniteError, match=r"non-finite gradient norm \(nan\) at step 5.*step 4"):
+        trainer.train(c, workdir)
+    assert all(np.isfinite(loss) for loss in train_losses(workdir).values())  # the loss never showed it
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 4
+    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
+    assert step == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((state["params"], state["opt_state"])))
+
+
+def test_skip_drops_the_nonfinite_update_and_goes_on(tmp_path, cache_dir):
+    workdir = str(tmp_path / "skip")
+    c = smoke_config(cache_dir, steps=5, checkpoint_every=100, eval_every=100, log_every=1, inject_nan_at_step=3,
+                     on_nonfinite="skip", max_skipped_steps=2, plots=False)
+    summary = trainer.train(c, workdir)
+    assert summary["finished"] and summary["skipped_steps"] == 1
+    records = metrics_lib.read(workdir)
+    assert [r["step"] for r in records if r["kind"] == "skipped"] == [3]
+    losses = train_losses(workdir)
+    assert np.isnan(losses[3]) and all(np.isfinite(losses[s]) for s in (1, 2, 4, 5))
+    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
+    assert step == 5 and int(state["step"]) == 5  # the skipped step is counted
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_all_finite_sees_one_bad_element():
+    from moe_jax import train_step
+    tree = {"a": jnp.ones((3, 4)), "b": (jnp.zeros(2), jnp.arange(3))}
+    assert bool(train_step.all_finite(tree))
+    tree["a"] = tree["a"].at[2, 1].set(jnp.inf)
+    assert not bool(train_step.all_finite(tree))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint integrity: damage falls back to the previous step, and the resumed run is exact
+
+
+def _largest_file(step_dir):
+    files = [os.path.join(r, n) for r, _, ns in os.walk(step_dir) for n in ns]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+    path = _largest_file(step_dir)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _overwrite_4k(step_dir):
+    path = _largest_file(step_dir)
+    size = os.path.getsize(path)
+    assert size > 3 * 4096
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        old = f.read(4096)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def _delete_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _delete_state(step_dir):
+    shutil.rmtree(os.path.join(step_dir, "state"))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_truncate, "bytes"), (_overwrite_4k, "sha256"), (_delete_metadata, "state/_METADATA is missing"),
+    (_delete_state, "is missing"),
+])
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp_path, cache_dir, capsys, damage,
+                                                                  reason):
+    workdir = _copy(reference, tmp_path)
+    step_dir = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, "8")
+    damage(step_dir)
+    if damage is _overwrite_4k:  # eval (and generate, through the same restore) fall back too, moving nothing
+        result = eval_lib.evaluate_workdir(workdir, write=False)
+        assert result["step"] == 6
+        assert os.path.isdir(step_dir)
+        assert f"checkpoint {os.path.abspath(step_dir)} is unusable" in capsys.readouterr().err
+    summary = trainer.train(smoke_config(cache_dir, **REF), workdir)
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if "is unusable" in x]
+    assert len(lines) == 1 and os.path.abspath(step_dir) in lines[0] and reason in lines[0], out
+    assert "resumed from step 6" in out
+    assert summary["step"] == 8
+    losses = train_losses(workdir)
+    assert sorted(losses) == list(range(1, 9))
+    for s in (7, 8):
+        assert losses[s] == reference[1][s], (s, losses[s], reference[1][s])  # bit for bit
+    assert len(os.listdir(os.path.join(workdir, ckpt_lib.SET_ASIDE_DIR))) == 1
+    assert ckpt_lib.check_fingerprint(step_dir) is None  # step 8 saved again, intact
+
+
+def test_restore_step_picks_an_older_step_and_sets_newer_ones_aside(reference, tmp_path, cache_dir):
+    workdir = _copy(reference, tmp_path)
+    trainer.train(smoke_config(cache_dir, **REF), workdir, restore_step=4)
+    losses = train_losses(workdir)
+    for s in range(5, 9):
+        assert losses[s] == reference[1][s], s
+    aside = sorted(int(n.split(".")[0]) for n in os.listdir(os.path.join(workdir, ckpt_lib.SET_ASIDE_DIR)))
+    assert aside == [6, 8]
+    with pytest.raises(config_lib.ConfigError, match="--restore_step 5: no such checkpoint"):
+        trainer.train(smoke_config(cache_dir, **REF), workdir, restore_step=5)
+
+
+def test_a_step_without_fingerprint_is_unverified_only_in_a_legacy_run(tmp_path):
+    step_dir = tmp_path / "3"
+    (step_dir / "state").mkdir(parents=True)
+    (step_dir / "state" / "x").write_bytes(b"abc")
+    assert ckpt_lib.check_fingerprint(str(step_dir), required=False) is None
+    assert "no fingerprint.json" in ckpt_lib.check_fingerprint(str(step_dir), required=True)
+    ckpt_lib.write_fingerprint(str(step_dir))
+    assert ckpt_lib.check_fingerprint(str(step_dir)) is None
+    (step_dir / "state" / "x").write_bytes(b"abd")
+    assert "state/x differs" in ckpt_lib.check_fingerprint(str(step_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume checks the config
+
+
+def test_changed_d_model_is_refused_and_the_run_still_evaluates(reference, cache_dir):
+    workdir = reference[0]
+    before = open(os.path.join(workdir, ckpt_lib.CONFIG_FILE)).read()
+    c = smoke_config(cache_dir, **REF)
+    c.model.d_model = 128
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_model: 64 -> 128"):
+        trainer.train(c, workdir)
+    assert open(os.path.join(workdir, ckpt_lib.CONFIG_FILE)).read() == before
+    assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 8
+
+
+def test_learning_rate_change_needs_the_flag(reference, tmp_path, cache_dir, capsys):
+    workdir = _copy(reference, tmp_path)
+    c = smoke_config(cache_dir, **dict(REF, steps=9))
+    c.optim.muon_lr = 0.02
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.muon_lr: 0\.03 -> 0\.02.*"
+                                                     r"--allow_config_change=optim\.muon_lr"):
+        trainer.train(c, workdir)
+    summary = trainer.train(c, workdir, allow_config_change=["optim.muon_lr"])
+    assert summary["step"] == 9
+    out = capsys.readouterr().out
+    assert "config.optim.muon_lr: 0.03 -> 0.02" in out and "config.train.steps: 8 -> 9" in out
+    history = [json.loads(x) for x in open(os.path.join(workdir, ckpt_lib.CONFIG_HISTORY_FILE))]
+    assert [(h["start_step"], h["config"]["optim"]["muon_lr"]) for h in history] == [(0, 0.03), (8, 0.02)]
+    assert ckpt_lib.load_config(workdir).optim.muon_lr == 0.02
+
+
+def test_safe_changes_pass_and_are_listed():
+    old = smoke.get_config()
+    new = smoke.get_config()
+    new.train.steps, new.train.log_every, new.train.progress_bar = 100, 3, False
+    lines = workdir_lib.check_resume_config(old, new, log=lambda _: None)
+    assert lines == ["config.train.log_every: 10 -> 3", "config.train.progress_bar: True -> False",
+                     "config.train.steps: 60 -> 100"]
+    new.data.shuffle_seed = 5
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.shuffle_seed: 0 -> 5"):
+        workdir_lib.check_resume_config(old, new)
+    assert workdir_lib.check_resume_config(old, new, allow=["data"], log=lambda _: None)[0].startswith("config.data")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failed saves, bad input, read-only run directories
+
+
+def test_failed_async_save_is_reported_at_the_next_step(tmp_path, cache_dir, monkeypatch):
+    """A save whose background write fails (disk full) is reported by the next step's poll, naming the step."""
+    failing = {"step": None}
+    real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+
+    def save(self, step, *a, **kw):
+        out = real_save(self, step, *a, **kw)
+        if step == 4:
+            real_wait(self)
+            failing["step"] = step
+        return out
+
+    def wait(self):
+        if failing["step"] is not None:
+            failing["step"] = None
+            raise OSError(28, "No space left on device")
+        real_wait(self)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+    monkeypatch.setattr(ocp.CheckpointManager, "is_saving_in_progress", lambda self: False)
+    workdir = str(tmp_path / "full")
+    c = smoke_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, plots=False)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"saving step 4 .* failed \(OSError: \[Errno 28\] No space "
+                                                       r"left on device; noticed at step 5\).*resume from step 2"):
+        trainer.train(c, workdir)
+    assert max(train_losses(workdir)) == 4
+
+
+def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
+    """Tests run as root, where chmod does not stop writes: os.open is made to fail instead (EACCES)."""
+    workdir = str(tmp_path / "ro")
+    os.makedirs(workdir)
+    real_open = os.open
+
+    def deny(path, *a, **kw):
+        if str(path).startswith(workdir):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(workdir_lib.WorkdirError, match=r"--workdir .*ro: cannot write there \(Permission denied\)"):
+        workdir_lib.lock(workdir)
+
+
+def test_eval_on_a_read_only_run_prints_and_warns(reference, monkeypatch, capsys):
+    real_open = builtins.open
+
+    def deny(path, mode="r", *a, **kw):
+        if "eval_step" in str(path) and "w" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    result = eval_lib.evaluate_workdir(reference[0])
+    assert result["step"] == 8 and np.isfinite(result["val_loss"])
+    err = capsys.readouterr().err
+    assert "warning: could not write" in err and "eval_step8.json" in err
+
+
+def test_nonfinite_config_floats_are_refused():
+    for field, value in (("optim.muon_lr", float("inf")), ("optim.adamw_lr", float("nan")),
+                         ("model.rope_base", float("inf")), ("moe.capacity_factor", float("nan"))):
+        c = smoke.get_config()
+        section, name = field.split(".")
+        c[section][name] = value
+        with pytest.raises(config_lib.ConfigError, match=rf"config\.{field}: must be a finite number"):
+            config_lib.validate(c)
+
+
+def _run(module, args, cache_dir, **kw):
+    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "configs/smoke.py", "--config.model.nope=1"], "--config.model.nope: model.nope is not a config"),
+    (["--config", "configs/smoke.py", "--config.nope.x=1"], "--config.nope.x: nope.x is not a config field"),
+    (["--config", "configs/missing.py"], "--config configs/missing.py: no such file"),
+    (["--config", "configs/smoke.py", "--config.optim.muon_lr=inf"], "config.optim.muon_lr: must be a finite"),
+    (["--config", "configs/smoke.py", "--workdir", "README.md"], "--workdir README.md: is a file"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, cache_dir, args, needle):
+    if "--workdir" not in args:
+        args = args + ["--workdir", str(tmp_path / "w")]
+    p = _run("moe_jax.train", args, cache_dir)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err
+    assert err.strip().splitlines() == [err.strip()] and needle in err, err
+
+
+def test_eval_negative_batches_is_one_line_and_status_2(tmp_path, cache_dir):
+    p = _run("moe_jax.eval", ["--workdir", str(tmp_path), "--eval_batches", "-3"], cache_dir)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and err.strip().startswith("error: --eval_batches: must be >= 0"), err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer per workdir; a signal exits with status 3; kill -9 in a loop resumes exactly
+
+
+def _wait_for_steps(p, workdir, n, timeout=300):
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    while time.time() < deadline and p.poll() is None:
+        if os.path.exists(path) and len([r for r in metrics_lib.read(workdir) if r["kind"] == "train"]) >= n:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"no {n} steps: " + ("" if p.poll() is None else p.communicate()[1][-2000:]))
+
+
+def test_second_trainer_fails_fast_and_sigterm_exits_3(tmp_path, cache_dir):
+    workdir = str(tmp_path / "locked")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=100000",
+            "--config.train.checkpoint_every=100000", "--config.train.eval_every=100000",
+            "--config.train.log_every=1", "--config.train.progress_bar=False"]
+    first = _run("moe_jax.train", args, cache_dir)
+    try:
+        _wait_for_steps(first, workdir, 2)
+        second = _run("moe_jax.train", args, cache_dir)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err
+        assert len(err.strip().splitlines()) == 1 and "another trainer" in err and f"pid {first.pid}" in err, err
+        assert first.poll() is None
+        n = len(metrics_lib.read(workdir))
+        _wait_for_steps(first, workdir, n + 1)  # the first goes on undisturbed
+        steps = [r["step"] for r in metrics_lib.read(workdir) if r["kind"] == "train"]
+        assert steps == list(range(1, len(steps) + 1))  # every step once: the second wrote nothing
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == trainer.EXIT_PREEMPTED == 3, err
+    assert "received signal" in out and "rerun the same command" in out
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() is not None
+
+
+def test_kill_9_in_a_loop_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
+    cfg = dict(steps=10, checkpoint_every=1, eval_every=10, log_every=1, keep_checkpoints=3, plots=False)
+    reference = str(tmp_path / "uninterrupted")
+    trainer.train(smoke_config(cache_dir, **cfg), reference)
+    workdir = str(tmp_path / "killed")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir] + [f"--config.train.{k}={v}" for k, v in cfg.items()]
+    args.append("--config.train.progress_bar=False")
+    done = 0
+    for target in (2, 5):  # each life is killed (SIGKILL, mid-save: a save every step) after a few more steps
+        p = _run("moe_jax.train", args, cache_dir)
+        _wait_for_steps(p, workdir, target)
+        time.sleep(0.1 * target)
+        p.kill()
+        p.wait()
+        done = max(train_losses(workdir))
+    assert done < 10
+    p = _run("moe_jax.train", args, cache_dir)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    a, b = train_losses(reference), train_losses(workdir)
+    assert sorted(b) == list(range(1, 11))
+    for s in a:
+        assert a[s] == b[s], (s, a[s], b[s])  # bit for bit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# top_k = 1: the router keeps its gradient from the language-model loss
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gets_lm_loss_gradient(top_k):
+    c = smoke.get_config()
+    c.moe.top_k, c.moe.renormalize = top_k, True
+    c.moe.load_balance_weight = c.moe.z_loss_weight = 0.0
+    graphdef, params = model_lib.init_params(config_lib.validate(c))
+    tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, c.model.vocab_size)
+
+    def lm_loss(p):
+        logits, _, _ = model_lib.apply(graphdef, p, tokens[:, :-1])
+        loss, _, weight = model_lib.cross_entropy(logits, tokens[:, 1:])
+        return loss / weight
+
+    grads = jax.grad(lm_loss)(params)
+    router = [np.asarray(g) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+              if "w_router" in jax.tree_util.keystr(path)]
+    assert len(router) == 2  # both layers are MoE
+    for g in router:
+        assert np.abs(g).max() > 1e-6, top_k
+    if top_k == 1:  # the gate is the raw top-1 probability (Switch), not p/p = 1
+        logits = jax.random.normal(jax.random.key(1), (1, 8, 4))
+        _, _, info = moe_lib.route(logits, 1, 8, renormalize=True)
+        np.testing.assert_allclose(info["gates"][..., 0], jax.nn.softmax(logits).max(-1), rtol=1e-6)
