@@ -238,8 +238,8 @@ class Checkpointer:
         except Exception as e:
             noticed = "" if step is None else f"; noticed at step {step}"
             raise CheckpointError(f"saving step {steps[-1]} to {self.step_dir(steps[-1])} failed "
-                                  f"({_one_line(e)}{noticed}); free disk space or fix the permissions of {self.directory}, "
-                                  f"then rerun to resume from step {self.latest_finished()}") from e
+                                  f"({_one_line(e)}{noticed}); free disk space or fix the permissions of "
+                                  f"{self.directory}, then rerun to resume from step {self.latest_finished()}") from e
         if jax.process_index() == 0:
             for s in steps:
                 if os.path.isdir(self.step_dir(s)):  # a step deleted meanwhile by the keep policy has no fingerprint

@@ -23,7 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import smoke
 from moe_jax import checkpoint as ckpt_lib
 from moe_jax import config_lib
 from moe_jax import eval as eval_lib
@@ -33,18 +32,20 @@ from moe_jax import model as model_lib
 from moe_jax import moe as moe_lib
 from moe_jax import trainer
 from moe_jax import workdir as workdir_lib
+from moe_jax.cli import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 REF = dict(steps=8, checkpoint_every=2, log_every=1, eval_every=8, keep_checkpoints=10, plots=False)
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return os.environ.get("MOE_JAX_CACHE") or str(tmp_path_factory.mktemp("cache"))
+def cache_dir(data_cache):
+    return data_cache
 
 
 def smoke_config(cache_dir, **train):
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.data.cache_dir = cache_dir
     c.train.progress_bar = False
     for k, v in train.items():
@@ -229,8 +230,8 @@ def test_learning_rate_change_needs_the_flag(reference, tmp_path, cache_dir, cap
 
 
 def test_safe_changes_pass_and_are_listed():
-    old = smoke.get_config()
-    new = smoke.get_config()
+    old = load_config_file(SMOKE)
+    new = load_config_file(SMOKE)
     new.train.steps, new.train.log_every, new.train.progress_bar = 100, 3, False
     lines = workdir_lib.check_resume_config(old, new, log=lambda _: None)
     assert lines == ["config.train.log_every: 10 -> 3", "config.train.progress_bar: True -> False",
@@ -308,7 +309,7 @@ def test_eval_on_a_read_only_run_prints_and_warns(reference, monkeypatch, capsys
 def test_nonfinite_config_floats_are_refused():
     for field, value in (("optim.muon_lr", float("inf")), ("optim.adamw_lr", float("nan")),
                          ("model.rope_base", float("inf")), ("moe.capacity_factor", float("nan"))):
-        c = smoke.get_config()
+        c = load_config_file(SMOKE)
         section, name = field.split(".")
         c[section][name] = value
         with pytest.raises(config_lib.ConfigError, match=rf"config\.{field}: must be a finite number"):
@@ -357,6 +358,7 @@ def _wait_for_steps(p, workdir, n, timeout=300):
     raise AssertionError(f"no {n} steps: " + ("" if p.poll() is None else p.communicate()[1][-2000:]))
 
 
+@pytest.mark.slow  # two training subprocesses
 def test_second_trainer_fails_fast_and_sigterm_exits_3(tmp_path, cache_dir):
     workdir = str(tmp_path / "locked")
     args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=100000",
@@ -384,6 +386,7 @@ def test_second_trainer_fails_fast_and_sigterm_exits_3(tmp_path, cache_dir):
     assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() is not None
 
 
+@pytest.mark.slow  # three training subprocesses and a reference run
 def test_kill_9_in_a_loop_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     cfg = dict(steps=10, checkpoint_every=1, eval_every=10, log_every=1, keep_checkpoints=3, plots=False)
     reference = str(tmp_path / "uninterrupted")
@@ -415,7 +418,7 @@ def test_kill_9_in_a_loop_then_resume_equals_an_uninterrupted_run(tmp_path, cach
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_router_gets_lm_loss_gradient(top_k):
-    c = smoke.get_config()
+    c = load_config_file(SMOKE)
     c.moe.top_k, c.moe.renormalize = top_k, True
     c.moe.load_balance_weight = c.moe.z_loss_weight = 0.0
     graphdef, params = model_lib.init_params(config_lib.validate(c))
