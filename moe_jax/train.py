@@ -40,6 +40,10 @@ def define_flags() -> None:
                         "auto-detect (implies --distributed; JAX also reads JAX_COORDINATOR_ADDRESS).")
     flags.DEFINE_integer("num_processes", None, "Number of JAX processes in the job (implies --distributed).")
     flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --distributed).")
+    flags.DEFINE_integer("restore_step", None, "Resume from exactly this checkpoint step (default: the newest intact "
+                         "one); newer steps are moved to <workdir>/checkpoints_set_aside/.")
+    flags.DEFINE_list("allow_config_change", [], "Config fields (or sections) a resumed run may change beyond the "
+                      "safe ones, e.g. optim.muon_lr,optim.adamw_lr or optim.")
 
 
 def distributed_args(distributed: bool, coordinator_address: str | None, num_processes: int | None,
@@ -57,10 +61,6 @@ def distributed_args(distributed: bool, coordinator_address: str | None, num_pro
     if (num_processes is None) != (process_id is None):
         raise ValueError("--num_processes and --process_id: give both or neither (neither: auto-detected)")
     return explicit
-    flags.DEFINE_integer("restore_step", None, "Resume from exactly this checkpoint step (default: the newest intact "
-                         "one); newer steps are moved to <workdir>/checkpoints_set_aside/.")
-    flags.DEFINE_list("allow_config_change", [], "Config fields (or sections) a resumed run may change beyond the "
-                      "safe ones, e.g. optim.muon_lr,optim.adamw_lr or optim.")
 
 
 def main(argv):
