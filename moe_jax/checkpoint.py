@@ -29,7 +29,6 @@ complete (killed between orbax's rename and the fingerprint) and is skipped.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from moe_jax import config_lib
+from moe_jax.data import cache as cache_lib
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -112,26 +112,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config()))
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(step_dir: str) -> dict:
     """{relative path: {'size', 'sha256'}} of every file under `step_dir` but the fingerprint itself."""
-    files = {}
-    for root, dirs, names in os.walk(step_dir):
-        dirs.sort()
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel.startswith(FINGERPRINT_FILE):
-                continue
-            files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    return files
+    paths = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names]
+    return cache_lib.describe_files(
+        [p for p in paths if not os.path.relpath(p, step_dir).startswith(FINGERPRINT_FILE)], step_dir)
 
 
 def write_fingerprint(step_dir: str) -> None:
@@ -164,7 +149,7 @@ def check_fingerprint(step_dir: str, required: bool = True) -> str | None:
         size = os.path.getsize(p)
         if size != want["size"]:
             return f"{rel} has {size} bytes, {want['size']} when saved (truncated or overwritten)"
-        if _sha256(p) != want["sha256"]:
+        if cache_lib.file_sha256(p) != want["sha256"]:
             return f"{rel} differs from its fingerprint (sha256): the bytes changed after the save"
     return None
 

@@ -86,18 +86,19 @@ def unlock(fd) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'model': {'d_model': 64}} -> {'model.d_model': 64} (nested dicts to dotted keys)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
 def _comparable(config) -> dict:
-    return _flat(json.loads(config.to_json_best_effort()))
+    return flatten(json.loads(config.to_json_best_effort()))
 
 
 def _allowed(field: str, allow) -> bool:

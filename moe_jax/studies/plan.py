@@ -25,6 +25,7 @@ import os
 import ml_collections
 
 from moe_jax import config_lib
+from moe_jax.workdir import flatten
 from moe_jax.studies import budget as budget_lib
 
 # Fields a re-run may change without invalidating a run dir (presentation, caches, peak for MFU).
@@ -51,16 +52,6 @@ def to_dict(x) -> dict:
 
 def copy_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(c.to_dict())
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_json(c) -> dict:
