@@ -11,7 +11,7 @@ not stop the others; steps that would overrun the time budget are skipped):
              the blocked kernel's in float32;
   bench      dense vs MoE train steps (moe_jax.bench: tokens/s, model TFLOP/s, MFU vs flops.PEAK_TFLOPS, step time,
              compiled memory, MoE step time / FLOP-equal dense step time) at configs/gpu_dense.py + gpu_moe.py in
-             bfloat16 (CPU: smoke-sized);
+             bfloat16 (CPU: smoke-sized), and the MoE's step time at capacity factors 1.0 / 1.25 / 2.0 and dropless;
   profile    a jax.profiler trace of MoE steps, summarised as the top ops by time (device ops on GPU/TPU);
   train      configs/moe.py (CPU: configs/smoke.py) trained in the compute dtype with periodic checkpoints, killed
              (SIGKILL) after the first checkpoint, resumed to the end; checks it resumed from that step and finished;
@@ -236,9 +236,19 @@ def step_bench(check: Check, args, keep: list) -> dict:
         dense, moe = load("configs/gpu_dense.py"), load("configs/gpu_moe.py")
         batch, seq, steps, rounds = dense.train.batch_size, dense.train.seq_len, args.bench_steps, 2
         entries = [("dense (configs/gpu_dense.py)", dense), ("moe (configs/gpu_moe.py)", moe)]
+    # Issue 16's GPU question: the same MoE with capacity factors 1.0 / 1.25 (the config's) / 2.0 and dropless.
+    moe_label = entries[1][0]
+    for cf in (1.0, 2.0):
+        variant = moe.copy_and_resolve_references()
+        variant.moe.capacity_factor = cf
+        entries.append((f"{moe_label} capacity_factor={cf}", variant))
+    variant = moe.copy_and_resolve_references()
+    variant.moe.dispatch = "dropless"
+    entries.append((f"{moe_label} dropless", variant))
     r = bench.benchmark(entries, batch=batch, seq=seq, grad_accum=1, steps=steps, warmup=2, rounds=rounds,
                         matmul_n=256 if args.cpu else 2048, out=check.log, benches_out=keep)
-    moe_label = entries[1][0]
+    r["dispatch_step_time_s"] = {label: r["configs"][label]["step_time_s"] for label, _ in entries[1:]
+                                 if label in r["configs"]}
     frac = r["fraction_of_dense"].get(moe_label, {})
     r["moe_step_over_flop_equal_dense_step"] = frac.get("step_time")
     for label, c in r["configs"].items():
