@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.plots = True
     c.train.progress_bar = True
     c.train.inject_nan_at_step = -1  # test hook: poison this step (numbered from 1; -1: off)
-    c.train.inject_nan_mode = "all"  # 'all': the loss and the gradients; 'grads': the gradients only (loss finite)
+    c.train.inject_nan_mode = "all"  # 'all': the loss and the gradients; 'grads': the gradients only (loss finite);
+    #   'grads_from': the gradients of that step and of every later one
     c.train.on_nonfinite = "stop"  # a step whose loss, grad norm or new state is not finite: 'stop' before any save,
     #   or 'skip' its update (the step is counted and logged) and stop after train.max_skipped_steps in a row
     c.train.max_skipped_steps = 10
@@ -170,7 +171,7 @@ def warmup_steps(config) -> int:
 
 
 NONFINITE_ACTIONS = ("stop", "skip")
-INJECT_NAN_MODES = ("all", "grads")
+INJECT_NAN_MODES = ("all", "grads", "grads_from")
 
 
 def _check_finite(node, prefix: str = "") -> None:

@@ -90,8 +90,10 @@ def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -
         (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (micros, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss = sums["ce"] / accum
-        if nan_step >= 0:  # test hook: poison the gradients (and the loss unless inject_nan_mode='grads') at one step
-            poison = jnp.where(step + 1 == nan_step, jnp.nan, 1.0)  # steps are numbered from 1 in logs
+        if nan_step >= 0:  # test hook: poison the gradients (and the loss unless inject_nan_mode='grads') at one step,
+            # or at every step from it on ('grads_from')
+            hit = step + 1 >= nan_step if config.train.inject_nan_mode == "grads_from" else step + 1 == nan_step
+            poison = jnp.where(hit, jnp.nan, 1.0)  # steps are numbered from 1 in logs
             if config.train.inject_nan_mode == "all":
                 loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)

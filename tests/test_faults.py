@@ -104,6 +104,19 @@ def test_skip_drops_the_nonfinite_update_and_goes_on(tmp_path, cache_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path, cache_dir):
+    workdir = str(tmp_path / "skip_in_a_row")
+    c = smoke_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, inject_nan_at_step=4,
+                     inject_nan_mode="grads_from", on_nonfinite="skip", max_skipped_steps=3, plots=False)
+    with pytest.raises(trainer.NonFiniteError, match=r"3 steps in a row skipped \(train.max_skipped_steps\)"):
+        trainer.train(c, workdir)
+    records = metrics_lib.read(workdir)
+    assert [(r["step"], r["in_row"]) for r in records if r["kind"] == "skipped"] == [(4, 1), (5, 2), (6, 3)]
+    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
+    assert step == 4  # skipped steps keep the last finite state (saved at 4); the run stopped at 6 before its save
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
 def test_all_finite_sees_one_bad_element():
     from moe_jax import train_step
     tree = {"a": jnp.ones((3, 4)), "b": (jnp.zeros(2), jnp.arange(3))}
