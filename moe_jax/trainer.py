@@ -145,7 +145,8 @@ def _run(config, workdir, max_steps_this_run, devices, restore_step, allow_confi
             state, meta, start = ckpt_lib.restore_verified(
                 checkpointer, compiled.abstract_state, restore_step,
                 data_args=data.checkpoint_restore_args(ds.train_iter), log=log, workdir=workdir)
-        metrics_lib.truncate_after(workdir, start)
+        if jax.process_index() == 0:  # metrics.jsonl has one writer: two processes rewriting it raced on its rename
+            metrics_lib.truncate_after(workdir, start)
         log(f"resumed from step {start} of {t.steps}")
     else:
         with jax.set_mesh(mesh):
