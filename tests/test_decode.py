@@ -103,6 +103,7 @@ def test_full_context_cache_equals_uncached():
     assert_array_equal(got.tokens, reference_greedy("moe", p, 6))
 
 
+@pytest.mark.slow  # quick tier under 3 min: a full compile per case; the full suite runs it
 def test_rows_are_independent():
     """A batch of different prompts gives each row what it gets alone (MoE routing drops nothing at decode)."""
     config, graphdef, params = setup("moe")
@@ -116,6 +117,7 @@ def test_rows_are_independent():
 # ------------------------------------------------------------------------------- determinism and reproducibility
 
 
+@pytest.mark.slow  # quick tier under 3 min: a full compile per case; the full suite runs it
 def test_greedy_is_deterministic_and_sampling_reproducible():
     config, graphdef, params = setup("moe")
     p = np.tile(prompt(6, rows=1, seed=4), (3, 1))  # the CLI's case: one prompt, several samples

@@ -251,6 +251,7 @@ def test_cross_entropy_against_numpy():
 # ---------------------------------------------------------------------------------------------------------- remat
 
 
+@pytest.mark.slow  # quick tier under 3 min: a full compile per case; the full suite runs it
 def test_remat_gives_same_loss_and_grads():
     tokens = random_tokens(seed=5)
     targets = jnp.roll(tokens, -1, axis=1)

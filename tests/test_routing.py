@@ -153,6 +153,7 @@ def workdir(smoke_run, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # quick tier under 3 min: a full compile per case; the full suite runs it
 def test_cli_writes_every_file(workdir):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "moe_jax.routing", "--workdir", workdir, "--batches", "2"], cwd=ROOT,

@@ -168,6 +168,7 @@ def leaves_by_path(tree) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow  # quick tier under 3 min: a full compile per case; the full suite runs it
 def test_eight_device_step_matches_one_device(runs):
     (s1, l1, m1, h1), (s8, l8, m8, h8) = runs
     assert np.isfinite(l1).all() and l1[1] < l1[0]  # it trains: the second step's loss is lower
