@@ -33,6 +33,7 @@ from moe_jax import moe as moe_lib
 from moe_jax import trainer
 from moe_jax import workdir as workdir_lib
 from moe_jax.cli import load_config_file
+from smoke_helpers import smoke_config, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -44,17 +45,6 @@ def cache_dir(data_cache):
     return data_cache
 
 
-def smoke_config(cache_dir, **train):
-    c = load_config_file(SMOKE)
-    c.data.cache_dir = cache_dir
-    c.train.progress_bar = False
-    for k, v in train.items():
-        c.train[k] = v
-    return config_lib.validate(c)
-
-
-def train_losses(workdir):
-    return {r["step"]: r["loss"] for r in metrics_lib.read(workdir) if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib, trainer
+from moe_jax import trainer
 from moe_jax import eval as eval_lib
 from moe_jax import inference
 from moe_jax import metrics as metrics_lib
-from moe_jax.cli import load_config_file
+from smoke_helpers import smoke_config, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -30,17 +30,6 @@ def cache_dir(data_cache):
     return data_cache
 
 
-def smoke_config(cache_dir, **train):
-    c = load_config_file(SMOKE)
-    c.data.cache_dir = cache_dir
-    c.train.progress_bar = False
-    for k, v in train.items():
-        c.train[k] = v
-    return config_lib.validate(c)
-
-
-def train_losses(workdir):
-    return {r["step"]: r["loss"] for r in metrics_lib.read(workdir) if r["kind"] == "train"}
 
 
 def unigram_entropy(workdir, cache_dir):
