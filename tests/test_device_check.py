@@ -28,8 +28,10 @@ def test_device_check_runs_on_cpu(tmp_path):
     att = steps["attention"]["results"]
     assert {"blocked/float32/causal", "xla/bfloat16/segments"} <= set(att) and all(a["pass"] for a in att.values())
     bench = steps["bench"]
-    assert len(bench["configs"]) == 2 and all(c["tokens_per_s"] > 0 and c["memory_bytes"]
+    # dense, MoE, and the MoE at capacity factors 1.0 / 2.0 and dropless (issue 16's dispatch comparison)
+    assert len(bench["configs"]) == 5 and all(c["tokens_per_s"] > 0 and c["memory_bytes"]
                                               for c in bench["configs"].values())
+    assert len(bench["dispatch_step_time_s"]) == 4 and all(t > 0 for t in bench["dispatch_step_time_s"].values())
     assert bench["moe_step_over_flop_equal_dense_step"] > 0
     assert steps["profile"]["top_ops"] and steps["profile"]["top_ops"][0]["ms_per_step"] > 0
     train = steps["train"]
