@@ -143,7 +143,9 @@ def _load_stats(counts: jax.Array, suffix: str) -> dict:
 
 def routing_metrics(info: dict, logits: jax.Array) -> dict:
     """Per-layer diagnostics over real tokens (info['mask']; absent: all real): both auxiliary losses, the dropped
-    fraction of assignments, router confidence (mean top-1 probability) and the expert load twice:
+    fraction of assignments, router confidence (mean top-1 probability), router entropy (mean over tokens of
+    -sum_e p_e log p_e of the router's softmax, in nats: log E for a uniform router, 0 for a one-hot one) and the
+    expert load twice:
     `tokens_per_expert` [E], `load_cv`, `load_max_over_mean` count the assignments the experts carried (after
     capacity); the same names with `_demand` count the top-k choices (before capacity). Dropless: equal."""
     probs, idx, kept = info["probs"], info["expert_index"], info["kept"]
@@ -159,6 +161,7 @@ def routing_metrics(info: dict, logits: jax.Array) -> dict:
         **_load_stats(_expert_counts(idx, e, kept.astype(jnp.float32) * real), ""),
         **_load_stats(_expert_counts(idx, e, real), "_demand"),
         router_confidence=jnp.sum(jnp.max(probs, axis=-1) * w) / n_real,
+        router_entropy=jnp.sum(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1) * w) / n_real,
     )
 
 

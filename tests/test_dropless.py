@@ -86,7 +86,7 @@ def test_dropless_equals_capacity_without_drops(top_k, mlp):
     v2, m2, g2, gx2 = value_and_grads(b_drop, x, ct, train=True)
     assert m1["dropped_fraction"] == 0 and m2["dropped_fraction"] == 0
     assert_allclose(v2, v1, rtol=1e-5)
-    for k in ("load_balance_loss", "z_loss", "router_confidence", "load_cv", "load_cv_demand"):
+    for k in ("load_balance_loss", "z_loss", "router_confidence", "router_entropy", "load_cv", "load_cv_demand"):
         assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
     assert_array_equal(m2["tokens_per_expert"], m1["tokens_per_expert"])
     assert_array_equal(m2["tokens_per_expert"], m2["tokens_per_expert_demand"])
@@ -175,7 +175,8 @@ def test_masked_positions_change_nothing_for_real_tokens(dispatch):
     c10 = moe_config(top_k=2, capacity_factor=1.0, min_capacity=1, dispatch=dispatch, group_size=10)
     b10, _ = random_block(c10, seed=30)
     y10, m10 = call_block(b10, x[:, :10], train=True)
-    for k in ("load_balance_loss", "z_loss", "router_confidence", "tokens_per_expert_demand", "load_cv_demand"):
+    for k in ("load_balance_loss", "z_loss", "router_confidence", "router_entropy", "tokens_per_expert_demand",
+              "load_cv_demand"):
         assert_allclose(m_pad[k], m10[k], rtol=1e-5, err_msg=k)
     if dispatch == "dropless":
         assert_allclose(y_pad[:, :10], y10, rtol=1e-5, atol=1e-6)

@@ -340,6 +340,7 @@ def test_load_balance_loss_is_one_for_uniform_router():
     _, metrics = call_block(block, random_tokens(c), train=False)
     assert_allclose(metrics["load_balance_loss"], 1.0, rtol=1e-6)
     assert_allclose(metrics["router_confidence"], 0.25, rtol=1e-6)
+    assert_allclose(metrics["router_entropy"], np.log(4.0), rtol=1e-6)  # uniform over E = 4: the maximum
     # logits are all 0: logsumexp = log(E)
     assert_allclose(metrics["z_loss"], np.log(4.0) ** 2, rtol=1e-6)
 
@@ -396,6 +397,8 @@ def test_routing_metrics_by_hand():
     assert_allclose(m["load_cv"], np.std(kept_load) / np.mean(kept_load), rtol=1e-6)
     assert_allclose(m["load_max_over_mean"], 2.0 / 1.0, rtol=1e-6)
     assert_allclose(m["router_confidence"], 0.6, rtol=1e-6)
+    h = [-(0.6 * np.log(0.6) + 0.3 * np.log(0.3) + 0.1 * np.log(0.1)), -(2 * 0.2 * np.log(0.2) + 0.6 * np.log(0.6))]
+    assert_allclose(m["router_entropy"], np.mean(h), rtol=1e-6)
     assert_allclose(m["z_loss"], 0.0, atol=1e-6)  # log-probabilities: logsumexp = 0
 
 

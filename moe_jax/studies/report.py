@@ -24,7 +24,7 @@ from moe_jax.studies import stats
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 ROUTING_KEYS = (("moe/dropped_fraction", "dropped fraction"), ("moe/load_cv", "load CV"),
-                ("moe/router_confidence", "router confidence"))
+                ("moe/router_confidence", "router confidence"), ("moe/router_entropy", "router entropy (nats)"))
 
 
 def fields(split: str) -> tuple:
@@ -389,7 +389,8 @@ def routing_lines(arms: dict) -> list[str]:
         if not any(per.values()):
             continue
         if not lines:
-            lines = ["| arm | " + " | ".join(label for _, label in ROUTING_KEYS) + " |", "|---|---|---|---|"]
+            lines = ["| arm | " + " | ".join(label for _, label in ROUTING_KEYS) + " |",
+                     "|---" * (len(ROUTING_KEYS) + 1) + "|"]
         cells = []
         for k, _ in ROUTING_KEYS:
             vals = np.mean(np.asarray(per[k], dtype=float), axis=0) if per[k] else []
