@@ -232,8 +232,11 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
             out(f"   counting the dispatch overhead: {r['tflops_with_padding']:.4g} TFLOP/s "
                 f"({r['tflops_with_padding'] / peak:.2%} of the peak)")
         if breakdown:
-            for label, s in b.breakdown(max(2, steps // 2)).items():
+            r["breakdown_s"] = b.breakdown(max(2, steps // 2))
+            for label, s in r["breakdown_s"].items():
                 out(f"   {label:<17} {s * 1e3:8.1f} ms")
+            r["update_share_of_step"] = r["breakdown_s"]["optimizer update"] / sec
+            out(f"   optimizer update: {r['update_share_of_step']:.1%} of the step")
 
     fractions = {}
     dense_name = next((n for n, r in results.items() if r["dense"]), None)
@@ -252,6 +255,44 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
                 f"at {fractions[n]['flops_per_token']:.3f}x its model FLOPs per token")
     return {"device": f"{dev.device_kind} ({dev.platform})", "num_devices": len(devices), "peak_tflops": peak,
             "peak_source": source, "configs": results, "fraction_of_dense": fractions}
+
+
+def time_updates(entries, variants=("optax:float32", "batched:float32", "batched:bfloat16"), rounds: int = 5,
+                 out=print) -> dict:
+    """The optimizer update alone (clip + Muon + AdamW, jitted, one device) of each (label, config) under each
+    'muon_impl:ns_dtype' variant, interleaved round by round (on a shared machine only numbers taken together
+    compare). Gradients are Gaussian, the state the optimizer's initial one; the update does not depend on the batch.
+    Returns {label: {variant: {'median_s', 'min_s', 'max_s', 'rounds_s'}}} and prints one line per pair."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs = {}
+    for label, config in entries:
+        for variant in variants:
+            impl, sep, dt = variant.partition(":")
+            if not sep:
+                raise config_lib.ConfigError(f"update variant {variant!r} is not muon_impl:ns_dtype, e.g. "
+                                             "batched:float32")
+            c = prepare(config, config.train.batch_size, config.train.seq_len,
+                        overrides={"optim.muon_impl": impl, "optim.ns_dtype": dt})
+            params = model_lib.init_params(c)[1]
+            tx = optimizer_lib.build(c)
+            grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(0), x.shape, x.dtype), params)
+            upd = jax.jit(tx.update)
+            args = (grads, tx.init(params), params)
+            jax.block_until_ready(upd(*args))  # compile + one run
+            runs[(label, variant)] = (upd, args, [])
+    for _ in range(rounds):
+        for upd, args, times in runs.values():
+            t0 = time.perf_counter()
+            jax.block_until_ready(upd(*args))
+            times.append(time.perf_counter() - t0)
+    results: dict = {}
+    for (label, variant), (_, _, times) in runs.items():
+        results.setdefault(label, {})[variant] = dict(median_s=statistics.median(times), min_s=min(times),
+                                                      max_s=max(times), rounds_s=list(times))
+        out(f"{label:22s} {variant:18s} median {1e3 * statistics.median(times):8.0f} ms  "
+            f"(min {1e3 * min(times):.0f}, max {1e3 * max(times):.0f}, {len(times)} rounds)")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------

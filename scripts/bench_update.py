@@ -8,9 +8,6 @@ A variant is muon_impl:ns_dtype. Gradients are Gaussian; the state is the optimi
 seed benchmark's (batch 4 x seq 512, which only sets the config; the update does not depend on it).
 """
 
-import statistics
-import time
-
 from absl import flags
 
 from moe_jax import cli
@@ -28,35 +25,13 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    import jax
-
-    from moe_jax import bench, model, optimizer
+    from moe_jax import bench
 
     if FLAGS.rounds < 1:
         raise cli.UsageError(f"--rounds must be >= 1, got {FLAGS.rounds}")
-    runs = {}
-    for path in FLAGS.configs:
-        for variant in FLAGS.variants:
-            impl, sep, dt = variant.partition(":")
-            if not sep:
-                raise cli.UsageError(f"--variants: {variant!r} is not muon_impl:ns_dtype, e.g. batched:float32")
-            c = bench.prepare(cli.load_config_file(path), 4, 512, overrides={
-                "model.vocab_size": FLAGS.vocab, "optim.muon_impl": impl, "optim.ns_dtype": dt})
-            params = model.init_params(c)[1]
-            tx = optimizer.build(c)
-            grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(0), x.shape, x.dtype), params)
-            upd = jax.jit(tx.update)
-            args = (grads, tx.init(params), params)
-            jax.block_until_ready(upd(*args))  # compile + one run
-            runs[(path, variant)] = (upd, args, [])
-    for _ in range(FLAGS.rounds):
-        for upd, args, times in runs.values():
-            t = time.perf_counter()
-            jax.block_until_ready(upd(*args))
-            times.append(time.perf_counter() - t)
-    for (path, variant), (_, _, times) in runs.items():
-        print(f"{path:22s} {variant:18s} median {1e3 * statistics.median(times):8.0f} ms  "
-              f"(min {1e3 * min(times):.0f}, max {1e3 * max(times):.0f}, {len(times)} rounds)")
+    entries = [(path, bench.prepare(cli.load_config_file(path), 4, 512, overrides={"model.vocab_size": FLAGS.vocab}))
+               for path in FLAGS.configs]
+    bench.time_updates(entries, FLAGS.variants, FLAGS.rounds)  # a bad variant: ConfigError, exit 2
 
 
 if __name__ == "__main__":

@@ -246,7 +246,9 @@ def step_bench(check: Check, args, keep: list) -> dict:
     variant.moe.dispatch = "dropless"
     entries.append((f"{moe_label} dropless", variant))
     r = bench.benchmark(entries, batch=batch, seq=seq, grad_accum=1, steps=steps, warmup=2, rounds=rounds,
-                        matmul_n=256 if args.cpu else 2048, out=check.log, benches_out=keep)
+                        matmul_n=256 if args.cpu else 2048, out=check.log, benches_out=keep, breakdown=True)
+    # Issue 19's GPU question: the optimizer update's share of the step (batched Muon, ns_dtype auto).
+    r["update_share_of_step"] = {label: c["update_share_of_step"] for label, c in r["configs"].items()}
     r["dispatch_step_time_s"] = {label: r["configs"][label]["step_time_s"] for label, _ in entries[1:]
                                  if label in r["configs"]}
     frac = r["fraction_of_dense"].get(moe_label, {})
@@ -255,6 +257,20 @@ def step_bench(check: Check, args, keep: list) -> dict:
         check.log(f"{label}: MFU {c['mfu']:.1%}, {c['tokens_per_s']:,.0f} tokens/s, step {c['step_time_s'] * 1e3:.1f} "
                   f"ms, memory {c.get('memory_bytes')}")
     return r
+
+
+def step_update(check: Check, args) -> dict:
+    """The optimizer update alone at the bench configs, per muon_impl:ns_dtype (issue 19: batched vs optax's
+    per-leaf Newton-Schulz, float32 vs bfloat16), interleaved over rounds."""
+    from moe_jax import bench
+    if args.cpu:
+        dense, moe = load("configs/smoke.py"), load("configs/smoke.py")
+        dense.moe.num_experts = 0
+        entries = [("smoke dense", dense), ("smoke moe", moe)]
+    else:
+        entries = [("gpu_dense", load("configs/gpu_dense.py")), ("gpu_moe", load("configs/gpu_moe.py"))]
+    entries = [(label, bench.prepare(c, c.train.batch_size, c.train.seq_len)) for label, c in entries]
+    return {"results": bench.time_updates(entries, rounds=2 if args.cpu else 5, out=check.log)}
 
 
 def step_profile(check: Check, keep: list, n: int) -> dict:
@@ -520,6 +536,7 @@ def main(argv=None) -> int:
              ("attention", lambda: step_attention(check, (2, 256, 4, 64) if not args.cpu else (2, 64, 2, 16)), 10),
              ("bench", lambda: step_bench(check, args, keep), 60),
              ("profile", lambda: step_profile(check, keep, args.profile_steps), 10),
+             ("update", lambda: step_update(check, args), 40 if not args.cpu else 10),
              ("train", lambda: step_train(check, args), 60 if not args.cpu else 30),
              ("tests", lambda: step_tests(check, args), 60 if not args.cpu else 10),
              ("decode", lambda: step_decode(check, args), 20 if not args.cpu else 5),

@@ -100,3 +100,29 @@ def test_dispatch_flag_times_each_moe_config_once_per_mode(load_config):
     assert drop["padding_flops_per_token"] == flops.flops_per_token(dropless_cfg)["dispatch_overhead_training"]
     with pytest.raises(config_lib.ConfigError, match="--dispatch nope"):
         bench.benchmark([("smoke", c)], dispatch=("nope",), out=lambda s: None)
+
+
+def test_time_updates_times_every_variant_of_every_config_and_rejects_bad_ones(load_config):
+    c = bench.prepare(load_config("smoke"), 2, 16)
+    lines = []
+    res = bench.time_updates([("smoke", c)], ("optax:float32", "batched:float32"), rounds=2, out=lines.append)
+    assert list(res) == ["smoke"] and list(res["smoke"]) == ["optax:float32", "batched:float32"]
+    for r in res["smoke"].values():
+        assert len(r["rounds_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"] and r["min_s"] > 0
+    assert len(lines) == 2 and all("median" in line for line in lines)
+    with pytest.raises(config_lib.ConfigError, match="is not muon_impl:ns_dtype"):
+        bench.time_updates([("smoke", c)], ("batched",), rounds=1)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench.time_updates([("smoke", c)], rounds=0)
+
+
+def test_breakdown_is_returned_with_the_update_share_of_the_step(load_config):
+    c = load_config("smoke")
+    lines = []
+    res = bench.benchmark([("smoke", c)], batch=2, seq=16, steps=2, warmup=1, matmul_n=64, breakdown=True,
+                          out=lines.append)
+    r = res["configs"]["smoke"]
+    assert set(r["breakdown_s"]) == {"forward", "forward+backward", "optimizer update"}
+    assert all(s > 0 for s in r["breakdown_s"].values())
+    assert r["update_share_of_step"] == pytest.approx(r["breakdown_s"]["optimizer update"] / r["step_time_s"])
+    assert any("optimizer update:" in line and "of the step" in line for line in lines)

@@ -22,7 +22,7 @@ def test_device_check_runs_on_cpu(tmp_path):
     r = json.loads((out / "device_check.json").read_text())
     steps = r["steps"]
     assert {k: v["status"] for k, v in steps.items()} == {
-        "env": "ok", "attention": "ok", "bench": "ok", "profile": "ok", "train": "ok", "decode": "ok",
+        "env": "ok", "attention": "ok", "bench": "ok", "profile": "ok", "update": "ok", "train": "ok", "decode": "ok",
         "compare": "ok", "seeds": "skipped", "tests": "ok"}
     assert steps["env"]["backend"] == "cpu" and "model.dtype auto -> float32" in steps["env"]["policy"]
     att = steps["attention"]["results"]
@@ -33,6 +33,10 @@ def test_device_check_runs_on_cpu(tmp_path):
                                               for c in bench["configs"].values())
     assert len(bench["dispatch_step_time_s"]) == 4 and all(t > 0 for t in bench["dispatch_step_time_s"].values())
     assert bench["moe_step_over_flop_equal_dense_step"] > 0
+    assert len(bench["update_share_of_step"]) == 5 and all(0 < u < 1 for u in bench["update_share_of_step"].values())
+    upd = steps["update"]["results"]
+    assert set(upd) == {"smoke dense", "smoke moe"} and all(
+        set(v) == {"optax:float32", "batched:float32", "batched:bfloat16"} for v in upd.values())
     assert steps["profile"]["top_ops"] and steps["profile"]["top_ops"][0]["ms_per_step"] > 0
     train = steps["train"]
     assert train["resumed_from_step"] >= 4 and train["summary"]["finished"] and train["summary"]["step"] == 40
