@@ -11,8 +11,11 @@ not stop the others; steps that would overrun the time budget are skipped):
              the blocked kernel's in float32;
   bench      dense vs MoE train steps (moe_jax.bench: tokens/s, model TFLOP/s, MFU vs flops.PEAK_TFLOPS, step time,
              compiled memory, MoE step time / FLOP-equal dense step time) at configs/gpu_dense.py + gpu_moe.py in
-             bfloat16 (CPU: smoke-sized), and the MoE's step time at capacity factors 1.0 / 1.25 / 2.0 and dropless;
+             bfloat16 (CPU: smoke-sized), the MoE's step time at capacity factors 1.0 / 1.25 / 2.0 and dropless,
+             and each config's forward / forward+backward / update times with the update's share of the step;
   profile    a jax.profiler trace of MoE steps, summarised as the top ops by time (device ops on GPU/TPU);
+  update     the optimizer update alone at the bench configs per muon_impl:ns_dtype (optax:float32,
+             batched:float32, batched:bfloat16; moe_jax.bench.time_updates), 5 interleaved rounds;
   train      configs/moe.py (CPU: configs/smoke.py) trained in the compute dtype with periodic checkpoints, killed
              (SIGKILL) after the first checkpoint, resumed to the end; checks it resumed from that step and finished;
   tests      pytest on the modules that matter on an accelerator (model, layers, MoE, precision, and from the

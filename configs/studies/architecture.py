@@ -56,7 +56,7 @@ def get_config(arg=None):
     })
     s.arm_names = "Baseline,Deeper,Wider,MoreExperts,Top3Experts,LowDropout,HighLR,SmallBatch,LongSeq"
     s.budget = ml_collections.ConfigDict({"kinds": ("model_flops",), "amount": 0.0, "reference_arm": "Baseline",
-                                          "reference_steps": 200 if scale == "cpu" else 40})
+                                          "reference_steps": 40})
     s.correlation = True
     s.conclusions = CONCLUSIONS
     return s

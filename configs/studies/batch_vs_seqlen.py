@@ -47,7 +47,7 @@ def get_config(arg=None):
     s.arm_names = "balanced,large_batch,long_seq"
     s.lr_grid = ml_collections.ConfigDict({"all": (0.005, 0.01, 0.02)})
     s.budget = ml_collections.ConfigDict({"kinds": ("tokens",), "amount": 0.0, "reference_arm": "balanced",
-                                          "reference_steps": 500 if scale == "cpu" else 80})
+                                          "reference_steps": 80})
     s.conclusions = CONCLUSIONS
     return s
 

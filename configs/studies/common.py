@@ -33,8 +33,9 @@ def base(scale: str) -> ml_collections.ConfigDict:
     if scale == "cpu":
         m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 4096, 128, 4, 4, 512
         b.train.batch_size, b.train.seq_len = 16, 128
-        b.data.max_val_windows = 0
-        b.train.log_every, b.train.checkpoint_every = 25, 250
+        b.data.max_val_windows = 128
+        b.data.val_window_sampling = "even"
+        b.train.log_every, b.train.checkpoint_every = 20, 100
     else:
         m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 1024, 64, 2, 4, 256
         b.train.batch_size, b.train.seq_len = 8, 64
@@ -58,6 +59,6 @@ def study(name: str, scale: str) -> ml_collections.ConfigDict:
     s.name = f"{name} ({scale} scale)"
     s.base = base(scale)
     s.seeds = (0, 1, 2)
-    s.num_evals = 8 if scale == "cpu" else 4
+    s.num_evals = 4
     s.correlation = False
     return s
