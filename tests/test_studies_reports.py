@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -74,6 +75,15 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
     for arm, row in rows.items():
         assert row[label].startswith(f"{first[arm][key]['mean']:.4f}")
     assert "## What this supports and what it does not" in report
+    # MoE arms report per-layer routing next to the loss: one value per MoE layer for each diagnostic
+    moe_runs = [r for r in results["runs"] if r.get("routing")]
+    if any(planned_run.config.moe.num_experts for planned_run in planned["runs"]):
+        assert moe_runs and "| arm | dropped fraction | load CV | router confidence | router entropy (nats) |" in report
+        for r in moe_runs:
+            c = next(q.config for q in planned["runs"] if q.label == r["label"])
+            n_moe = sum(i % c.moe.every == c.moe.every - 1 for i in range(c.model.n_layers))
+            assert all(len(v) == n_moe for v in r["routing"].values()), r["label"]
+            assert all(0.0 <= h <= math.log(64) for h in r["routing"]["moe/router_entropy"])
     for png in ("val_loss_vs_flops.png", "throughput.png"):
         names = [f for f in os.listdir(os.path.join(docs, "plots")) if f.endswith(png)]
         assert names and all(os.path.getsize(os.path.join(docs, "plots", f)) > 1000 for f in names)

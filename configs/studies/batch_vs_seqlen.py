@@ -8,11 +8,12 @@ lengths keep the seed's 1:2:4 ratio and the batch makes up 2,048 tokens ('cpu') 
     python -m moe_jax.studies --config configs/studies/batch_vs_seqlen.py:tiny \\
         --workdir runs/studies/batch_vs_seqlen_tiny
 
-Every arm is scored on the same held-out text ('cpu': every window of the split; 'tiny': windows spread evenly), at
-its own sequence length: a model trained on longer windows also sees longer contexts when evaluated, which is part of
-what the ablation measures. The report's val_loss_per_lr.png is the seed's comparison figure (one panel per learning
-rate, every arm's curve). 'cpu' scale: 3 arms x 3 LRs x 3 replicates = 27 runs of 500 steps (1.0 M tokens each),
-about 1.5 hours on an idle 2-core CPU.
+Every arm is scored on the same held-out documents ('cpu' and 'tiny': 128 / 48 windows spread evenly over the split),
+at its own sequence length: a model trained on longer windows is also evaluated on longer contexts (and more tokens),
+which is part of what the ablation measures. The report's val_loss_per_lr.png is the seed's comparison figure (one
+panel per learning rate, every arm's curve). 'cpu' scale: 3 arms x 3 LRs x 3 replicates = 27 runs of 80 steps
+(164 k tokens each): 42 minutes on one core of the 2-core CPU (2026-11-26, the other core busy with another study);
+the report is committed as docs/studies/batch_vs_seqlen/. Longer runs: --config.budget.reference_steps=500.
 """
 
 import importlib.util

@@ -4,7 +4,9 @@ two scales each study config offers.
     python -m moe_jax.studies --config configs/studies/<name>.py --workdir runs/studies/<name>        # 'cpu' scale
     python -m moe_jax.studies --config configs/studies/<name>.py:tiny --workdir runs/studies/<name>_tiny
 
-'cpu': the CPU comparison's size (d_model 128, 4 layers, vocab 4096, about one epoch of the shipped corpus);
+'cpu': the CPU comparison's model (d_model 128, 4 layers, vocab 4096) on short budgets (16-50% of an epoch of the
+shipped corpus) so that all three studies run in about 1.5 hours on the 2-core CPU, one study per core; each
+config's reference_steps raises it (--config.budget.reference_steps=N);
 'tiny': d_model 64, 2 layers, vocab 1024, a few dozen steps: small enough to run every study on a loaded 2-core CPU
 in tens of minutes. Its numbers say how the engine behaves and how large the run-to-run spread is at that size;
 they say little about the seeds' models.
@@ -27,7 +29,7 @@ def scale_of(arg) -> str:
 
 def base(scale: str) -> ml_collections.ConfigDict:
     """The shared base: Muon + AdamW, warmup + cosine, the shipped corpus with a 5% validation and a 5% test split
-    (whole documents), scored over the whole split ('cpu') or 48 windows spread evenly over it ('tiny')."""
+    (whole documents), scored on windows spread evenly over the split: 128 ('cpu') or 48 ('tiny')."""
     b = config_lib.base_config()
     m = b.model
     if scale == "cpu":

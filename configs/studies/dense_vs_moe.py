@@ -1,13 +1,15 @@
 """Dense vs MoE vs MoE with the dense model's active parameters (configs/compare_cpu.py's arms), each at its best
-Muon learning rate of three (chosen on validation, reported on test), 3 replicates (seed k = initialisation and data
+Muon learning rate of the grid (chosen on validation, reported on test), 3 replicates (seed k = initialisation and data
 order), under two budgets side by side: equal model FLOPs and equal executed FLOPs (capacity padding, dispatch/
 combine and Newton-Schulz charged).
 
     python -m moe_jax.studies --config configs/studies/dense_vs_moe.py --workdir runs/studies/dense_vs_moe
     python -m moe_jax.studies --config configs/studies/dense_vs_moe.py:tiny --workdir runs/studies/dense_vs_moe_tiny
 
-'cpu' scale: 3 arms x 3 LRs x 3 replicates x 2 budgets = 54 runs of ~400-550 steps (the budget of 400 MoE steps,
-as in compare_cpu): about 2 hours on an idle 2-core CPU. 'tiny': the same design at d_model 64 (common.py).
+'cpu' scale: 3 arms x 2 LRs x 3 replicates x 2 budgets = 36 runs of 100-246 steps (the budget of 100 MoE steps):
+78 minutes on one core of the 2-core CPU (2026-11-26, the other core busy with another study); the report is
+committed as docs/studies/dense_vs_moe/. docs/compare_cpu's budget: --config.budget.reference_steps=400.
+'tiny': the same design at d_model 64 with 3 LRs (common.py).
 """
 
 import importlib.util
