@@ -11,8 +11,9 @@ every layer MoE with 8 experts (16) of d_ff 512 top-2, SiLU experts, tied head, 
 noise 0.1, dropout 0.1, no drops (capacity factor E/k), Muon 0.01 + AdamW 1e-3, batch 16 x accumulation 2. The
 variants change one thing each by the seed's ratio: Deeper 6 layers (x1.5), Wider d_model 160 with 5 heads (x1.25),
 MoreExperts 12 (x1.5), Top3Experts top-3, LowDropout 0.05, HighLR Muon 0.015, SmallBatch batch 8 x accumulation 4
-(the same tokens per step), LongSeq sequence x1.5. 'cpu': 9 x 3 = 27 runs of ~200 steps; about 1.5 hours on an idle
-2-core CPU.
+(the same tokens per step), LongSeq sequence x1.5. 'cpu': 9 x 3 = 27 runs of 26-40 steps of up to 4,096 tokens
+(the budget: 40 baseline steps): about 75 minutes of one core of the 2-core CPU (2026-11-26); the report is committed
+as docs/studies/architecture/. Longer: --config.budget.reference_steps=200.
 """
 
 import importlib.util
