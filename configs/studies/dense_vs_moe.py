@@ -53,5 +53,5 @@ comparison (docs/compare_cpu) found that an MoE with the dense model's active pa
 FLOPs. That result stands here only if moe_same_active's test loss is lower under the model_flops budget with an
 interval of the paired difference that excludes 0, and it is a statement about the convention: under the
 executed_flops budget the MoE pays for its capacity padding, dispatch/combine and extra Newton-Schulz work with
-fewer steps. Neither section says anything about MoE at scale (tiny models, one corpus, about one epoch).
+fewer steps. Neither section says anything about MoE at scale (small models, one corpus, at most about one epoch).
 """
