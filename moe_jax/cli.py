@@ -37,17 +37,25 @@ def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
     sys.exit(status)
 
 
+def load_module(path: str | os.PathLike, name: str = ""):
+    """The Python file at `path` executed as a module (config files live outside any package). Raises
+    FileNotFoundError naming the path when there is no such file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path!r}")
+    name = name or "moe_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(path: str | os.PathLike):
     """`get_config()` of the config file at `path` (an ml_collections.ConfigDict). The one config-file loader of the
     repository: commands get theirs through `config_flag` (which also applies `--config.x=y` overrides), code and
     tests call this. Raises FileNotFoundError naming the path when there is no such file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path!r}")
-    name = "moe_jax_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} has no get_config() function")
     return module.get_config()

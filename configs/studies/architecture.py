@@ -16,19 +16,16 @@ MoreExperts 12 (x1.5), Top3Experts top-3, LowDropout 0.05, HighLR Muon 0.015, Sm
 as docs/studies/architecture/. Longer: --config.budget.reference_steps=200.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from moe_jax import cli
+
 
 def _common():
     """configs/studies/common.py, loaded by path (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("moe_jax_config_studies_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 
 def get_config(arg=None):

@@ -16,19 +16,16 @@ panel per learning rate, every arm's curve). 'cpu' scale: 3 arms x 3 LRs x 3 rep
 the report is committed as docs/studies/batch_vs_seqlen/. Longer runs: --config.budget.reference_steps=500.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from moe_jax import cli
+
 
 def _common():
     """configs/studies/common.py, loaded by path (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("moe_jax_config_studies_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 
 def get_config(arg=None):

@@ -12,19 +12,16 @@ committed as docs/studies/dense_vs_moe/. docs/compare_cpu's budget: --config.bud
 'tiny': the same design at d_model 64 with 3 LRs (common.py).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from moe_jax import cli
+
 
 def _common():
     """configs/studies/common.py, loaded by path (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("moe_jax_config_studies_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 
 def get_config(arg=None):
