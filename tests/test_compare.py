@@ -18,6 +18,7 @@ from moe_jax import compare, config_lib, flops
 from moe_jax import metrics as metrics_lib
 from moe_jax import trainer
 from moe_jax.studies import stats
+from study_helpers import markdown_table, tiny_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,29 +31,10 @@ def cache_dir(data_cache):
 def tiny_comparison(cache_dir: str) -> ml_collections.ConfigDict:
     """Dense vs MoE, d_model 32, 2 layers, vocab 512, 4 x 32 tokens per step; the MoE arm runs 8 steps and the dense
     arm the same training FLOPs."""
-    b = config_lib.base_config()
-    b.model.vocab_size = 512
-    b.model.d_model = 32
-    b.model.n_layers = 2
-    b.model.n_heads = 2
-    b.model.d_ff = 64
-    b.model.dropout = 0.0
-    b.moe.num_experts = 4
-    b.moe.top_k = 2
-    b.moe.d_ff = 64
-    b.moe.group_size = 64
+    b = tiny_base(cache_dir)
     b.optim.name = "adamw"
-    b.train.batch_size = 4
-    b.train.grad_accum = 1
-    b.train.seq_len = 32
-    b.train.log_every = 2
     b.train.eval_batches = 2
     b.train.checkpoint_every = 4
-    b.train.peak_tflops = 0.05  # skip measuring the CPU peak in every run
-    b.train.plots = False
-    b.train.progress_bar = False
-    b.data.cache_dir = cache_dir
-    b.data.max_val_windows = 16
     c = ml_collections.ConfigDict()
     c.base = b
     c.arms = ml_collections.ConfigDict()
@@ -191,16 +173,7 @@ def tiny_run(tmp_path_factory, cache_dir):
     return cmp, workdir, results, calls
 
 
-def _table(report: str, first_header: str) -> list[dict]:
-    lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
-    header = [h.strip() for h in lines[start].strip("|").split("|")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, [v.strip() for v in line.strip("|").split("|")])))
-    return rows
+
 
 
 @pytest.mark.slow  # a two-arm, two-seed comparison trained end to end (shared by these tests)
@@ -240,7 +213,7 @@ def test_tiny_comparison_writes_report_results_and_plots(tiny_run):
 def test_report_flops_equal_the_counter(tiny_run):
     cmp, workdir, results, _ = tiny_run
     report = open(os.path.join(workdir, "report.md")).read()
-    rows = {r["arm"]: r for r in _table(report, "arm | lr")}
+    rows = {r["arm"]: r for r in markdown_table(report, "arm | lr")}
     planned = compare.plan(cmp)
     assert set(rows) == set(planned) == {"dense", "moe"}
     budget = results["budget_flops"]
@@ -274,7 +247,7 @@ def test_report_mean_and_std_equal_results_json(tiny_run):
     cmp, workdir, _, _ = tiny_run
     report = open(os.path.join(workdir, "report.md")).read()
     results = json.load(open(os.path.join(workdir, "results.json")))
-    rows = {r["arm"]: r for r in _table(report, "arm | runs")}
+    rows = {r["arm"]: r for r in markdown_table(report, "arm | runs")}
     checked = 0
     for key, label, fmt, varies in compare.REPORT_FIELDS:
         for arm, row in rows.items():
@@ -361,7 +334,7 @@ def test_committed_cpu_report_matches_its_config_and_the_counter(load_config):
         runs = [r for r in results["runs"] if r["arm"] == n]
         assert sorted(r["seed"] for r in runs) == sorted(cmp.seeds)
         assert all(r["steps"] == p["steps"] and not r["skipped"] for r in runs)
-    rows = {r["arm"]: r for r in _table(report, "arm | runs")}
+    rows = {r["arm"]: r for r in markdown_table(report, "arm | runs")}
     for arm, row in rows.items():
         mean = results["arms"][arm]["val_loss"]["mean"]
         assert row["val loss"].startswith(f"{mean:.4f} ± ")

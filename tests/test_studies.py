@@ -19,6 +19,7 @@ from moe_jax import eval as eval_lib
 from moe_jax.data import pipeline, split as split_lib
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import runner
+from study_helpers import tiny_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,28 +32,9 @@ def cache_dir(data_cache):
 def tiny_study(cache_dir: str) -> ml_collections.ConfigDict:
     """An MoE of width 32 at batch 4 x seq 32 (with a 2-point Muon LR grid) vs a dense model at batch 2 x seq 64:
     128 tokens per step each, a token budget of 6 steps, one replicate, a test split, 16 evenly spread windows."""
-    b = config_lib.base_config()
-    b.model.vocab_size = 512
-    b.model.d_model = 32
-    b.model.n_layers = 2
-    b.model.n_heads = 2
-    b.model.d_ff = 64
-    b.model.dropout = 0.0
-    b.moe.num_experts = 4
-    b.moe.top_k = 2
-    b.moe.d_ff = 64
-    b.moe.group_size = 64
-    b.train.batch_size = 4
-    b.train.grad_accum = 1
-    b.train.seq_len = 32
-    b.train.log_every = 2
+    b = tiny_base(cache_dir)
     b.train.eval_batches = 0
     b.train.checkpoint_every = 3
-    b.train.peak_tflops = 0.05  # skip measuring the CPU peak in every run
-    b.train.plots = False
-    b.train.progress_bar = False
-    b.data.cache_dir = cache_dir
-    b.data.max_val_windows = 16
     b.data.val_window_sampling = "even"
     b.data.test_fraction = 0.05
     s = ml_collections.ConfigDict()

@@ -5,7 +5,6 @@ committed yet is skipped, by name."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,23 +13,16 @@ import re
 import pytest
 
 from moe_jax import flops
+from moe_jax.cli import load_module
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import report as report_lib
+from study_helpers import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = ("dense_vs_moe", "batch_vs_seqlen", "architecture")
 
 
-def _table(report: str, first_header: str) -> list[dict]:
-    lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
-    header = [h.strip() for h in lines[start].strip("|").split("|")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, [v.strip() for v in line.strip("|").split("|")])))
-    return rows
+
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -43,11 +35,7 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
     m = re.fullmatch(rf"python -m moe_jax\.studies --config configs/studies/{name}\.py(?::(\w+))? --workdir \S+",
                      results["command"])
     assert m, results["command"]
-    spec = importlib.util.spec_from_file_location(f"study_{name}", os.path.join(ROOT, "configs", "studies",
-                                                                                f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    study = module.get_config(m.group(1))
+    study = load_module(os.path.join(ROOT, "configs", "studies", f"{name}.py")).get_config(m.group(1))
     planned = plan_lib.plan(study, "")
     assert results["kinds"] == planned["kinds"] and results["budgets"] == planned["budgets"]
     assert results["seeds"] == [int(s) for s in study.seeds] and len(study.seeds) >= 3
@@ -70,7 +58,7 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
             assert ("test_loss" in r) == (r["selected"] and results["split"] == "test")
     key = results["metric"]
     label = dict((k, lab) for k, lab, *_ in report_lib.fields(results["split"]))[key]
-    rows = {r["arm"]: r for r in _table(report, "arm | runs")}
+    rows = {r["arm"]: r for r in markdown_table(report, "arm | runs")}
     first = results["tables"][planned["kinds"][0]]
     for arm, row in rows.items():
         assert row[label].startswith(f"{first[arm][key]['mean']:.4f}")
