@@ -261,7 +261,8 @@ def time_updates(entries, variants=("optax:float32", "batched:float32", "batched
                  out=print) -> dict:
     """The optimizer update alone (clip + Muon + AdamW, jitted, one device) of each (label, config) under each
     'muon_impl:ns_dtype' variant, interleaved round by round (on a shared machine only numbers taken together
-    compare). Gradients are Gaussian, the state the optimizer's initial one; the update does not depend on the batch.
+    compare). Each config goes through `prepare` with the variant's overrides (validated, 'auto' resolved). Gradients
+    are Gaussian, the state the optimizer's initial one; the update does not depend on the batch.
     Returns {label: {variant: {'median_s', 'min_s', 'max_s', 'rounds_s'}}} and prints one line per pair."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")

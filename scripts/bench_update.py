@@ -29,8 +29,11 @@ def main(argv) -> None:
 
     if FLAGS.rounds < 1:
         raise cli.UsageError(f"--rounds must be >= 1, got {FLAGS.rounds}")
-    entries = [(path, bench.prepare(cli.load_config_file(path), 4, 512, overrides={"model.vocab_size": FLAGS.vocab}))
-               for path in FLAGS.configs]
+    entries = []
+    for path in FLAGS.configs:
+        c = cli.load_config_file(path)
+        c.model.vocab_size = FLAGS.vocab  # time_updates validates and resolves each variant's config
+        entries.append((path, c))
     bench.time_updates(entries, FLAGS.variants, FLAGS.rounds)  # a bad variant: ConfigError, exit 2
 
 

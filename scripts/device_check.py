@@ -272,7 +272,6 @@ def step_update(check: Check, args) -> dict:
         entries = [("smoke dense", dense), ("smoke moe", moe)]
     else:
         entries = [("gpu_dense", load("configs/gpu_dense.py")), ("gpu_moe", load("configs/gpu_moe.py"))]
-    entries = [(label, bench.prepare(c, c.train.batch_size, c.train.seq_len)) for label, c in entries]
     return {"results": bench.time_updates(entries, rounds=2 if args.cpu else 5, out=check.log)}
 
 
