@@ -257,10 +257,13 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
             "peak_source": source, "configs": results, "fraction_of_dense": fractions}
 
 
-def time_updates(entries, variants=("optax:float32", "batched:float32", "batched:bfloat16"), rounds: int = 5,
-                 out=print) -> dict:
+UPDATE_VARIANTS = ("optax:float32", "batched:float32:layers", "batched:float32:none", "batched:bfloat16:layers",
+                   "batched:bfloat16:none")
+
+
+def time_updates(entries, variants=UPDATE_VARIANTS, rounds: int = 5, out=print) -> dict:
     """The optimizer update alone (clip + Muon + AdamW, jitted, one device) of each (label, config) under each
-    'muon_impl:ns_dtype' variant, interleaved round by round (on a shared machine only numbers taken together
+    'muon_impl:ns_dtype[:ns_stack]' variant, interleaved round by round (on a shared machine only numbers taken together
     compare). Each config goes through `prepare` with the variant's overrides (validated, 'auto' resolved). Gradients
     are Gaussian, the state the optimizer's initial one; the update does not depend on the batch.
     Returns {label: {variant: {'median_s', 'min_s', 'max_s', 'rounds_s'}}} and prints one line per pair."""
@@ -269,12 +272,14 @@ def time_updates(entries, variants=("optax:float32", "batched:float32", "batched
     runs = {}
     for label, config in entries:
         for variant in variants:
-            impl, sep, dt = variant.partition(":")
-            if not sep:
-                raise config_lib.ConfigError(f"update variant {variant!r} is not muon_impl:ns_dtype, e.g. "
-                                             "batched:float32")
-            c = prepare(config, config.train.batch_size, config.train.seq_len,
-                        overrides={"optim.muon_impl": impl, "optim.ns_dtype": dt})
+            parts = variant.split(":")
+            if len(parts) not in (2, 3):
+                raise config_lib.ConfigError(f"update variant {variant!r} is not muon_impl:ns_dtype[:ns_stack], e.g. "
+                                             "batched:float32 or batched:bfloat16:layers")
+            overrides = {"optim.muon_impl": parts[0], "optim.ns_dtype": parts[1]}
+            if len(parts) == 3:
+                overrides["optim.ns_stack"] = parts[2]
+            c = prepare(config, config.train.batch_size, config.train.seq_len, overrides=overrides)
             params = model_lib.init_params(c)[1]
             tx = optimizer_lib.build(c)
             grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(0), x.shape, x.dtype), params)

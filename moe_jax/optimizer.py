@@ -31,9 +31,10 @@ Chain for optim.name == 'muon':
       'muon':  muon.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
                          nesterov, ns_steps, weight_decay=muon_weight_decay,
                          consistent_rms=0.2 if muon_scale == 'moonlight' else None,
-                         ns_dtype=ns_dtype(config), group_key=muon_group_key)
+                         ns_dtype=ns_dtype(config), group_key=ns_group_key(config))
                (optim.muon_impl='batched', the default: optax.contrib.muon's semantics and state, one batched
-               Newton-Schulz per group of same-shaped matrices; 'optax': optax.contrib.muon itself, float32 only)
+               Newton-Schulz per group: a weight's copies across layers (optim.ns_stack='layers') or one
+               parameter ('none'); 'optax': optax.contrib.muon itself, float32 only)
       'adamw': optax.adamw(adamw schedule, b1, b2, eps, weight_decay, mask=rank >= 2)
 For optim.name == 'adamw': the same clip, then that AdamW for every parameter (same schedule and decay mask).
 
@@ -208,10 +209,10 @@ def _adamw(config) -> optax.GradientTransformation:
 
 
 def ns_dtype(config):
-    """The Newton-Schulz dtype for optim.ns_dtype: 'float32' | 'bfloat16', or 'auto' = the faster one on this backend
-    as measured (docs/optimizer.md): float32 on CPU (XLA:CPU's bfloat16 matmuls were slower there), bfloat16 on
-    GPU/TPU (what the reference Muon runs; by reference, not yet measured here). The per-backend table is the
-    precision policy's (precision.NS_DTYPE)."""
+    """The Newton-Schulz operand dtype for optim.ns_dtype: 'float32' | 'bfloat16', or 'auto' = precision.NS_DTYPE of
+    this backend: bfloat16 everywhere (bfloat16 operands, float32 accumulation: measured 24% / 20% faster than float32
+    for the dense / MoE update on the 2-core CPU, 2.2-2.7% update error; GPU/TPU by reference, as the reference Muon
+    runs it, until the device check has timed both). docs/optimizer.md has the numbers."""
     name = precision.ns_dtype_name(config.optim.ns_dtype)
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
@@ -220,6 +221,16 @@ def muon_group_key(path) -> str:
     """Which Muon matrices may share one batched Newton-Schulz: the same weight in every layer ('blocks/*/attn/wq').
     Those have the same logical axes, hence the same sharding, so stacking them needs no communication."""
     return "/".join("*" if _key_name(k).isdigit() else _key_name(k) for k in path)
+
+
+def ns_group_key(config):
+    """The group key for optim.ns_stack: 'layers' = muon_group_key (one chain per weight across layers), 'none' = the
+    parameter's own path (one chain per parameter, as optax.contrib.muon; experts stay one [E, m, n] chain), 'auto' =
+    precision.NS_STACK for this backend ('none' on CPU, where XLA runs a loop of plain dots faster than a batched
+    dot; 'layers' on GPU/TPU, where one batched chain saves launches). docs/optimizer.md has the measurements."""
+    if precision.ns_stack_name(config.optim.get("ns_stack", "auto")) == "layers":
+        return muon_group_key
+    return lambda path: "/".join(_key_name(k) for k in path)
 
 
 def _muon(config) -> optax.GradientTransformation:
@@ -243,7 +254,7 @@ def _muon(config) -> optax.GradientTransformation:
     if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); config_lib rejects ns_dtype='bfloat16'
         return optax.contrib.muon(**kwargs)
     if o.muon_impl == "batched":
-        return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(config), group_key=muon_group_key)
+        return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(config), group_key=ns_group_key(config))
     raise ValueError(f"config.optim.muon_impl: unknown {o.muon_impl!r}; choose 'batched' or 'optax'")
 
 

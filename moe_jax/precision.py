@@ -17,15 +17,17 @@ What dtype each tensor has (B batch, S length, M d_model, E experts, V vocab):
     output logits [B, S, V], cross-entropy, logsumexp    float32 (the head matmul accumulates into float32 and
                                                          returns float32; its backward runs in the compute dtype:
                                                          `einsum_f32`)
-    Muon Newton-Schulz iterations                        `ns_dtype(backend)` (bfloat16 on GPU/TPU, as the
-                                                         reference Muon runs them; float32 on CPU)
+    Muon Newton-Schulz iterations                        `NS_DTYPE[backend]`: bfloat16 operands, float32
+                                                         products and sums (muon.newton_schulz), on every backend
 
-The compute dtype is `model.dtype`; 'auto' means `COMPUTE_DTYPE[backend]` (bfloat16 on GPU and TPU, float32 on CPU,
-where bfloat16 matmuls are emulated and slower). `model.attention='auto'` means `ATTENTION[backend]` ('cudnn' fused
-flash attention on GPU, XLA's attention on TPU, the blocked kernel on CPU). `resolve(config)` replaces both 'auto's
-by their values once at startup (the trainer and the benchmark call it, print `describe(...)`, and the run's
-config.json records the resolved values); code that meets an unresolved 'auto' (a model built directly from a
-config file) resolves it the same way through `compute_dtype` / `attention_impl`.
+The compute dtype is `model.dtype`; 'auto' means `COMPUTE_DTYPE[backend]` (bfloat16 on GPU and TPU, float32 on CPU:
+the model's matmuls round their results to the compute dtype, and XLA:CPU's bfloat16 -> bfloat16 dot is no faster
+than its float32 one; only bfloat16 -> float32 is, which the Newton-Schulz iteration uses). `model.attention='auto'`
+means `ATTENTION[backend]` ('cudnn' fused flash attention on GPU, XLA's attention on TPU, the blocked kernel on
+CPU). `resolve(config)` replaces both 'auto's by their values once at startup (the trainer and the benchmark call
+it, print `describe(...)`, and the run's config.json records the resolved values); code that meets an unresolved
+'auto' (a model built directly from a config file) resolves it the same way through `compute_dtype` /
+`attention_impl`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ COMPUTE_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
 # backend -> attention implementation for model.attention='auto'
 ATTENTION = {"cpu": "blocked", "gpu": "cudnn", "tpu": "xla"}
 # backend -> dtype of Muon's Newton-Schulz iterations (optim.ns_dtype='auto' in optimizer.py)
-NS_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
+NS_DTYPE = {"cpu": "bfloat16", "gpu": "bfloat16", "tpu": "bfloat16"}
+# backend -> which Muon matrices share one Newton-Schulz chain (optim.ns_stack='auto' in optimizer.py)
+NS_STACK = {"cpu": "none", "gpu": "layers", "tpu": "layers"}
 # implementations that run only on one backend
 ATTENTION_BACKEND = {"cudnn": "gpu"}
 
@@ -80,6 +84,13 @@ def ns_dtype_name(name: str = AUTO, backend_name: str | None = None) -> str:
     if name != AUTO:
         return name
     return NS_DTYPE.get(backend(backend_name), "float32")
+
+
+def ns_stack_name(name: str = AUTO, backend_name: str | None = None) -> str:
+    """optim.ns_stack: 'layers' | 'none' ('auto' -> NS_STACK[backend])."""
+    if name != AUTO:
+        return name
+    return NS_STACK.get(backend(backend_name), "layers")
 
 
 def router_logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -126,15 +137,17 @@ def resolve(config, backend_name: str | None = None) -> dict:
     if need is not None and need != b:
         raise ConfigError(f"config.model.attention: {m.attention!r} runs only on {need.upper()}, this backend is "
                           f"{b!r}; use 'auto' (picks {ATTENTION.get(b, 'xla')!r} here), 'blocked' or 'xla'")
-    ns_requested = config.optim.get("ns_dtype", AUTO) if "optim" in config else AUTO
+    o = config.optim if "optim" in config else {}
+    ns_requested, stack_requested = o.get("ns_dtype", AUTO), o.get("ns_stack", AUTO)
     return {"backend": b, "model.dtype": (requested[0], m.dtype), "model.attention": (requested[1], m.attention),
-            "ns_dtype": (ns_requested, ns_dtype_name(ns_requested, b))}
+            "ns_dtype": (ns_requested, ns_dtype_name(ns_requested, b)),
+            "ns_stack": (stack_requested, ns_stack_name(stack_requested, b))}
 
 
 def describe(info: dict) -> str:
     """One line for the log: 'precision on gpu: model.dtype auto -> bfloat16, ...'."""
     parts = []
-    for key in ("model.dtype", "model.attention", "ns_dtype"):
+    for key in ("model.dtype", "model.attention", "ns_dtype", "ns_stack"):
         req, got = info[key]
         parts.append(f"{key} {req} -> {got}" if req != got else f"{key} {got}")
     return (f"precision on {info['backend']}: " + ", ".join(parts)

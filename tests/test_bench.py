@@ -105,13 +105,16 @@ def test_dispatch_flag_times_each_moe_config_once_per_mode(load_config):
 def test_time_updates_times_every_variant_of_every_config_and_rejects_bad_ones(load_config):
     c = bench.prepare(load_config("smoke"), 2, 16)
     lines = []
-    res = bench.time_updates([("smoke", c)], ("optax:float32", "batched:float32"), rounds=2, out=lines.append)
-    assert list(res) == ["smoke"] and list(res["smoke"]) == ["optax:float32", "batched:float32"]
+    variants = ("optax:float32", "batched:float32", "batched:bfloat16:none")
+    res = bench.time_updates([("smoke", c)], variants, rounds=2, out=lines.append)
+    assert list(res) == ["smoke"] and list(res["smoke"]) == list(variants)
     for r in res["smoke"].values():
         assert len(r["rounds_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"] and r["min_s"] > 0
-    assert len(lines) == 2 and all("median" in line for line in lines)
+    assert len(lines) == 3 and all("median" in line for line in lines)
     with pytest.raises(config_lib.ConfigError, match="is not muon_impl:ns_dtype"):
         bench.time_updates([("smoke", c)], ("batched",), rounds=1)
+    with pytest.raises(config_lib.ConfigError, match="optim.ns_stack"):
+        bench.time_updates([("smoke", c)], ("batched:float32:experts",), rounds=1)
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         bench.time_updates([("smoke", c)], rounds=0)
 

@@ -48,18 +48,21 @@ def is_highest(p):
 # ------------------------------------------------------------------------------------------------ 'auto' resolution
 
 
-@pytest.mark.parametrize("backend,dtype,attention,ns", [("cpu", "float32", "blocked", "float32"),
-                                                        ("gpu", "bfloat16", "cudnn", "bfloat16"),
-                                                        ("cuda", "bfloat16", "cudnn", "bfloat16"),
-                                                        ("tpu", "bfloat16", "xla", "bfloat16")])
-def test_auto_resolves_per_backend(backend, dtype, attention, ns):
+@pytest.mark.parametrize("backend,dtype,attention,ns,stack", [("cpu", "float32", "blocked", "bfloat16", "none"),
+                                                              ("gpu", "bfloat16", "cudnn", "bfloat16", "layers"),
+                                                              ("cuda", "bfloat16", "cudnn", "bfloat16", "layers"),
+                                                              ("tpu", "bfloat16", "xla", "bfloat16", "layers")])
+def test_auto_resolves_per_backend(backend, dtype, attention, ns, stack):
     c = config_lib.base_config()
     assert c.model.dtype == "auto" and c.model.attention == "auto"
     info = precision.resolve(c, backend)
     assert (c.model.dtype, c.model.attention) == (dtype, attention)
     assert info["model.dtype"] == ("auto", dtype) and info["ns_dtype"] == ("auto", ns)
+    assert info["ns_stack"] == ("auto", stack)
     assert precision.ns_dtype_name("auto", backend) == ns and precision.ns_dtype_name("float32", backend) == "float32"
+    assert precision.ns_stack_name("auto", backend) == stack and precision.ns_stack_name("layers", backend) == "layers"
     assert f"model.dtype auto -> {dtype}" in precision.describe(info)
+    assert f"ns_stack auto -> {stack}" in precision.describe(info)
 
 
 def test_explicit_values_are_kept_and_cudnn_off_gpu_is_refused():
@@ -199,7 +202,7 @@ def test_optimizer_ns_dtype_follows_the_policy(name):
     from moe_jax import optimizer
     c = config_lib.base_config()
     c.optim.ns_dtype = name
-    want = precision.ns_dtype_name(name)  # auto: precision.NS_DTYPE of this backend (float32 on CPU)
+    want = precision.ns_dtype_name(name)  # auto: precision.NS_DTYPE of this backend (bfloat16 on every backend)
     assert optimizer.ns_dtype(c) == precision.DTYPES[want]
-    if name == "auto" and precision.backend() == "cpu":
-        assert optimizer.ns_dtype(c) == jnp.float32
+    if name == "auto":
+        assert optimizer.ns_dtype(c) == jnp.bfloat16
