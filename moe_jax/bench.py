@@ -257,28 +257,30 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
             "peak_source": source, "configs": results, "fraction_of_dense": fractions}
 
 
-UPDATE_VARIANTS = ("optax:float32", "batched:float32:layers", "batched:float32:none", "batched:bfloat16:layers",
-                   "batched:bfloat16:none")
+UPDATE_VARIANTS = ("optax:float32", "batched:float32:layers:standard", "batched:float32:none:standard",
+                   "batched:bfloat16:layers:standard", "batched:bfloat16:none:standard", "batched:bfloat16:layers:gram",
+                   "batched:bfloat16:none:gram")
 
 
 def time_updates(entries, variants=UPDATE_VARIANTS, rounds: int = 5, out=print) -> dict:
     """The optimizer update alone (clip + Muon + AdamW, jitted, one device) of each (label, config) under each
-    'muon_impl:ns_dtype[:ns_stack]' variant, interleaved round by round (on a shared machine only numbers taken together
-    compare). Each config goes through `prepare` with the variant's overrides (validated, 'auto' resolved). Gradients
-    are Gaussian, the state the optimizer's initial one; the update does not depend on the batch.
-    Returns {label: {variant: {'median_s', 'min_s', 'max_s', 'rounds_s'}}} and prints one line per pair."""
+    'muon_impl:ns_dtype[:ns_stack[:ns_method]]' variant, interleaved round by round (on a shared machine only
+    numbers taken together compare). Each config goes through `prepare` with the variant's overrides (validated,
+    'auto' resolved). Gradients are Gaussian, the state the optimizer's initial one; the update does not depend
+    on the batch. Returns {label: {variant: {'median_s', 'min_s', 'max_s', 'rounds_s'}}} and prints one line per
+    pair."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     runs = {}
     for label, config in entries:
         for variant in variants:
             parts = variant.split(":")
-            if len(parts) not in (2, 3):
-                raise config_lib.ConfigError(f"update variant {variant!r} is not muon_impl:ns_dtype[:ns_stack], e.g. "
-                                             "batched:float32 or batched:bfloat16:layers")
+            if len(parts) not in (2, 3, 4):
+                raise config_lib.ConfigError(f"update variant {variant!r} is not muon_impl:ns_dtype[:ns_stack"
+                                             "[:ns_method]], e.g. batched:float32 or batched:bfloat16:none:gram")
             overrides = {"optim.muon_impl": parts[0], "optim.ns_dtype": parts[1]}
-            if len(parts) == 3:
-                overrides["optim.ns_stack"] = parts[2]
+            for key, value in zip(("optim.ns_stack", "optim.ns_method"), parts[2:]):
+                overrides[key] = value
             c = prepare(config, config.train.batch_size, config.train.seq_len, overrides=overrides)
             params = model_lib.init_params(c)[1]
             tx = optimizer_lib.build(c)

@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.muon_impl = "batched"  # 'batched' (moe_jax/muon.py: one Newton-Schulz per shape group) | 'optax'
     c.optim.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (precision.NS_DTYPE per backend) | 'float32' | 'bfloat16'
     c.optim.ns_stack = "auto"  # 'layers' (one chain per weight across layers) | 'none' (one per parameter) | 'auto'
+    c.optim.ns_method = "auto"  # 'gram' (float32 Gram-space NS for wide matrices) | 'standard' | 'auto' (per backend)
     c.optim.muon_scale = "keller"  # 'keller': sqrt(max(1, fan_out/fan_in)); 'moonlight': 0.2*sqrt(max(fan_in, fan_out))
     c.optim.muon_weight_decay = 0.0
     c.optim.b1 = 0.9
@@ -253,6 +254,8 @@ def validate(config) -> ml_collections.ConfigDict:
            f"unknown {o.muon_impl!r}; choose 'batched' or 'optax'")
     _check(o.ns_dtype in ("auto", "float32", "bfloat16"), "optim.ns_dtype",
            f"unknown {o.ns_dtype!r}; choose 'auto', 'float32' or 'bfloat16'")
+    _check(o.ns_method in ("auto", "standard", "gram"), "optim.ns_method",
+           f"unknown {o.ns_method!r}; choose 'auto', 'standard' or 'gram'")
     _check(o.ns_stack in ("auto", "layers", "none"), "optim.ns_stack",
            f"unknown {o.ns_stack!r}; choose 'auto', 'layers' or 'none'")
     _check(o.muon_impl == "batched" or o.ns_dtype != "bfloat16", "optim.ns_dtype",

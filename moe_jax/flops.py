@@ -141,12 +141,17 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
                 dispatch_overhead=overhead, dispatch_overhead_training=3.0 * overhead)
 
 
-def newton_schulz_flops(rows: int, cols: int, iterations: int) -> float:
+def newton_schulz_flops(rows: int, cols: int, iterations: int, method: str = "standard") -> float:
     """FLOPs of `iterations` Newton-Schulz iterations on one [rows, cols] matrix (optax.contrib.muon's quintic).
-    With m = min(rows, cols), n = max(rows, cols) (Muon transposes so that X is [m, n]), one iteration is
+    With m = min(rows, cols), n = max(rows, cols) (Muon transposes so that X is [m, n]), one X-space iteration is
     A = X X^T (2 m^2 n), B = b A + c A^2 (2 m^3; the scalings are elementwise, not counted), X' = a X + B X
-    (2 m^2 n): 4 m^2 n + 2 m^3. The normalisation before the first iteration is O(mn) and not counted."""
+    (2 m^2 n): 4 m^2 n + 2 m^3. method='gram' (muon.newton_schulz_gram, for n >= muon.GRAM_MIN_ASPECT m; other
+    matrices run X space) computes A_0 = X X^T and R X_0 (2 m^2 n each) and 4 iterations - 3 m x m products:
+    4 m^2 n + (8 iterations - 6) m^3. The normalisation before the first iteration is O(mn) and not counted."""
+    from moe_jax.muon import GRAM_MIN_ASPECT
     m, n = min(rows, cols), max(rows, cols)
+    if method == "gram" and n >= GRAM_MIN_ASPECT * m:
+        return 4.0 * m * m * n + (8.0 * iterations - 6.0) * m ** 3
     return iterations * (4.0 * m * m * n + 2.0 * m ** 3)
 
 
@@ -172,10 +177,15 @@ def muon_matrices(config) -> list[tuple[int, int, int]]:
 
 def optimizer_flops_per_step(config) -> float:
     """Newton-Schulz FLOPs of one optimizer step: sum over `muon_matrices` of count x newton_schulz_flops(rows,
-    cols, optim.ns_steps) (5 by default). Once per optimizer step, whatever train.grad_accum is. Momentum, AdamW and
-    clipping are elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
-    it = int(config.optim.ns_steps)
-    return float(sum(c * newton_schulz_flops(r, k, it) for c, r, k in muon_matrices(config)))
+    cols, optim.ns_steps, method) (5 steps by default; method: optim.ns_method resolved for this backend, 'standard'
+    for muon_impl='optax'). Once per optimizer step, whatever train.grad_accum is. Momentum, AdamW and clipping are
+    elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
+    from moe_jax import precision
+    o = config.optim
+    it = int(o.ns_steps)
+    method = "standard" if o.get("muon_impl", "batched") == "optax" else precision.ns_method_name(
+        o.get("ns_method", "auto"))
+    return float(sum(c * newton_schulz_flops(r, k, it, method) for c, r, k in muon_matrices(config)))
 
 
 def executed_flops_per_step(config) -> float:

@@ -2,7 +2,7 @@
 
     tx = muon.muon(learning_rate, ns_steps=5, beta=0.95, eps=1e-8, weight_decay=0.0, nesterov=True,
                    muon_weight_dimension_numbers=dims_fn, consistent_rms=None,
-                   group_key=lambda path: ..., ns_dtype=jnp.float32)
+                   group_key=lambda path: ..., ns_dtype=jnp.float32, ns_method='standard')
 
 What is the same as optax.contrib.muon (optax 0.2.8; tests/test_optimizer.py checks updates and state against it):
   - the transformation and its state: partition({'muon': chain(scale_by_muon, scale_by_shape, add_decayed_weights,
@@ -27,6 +27,9 @@ own norm and its own iteration (the batch axes are never mixed), so the result i
 
 `ns_dtype`: the dtype of the iterations' matmul operands (`newton_schulz`). The momentum, the normalisation, the
 products' accumulation, the sums and the returned update stay in the input dtype (float32).
+`ns_method`: 'standard' (optax's X-space iteration for every matrix) or 'gram' (`newton_schulz_gram`, float32, for
+matrices at least GRAM_MIN_ASPECT times as wide as tall, e.g. 384 x 1536 FFN and expert weights; the others as
+'standard'). Same function, different rounding: not equal to optax to 1e-6, tested against a float64 reference.
 """
 
 from __future__ import annotations
@@ -116,14 +119,46 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, steps: int, eps: float, ns_dt
     return x
 
 
+GRAM_MIN_ASPECT = 2  # method='gram' runs in Gram space for [m, n] with n >= 2 m (cheaper from n > 1.625 m)
+
+
+def newton_schulz_gram(x: jax.Array, coeffs: jax.Array, steps: int, eps: float) -> jax.Array:
+    """The same polynomial as `newton_schulz`, iterated on the m x m Gram matrix (x [..., m, n], m <= n), in x's
+    dtype at Precision.HIGHEST (no TF32 / bfloat16 passes). With X_0 = x / (||x||_F + eps) and A_0 = X_0 X_0^T, every
+    NS step is X_{k+1} = Q_k X_k with Q_k = a I + b A_k + c A_k^2, a polynomial in A_k, so all Q's commute with A and
+    with each other: A_{k+1} = Q_k A_k Q_k, and after `steps` steps X = (Q_{s-1} ... Q_0) X_0. Cost per matrix:
+    4 m^2 n + (8 steps - 6) m^3 FLOPs, against steps (4 m^2 n + 2 m^3) in X space: 44% fewer at 384 x 1536, and only
+    one product (A_0) contracts over n.
+
+    Accuracy: A squares the condition number, so this is for float32 only (in bfloat16 the error on ill-conditioned
+    matrices reaches 65-1,300%); in float32 it measured 2.7e-6 (well-conditioned) to 2.8e-4 (singular values 1 .. 1e-4)
+    relative Frobenius error against float64 X-space NS, where float32 X-space has 2e-6 .. 2e-5 and bfloat16 X-space
+    2e-2 .. 2.3e-1 (docs/optimizer.md)."""
+    hi = jax.lax.Precision.HIGHEST
+    x = x / (jnp.linalg.norm(x, ord="fro", axis=(-2, -1), keepdims=True) + eps)
+    c = coeffs.astype(x.dtype)
+    eye = jnp.eye(x.shape[-2], dtype=x.dtype)
+    a = jnp.matmul(x, jnp.swapaxes(x, -1, -2).conj(), precision=hi)  # [.., m, m]
+    r = None
+    for k in range(steps):
+        q = c[0] * eye + c[1] * a + c[2] * jnp.matmul(a, a, precision=hi)
+        r = q if r is None else jnp.matmul(q, r, precision=hi)
+        if k < steps - 1:
+            a = jnp.matmul(jnp.matmul(q, a, precision=hi), q, precision=hi)
+    return jnp.matmul(r, x, precision=hi)
+
+
 def orthogonalize(tree, dims_tree, coeffs: jax.Array, steps: int, eps: float, ns_dtype=None,
-                  group_key: Callable[[tuple], Hashable] = lambda path: None):
+                  group_key: Callable[[tuple], Hashable] = lambda path: None, method: str = "standard"):
     """NS applied to every leaf of `tree` (with its MuonDimensionNumbers from `dims_tree`, a tree of the same
     structure), one chain per group (group_key(key path), B, fan_in, fan_out, dtype). A leaf's matrices are
     [B, fan_in, fan_out] (B = experts, or 1); a group of L leaves runs as one chain on [L, B, m, n], with the
     size-1 axes dropped: a lone 2-D weight is a plain [m, n] chain and L stacked 2-D weights are [L, m, n] (XLA:CPU
     runs a batched dot with a size-1 batch axis ~1.5x slower than the plain one). Stacking adds a new leading axis and
-    never reshapes the existing ones, so a sharded B (experts) stays sharded the same way."""
+    never reshapes the existing ones, so a sharded B (experts) stays sharded the same way. method='gram': groups with
+    n >= GRAM_MIN_ASPECT m run `newton_schulz_gram` (in the input dtype; `ns_dtype` applies to the other groups)."""
+    if method not in ("standard", "gram"):
+        raise ValueError(f"muon: unknown Newton-Schulz method {method!r}; choose 'standard' or 'gram'")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     dims = treedef.flatten_up_to(dims_tree)
     mats, groups = [], {}
@@ -142,7 +177,10 @@ def orthogonalize(tree, dims_tree, coeffs: jax.Array, steps: int, eps: float, ns
         transposed = stack.shape[-2] > stack.shape[-1]
         if transposed:  # smaller side first: the Gram matrix X X^T is min(fan_in, fan_out) square
             stack = jnp.swapaxes(stack, -1, -2)
-        res = newton_schulz(stack, coeffs, steps, eps, ns_dtype)
+        if method == "gram" and stack.shape[-1] >= GRAM_MIN_ASPECT * stack.shape[-2]:
+            res = newton_schulz_gram(stack, coeffs, steps, eps)
+        else:
+            res = newton_schulz(stack, coeffs, steps, eps, ns_dtype)
         if transposed:
             res = jnp.swapaxes(res, -1, -2)
         for j, i in enumerate(members):
@@ -157,7 +195,8 @@ def _resolve(dims, updates):
 
 def scale_by_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, mu_dtype=None, *, nesterov: bool = True,
                   weight_dimension_numbers=None, ns_dtype=None,
-                  group_key: Callable[[tuple], Hashable] = lambda path: None) -> optax.GradientTransformation:
+                  group_key: Callable[[tuple], Hashable] = lambda path: None,
+                  ns_method: str = "standard") -> optax.GradientTransformation:
     """optax.contrib.scale_by_muon (standard coefficients, frobenius preconditioning, not adaptive) with the
     batched Newton-Schulz of `orthogonalize`. State: optax.contrib.MuonState(count, mu, ns_coeffs)."""
     def init_fn(params):
@@ -178,7 +217,7 @@ def scale_by_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, mu_d
         else:
             mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
         new = orthogonalize(mu_hat, _resolve(weight_dimension_numbers, updates), state.ns_coeffs, ns_steps, eps,
-                            ns_dtype, group_key)
+                            ns_dtype, group_key, ns_method)
         return new, MuonState(count=count_inc, mu=optax.tree.cast(mu, mu_dtype), ns_coeffs=state.ns_coeffs)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -204,9 +243,11 @@ def muon(learning_rate, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8
          weight_decay_mask: Any = None, mu_dtype=None, *, nesterov: bool = True, adam_b1: float = 0.9,
          adam_b2: float = 0.999, adam_eps_root: float = 0.0, adam_weight_decay: float = 0.0,
          adam_learning_rate=None, muon_weight_dimension_numbers=None, consistent_rms: float | None = None,
-         ns_dtype=None, group_key: Callable[[tuple], Hashable] = lambda path: None) -> optax.GradientTransformation:
+         ns_dtype=None, group_key: Callable[[tuple], Hashable] = lambda path: None,
+         ns_method: str = "standard") -> optax.GradientTransformation:
     """optax.contrib.muon (optax 0.2.8, same arguments, standard coefficients, frobenius preconditioning), built the
-    same way so its state has the same tree, with batched Newton-Schulz (`ns_dtype`, `group_key`: see module doc).
+    same way so its state has the same tree, with batched Newton-Schulz (`ns_dtype`, `group_key`, `ns_method`: see
+    module doc).
     `muon_weight_dimension_numbers` is required (a tree of MuonDimensionNumbers / None, or a callable)."""
     if muon_weight_dimension_numbers is None:
         raise ValueError("muon: pass muon_weight_dimension_numbers explicitly (optax's default sends every 2-D "
@@ -232,7 +273,7 @@ def muon(learning_rate, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8
         transforms={
             "muon": optax.chain(
                 scale_by_muon(ns_steps, beta, eps, mu_dtype, nesterov=nesterov, weight_dimension_numbers=dims_fn,
-                              ns_dtype=ns_dtype, group_key=group_key),
+                              ns_dtype=ns_dtype, group_key=group_key, ns_method=ns_method),
                 scale_by_shape(dims_fn, consistent_rms),
                 optax.add_decayed_weights(weight_decay, weight_decay_mask),
                 optax.scale_by_learning_rate(learning_rate),

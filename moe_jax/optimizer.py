@@ -31,10 +31,11 @@ Chain for optim.name == 'muon':
       'muon':  muon.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
                          nesterov, ns_steps, weight_decay=muon_weight_decay,
                          consistent_rms=0.2 if muon_scale == 'moonlight' else None,
-                         ns_dtype=ns_dtype(config), group_key=ns_group_key(config))
+                         ns_dtype=ns_dtype(config), group_key=ns_group_key(config), ns_method=...)
                (optim.muon_impl='batched', the default: optax.contrib.muon's semantics and state, one batched
                Newton-Schulz per group: a weight's copies across layers (optim.ns_stack='layers') or one
-               parameter ('none'); 'optax': optax.contrib.muon itself, float32 only)
+               parameter ('none'); wide matrices in float32 Gram space with optim.ns_method='gram' (CPU's
+               'auto'); 'optax': optax.contrib.muon itself, float32 only)
       'adamw': optax.adamw(adamw schedule, b1, b2, eps, weight_decay, mask=rank >= 2)
 For optim.name == 'adamw': the same clip, then that AdamW for every parameter (same schedule and decay mask).
 
@@ -254,7 +255,8 @@ def _muon(config) -> optax.GradientTransformation:
     if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); config_lib rejects ns_dtype='bfloat16'
         return optax.contrib.muon(**kwargs)
     if o.muon_impl == "batched":
-        return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(config), group_key=ns_group_key(config))
+        return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(config), group_key=ns_group_key(config),
+                             ns_method=precision.ns_method_name(o.get("ns_method", "auto")))
     raise ValueError(f"config.optim.muon_impl: unknown {o.muon_impl!r}; choose 'batched' or 'optax'")
 
 

@@ -18,7 +18,8 @@ What dtype each tensor has (B batch, S length, M d_model, E experts, V vocab):
                                                          returns float32; its backward runs in the compute dtype:
                                                          `einsum_f32`)
     Muon Newton-Schulz iterations                        `NS_DTYPE[backend]`: bfloat16 operands, float32
-                                                         products and sums (muon.newton_schulz), on every backend
+                                                         products and sums (muon.newton_schulz), on every backend;
+                                                         on CPU wide matrices in float32 Gram space (NS_METHOD)
 
 The compute dtype is `model.dtype`; 'auto' means `COMPUTE_DTYPE[backend]` (bfloat16 on GPU and TPU, float32 on CPU:
 the model's matmuls round their results to the compute dtype, and XLA:CPU's bfloat16 -> bfloat16 dot is no faster
@@ -50,6 +51,9 @@ ATTENTION = {"cpu": "blocked", "gpu": "cudnn", "tpu": "xla"}
 NS_DTYPE = {"cpu": "bfloat16", "gpu": "bfloat16", "tpu": "bfloat16"}
 # backend -> which Muon matrices share one Newton-Schulz chain (optim.ns_stack='auto' in optimizer.py)
 NS_STACK = {"cpu": "none", "gpu": "layers", "tpu": "layers"}
+# backend -> Newton-Schulz method (optim.ns_method='auto'): 'gram' needs true float32 matmuls, which GPUs and TPUs run
+# at a fraction of their bfloat16 rate, so there the bfloat16 X-space iteration stays
+NS_METHOD = {"cpu": "gram", "gpu": "standard", "tpu": "standard"}
 # implementations that run only on one backend
 ATTENTION_BACKEND = {"cudnn": "gpu"}
 
@@ -91,6 +95,13 @@ def ns_stack_name(name: str = AUTO, backend_name: str | None = None) -> str:
     if name != AUTO:
         return name
     return NS_STACK.get(backend(backend_name), "layers")
+
+
+def ns_method_name(name: str = AUTO, backend_name: str | None = None) -> str:
+    """optim.ns_method: 'standard' | 'gram' ('auto' -> NS_METHOD[backend])."""
+    if name != AUTO:
+        return name
+    return NS_METHOD.get(backend(backend_name), "standard")
 
 
 def router_logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -139,15 +150,21 @@ def resolve(config, backend_name: str | None = None) -> dict:
                           f"{b!r}; use 'auto' (picks {ATTENTION.get(b, 'xla')!r} here), 'blocked' or 'xla'")
     o = config.optim if "optim" in config else {}
     ns_requested, stack_requested = o.get("ns_dtype", AUTO), o.get("ns_stack", AUTO)
+    method_requested = o.get("ns_method", AUTO)
+    ns = {"ns_dtype": (ns_requested, ns_dtype_name(ns_requested, b)),
+          "ns_stack": (stack_requested, ns_stack_name(stack_requested, b)),
+          "ns_method": (method_requested, ns_method_name(method_requested, b))}
+    if o.get("muon_impl", "batched") == "optax":  # optax.contrib.muon: float32, one X-space chain per parameter
+        ns = {"ns_dtype": (ns_requested, "float32"), "ns_stack": (stack_requested, "none"),
+              "ns_method": (method_requested, "standard")}
     return {"backend": b, "model.dtype": (requested[0], m.dtype), "model.attention": (requested[1], m.attention),
-            "ns_dtype": (ns_requested, ns_dtype_name(ns_requested, b)),
-            "ns_stack": (stack_requested, ns_stack_name(stack_requested, b))}
+            **ns}
 
 
 def describe(info: dict) -> str:
     """One line for the log: 'precision on gpu: model.dtype auto -> bfloat16, ...'."""
     parts = []
-    for key in ("model.dtype", "model.attention", "ns_dtype", "ns_stack"):
+    for key in ("model.dtype", "model.attention", "ns_dtype", "ns_stack", "ns_method"):
         req, got = info[key]
         parts.append(f"{key} {req} -> {got}" if req != got else f"{key} {got}")
     return (f"precision on {info['backend']}: " + ", ".join(parts)

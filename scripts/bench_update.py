@@ -4,9 +4,9 @@ interleaved round by round (on a shared machine only numbers taken together comp
     python scripts/bench_update.py --configs configs/dense.py,configs/moe.py --vocab 49152 --rounds 5 \
         --variants optax:float32,batched:float32:none,batched:bfloat16:none
 
-A variant is muon_impl:ns_dtype[:ns_stack] (default: moe_jax.bench.UPDATE_VARIANTS). Gradients are Gaussian; the
-state is the optimizer's initial one. The shape is the seed benchmark's (batch 4 x seq 512, which only sets the
-config; the update does not depend on it).
+A variant is muon_impl:ns_dtype[:ns_stack[:ns_method]] (default: moe_jax.bench.UPDATE_VARIANTS). Gradients are
+Gaussian; the state is the optimizer's initial one. The shape is the seed benchmark's (batch 4 x seq 512, which only
+sets the config; the update does not depend on it).
 """
 
 from absl import flags
@@ -20,7 +20,8 @@ def define_flags() -> None:
     flags.DEFINE_list("configs", ["configs/dense.py", "configs/moe.py"], "Config files to time.")
     flags.DEFINE_integer("vocab", 49152, "model.vocab_size for every config (the seeds' benchmark used 49152).")
     flags.DEFINE_integer("rounds", 5, "Timed rounds (each runs every variant once, interleaved).")
-    flags.DEFINE_list("variants", None, "muon_impl:ns_dtype[:ns_stack] variants (default: bench.UPDATE_VARIANTS).")
+    flags.DEFINE_list("variants", None,
+                      "muon_impl:ns_dtype[:ns_stack[:ns_method]] variants (default: bench.UPDATE_VARIANTS).")
 
 
 def main(argv) -> None:

@@ -14,9 +14,9 @@ not stop the others; steps that would overrun the time budget are skipped):
              bfloat16 (CPU: smoke-sized), the MoE's step time at capacity factors 1.0 / 1.25 / 2.0 and dropless,
              and each config's forward / forward+backward / update times with the update's share of the step;
   profile    a jax.profiler trace of MoE steps, summarised as the top ops by time (device ops on GPU/TPU);
-  update     the optimizer update alone at the bench configs per muon_impl:ns_dtype:ns_stack (optax:float32, and
-             batched in float32 / bfloat16 with layers stacked or not: moe_jax.bench.UPDATE_VARIANTS), 5 interleaved
-             rounds: the measurement behind optim.ns_dtype / ns_stack 'auto' on GPU;
+  update     the optimizer update alone at the bench configs per muon_impl:ns_dtype:ns_stack:ns_method
+             (moe_jax.bench.UPDATE_VARIANTS: optax, batched float32 / bfloat16, layers stacked or not, X-space or
+             Gram-space), 5 interleaved rounds: the measurement behind optim.ns_* 'auto' on GPU;
   train      configs/moe.py (CPU: configs/smoke.py) trained in the compute dtype with periodic checkpoints, killed
              (SIGKILL) after the first checkpoint, resumed to the end; checks it resumed from that step and finished;
   tests      pytest on the modules that matter on an accelerator (model, layers, MoE, precision, and from the
@@ -264,8 +264,9 @@ def step_bench(check: Check, args, keep: list) -> dict:
 
 
 def step_update(check: Check, args) -> dict:
-    """The optimizer update alone at the bench configs, per muon_impl:ns_dtype:ns_stack (issue 19: batched vs optax's
-    per-leaf Newton-Schulz, float32 vs bfloat16, stacked across layers or not), interleaved over rounds."""
+    """The optimizer update alone at the bench configs, per muon_impl:ns_dtype:ns_stack:ns_method (issue 19: batched
+    vs optax's per-leaf Newton-Schulz, float32 vs bfloat16, stacked across layers or not, X or Gram space),
+    interleaved over rounds."""
     from moe_jax import bench
     if args.cpu:
         dense, moe = load("configs/smoke.py"), load("configs/smoke.py")

@@ -38,7 +38,7 @@ def test_device_check_runs_on_cpu(tmp_path):
     assert len(bench["update_share_of_step"]) == 5 and all(0 < u < 1 for u in bench["update_share_of_step"].values())
     upd = steps["update"]["results"]
     assert set(upd) == {"smoke dense", "smoke moe"} and all(
-        set(v) == set(bench_lib.UPDATE_VARIANTS) for v in upd.values()) and len(bench_lib.UPDATE_VARIANTS) == 5
+        set(v) == set(bench_lib.UPDATE_VARIANTS) for v in upd.values()) and len(bench_lib.UPDATE_VARIANTS) == 7
     assert steps["profile"]["top_ops"] and steps["profile"]["top_ops"][0]["ms_per_step"] > 0
     train = steps["train"]
     assert train["resumed_from_step"] >= 4 and train["summary"]["finished"] and train["summary"]["step"] == 40

@@ -194,6 +194,29 @@ def test_flops_per_step():
     assert flops.flops_per_step(moe_config()) == 1_428_480 * 8 * 64 * 2
 
 
+def test_newton_schulz_flops_follow_the_method():
+    """X space: ns_steps x (4 m^2 n + 2 m^3); Gram space (muon.newton_schulz_gram, for n >= 2 m only): 4 m^2 n +
+    (8 steps - 6) m^3, 44% fewer at 384 x 1536; a square matrix costs the same under both. optimizer_flops_per_step
+    counts the method the update runs (optim.ns_method; muon_impl='optax' is always X space)."""
+    m, n = 384, 1536
+    std = 5 * (4 * m * m * n + 2 * m ** 3)
+    assert flops.newton_schulz_flops(m, n, 5) == flops.newton_schulz_flops(n, m, 5, "standard") == std
+    gram = flops.newton_schulz_flops(n, m, 5, "gram")
+    assert gram == 4 * m * m * n + 34 * m ** 3 and round(1 - gram / std, 2) == 0.44
+    assert flops.newton_schulz_flops(m, m, 5, "gram") == flops.newton_schulz_flops(m, m, 5)
+    assert flops.newton_schulz_flops(m, 1.5 * m, 5, "gram") == flops.newton_schulz_flops(m, 1.5 * m, 5)
+    c = load_config_file(pathlib.Path(__file__).parent.parent / "configs" / "moe.py")
+    per = {}
+    for impl, method in (("batched", "standard"), ("batched", "gram"), ("optax", "gram")):
+        c.optim.muon_impl, c.optim.ns_method = impl, method
+        per[impl, method] = flops.optimizer_flops_per_step(c)
+    assert per["batched", "standard"] == per["optax", "gram"] > per["batched", "gram"]
+    d, f = c.model.d_model, c.moe.d_ff  # attention [384, 384] stays X space; every expert matrix (GELU: 2 per
+    n_mats = c.model.n_layers * c.moe.num_experts * 2  # expert) is 384 x 1536
+    assert per["batched", "standard"] - per["batched", "gram"] == n_mats * (
+        flops.newton_schulz_flops(d, f, 5) - flops.newton_schulz_flops(d, f, 5, "gram"))
+
+
 def test_moe_every_counts_only_moe_layers():
     """The seed-002 defect: counting every layer as MoE. every=1 (all 4 layers MoE) vs every=2 (2 of 4)."""
     a, b = moe_config(), moe_config()

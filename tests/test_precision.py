@@ -63,6 +63,11 @@ def test_auto_resolves_per_backend(backend, dtype, attention, ns, stack):
     assert precision.ns_stack_name("auto", backend) == stack and precision.ns_stack_name("layers", backend) == "layers"
     assert f"model.dtype auto -> {dtype}" in precision.describe(info)
     assert f"ns_stack auto -> {stack}" in precision.describe(info)
+    assert info["ns_method"] == ("auto", "gram" if backend == "cpu" else "standard")
+    c.optim.muon_impl = "optax"  # optax.contrib.muon runs float32 X space per parameter, whatever 'auto' says
+    info = precision.resolve(c, backend)
+    assert (info["ns_dtype"], info["ns_stack"], info["ns_method"]) == (("auto", "float32"), ("auto", "none"),
+                                                                       ("auto", "standard"))
 
 
 def test_explicit_values_are_kept_and_cudnn_off_gpu_is_refused():

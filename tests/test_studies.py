@@ -60,6 +60,7 @@ def test_optimizer_flops_hand_count_and_the_optimizers_own_muon_leaves():
     for k, v in dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128).items():
         c.model[k] = v
     c.moe.num_experts, c.moe.top_k, c.moe.d_ff = 4, 2, 128
+    c.optim.ns_method = "standard"  # X-space counts (Gram space: tests/test_flops.py)
     # by hand: 8 attention matrices [64, 64]: 5 x (4*64^2*64 + 2*64^3); 16 expert matrices [64, 128]:
     # 5 x (4*64^2*128 + 2*64^3)
     hand = 8 * 5 * (4 * 64 ** 3 + 2 * 64 ** 3) + 16 * 5 * (4 * 64 * 64 * 128 + 2 * 64 ** 3)
@@ -96,6 +97,7 @@ def test_budgets_under_every_convention_equal_hand_counts_for_arms_of_different_
     s.lr_grid = ml_collections.ConfigDict()
     s.budget.reference_arm = "dense_long"
     s.budget.reference_steps = 100
+    s.base.optim.ns_method = "standard"  # X-space Newton-Schulz counts ('auto' is Gram space on CPU: test_flops.py)
     p = plan_lib.plan(s, "/w")
     # dense_long by hand: d 32, 2 layers, F 64, V 512, S 64, gelu (2 matrices), batch 2 x 64 = 128 tokens/step
     fwd = 2 * (2 * 4 * 32 * 32 + 2 * 2 * 32 * 64 + 512 * 32) + 2 * 2 * 64 * 32

@@ -48,7 +48,8 @@ def base(scale: str) -> ml_collections.ConfigDict:
     b.moe.group_size = 256
     b.optim.muon_lr = 0.02
     b.optim.adamw_lr = 3e-3
-    b.optim.ns_dtype = "float32"  # the committed results ran float32 Newton-Schulz ('auto' was float32 on CPU then)
+    # the committed results ran float32 X-space Newton-Schulz (what 'auto' meant on CPU before issue 19's changes)
+    b.optim.ns_dtype, b.optim.ns_method = "float32", "standard"
     b.train.grad_accum = 1
     b.train.eval_batches = 0
     b.train.progress_bar = False

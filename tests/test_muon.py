@@ -1,0 +1,132 @@
+"""moe_jax/muon.py's Newton-Schulz chains on their own (tests/test_optimizer.py tests the whole transformation against
+optax.contrib.muon): the bfloat16 chain's arithmetic, and the Gram-space chain against a float64 X-space reference
+on well- and ill-conditioned matrices, wide and tall, one at a time and stacked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from optax.contrib import MuonDimensionNumbers
+
+from moe_jax import muon
+
+COEFFS = jnp.asarray(muon.NS_COEFFS)
+
+
+def rel_frobenius(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def ns_float64(x: np.ndarray, steps: int = 5) -> np.ndarray:
+    """X-space Newton-Schulz in float64 for [..., m, n] with m <= n (the definition both chains implement)."""
+    a_, b_, c_ = (float(np.float32(c)) for c in muon.NS_COEFFS)
+    x = np.asarray(x, np.float64)
+    x = x / (np.linalg.norm(x, axis=(-2, -1), keepdims=True) + 1e-8)
+    for _ in range(steps):
+        a = x @ np.swapaxes(x, -1, -2)
+        x = a_ * x + (b_ * a + c_ * a @ a) @ x
+    return x
+
+
+def with_spectrum(rng, m: int, n: int, svals: np.ndarray) -> np.ndarray:
+    u = np.linalg.qr(rng.standard_normal((m, m)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, m)))[0]
+    return ((u * svals) @ v.T).astype(np.float32)
+
+
+SPECTRA = {  # name -> singular values of a 32 x 128 matrix
+    "well-conditioned": lambda: np.linspace(0.2, 1.0, 32),
+    "logspace 1 .. 1e-4": lambda: np.logspace(0, -4, 32),
+    "rank 4 + 1e-3": lambda: np.concatenate([np.ones(4), np.full(28, 1e-3)]),
+}
+
+
+def test_bfloat16_chain_multiplies_bfloat16_into_float32():
+    """Every product of a bfloat16 chain takes bfloat16 operands and returns float32 (XLA:CPU's fast bfloat16 dot
+    needs the float32 result; GPUs/TPUs accumulate in float32 anyway), and the result equals a float64 emulation of
+    that arithmetic: operands rounded to bfloat16, products and sums exact."""
+    x = jax.random.normal(jax.random.key(0), (3, 16, 40), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda v: muon.newton_schulz(v, COEFFS, 5, 1e-8, jnp.bfloat16))(x)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 15
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2 and e.outvars[0].aval.dtype == jnp.float32
+
+    def bf(v):
+        return np.asarray(jnp.asarray(v, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+    a_, b_, c_ = (float(np.float32(c)) for c in muon.NS_COEFFS)
+    ref = []
+    for m in np.asarray(x):
+        y = bf(m / (np.linalg.norm(m) + np.float32(1e-8)))
+        for _ in range(5):
+            a = y @ y.T
+            b = bf(b_ * a + c_ * (bf(a) @ bf(a)))
+            xf = a_ * y + b @ y
+            y = bf(xf)
+        ref.append(xf)
+    got = muon.newton_schulz(x, COEFFS, 5, 1e-8, jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    assert rel_frobenius(got, np.stack(ref)) < 2e-3  # float32 vs float64 sums; bfloat16 operand ties may differ
+
+
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_gram_chain_equals_the_float64_x_space_chain(spectrum):
+    """Same polynomial, iterated on the Gram matrix: within 1e-3 (well-conditioned: 2e-5) of float64 X-space NS,
+    where the bfloat16 X-space chain that the reference Muon runs is off by 1e-2 or more."""
+    rng = np.random.default_rng(1)
+    x = np.stack([with_spectrum(rng, 32, 128, SPECTRA[spectrum]()) for _ in range(3)])  # [3, 32, 128]
+    ref = ns_float64(x)
+    gram = muon.newton_schulz_gram(jnp.asarray(x), COEFFS, 5, 1e-8)
+    std32 = muon.newton_schulz(jnp.asarray(x), COEFFS, 5, 1e-8)
+    std16 = muon.newton_schulz(jnp.asarray(x), COEFFS, 5, 1e-8, jnp.bfloat16)
+    assert gram.dtype == jnp.float32 and gram.shape == x.shape
+    err = rel_frobenius(gram, ref)
+    assert err < (2e-5 if spectrum == "well-conditioned" else 1e-3), err
+    assert rel_frobenius(std32, ref) < 1e-4
+    assert rel_frobenius(std16, ref) > 5 * err
+    for i in range(3):  # each matrix on its own: stacking never mixes them
+        np.testing.assert_allclose(muon.newton_schulz_gram(jnp.asarray(x[i]), COEFFS, 5, 1e-8), gram[i],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_gram_chain_is_cheaper_by_its_matmul_shapes():
+    """One product contracts over n (A_0 = X X^T) and one has n columns (R X_0); the other 4 steps - 3 are m x m:
+    4 m^2 n + (8 steps - 6) m^3 FLOPs against steps (4 m^2 n + 2 m^3) in X space."""
+    m, n, steps = 32, 128, 5
+    x = jnp.zeros((m, n), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda v: muon.newton_schulz_gram(v, COEFFS, steps, 1e-8))(x)
+    flops = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            (lc, _), _ = e.params["dimension_numbers"]
+            k = int(np.prod([e.invars[0].aval.shape[d] for d in lc]))
+            flops += 2 * k * int(np.prod(e.outvars[0].aval.shape))
+            assert e.params["precision"] is not None and "HIGHEST" in str(e.params["precision"])
+    assert flops == 4 * m * m * n + (8 * steps - 6) * m ** 3
+    assert flops < steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def test_orthogonalize_uses_gram_space_only_for_wide_matrices():
+    """method='gram': a 32 x 128 (or tall 128 x 32) weight goes through the Gram chain, a square 32 x 32 one through
+    the X-space chain in ns_dtype, so square results equal method='standard' exactly."""
+    rng = np.random.default_rng(2)
+    tree = {"wide": jnp.asarray(rng.standard_normal((32, 128)), jnp.float32),
+            "tall": jnp.asarray(rng.standard_normal((128, 32)), jnp.float32),
+            "square": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32),
+            "experts": jnp.asarray(rng.standard_normal((4, 32, 96)), jnp.float32)}
+    dims = {"wide": MuonDimensionNumbers(), "tall": MuonDimensionNumbers(), "square": MuonDimensionNumbers(),
+            "experts": MuonDimensionNumbers(reduction_axis=1, output_axis=2)}
+    std = muon.orthogonalize(tree, dims, COEFFS, 5, 1e-8, None, lambda p: str(p), "standard")
+    gram = muon.orthogonalize(tree, dims, COEFFS, 5, 1e-8, None, lambda p: str(p), "gram")
+    np.testing.assert_array_equal(gram["square"], std["square"])
+    np.testing.assert_allclose(gram["wide"], muon.newton_schulz_gram(tree["wide"], COEFFS, 5, 1e-8), rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(gram["tall"], muon.newton_schulz_gram(tree["tall"].T, COEFFS, 5, 1e-8).T, rtol=1e-6,
+                               atol=1e-7)
+    for k in ("wide", "tall", "experts"):
+        assert gram[k].shape == tree[k].shape
+        assert rel_frobenius(gram[k], std[k]) < 1e-4, k
+    with pytest.raises(ValueError, match="unknown Newton-Schulz method 'polar'"):
+        muon.orthogonalize(tree, dims, COEFFS, 5, 1e-8, method="polar")
