@@ -135,9 +135,10 @@ einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
 def resolve(config, backend_name: str | None = None) -> dict:
-    """Replace 'auto' in config.model.dtype and config.model.attention by their values for the backend, in place
-    (once, at startup). Returns {'backend', 'model.dtype', 'model.attention', 'ns_dtype'} with (requested, resolved)
-    pairs. An implementation that cannot run on this backend raises config_lib.ConfigError naming the field."""
+    """Replace 'auto' in config.model.dtype, config.model.attention and config.optim.ns_dtype / ns_stack / ns_method
+    by their values for the backend, in place (once, at startup). Returns {'backend', 'model.dtype',
+    'model.attention', 'ns_dtype', 'ns_stack', 'ns_method'} with (requested, resolved) pairs. An implementation that
+    cannot run on this backend raises config_lib.ConfigError naming the field."""
     from moe_jax.config_lib import ConfigError
     b = backend(backend_name)
     m = config.model
@@ -157,6 +158,9 @@ def resolve(config, backend_name: str | None = None) -> dict:
     if o.get("muon_impl", "batched") == "optax":  # optax.contrib.muon: float32, one X-space chain per parameter
         ns = {"ns_dtype": (ns_requested, "float32"), "ns_stack": (stack_requested, "none"),
               "ns_method": (method_requested, "standard")}
+    for key, (_, value) in ns.items():  # recorded resolved, as model.dtype: config.json says what the update ran
+        if key in o:
+            o[key] = value
     return {"backend": b, "model.dtype": (requested[0], m.dtype), "model.attention": (requested[1], m.attention),
             **ns}
 

@@ -64,6 +64,8 @@ def test_auto_resolves_per_backend(backend, dtype, attention, ns, stack):
     assert f"model.dtype auto -> {dtype}" in precision.describe(info)
     assert f"ns_stack auto -> {stack}" in precision.describe(info)
     assert info["ns_method"] == ("auto", "gram" if backend == "cpu" else "standard")
+    assert (c.optim.ns_dtype, c.optim.ns_stack, c.optim.ns_method) == (ns, stack, info["ns_method"][1])  # recorded
+    c = config_lib.base_config()
     c.optim.muon_impl = "optax"  # optax.contrib.muon runs float32 X space per parameter, whatever 'auto' says
     info = precision.resolve(c, backend)
     assert (info["ns_dtype"], info["ns_stack"], info["ns_method"]) == (("auto", "float32"), ("auto", "none"),
