@@ -470,11 +470,12 @@ def step_seeds(check: Check, args) -> dict:
 
 
 GPU_TESTS = ["tests/test_precision.py", "tests/test_layers.py", "tests/test_model.py", "tests/test_moe.py",
-             "tests/test_optimizer.py", "tests/test_decode.py", "tests/test_trainer.py", "tests/test_gpu_configs.py"]
+             "tests/test_muon.py", "tests/test_optimizer.py", "tests/test_decode.py", "tests/test_trainer.py",
+             "tests/test_gpu_configs.py"]
 # All of the numerics modules; from the slower ones the tests that matter most on a new backend (Newton-Schulz,
 # cached decoding, training below unigram entropy, exact resume). Tests that need 8 devices cannot run on one chip.
-GPU_SELECT = ("(test_precision or test_layers or test_model or test_moe or test_gpu_configs or orthogonalised "
-              "or cached_greedy_equals or smoke_trains or resume_is_exact) and not 8_device")
+GPU_SELECT = ("(test_precision or test_layers or test_model or test_moe or test_muon or test_gpu_configs "
+              "or orthogonalised or cached_greedy_equals or smoke_trains or resume_is_exact) and not 8_device")
 
 
 def step_tests(check: Check, args) -> dict:

@@ -117,6 +117,7 @@ def equivalence_config():
     c.moe.router_noise_std = 0.0
     c.train.grad_accum = 2  # the scan over micro-batches is part of what must agree
     c.moe.group_size = 64   # 8 rows x 64 = 512 tokens per micro-batch -> 8 routing groups, split over the mesh
+    c.optim.ns_dtype = "float32"  # bfloat16 operands would round differently ordered sharded sums apart (~1e-5)
     return c
 
 
