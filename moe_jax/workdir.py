@@ -34,7 +34,7 @@ SAFE_FIELDS = (
     "train.keep_checkpoints", "train.async_checkpoint", "train.peak_tflops", "train.plots", "train.progress_bar",
     "train.inject_nan_at_step", "train.inject_nan_mode", "train.on_nonfinite", "train.max_skipped_steps",
     "data.cache_dir", "data.worker_count", "data.max_val_windows", "mesh.shape", "model.remat", "model.attention",
-    "model.attention_block",
+    "model.attention_block", "optim.ns_stack",  # stacking Newton-Schulz chains changes rounding only (tested 1e-6)
 )
 # Fields that change the shapes or structure of the saved state: no flag can allow them (the restore cannot work).
 STRUCTURAL_FIELDS = (

@@ -239,6 +239,14 @@ def test_safe_changes_pass_and_are_listed():
     lines = workdir_lib.check_resume_config(old, new, log=lambda _: None)
     assert lines == ["config.train.log_every: 10 -> 3", "config.train.progress_bar: True -> False",
                      "config.train.steps: 60 -> 100"]
+    new.optim.ns_stack = "layers"  # how Newton-Schulz chains are batched: safe; their dtype is not
+    lines = workdir_lib.check_resume_config(old, new, log=lambda _: None)
+    assert lines[0] == "config.optim.ns_stack: 'auto' -> 'layers'"
+    new.optim.ns_dtype = "bfloat16"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.ns_dtype: 'auto' -> 'bfloat16'.*"
+                       r"--allow_config_change=optim\.ns_dtype"):
+        workdir_lib.check_resume_config(old, new)
+    new.optim.ns_dtype = "auto"
     new.data.shuffle_seed = 5
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.shuffle_seed: 0 -> 5"):
         workdir_lib.check_resume_config(old, new)
