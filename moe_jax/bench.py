@@ -215,10 +215,9 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
                  memory_bytes=dict(b.memory))
         results[b.name] = r
         t = c.train
-        ns = precision.resolve(c.copy_and_resolve_references())  # what Muon's Newton-Schulz runs as
-        muon_desc = (f" ({c.optim.muon_impl}: NS {ns['ns_dtype'][1]}, stack {ns['ns_stack'][1]}, "
-                     f"{ns['ns_method'][1]})" if c.optim.name == "muon" else "")
-        r["newton_schulz"] = {k: ns[k][1] for k in ("ns_dtype", "ns_stack", "ns_method")}
+        r["newton_schulz"] = ns = precision.newton_schulz_settings(c.optim)  # what Muon's Newton-Schulz runs as
+        muon_desc = (f" ({c.optim.muon_impl}: NS {ns['ns_dtype']}, stack {ns['ns_stack']}, {ns['ns_method']})"
+                     if c.optim.name == "muon" else "")
         out(f"== {b.name}: batch {t.batch_size} x accum {t.grad_accum} x seq {t.seq_len}, {c.model.dtype}, "
             f"attention {c.model.attention}, optimizer {c.optim.name}{muon_desc}")
         out(f"   params {counts['total'] / 1e6:.2f} M total, {counts['active'] / 1e6:.2f} M active; training "

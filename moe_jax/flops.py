@@ -181,10 +181,8 @@ def optimizer_flops_per_step(config) -> float:
     for muon_impl='optax'). Once per optimizer step, whatever train.grad_accum is. Momentum, AdamW and clipping are
     elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
     from moe_jax import precision
-    o = config.optim
-    it = int(o.ns_steps)
-    method = "standard" if o.get("muon_impl", "batched") == "optax" else precision.ns_method_name(
-        o.get("ns_method", "auto"))
+    it = int(config.optim.ns_steps)
+    method = precision.newton_schulz_settings(config.optim)["ns_method"]
     return float(sum(c * newton_schulz_flops(r, k, it, method) for c, r, k in muon_matrices(config)))
 
 

@@ -231,7 +231,7 @@ def ns_group_key(config):
     dot; 'layers' on GPU/TPU, where one batched chain saves launches). docs/optimizer.md has the measurements."""
     if precision.ns_stack_name(config.optim.get("ns_stack", "auto")) == "layers":
         return muon_group_key
-    return lambda path: "/".join(_key_name(k) for k in path)
+    return path_str
 
 
 def _muon(config) -> optax.GradientTransformation:

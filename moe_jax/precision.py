@@ -64,11 +64,14 @@ def backend(name: str | None = None) -> str:
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
+def _auto(name: str, table: dict, backend_name: str | None, default: str) -> str:
+    """`name`, or for 'auto' this backend's entry of `table` (`default` for a backend the table lacks)."""
+    return table.get(backend(backend_name), default) if name == AUTO else name
+
+
 def compute_dtype_name(name: str, backend_name: str | None = None) -> str:
     """model.dtype -> a concrete dtype name ('auto' resolved for the backend)."""
-    if name != AUTO:
-        return name
-    return COMPUTE_DTYPE.get(backend(backend_name), "float32")
+    return _auto(name, COMPUTE_DTYPE, backend_name, "float32")
 
 
 def compute_dtype(name: str, backend_name: str | None = None):
@@ -78,30 +81,33 @@ def compute_dtype(name: str, backend_name: str | None = None):
 
 def attention_impl(name: str, backend_name: str | None = None) -> str:
     """model.attention -> 'blocked' | 'xla' | 'cudnn' ('auto' resolved for the backend)."""
-    if name != AUTO:
-        return name
-    return ATTENTION.get(backend(backend_name), "xla")
+    return _auto(name, ATTENTION, backend_name, "xla")
 
 
 def ns_dtype_name(name: str = AUTO, backend_name: str | None = None) -> str:
     """The Newton-Schulz dtype name for optim.ns_dtype ('auto' -> NS_DTYPE[backend])."""
-    if name != AUTO:
-        return name
-    return NS_DTYPE.get(backend(backend_name), "float32")
+    return _auto(name, NS_DTYPE, backend_name, "float32")
 
 
 def ns_stack_name(name: str = AUTO, backend_name: str | None = None) -> str:
     """optim.ns_stack: 'layers' | 'none' ('auto' -> NS_STACK[backend])."""
-    if name != AUTO:
-        return name
-    return NS_STACK.get(backend(backend_name), "layers")
+    return _auto(name, NS_STACK, backend_name, "layers")
 
 
 def ns_method_name(name: str = AUTO, backend_name: str | None = None) -> str:
     """optim.ns_method: 'standard' | 'gram' ('auto' -> NS_METHOD[backend])."""
-    if name != AUTO:
-        return name
-    return NS_METHOD.get(backend(backend_name), "standard")
+    return _auto(name, NS_METHOD, backend_name, "standard")
+
+
+def newton_schulz_settings(optim, backend_name: str | None = None) -> dict:
+    """{'ns_dtype', 'ns_stack', 'ns_method'}: what Muon's Newton-Schulz runs as for config.optim (any mapping;
+    'auto' resolved for the backend). muon_impl='optax' is optax.contrib.muon: float32, X space, one chain per
+    parameter, whatever the settings say."""
+    if optim.get("muon_impl", "batched") == "optax":
+        return {"ns_dtype": "float32", "ns_stack": "none", "ns_method": "standard"}
+    return {"ns_dtype": ns_dtype_name(optim.get("ns_dtype", AUTO), backend_name),
+            "ns_stack": ns_stack_name(optim.get("ns_stack", AUTO), backend_name),
+            "ns_method": ns_method_name(optim.get("ns_method", AUTO), backend_name)}
 
 
 def router_logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -150,14 +156,7 @@ def resolve(config, backend_name: str | None = None) -> dict:
         raise ConfigError(f"config.model.attention: {m.attention!r} runs only on {need.upper()}, this backend is "
                           f"{b!r}; use 'auto' (picks {ATTENTION.get(b, 'xla')!r} here), 'blocked' or 'xla'")
     o = config.optim if "optim" in config else {}
-    ns_requested, stack_requested = o.get("ns_dtype", AUTO), o.get("ns_stack", AUTO)
-    method_requested = o.get("ns_method", AUTO)
-    ns = {"ns_dtype": (ns_requested, ns_dtype_name(ns_requested, b)),
-          "ns_stack": (stack_requested, ns_stack_name(stack_requested, b)),
-          "ns_method": (method_requested, ns_method_name(method_requested, b))}
-    if o.get("muon_impl", "batched") == "optax":  # optax.contrib.muon: float32, one X-space chain per parameter
-        ns = {"ns_dtype": (ns_requested, "float32"), "ns_stack": (stack_requested, "none"),
-              "ns_method": (method_requested, "standard")}
+    ns = {k: (o.get(k, AUTO), v) for k, v in newton_schulz_settings(o, b).items()}
     for key, (_, value) in ns.items():  # recorded resolved, as model.dtype: config.json says what the update ran
         if key in o:
             o[key] = value
