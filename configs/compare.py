@@ -8,7 +8,7 @@ This is GPU/TPU-sized (batch 24 x 4 x 512 tokens per step). configs/compare_cpu.
 
 import ml_collections
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

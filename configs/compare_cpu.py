@@ -22,7 +22,7 @@ Re-running the command after an interruption resumes where it stopped.
 
 import ml_collections
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

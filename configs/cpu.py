@@ -4,7 +4,7 @@ d_model 128, 4 layers, 4 heads, 8 experts (d_ff 256) top-2 on alternate layers, 
     python -m moe_jax.train --config configs/cpu.py --workdir runs/cpu
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

@@ -5,7 +5,7 @@ float32-eps RMSNorm): that is configs/seeds/seed002_dense.py.
     python -m moe_jax.train --config configs/dense.py --workdir runs/dense
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

@@ -17,7 +17,7 @@ That leaves half the card for XLA's temporaries; the device check records XLA's 
 To train it on text, set data (e.g. data.source='tfds') and, for the Bible's small corpus, model.vocab_size=8192.
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

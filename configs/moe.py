@@ -9,7 +9,7 @@ micro-batches). configs/seeds/exp5_moe.py computes exp5's function
     python -m moe_jax.train --config configs/moe.py --workdir runs/moe
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python -m moe_jax.train --config configs/smoke.py --workdir runs/smoke
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

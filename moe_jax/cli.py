@@ -132,7 +132,7 @@ def run(main: Callable, define_flags: Callable[[], None]) -> None:
     config_lib.ConfigError exit with status 2 and `error: <message>`; any other exception propagates (status 1)."""
     from absl import app
 
-    from moe_jax import config_lib
+    from moe_jax.config import schema as config_lib
 
     def wrapped(argv):
         try:

@@ -24,7 +24,8 @@ import sys
 
 import ml_collections
 
-from moe_jax import config_lib, flops
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
 from moe_jax.studies import budget as budget_lib
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import report as report_lib

@@ -56,7 +56,10 @@ def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | 
     with `write`, also writes it (write_result)."""
     import jax
 
-    from moe_jax import checkpoint as ckpt_lib, data, inference, train_step as step_lib
+    from moe_jax.train import checkpoint as ckpt_lib
+    from moe_jax import data
+    from moe_jax.train import restore as inference
+    from moe_jax.train import step as step_lib
 
     config = ckpt_lib.load_config(workdir)
     config.data.tokenizer_path = os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)
@@ -86,7 +89,7 @@ def main(argv):
         cli.fail(f"--eval_batches: must be >= 0 (0 = the whole validation set), got {FLAGS.eval_batches}")
     if FLAGS.step is not None and FLAGS.step < 0:
         cli.fail(f"--step: must be a checkpoint step >= 0, got {FLAGS.step}")
-    from moe_jax import checkpoint as ckpt_lib
+    from moe_jax.train import checkpoint as ckpt_lib
 
     try:
         result = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.eval_batches, write=False)

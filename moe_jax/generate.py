@@ -60,7 +60,7 @@ def main(argv):
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
-    from moe_jax import decode
+    from moe_jax.model import decode
 
     try:
         decode.check_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty,
@@ -70,7 +70,8 @@ def main(argv):
     if FLAGS.step is not None and FLAGS.step < 0:
         fail("step", f"must be >= 0, got {FLAGS.step}", 2)
 
-    from moe_jax import checkpoint as ckpt_lib, inference
+    from moe_jax.train import checkpoint as ckpt_lib
+    from moe_jax.train import restore as inference
 
     try:
         config = ckpt_lib.load_config(FLAGS.workdir)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moe_jax.config_lib import MESH_AXES, ConfigError
+from moe_jax.config.schema import MESH_AXES, ConfigError
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

@@ -39,7 +39,7 @@ def spectra(m: int) -> dict:
 def chains():
     import jax.numpy as jnp
 
-    from moe_jax import muon
+    from moe_jax.optim import muon
 
     coeffs = jnp.asarray(muon.NS_COEFFS)
 
@@ -78,7 +78,7 @@ def chains():
 
 
 def float64_reference(x: np.ndarray) -> np.ndarray:
-    from moe_jax import muon
+    from moe_jax.optim import muon
     a_, b_, c_ = (float(np.float32(v)) for v in muon.NS_COEFFS)
     x = np.asarray(x, np.float64)
     x = x / (np.linalg.norm(x, axis=(-2, -1), keepdims=True) + 1e-8)

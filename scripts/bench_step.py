@@ -5,7 +5,8 @@
 Needs the package installed (`pip install -e .` in the repository root).
 """
 
-from moe_jax import bench, cli
+from moe_jax.tools import bench
+from moe_jax import cli
 
 if __name__ == "__main__":
     cli.run(bench.main, bench.define_flags)

@@ -22,7 +22,7 @@ def worker(pid: int, n: int, port: int, checks: int) -> None:
     from jax.experimental import multihost_utils
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n, process_id=pid)
-    from moe_jax import preemption
+    from moe_jax.train import preemption
 
     stop = preemption.AgreedStop(preemption.LocalStop(), run_key="bench")
     for s in range(20):  # warm-up

@@ -26,7 +26,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    from moe_jax import bench
+    from moe_jax.tools import bench
 
     if FLAGS.rounds < 1:
         raise cli.UsageError(f"--rounds must be >= 1, got {FLAGS.rounds}")

@@ -17,7 +17,9 @@ import time
 
 from absl import flags
 
-from moe_jax import cli, config_lib, data
+from moe_jax import cli
+from moe_jax.config import schema as config_lib
+from moe_jax import data
 
 FLAGS = flags.FLAGS
 

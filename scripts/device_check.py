@@ -134,7 +134,8 @@ def python() -> str:
 def step_env(check: Check) -> dict:
     import jax
 
-    from moe_jax import config_lib, precision
+    from moe_jax.config import schema as config_lib
+    from moe_jax.model import precision
     versions = {"python": platform.python_version(), "jax": jax.__version__}
     for mod in ("jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "grain", "ml_collections", "torch"):
         try:
@@ -177,7 +178,8 @@ def step_attention(check: Check, shape) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from moe_jax import layers, precision
+    from moe_jax.model import layers
+    from moe_jax.model import precision
     b, s, h, d = shape
     rng = np.random.default_rng(0)
     q32, k32, v32 = (rng.normal(size=(b, s, h, d)).astype(np.float32) for _ in range(3))
@@ -229,7 +231,7 @@ def load(path: str):
 
 
 def step_bench(check: Check, args, keep: list) -> dict:
-    from moe_jax import bench
+    from moe_jax.tools import bench
     if args.cpu:
         dense, moe = load("configs/smoke.py"), load("configs/smoke.py")
         dense.name, dense.moe.num_experts = "smoke_dense", 0
@@ -267,7 +269,7 @@ def step_update(check: Check, args) -> dict:
     """The optimizer update alone at the bench configs, per muon_impl:ns_dtype:ns_stack:ns_method (issue 19: batched
     vs optax's per-leaf Newton-Schulz, float32 vs bfloat16, stacked across layers or not, X or Gram space),
     interleaved over rounds."""
-    from moe_jax import bench
+    from moe_jax.tools import bench
     if args.cpu:
         dense, moe = load("configs/smoke.py"), load("configs/smoke.py")
         dense.moe.num_experts = 0
@@ -408,7 +410,8 @@ def step_train(check: Check, args) -> dict:
 
 
 def step_decode(check: Check, args) -> dict:
-    from moe_jax import decode, precision
+    from moe_jax.model import decode
+    from moe_jax.model import precision
     cfg = load("configs/smoke.py" if args.cpu else "configs/moe.py")
     info = precision.describe(precision.resolve(cfg))
     check.log(info)

@@ -62,7 +62,8 @@ def smoke_run(tmp_path_factory, data_cache) -> dict:
     """The shared trained run: {'workdir', 'config', 'summary'} of configs/smoke.py trained 4 steps on all 8
     devices (log every 2 steps; checkpoint, evaluation and summary at step 4; no plots), with its config.json and
     tokenizer.model. Read-only for the tests."""
-    from moe_jax import config_lib, trainer
+    from moe_jax.config import schema as config_lib
+    from moe_jax.train import loop as trainer
 
     c = config("smoke")
     c.data.cache_dir = data_cache

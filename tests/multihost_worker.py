@@ -12,7 +12,9 @@ def main():
     rows_dir = sys.argv.pop(1)
     os.makedirs(rows_dir, exist_ok=True)
     import jax
-    from moe_jax import cli, train, train_step
+    from moe_jax import cli
+    from moe_jax import train
+    from moe_jax.train import step as train_step
 
     to_global = train_step.to_global
 

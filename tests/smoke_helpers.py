@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from moe_jax import config_lib
-from moe_jax import metrics as metrics_lib
+from moe_jax.config import schema as config_lib
+from moe_jax.train import metrics as metrics_lib
 from moe_jax.cli import load_config_file
 
 SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")

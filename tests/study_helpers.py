@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def tiny_base(cache_dir: str) -> ml_collections.ConfigDict:

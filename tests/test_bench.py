@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from moe_jax import bench, config_lib, flops
+from moe_jax.tools import bench
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,11 @@ import sys
 
 import pytest
 
-from moe_jax import budget, cli, config_lib, flops, hardware
+from moe_jax.tools import budget
+from moe_jax import cli
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
+from moe_jax.tools import hardware
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

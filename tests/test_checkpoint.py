@@ -5,8 +5,8 @@ import json
 import ml_collections
 import pytest
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.config import schema as config_lib
 
 
 def test_config_round_trips_through_the_workdir(tmp_path):

@@ -35,7 +35,8 @@ def test_load_config_file_errors_name_the_file(tmp_path):
 PROGRAM = textwrap.dedent('''
     import sys
     from absl import flags
-    from moe_jax import cli, config_lib
+    from moe_jax import cli
+    from moe_jax.config import schema as config_lib
 
     def define_flags():
         cli.config_flag()
@@ -85,7 +86,8 @@ def test_every_command_defines_its_flags_only_when_run():
 
     import importlib
     before = set(flags.FLAGS)
-    for name in ("train", "eval", "generate", "compare", "bench", "decode", "studies.__main__"):
+    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "model.decode",
+                 "studies.__main__"):
         module = importlib.import_module(f"moe_jax.{name}")
         assert callable(module.define_flags) and callable(module.main), name
     assert set(flags.FLAGS) == before

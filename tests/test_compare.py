@@ -13,10 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import compare, config_lib, flops
-from moe_jax import metrics as metrics_lib
-from moe_jax import trainer
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax import compare
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.train import loop as trainer
 from moe_jax.studies import stats
 from study_helpers import markdown_table, tiny_base
 

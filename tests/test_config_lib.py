@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from moe_jax import config_lib
-from moe_jax import moe as moe_lib
+from moe_jax.config import schema as config_lib
+from moe_jax.model import moe as moe_lib
 from moe_jax.cli import load_config_file
-from moe_jax.model_config import ModelConfig
+from moe_jax.config.typed import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

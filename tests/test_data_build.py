@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from moe_jax import config_lib, data
+from moe_jax.config import schema as config_lib
+from moe_jax import data
 from moe_jax.data import pipeline
 
 S, BATCH, ACCUM, V = 32, 4, 2, 512

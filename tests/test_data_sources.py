@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 from moe_jax.data import DataError, sources, split
 
 

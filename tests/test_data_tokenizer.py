@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 from moe_jax.data import DataError, sources, tokenizer
 
 V = 512

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from moe_jax import decode, model
+from moe_jax.model import decode
+from moe_jax.model import transformer as model
 from moe_jax.cli import load_config_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"

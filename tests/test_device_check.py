@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moe_jax import bench as bench_lib
+from moe_jax.tools import bench as bench_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,8 +16,13 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
-from moe_jax import config_lib, decode, dropless, model, sharding, train_step
-from moe_jax import optimizer as optimizer_lib
+from moe_jax.config import schema as config_lib
+from moe_jax.model import decode
+from moe_jax.model import dropless
+from moe_jax.model import transformer as model
+from moe_jax import sharding
+from moe_jax.train import step as train_step
+from moe_jax.optim import chain as optimizer_lib
 from conftest import config as load_config
 from test_moe import call_block, moe_config, random_block, random_tokens, ref_moe
 
@@ -317,7 +322,7 @@ def test_model_decodes_with_dropless_like_a_full_forward():
 
 @pytest.mark.slow
 def test_model_trains_with_dropless(tmp_path, data_cache):
-    from moe_jax import trainer
+    from moe_jax.train import loop as trainer
     from test_trainer import smoke_config, unigram_entropy
     c = smoke_config(data_cache)
     c.moe.dispatch = "dropless"

@@ -23,15 +23,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.config import schema as config_lib
 from moe_jax import eval as eval_lib
-from moe_jax import inference
-from moe_jax import metrics as metrics_lib
-from moe_jax import model as model_lib
-from moe_jax import moe as moe_lib
-from moe_jax import trainer
-from moe_jax import workdir as workdir_lib
+from moe_jax.train import restore as inference
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.model import transformer as model_lib
+from moe_jax.model import moe as moe_lib
+from moe_jax.train import loop as trainer
+from moe_jax.train import workdir as workdir_lib
 from moe_jax.cli import load_config_file
 from smoke_helpers import smoke_config, train_losses
 
@@ -108,7 +108,7 @@ def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path, cache_dir):
 
 
 def test_all_finite_sees_one_bad_element():
-    from moe_jax import train_step
+    from moe_jax.train import step as train_step
     tree = {"a": jnp.ones((3, 4)), "b": (jnp.zeros(2), jnp.arange(3))}
     assert bool(train_step.all_finite(tree))
     tree["a"] = tree["a"].at[2, 1].set(jnp.inf)

@@ -14,7 +14,9 @@ import types
 import jax
 import pytest
 
-from moe_jax import config_lib, flops, model
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
+from moe_jax.model import transformer as model
 from moe_jax.cli import load_config_file
 
 SMOKE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import decode, inference
+from moe_jax.model import decode
+from moe_jax.train import restore as inference
 from moe_jax import generate as generate_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def test_missing_workdir_is_named(tmp_path):
 
 def test_library_generate_on_the_checkpoint(workdir):
     """The restored parameters decode with the cache exactly as an uncached greedy recomputation would."""
-    from moe_jax import model
+    from moe_jax.model import transformer as model
 
     config, graphdef, params, tokenizer, step = inference.load_for_inference(workdir)
     assert step == 4 and tokenizer.vocab_size == config.model.vocab_size

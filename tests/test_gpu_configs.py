@@ -4,7 +4,10 @@ import jax.numpy as jnp
 import pytest
 
 from configs import gpu_dense, gpu_moe
-from moe_jax import config_lib, flops, layers, precision
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
+from moe_jax.model import layers
+from moe_jax.model import precision
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose
 
-from moe_jax import layers
+from moe_jax.model import layers
 from moe_jax.cli import load_config_file
-from moe_jax.model_config import ModelConfig
+from moe_jax.config.typed import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -11,7 +11,10 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose
 
-from moe_jax import config_lib, layers, model, moe
+from moe_jax.config import schema as config_lib
+from moe_jax.model import layers
+from moe_jax.model import transformer as model
+from moe_jax.model import moe
 from moe_jax.cli import load_config_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"

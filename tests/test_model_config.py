@@ -6,9 +6,10 @@ import pathlib
 
 import pytest
 
-from moe_jax import config_lib, model
+from moe_jax.config import schema as config_lib
+from moe_jax.model import transformer as model
 from moe_jax.cli import load_config_file
-from moe_jax.model_config import ModelConfig, MoEConfig
+from moe_jax.config.typed import ModelConfig, MoEConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -39,7 +40,7 @@ def test_frozen_and_hashable():
 
 
 def test_lists_become_tuples():
-    from moe_jax.model_config import _frozen
+    from moe_jax.config.typed import _frozen
     assert _frozen([1, [2, 3]]) == (1, (2, 3))
 
 

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose
 
-from moe_jax import config_lib, moe
+from moe_jax.config import schema as config_lib
+from moe_jax.model import moe
 from moe_jax.cli import load_config_file
-from moe_jax.model_config import ModelConfig
+from moe_jax.config.typed import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -14,9 +14,9 @@ import numpy as np
 import portpicker
 import pytest
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import metrics as metrics_lib
-from moe_jax import trainer
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.train import loop as trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")

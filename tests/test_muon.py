@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from optax.contrib import MuonDimensionNumbers
 
-from moe_jax import muon
+from moe_jax.optim import muon
 
 COEFFS = jnp.asarray(muon.NS_COEFFS)
 

@@ -18,7 +18,9 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import config_lib, model, optimizer
+from moe_jax.config import schema as config_lib
+from moe_jax.model import transformer as model
+from moe_jax.optim import chain as optimizer
 from moe_jax.cli import load_config_file
 
 SMOKE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
@@ -610,7 +612,8 @@ def test_sharded_batched_update_equals_unbatched_without_extra_collectives(param
     """On the 8-device (data 2, expert 2, model 2) mesh, params, gradients and optimizer state laid out as the trainer
     lays them out (experts over 'expert', heads / MLP width over 'model'): the batched update equals the optax one,
     and its compiled HLO has no more collectives of any kind than the optax chain's."""
-    from moe_jax import sharding, train_step
+    from moe_jax import sharding
+    from moe_jax.train import step as train_step
     from jax.sharding import NamedSharding
 
     mesh = sharding.build_mesh((2, 2, 2))

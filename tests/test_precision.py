@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import config_lib, layers, precision
-from moe_jax import model as model_lib
-from moe_jax import train_step as step_lib
+from moe_jax.config import schema as config_lib
+from moe_jax.model import layers
+from moe_jax.model import precision
+from moe_jax.model import transformer as model_lib
+from moe_jax.train import step as step_lib
 
 
 def tiny(kind="moe", dtype="bfloat16", attention="blocked"):
@@ -206,7 +208,7 @@ def test_cudnn_without_cudnn_falls_back_to_xla(caplog):
 
 @pytest.mark.parametrize("name", ["auto", "float32", "bfloat16"])
 def test_optimizer_ns_dtype_follows_the_policy(name):
-    from moe_jax import optimizer
+    from moe_jax.optim import chain as optimizer
     c = config_lib.base_config()
     c.optim.ns_dtype = name
     want = precision.ns_dtype_name(name)  # auto: precision.NS_DTYPE of this backend (bfloat16 on every backend)

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from moe_jax import preemption
+from moe_jax.train import preemption
 
 
 def test_sigterm_and_sigint_become_requests_and_handlers_are_restored():

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import cli, model as model_lib, routing
+from moe_jax import cli
+from moe_jax.model import transformer as model_lib
+from moe_jax.tools import routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = M = 64
@@ -30,7 +32,7 @@ def hand_config():
     c.moe.num_experts, c.moe.top_k, c.moe.every, c.moe.group_size = E, K, 1, T
     c.moe.capacity_factor, c.moe.eval_capacity_factor, c.moe.min_capacity = 0.5, 1.0, 1  # C = 4 (train), 8 (eval)
     c.train.batch_size, c.train.seq_len = B, S
-    from moe_jax import config_lib
+    from moe_jax.config import schema as config_lib
     return config_lib.validate(c)
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from moe_jax import config_lib, model, moe
+from moe_jax.config import schema as config_lib
+from moe_jax.model import transformer as model
+from moe_jax.model import moe
 from moe_jax.cli import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import config_lib, model, optimizer, sharding, train_step
+from moe_jax.config import schema as config_lib
+from moe_jax.model import transformer as model
+from moe_jax.optim import chain as optimizer
+from moe_jax import sharding
+from moe_jax.train import step as train_step
 from moe_jax.cli import load_config_file
 
 SMOKE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"

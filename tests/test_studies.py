@@ -13,8 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib, flops, model as model_lib, optimizer as optimizer_lib, trainer
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.config import schema as config_lib
+from moe_jax.model import flops
+from moe_jax.model import transformer as model_lib
+from moe_jax.optim import chain as optimizer_lib
+from moe_jax.train import loop as trainer
 from moe_jax import eval as eval_lib
 from moe_jax.data import pipeline, split as split_lib
 from moe_jax.studies import plan as plan_lib

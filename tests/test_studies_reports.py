@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from moe_jax import flops
+from moe_jax.model import flops
 from moe_jax.cli import load_module
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import report as report_lib

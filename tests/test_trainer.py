@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import trainer
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.train import loop as trainer
 from moe_jax import eval as eval_lib
-from moe_jax import inference
-from moe_jax import metrics as metrics_lib
+from moe_jax.train import restore as inference
+from moe_jax.train import metrics as metrics_lib
 from smoke_helpers import smoke_config, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

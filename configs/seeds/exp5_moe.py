@@ -11,7 +11,7 @@ Remaining differences (aux-loss form, init, dropout sites, Muon details, vocabul
     python -m moe_jax.train --config configs/seeds/exp5_moe.py --workdir runs/exp5
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

@@ -9,7 +9,7 @@ matches this config's logits to the seed's own PyTorch code.
     python -m moe_jax.train --config configs/seeds/seed002_dense.py --workdir runs/seed002_dense
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

@@ -9,7 +9,7 @@ included) + AdamW 1e-3. Remaining differences: docs/decisions.md ("Seed fidelity
     python -m moe_jax.train --config configs/seeds/seed002_moe.py --workdir runs/seed002_moe
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

@@ -11,7 +11,7 @@ output projections start at zero; both, and the rest, are in docs/decisions.md (
     python -m moe_jax.train --config configs/seeds/seed004_baseline.py --workdir runs/seed004_baseline
 """
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 def get_config():

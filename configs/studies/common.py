@@ -14,7 +14,7 @@ they say little about the seeds' models.
 
 import ml_collections
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 SCALES = ("cpu", "tiny")
 

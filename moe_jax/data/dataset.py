@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 from moe_jax.data import cache, pipeline
 from moe_jax.data.errors import DataError
 from moe_jax.data.sources import Source, open_source

@@ -7,7 +7,7 @@ reports data errors the same way.
 
 from __future__ import annotations
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 
 
 class DataError(config_lib.ConfigError):

@@ -18,7 +18,7 @@ differ by at most one step's cost. The budget is `budget.amount`, or when it is 
 
 from __future__ import annotations
 
-from moe_jax import flops
+from moe_jax.model import flops
 
 KINDS = ("model_flops", "executed_flops", "tokens", "wall_seconds")
 UNITS = {"model_flops": "model FLOPs", "executed_flops": "executed FLOPs", "tokens": "tokens",

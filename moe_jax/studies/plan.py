@@ -24,8 +24,8 @@ import os
 
 import ml_collections
 
-from moe_jax import config_lib
-from moe_jax.workdir import flatten
+from moe_jax.config import schema as config_lib
+from moe_jax.train.workdir import flatten
 from moe_jax.studies import budget as budget_lib
 
 # Fields a re-run may change without invalidating a run dir (presentation, caches, peak for MFU).

@@ -15,8 +15,8 @@ import statistics
 
 import numpy as np
 
-from moe_jax import flops
-from moe_jax import metrics as metrics_lib
+from moe_jax.model import flops
+from moe_jax.train import metrics as metrics_lib
 from moe_jax.studies import budget as budget_lib
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import stats

@@ -18,8 +18,9 @@ import json
 import os
 import sys
 
-from moe_jax import config_lib, precision
-from moe_jax import metrics as metrics_lib
+from moe_jax.config import schema as config_lib
+from moe_jax.model import precision
+from moe_jax.train import metrics as metrics_lib
 from moe_jax.studies import plan as plan_lib
 
 CALIBRATION_FILE = "calibration.json"
@@ -43,7 +44,7 @@ def check_run_dir(config, rdir: str) -> None:
 
 
 def finished_summary(config, rdir: str) -> dict | None:
-    from moe_jax import trainer
+    from moe_jax.train import loop as trainer
 
     path = os.path.join(rdir, trainer.SUMMARY_FILE)
     if os.path.exists(path):
@@ -56,7 +57,7 @@ def finished_summary(config, rdir: str) -> dict | None:
 
 def run_one(config, rdir: str, devices=None) -> dict:
     """Train one run unless its summary says it finished; returns the summary with 'skipped'."""
-    from moe_jax import trainer
+    from moe_jax.train import loop as trainer
 
     check_run_dir(config, rdir)
     done = finished_summary(config, rdir)
@@ -89,7 +90,7 @@ def evaluate_test(rdir: str, step: int, devices=None) -> dict:
 def calibrate(study, workdir: str, devices=None) -> dict:
     """Seconds per training step of every arm variant, from a short run of budget.calibration_steps steps each
     (median over its logging intervals after the first), kept in <workdir>/calibration.json and reused."""
-    from moe_jax import trainer
+    from moe_jax.train import loop as trainer
 
     path = os.path.join(workdir, CALIBRATION_FILE)
     if os.path.exists(path):

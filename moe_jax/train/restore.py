@@ -11,12 +11,12 @@ import sys
 
 import jax
 
-from moe_jax import checkpoint as ckpt_lib
+from moe_jax.train import checkpoint as ckpt_lib
 from moe_jax import data
-from moe_jax import model as model_lib
-from moe_jax import optimizer as optimizer_lib
+from moe_jax.model import transformer as model_lib
+from moe_jax.optim import chain as optimizer_lib
 from moe_jax import sharding as sharding_lib
-from moe_jax import train_step as step_lib
+from moe_jax.train import step as step_lib
 
 
 def inference_mesh(config, devices=None):

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import model as model_lib
+from moe_jax.model import transformer as model_lib
 from moe_jax import sharding as sharding_lib
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import precision
-from moe_jax.model_config import ModelConfig
+from moe_jax.model import precision
+from moe_jax.config.typed import ModelConfig
 from moe_jax.sharding import constrain
 
 

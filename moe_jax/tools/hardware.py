@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe_jax import flops
+from moe_jax.model import flops
 
 PRICES_RETRIEVED = "2026-11-26"
 

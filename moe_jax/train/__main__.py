@@ -23,7 +23,8 @@ import sys
 
 from absl import flags, logging
 
-from moe_jax import cli, config_lib
+from moe_jax import cli
+from moe_jax.config import schema as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -83,7 +84,8 @@ def main(argv):
     if init_args is not None:
         import jax
         jax.distributed.initialize(**init_args)
-    from moe_jax import checkpoint as ckpt_lib, trainer  # heavy imports only after the config is known to be good
+    from moe_jax.train import checkpoint as ckpt_lib
+    from moe_jax.train import loop as trainer  # heavy imports only after the config is known to be good
     try:
         summary = trainer.train(config, workdir, restore_step=FLAGS.restore_step,
                                 allow_config_change=FLAGS.allow_config_change)

@@ -40,7 +40,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from moe_jax import config_lib
+from moe_jax.config import schema as config_lib
 from moe_jax.data import cache as cache_lib
 
 CONFIG_FILE = "config.json"

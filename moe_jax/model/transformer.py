@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers import MLP, Attention, Embed, RMSNorm, dropout, dtype_of, param, project
-from moe_jax.model_config import ModelConfig
-from moe_jax.moe import MoEBlock
+from moe_jax.model.layers import MLP, Attention, Embed, RMSNorm, dropout, dtype_of, param, project
+from moe_jax.config.typed import ModelConfig
+from moe_jax.model.moe import MoEBlock
 from moe_jax.sharding import constrain
 
 

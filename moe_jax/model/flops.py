@@ -49,7 +49,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moe_jax.model_config import ModelConfig
+from moe_jax.config.typed import ModelConfig
 
 # Dense bf16 peak TFLOP/s per chip (no sparsity). Matched on jax.devices()[0].device_kind, first pattern wins
 # (so 'v5 lite' is tested before 'v5'). CPU has no entry: its peak is measured (`measure_matmul_tflops`).
@@ -107,7 +107,7 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
     """Per-token FLOPs (see module docstring). seq_len / batch_size default to config.train's; batch_size only
     matters for the capacity padding (the routing group size depends on the tokens per micro-batch); platform
     ('cpu', 'gpu', 'tpu'; default jax.default_backend()) only for the dropless dispatch overhead."""
-    from moe_jax import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
+    from moe_jax.model import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
     m, moe = config.model, config.moe
     s = config.train.seq_len if seq_len is None else seq_len
     b = config.train.batch_size if batch_size is None else batch_size
@@ -148,7 +148,7 @@ def newton_schulz_flops(rows: int, cols: int, iterations: int, method: str = "st
     (2 m^2 n): 4 m^2 n + 2 m^3. method='gram' (muon.newton_schulz_gram, for n >= muon.GRAM_MIN_ASPECT m; other
     matrices run X space) computes A_0 = X X^T and R X_0 (2 m^2 n each) and 4 iterations - 3 m x m products:
     4 m^2 n + (8 iterations - 6) m^3. The normalisation before the first iteration is O(mn) and not counted."""
-    from moe_jax.muon import GRAM_MIN_ASPECT
+    from moe_jax.optim.muon import GRAM_MIN_ASPECT
     m, n = min(rows, cols), max(rows, cols)
     if method == "gram" and n >= GRAM_MIN_ASPECT * m:
         return 4.0 * m * m * n + (8.0 * iterations - 6.0) * m ** 3
@@ -180,7 +180,7 @@ def optimizer_flops_per_step(config) -> float:
     cols, optim.ns_steps, method) (5 steps by default; method: optim.ns_method resolved for this backend, 'standard'
     for muon_impl='optax'). Once per optimizer step, whatever train.grad_accum is. Momentum, AdamW and clipping are
     elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
-    from moe_jax import precision
+    from moe_jax.model import precision
     it = int(config.optim.ns_steps)
     method = precision.newton_schulz_settings(config.optim)["ns_method"]
     return float(sum(c * newton_schulz_flops(r, k, it, method) for c, r, k in muon_matrices(config)))

@@ -160,7 +160,7 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 def is_moe_layer(config, layer: int) -> bool:
     """Whether transformer layer `layer` (0-based) uses the MoE feed-forward."""
-    from moe_jax.model_config import ModelConfig
+    from moe_jax.config.typed import ModelConfig
 
     return ModelConfig.from_config(config).is_moe_layer(layer)
 

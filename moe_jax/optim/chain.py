@@ -62,8 +62,8 @@ import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from moe_jax import muon as muon_lib
-from moe_jax import precision
+from moe_jax.optim import muon as muon_lib
+from moe_jax.model import precision
 
 MUON, ADAMW = "muon", "adamw"
 
@@ -185,7 +185,7 @@ def _lr_at(peak: float, warmup: int, steps: int, min_ratio: float, step):
 
 def schedule(config, peak: float) -> optax.Schedule:
     """The warmup + cosine schedule (see module docstring) for a given peak learning rate."""
-    from moe_jax.config_lib import warmup_steps
+    from moe_jax.config.schema import warmup_steps
     w, t, r = warmup_steps(config), int(config.train.steps), float(config.optim.min_lr_ratio)
     return lambda count: _lr_at(float(peak), w, t, r, count)
 

@@ -21,8 +21,8 @@ import socket
 
 import jax
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.config import schema as config_lib
 
 WorkdirError = ckpt_lib.WorkdirError
 

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import precision
-from moe_jax.layers import activation, dtype_of, param
-from moe_jax.model_config import ModelConfig
+from moe_jax.model import precision
+from moe_jax.model.layers import activation, dtype_of, param
+from moe_jax.config.typed import ModelConfig
 from moe_jax.sharding import constrain, logical_to_spec
 
 
@@ -246,7 +246,7 @@ class MoEBlock(nnx.Module):
 
     def _dropless(self, x, logits, mask):
         """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics). See moe_jax/dropless.py."""
-        from moe_jax import dropless  # dropless imports layers only; kept local so the two modules read apart
+        from moe_jax.model import dropless  # dropless imports layers only; kept local so the two modules read apart
         n, d = x.shape
         probs, gates, expert_index = top_k_routing(logits, self.top_k, self.cfg.moe.renormalize)
         weights = {k: getattr(self, k)[...].astype(self.dtype) for k in self._expert_names()}

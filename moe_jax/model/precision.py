@@ -145,7 +145,7 @@ def resolve(config, backend_name: str | None = None) -> dict:
     by their values for the backend, in place (once, at startup). Returns {'backend', 'model.dtype',
     'model.attention', 'ns_dtype', 'ns_stack', 'ns_method'} with (requested, resolved) pairs. An implementation that
     cannot run on this backend raises config_lib.ConfigError naming the field."""
-    from moe_jax.config_lib import ConfigError
+    from moe_jax.config.schema import ConfigError
     b = backend(backend_name)
     m = config.model
     requested = (m.dtype, m.attention)

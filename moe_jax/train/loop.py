@@ -32,15 +32,18 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from moe_jax import checkpoint as ckpt_lib
-from moe_jax import config_lib, data, flops, optimizer as optimizer_lib
-from moe_jax import metrics as metrics_lib
-from moe_jax import model as model_lib
-from moe_jax import precision
-from moe_jax import preemption
+from moe_jax.train import checkpoint as ckpt_lib
+from moe_jax.config import schema as config_lib
+from moe_jax import data
+from moe_jax.model import flops
+from moe_jax.optim import chain as optimizer_lib
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.model import transformer as model_lib
+from moe_jax.model import precision
+from moe_jax.train import preemption
 from moe_jax import sharding as sharding_lib
-from moe_jax import train_step as step_lib
-from moe_jax import workdir as workdir_lib
+from moe_jax.train import step as step_lib
+from moe_jax.train import workdir as workdir_lib
 
 
 SUMMARY_FILE = "summary.json"

@@ -312,7 +312,7 @@ def generate(graphdef, params, config, prompt_ids, max_new_tokens: int, *, tempe
 def benchmark(config, batch: int, prompt_len: int, max_new_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
     """Decode speed of randomly initialised parameters of `config`'s shapes (speed does not depend on the values:
     EOS is disabled, so every run decodes exactly max_new_tokens). Median of `repeats` runs after one compiling run."""
-    from moe_jax import model as model_lib
+    from moe_jax.model import transformer as model_lib
 
     graphdef, params = model_lib.init_params(config)
     prompt = np.random.default_rng(seed).integers(0, config.model.vocab_size, (batch, prompt_len)).astype(np.int32)
@@ -355,7 +355,7 @@ def main(argv) -> None:
         batches = [int(b) for b in FLAGS.batch]
     except ValueError:
         raise cli.UsageError(f"--batch {','.join(FLAGS.batch)}: expected comma-separated integers, e.g. 1,3")
-    from moe_jax import precision
+    from moe_jax.model import precision
     print(precision.describe(precision.resolve(cfg)))
     new = min(FLAGS.max_new_tokens, context_length(cfg) - FLAGS.prompt_len)
     print(f"{path}: {jax.devices()[0].device_kind}, {jax.device_count()} device(s), dtype {cfg.model.dtype}, "

@@ -40,7 +40,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers import activation
+from moe_jax.model.layers import activation
 
 GROUPED_MATMULS = ("ragged_dot", "megablox")
 

@@ -1,0 +1,1 @@
+"""The model: layers, attention, the MoE block and its dispatch, the transformer, FLOP counts, decoding."""

@@ -1,0 +1,1 @@
+"""The optimizer: Muon (batched Newton-Schulz) and the optax chain around it."""

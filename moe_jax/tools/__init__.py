@@ -1,0 +1,1 @@
+"""Tools over the library: the benchmark, the budget-to-model search and its hardware table, routing diagnostics."""

@@ -1,0 +1,1 @@
+"""Training: the compiled step, the loop, checkpoints, the run directory, preemption, metrics."""
