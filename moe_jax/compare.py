@@ -78,10 +78,10 @@ def plan(cmp) -> dict[str, dict]:
             continue
         c = run.config
         out[run.arm] = {"config": c, "steps": run.steps, "budget": planned["budgets"][kind],
-                        "flops_per_token": flops.flops_per_token(c),
+                        "flops_per_token": flops.run_flops_per_token(c),
                         "tokens_per_step": budget_lib.tokens_per_step(c), "flops_per_step": flops.flops_per_step(c),
                         "training_flops": run.costs["model_flops"], "executed_flops": run.costs["executed_flops"],
-                        "padding_flops": run.costs["padding_flops"], "params": flops.param_counts(c)}
+                        "padding_flops": run.costs["padding_flops"], "params": flops.param_counts(c.model)}
     return out
 
 

@@ -61,18 +61,17 @@ def evaluate_workdir(workdir: str, step: int | None = None, eval_batches: int | 
     from moe_jax.train import restore as inference
     from moe_jax.train import step as step_lib
 
-    config = ckpt_lib.load_config(workdir)
-    config.data.tokenizer_path = os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)
-    if eval_batches is not None:
-        config.train.eval_batches = eval_batches
-    mesh = inference.inference_mesh(config, devices)
-    graphdef, state, step = inference.restore_train_state(workdir, config, mesh, step)
-    ds = data.build(config)
-    batches = list(ds.eval_batches(config.train.batch_size, split))
-    if config.train.eval_batches:
-        batches = batches[:config.train.eval_batches]
-    eval_like = step_lib.batch_like(batches[0], config.train.batch_size)
-    eval_fn, shardings = step_lib.compile_eval_step(config, graphdef, state["params"], mesh, eval_like)
+    run = ckpt_lib.load_run(workdir)
+    run = run.replace(data={"tokenizer_path": os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)},
+                      train={} if eval_batches is None else {"eval_batches": eval_batches})
+    mesh = inference.inference_mesh(run.mesh, devices)
+    graphdef, state, step = inference.restore_train_state(workdir, run, mesh, step)
+    ds = data.build(run)
+    batches = list(ds.eval_batches(run.train.batch_size, split))
+    if run.train.eval_batches:
+        batches = batches[:run.train.eval_batches]
+    eval_like = step_lib.batch_like(batches[0], run.train.batch_size)
+    eval_fn, shardings = step_lib.compile_eval_step(graphdef, state["params"], mesh, eval_like)
     with jax.set_mesh(mesh):
         result = step_lib.evaluate(eval_fn, state["params"], batches, shardings)
     result.update(step=step, workdir=workdir, devices=len(mesh.devices.flat), split=split)

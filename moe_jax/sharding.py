@@ -187,16 +187,17 @@ def hybrid_device_array(ici_shape, dcn_shape, devices, slice_of=None) -> np.ndar
     return arr
 
 
-def build_mesh(config_or_shape, devices=None, dcn_shape=None, slice_of=None) -> Mesh:
-    """Mesh over ('data', 'expert', 'model') from `config.mesh.shape` (or a shape), on `devices` (default: all).
+def build_mesh(mesh_or_shape, devices=None, dcn_shape=None, slice_of=None) -> Mesh:
+    """Mesh over ('data', 'expert', 'model') from a config.typed.MeshConfig (run.mesh) or a shape, on `devices`
+    (default: all).
 
-    With `config.mesh.dcn_shape` (or `dcn_shape`) other than all ones, `shape` is the ICI shape within one slice
+    With the MeshConfig's dcn_shape (or `dcn_shape`) other than all ones, `shape` is the ICI shape within one slice
     (its -1 fills a slice) and the mesh is shape * dcn_shape, built by hybrid_device_array (`slice_of`: see there)."""
-    if hasattr(config_or_shape, "mesh"):
-        shape = config_or_shape.mesh.shape
-        dcn_shape = config_or_shape.mesh.get("dcn_shape", (1, 1, 1)) if dcn_shape is None else dcn_shape
+    if hasattr(mesh_or_shape, "dcn_shape"):
+        shape = mesh_or_shape.shape
+        dcn_shape = mesh_or_shape.dcn_shape if dcn_shape is None else dcn_shape
     else:
-        shape = config_or_shape
+        shape = mesh_or_shape
     dcn = check_dcn_shape((1,) * len(MESH_AXES) if dcn_shape is None else dcn_shape)
     devices = list(jax.devices()) if devices is None else list(devices)
     types = (AxisType.Auto,) * len(MESH_AXES)

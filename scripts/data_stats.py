@@ -18,7 +18,7 @@ import time
 from absl import flags
 
 from moe_jax import cli
-from moe_jax.config import schema as config_lib
+from moe_jax.config import typed
 from moe_jax import data
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ def define_flags() -> None:
 
 def main(argv):
     cli.no_arguments(argv)
-    config = config_lib.validate(FLAGS.config)  # a ConfigError exits with status 2 (cli.run), as from data.build
+    config = typed.parse(FLAGS.config)  # a ConfigError exits with status 2 (cli.run)
     t0 = time.perf_counter()
     ds = data.build(config)
     build_s = time.perf_counter() - t0

@@ -135,7 +135,7 @@ def step_env(check: Check) -> dict:
     import jax
 
     from moe_jax.config import schema as config_lib
-    from moe_jax.model import precision
+    from moe_jax.config import resolve, typed
     versions = {"python": platform.python_version(), "jax": jax.__version__}
     for mod in ("jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "grain", "ml_collections", "torch"):
         try:
@@ -144,7 +144,7 @@ def step_env(check: Check) -> dict:
         except Exception as e:
             versions[mod] = f"missing ({type(e).__name__})"
     devices = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
-    policy = precision.describe(precision.resolve(config_lib.base_config()))
+    policy = resolve.describe(typed.parse(config_lib.base_config()).precision())
     out = {"versions": versions, "backend": jax.default_backend(), "devices": devices, "policy": policy}
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -179,14 +179,14 @@ def step_attention(check: Check, shape) -> dict:
     import numpy as np
 
     from moe_jax.model import layers
-    from moe_jax.model import precision
+    from moe_jax.config import resolve
     b, s, h, d = shape
     rng = np.random.default_rng(0)
     q32, k32, v32 = (rng.normal(size=(b, s, h, d)).astype(np.float32) for _ in range(3))
     seg = np.repeat(np.arange(4), s // 4)[None].repeat(b, 0).astype(np.int32)
     impls = {"blocked": lambda q, k, v, sg: layers.blocked_causal_attention(q, k, v, sg, 128 if s > 128 else 0),
              "xla": layers.xla_attention}
-    backend = precision.backend()
+    backend = resolve.backend()
     if backend == "gpu":
         impls["cudnn"] = layers.cudnn_attention
     tol = {"float32": 2e-4, "bfloat16": 3e-2}
@@ -411,9 +411,9 @@ def step_train(check: Check, args) -> dict:
 
 def step_decode(check: Check, args) -> dict:
     from moe_jax.model import decode
-    from moe_jax.model import precision
-    cfg = load("configs/smoke.py" if args.cpu else "configs/moe.py")
-    info = precision.describe(precision.resolve(cfg))
+    from moe_jax.config import resolve, typed
+    cfg = typed.parse(load("configs/smoke.py" if args.cpu else "configs/moe.py"))
+    info = resolve.describe(cfg.precision())
     check.log(info)
     out = {"config": "configs/smoke.py" if args.cpu else "configs/moe.py", "policy": info, "runs": []}
     for batch in ((2,) if args.cpu else (1, 8)):

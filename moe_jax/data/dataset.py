@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.config import schema as config_lib
 from moe_jax.data import cache, pipeline
 from moe_jax.data.errors import DataError
 from moe_jax.data.sources import Source, open_source
@@ -131,8 +130,8 @@ def per_process_batch(config, process_count: int) -> int:
 
 
 def build(config, process_index: int | None = None, process_count: int | None = None) -> Data:
-    """Prepare (once, cached) and open the configured data; see the module docstring."""
-    config_lib.validate(config)
+    """Prepare (once, cached) and open the configured data (config: a config.typed.RunConfig, already validated);
+    see the module docstring."""
     if process_index is None or process_count is None:
         import jax  # pylint: disable=g-import-not-at-top
 

@@ -314,7 +314,7 @@ def benchmark(config, batch: int, prompt_len: int, max_new_tokens: int, repeats:
     EOS is disabled, so every run decodes exactly max_new_tokens). Median of `repeats` runs after one compiling run."""
     from moe_jax.model import transformer as model_lib
 
-    graphdef, params = model_lib.init_params(config)
+    graphdef, params = model_lib.init_params(config.model, config.seed)
     prompt = np.random.default_rng(seed).integers(0, config.model.vocab_size, (batch, prompt_len)).astype(np.int32)
     kw = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.2, eos_id=-1)
     first = generate(graphdef, params, config, prompt, max_new_tokens, **kw)
@@ -355,8 +355,10 @@ def main(argv) -> None:
         batches = [int(b) for b in FLAGS.batch]
     except ValueError:
         raise cli.UsageError(f"--batch {','.join(FLAGS.batch)}: expected comma-separated integers, e.g. 1,3")
-    from moe_jax.model import precision
-    print(precision.describe(precision.resolve(cfg)))
+    from moe_jax.config.resolve import describe
+    from moe_jax.config.typed import parse
+    cfg = parse(cfg)  # a ConfigError exits with status 2 (cli.run)
+    print(describe(cfg.precision()))
     new = min(FLAGS.max_new_tokens, context_length(cfg) - FLAGS.prompt_len)
     print(f"{path}: {jax.devices()[0].device_kind}, {jax.device_count()} device(s), dtype {cfg.model.dtype}, "
           f"context {context_length(cfg)}")

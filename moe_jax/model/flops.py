@@ -68,22 +68,21 @@ PEAK_TFLOPS: dict[str, float] = {
 }
 
 
-def _mlp_mats(config) -> int:
-    return 3 if config.model.mlp == "swiglu" else 2
+def _mlp_mats(model: ModelConfig) -> int:
+    return 3 if model.mlp == "swiglu" else 2
 
 
-def _layer_counts(config) -> tuple[int, int]:
+def _layer_counts(model: ModelConfig) -> tuple[int, int]:
     """(dense layers, MoE layers)."""
-    n_moe = ModelConfig.from_config(config).num_moe_layers
-    return config.model.n_layers - n_moe, n_moe
+    return model.n_layers - model.num_moe_layers, model.num_moe_layers
 
 
-def param_counts(config) -> dict[str, int]:
+def param_counts(model: ModelConfig) -> dict[str, int]:
     """Parameter counts by kind (see module docstring). 'head' is 0 when tied."""
-    m, moe = config.model, config.moe
-    v, d, f = m.vocab_size, m.d_model, _mlp_mats(config)
-    n_dense, n_moe = _layer_counts(config)
-    hd = m.n_heads * ModelConfig.from_config(config).head_dim
+    m, moe = model, model.moe
+    v, d, f = m.vocab_size, m.d_model, _mlp_mats(model)
+    n_dense, n_moe = _layer_counts(model)
+    hd = m.n_heads * m.head_dim
     e, k = moe.num_experts, moe.top_k
     per_expert = f * d * moe.d_ff if n_moe else 0
     c = dict(
@@ -102,18 +101,18 @@ def param_counts(config) -> dict[str, int]:
     return c
 
 
-def flops_per_token(config, seq_len: int | None = None, batch_size: int | None = None,
+def flops_per_token(model: ModelConfig, seq_len: int, batch_size: int,
                     platform: str | None = None) -> dict[str, float]:
-    """Per-token FLOPs (see module docstring). seq_len / batch_size default to config.train's; batch_size only
-    matters for the capacity padding (the routing group size depends on the tokens per micro-batch); platform
-    ('cpu', 'gpu', 'tpu'; default jax.default_backend()) only for the dropless dispatch overhead."""
+    """Per-token FLOPs (see module docstring) at sequence length `seq_len`; batch_size (sequences per micro-batch)
+    only matters for the capacity padding (the routing group size depends on the tokens per micro-batch); platform
+    ('cpu', 'gpu', 'tpu'; default jax.default_backend()) only for the dropless dispatch overhead. A run's:
+    `run_flops_per_token(run)`."""
     from moe_jax.model import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
-    m, moe = config.model, config.moe
-    s = config.train.seq_len if seq_len is None else seq_len
-    b = config.train.batch_size if batch_size is None else batch_size
-    p = param_counts(config)
-    _, n_moe = _layer_counts(config)
-    hd = m.n_heads * ModelConfig.from_config(config).head_dim
+    m, moe = model, model.moe
+    s, b = seq_len, batch_size
+    p = param_counts(model)
+    _, n_moe = _layer_counts(model)
+    hd = m.n_heads * m.head_dim
 
     matmul = 2.0 * (p["attention"] + p["dense_ffn"] + p["experts_active"] + m.vocab_size * m.d_model)
     attention_scores = m.n_layers * 2.0 * 2.0 * s * hd / 2.0
@@ -126,19 +125,24 @@ def flops_per_token(config, seq_len: int | None = None, batch_size: int | None =
         platform = jax.default_backend() if platform is None else platform
         overhead = n_moe * 2.0 * moe.top_k * m.d_model
         if platform == "cpu" and moe.grouped_matmul == "ragged_dot":
-            overhead += n_moe * moe.top_k * (moe.num_experts - 1) * 2.0 * _mlp_mats(config) * m.d_model * moe.d_ff
+            overhead += n_moe * moe.top_k * (moe.num_experts - 1) * 2.0 * _mlp_mats(model) * m.d_model * moe.d_ff
     elif n_moe:
         tokens = b * s
         t = moe_lib.group_size_for(tokens, moe.group_size)
-        cap = moe_lib.expected_capacity(config, tokens, train=True)
-        frac = moe_lib.capacity_padding_fraction(config, tokens, train=True)
+        cap = moe_lib.expected_capacity(model, tokens, train=True)
+        frac = moe_lib.capacity_padding_fraction(model, tokens, train=True)
         slots_per_token = moe.num_experts * cap / t
-        expert_flops_per_slot = 2.0 * _mlp_mats(config) * m.d_model * moe.d_ff
+        expert_flops_per_slot = 2.0 * _mlp_mats(model) * m.d_model * moe.d_ff
         dispatch_combine = 2 * (2.0 * moe.num_experts * cap * m.d_model)
         padding = overhead = n_moe * (frac * slots_per_token * expert_flops_per_slot + dispatch_combine)
     return dict(forward=forward, training=3.0 * forward, matmul=matmul, attention_scores=attention_scores,
                 router=router, capacity_padding=padding, capacity_padding_training=3.0 * padding,
                 dispatch_overhead=overhead, dispatch_overhead_training=3.0 * overhead)
+
+
+def run_flops_per_token(run) -> dict[str, float]:
+    """flops_per_token of a config.typed.RunConfig at its train.seq_len and train.batch_size."""
+    return flops_per_token(run.model, run.train.seq_len, run.train.batch_size)
 
 
 def newton_schulz_flops(rows: int, cols: int, iterations: int, method: str = "standard") -> float:
@@ -155,52 +159,49 @@ def newton_schulz_flops(rows: int, cols: int, iterations: int, method: str = "st
     return iterations * (4.0 * m * m * n + 2.0 * m ** 3)
 
 
-def muon_matrices(config) -> list[tuple[int, int, int]]:
+def muon_matrices(model: ModelConfig, optim) -> list[tuple[int, int, int]]:
     """(count, rows, cols) of the matrices Muon orthogonalises each step (optimizer.py's dimension numbers): per
     layer wq, wk, wv as [M, H*D] and wo as [H*D, M]; a dense FFN's f matrices; an MoE layer's E*f expert matrices
     (each expert on its own) and the router [M, E] when optim.router_muon. Empty when optim.name != 'muon'."""
-    if config.optim.name != "muon":
+    if optim.name != "muon":
         return []
-    m, moe = config.model, config.moe
-    d, f = m.d_model, _mlp_mats(config)
-    hd = m.n_heads * ModelConfig.from_config(config).head_dim
-    n_dense, n_moe = _layer_counts(config)
+    m, moe = model, model.moe
+    d, f = m.d_model, _mlp_mats(model)
+    hd = m.n_heads * m.head_dim
+    n_dense, n_moe = _layer_counts(model)
     out = [(4 * m.n_layers, d, hd)]
     if n_dense:
         out.append((n_dense * f, d, m.d_ff))
     if n_moe:
         out.append((n_moe * moe.num_experts * f, d, moe.d_ff))
-        if config.optim.router_muon:
+        if optim.router_muon:
             out.append((n_moe, d, moe.num_experts))
     return out
 
 
-def optimizer_flops_per_step(config) -> float:
-    """Newton-Schulz FLOPs of one optimizer step: sum over `muon_matrices` of count x newton_schulz_flops(rows,
-    cols, optim.ns_steps, method) (5 steps by default; method: optim.ns_method resolved for this backend, 'standard'
-    for muon_impl='optax'). Once per optimizer step, whatever train.grad_accum is. Momentum, AdamW and clipping are
-    elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
-    from moe_jax.model import precision
-    it = int(config.optim.ns_steps)
-    method = precision.newton_schulz_settings(config.optim)["ns_method"]
-    return float(sum(c * newton_schulz_flops(r, k, it, method) for c, r, k in muon_matrices(config)))
+def optimizer_flops_per_step(model: ModelConfig, optim) -> float:
+    """Newton-Schulz FLOPs of one optimizer step (optim: a config.typed.OptimConfig): sum over `muon_matrices` of
+    count x newton_schulz_flops(rows, cols, optim.ns_steps, optim.ns.method) (5 steps by default; the method as
+    resolved for the backend, 'standard' for muon_impl='optax'). Once per optimizer step, whatever train.grad_accum
+    is. Momentum, AdamW and clipping are elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
+    it = int(optim.ns_steps)
+    return float(sum(c * newton_schulz_flops(r, k, it, optim.ns.method) for c, r, k in muon_matrices(model, optim)))
 
 
-def executed_flops_per_step(config) -> float:
-    """What one optimizer step makes the hardware compute, as counted here: the model's training FLOPs plus capacity
-    overhead of its dispatch (flops_per_token's dispatch_overhead_training: capacity padding and dispatch/combine, or
-    dropless's gate combine and dense fallback) per token, times the tokens of a step,
-    plus the optimizer's Newton-Schulz FLOPs (optimizer_flops_per_step)."""
-    t = config.train
-    fpt = flops_per_token(config)
-    tokens = t.batch_size * t.grad_accum * t.seq_len
-    return (fpt["training"] + fpt["dispatch_overhead_training"]) * tokens + optimizer_flops_per_step(config)
+def executed_flops_per_step(run) -> float:
+    """What one optimizer step of a config.typed.RunConfig makes the hardware compute, as counted here: the model's
+    training FLOPs plus capacity overhead of its dispatch (flops_per_token's dispatch_overhead_training: capacity
+    padding and dispatch/combine, or dropless's gate combine and dense fallback) per token, times the tokens of a
+    step, plus the optimizer's Newton-Schulz FLOPs (optimizer_flops_per_step)."""
+    fpt = run_flops_per_token(run)
+    return ((fpt["training"] + fpt["dispatch_overhead_training"]) * run.train.tokens_per_step
+            + optimizer_flops_per_step(run.model, run.optim))
 
 
-def flops_per_step(config) -> float:
-    """Training FLOPs of one optimizer step: training FLOPs/token x batch_size x grad_accum x seq_len."""
-    t = config.train
-    return flops_per_token(config)["training"] * t.batch_size * t.grad_accum * t.seq_len
+def flops_per_step(run) -> float:
+    """Training FLOPs of one optimizer step of a RunConfig: training FLOPs/token x batch_size x grad_accum x
+    seq_len."""
+    return run_flops_per_token(run)["training"] * run.train.tokens_per_step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,6 +263,7 @@ def devices_peak_tflops(devices=None, per_device_tflops: float = 0.0, matmul_n: 
     return peak_tflops(dev) * n, f"table peak of {dev.device_kind} x {n}"
 
 
-def mfu(tokens_per_s: float, config, peak: float) -> float:
-    """Model FLOP utilisation: tokens/s x training FLOPs/token (padding excluded) / (peak TFLOP/s x 1e12)."""
-    return tokens_per_s * flops_per_token(config)["training"] / (peak * 1e12)
+def mfu(tokens_per_s: float, training_flops_per_token: float, peak: float) -> float:
+    """Model FLOP utilisation: tokens/s x training FLOPs/token (flops_per_token's 'training': padding excluded) /
+    (peak TFLOP/s x 1e12)."""
+    return tokens_per_s * training_flops_per_token / (peak * 1e12)

@@ -22,8 +22,8 @@ from moe_jax.sharding import constrain
 
 
 def dtype_of(name: str):
-    """model.dtype -> jnp dtype ('auto': the backend's compute dtype, precision.COMPUTE_DTYPE)."""
-    return precision.compute_dtype(name)
+    """model.dtype (resolved by config.typed.parse) -> jnp dtype."""
+    return precision.DTYPES[name]
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
@@ -201,8 +201,8 @@ class Attention(nnx.Module):
     Weights: wq, wk, wv [M, H, D]; wo [H, D, M]. Without a cache, attends causally within the sequence (and within
     the same segment when segment_ids are given) with `model.attention`: 'blocked' (`blocked_causal_attention`,
     skipping the key blocks above the diagonal), 'xla' (`jax.nn.dot_product_attention`, the full S x S mask),
-    'cudnn' (cuDNN's fused flash attention, GPU only; see `cudnn_attention`) or 'auto' (precision.ATTENTION: blocked
-    on CPU, cudnn on GPU, xla on TPU).
+    'cudnn' (cuDNN's fused flash attention, GPU only; see `cudnn_attention`); config.typed.parse resolves 'auto'
+    (config/resolve.py ATTENTION: blocked on CPU, cudnn on GPU, xla on TPU).
     With a cache {'k','v': [B, L, H, D]} and `cache_index` (a scalar: where the new tokens start), writes the new
     keys/values there and attends to cache positions <= each query's (decoding; `jax.nn.dot_product_attention`).
     """
@@ -213,7 +213,7 @@ class Attention(nnx.Module):
         self.rope_base = cfg.rope_base
         self.rope_layout = cfg.rope_layout
         self.dtype = dtype_of(cfg.dtype)
-        self.impl = precision.attention_impl(cfg.attention)
+        self.impl = cfg.attention
         self.block = cfg.attention_block
         shape_in = (cfg.d_model, cfg.n_heads, self.head_dim)
         axes_in = ("embed", "heads", "head_dim")

@@ -271,15 +271,14 @@ class MoEBlock(nnx.Module):
         return ("w_in", "w_gate", "w_out") if self.kind == "swiglu" else ("w_in", "w_out")
 
 
-def expected_capacity(config, tokens: int, train: bool = True) -> int:
-    """The capacity a micro-batch of `tokens` tokens gets (config: a ModelConfig or a ConfigDict)."""
-    cfg = ModelConfig.from_config(config)
+def expected_capacity(cfg: ModelConfig, tokens: int, train: bool = True) -> int:
+    """The capacity a micro-batch of `tokens` tokens gets."""
     return capacity(cfg, group_size_for(tokens, cfg.moe.group_size), train)
 
 
-def capacity_padding_fraction(config, tokens: int, train: bool = True) -> float:
+def capacity_padding_fraction(cfg: ModelConfig, tokens: int, train: bool = True) -> float:
     """Fraction of the expert slots computed that hold no token if routing were perfectly balanced:
     1 - K*T / (E*C). Used by the FLOP counter to report padding FLOPs apart from model FLOPs."""
-    moe = ModelConfig.from_config(config).moe
+    moe = cfg.moe
     t = group_size_for(tokens, moe.group_size)
-    return max(0.0, 1.0 - moe.top_k * t / (moe.num_experts * expected_capacity(config, tokens, train)))
+    return max(0.0, 1.0 - moe.top_k * t / (moe.num_experts * expected_capacity(cfg, tokens, train)))

@@ -140,24 +140,20 @@ def _remat_block(block: Block, x, positions, segment_ids, rng, token_mask, *, tr
     return nnx.remat(call)(block, x, positions, segment_ids, rng, token_mask)
 
 
-def create(config, seed: int | None = None) -> Transformer:
-    """A freshly initialised model (parameters float32, N(0, init_std), norms at 1). `config`: the run's ConfigDict
-    (its ModelConfig is built here; the seed defaults to config.seed) or a ModelConfig (then `seed` is required)."""
-    if seed is None:
-        if isinstance(config, ModelConfig):
-            raise ValueError("create(ModelConfig) needs an explicit seed")
-        seed = config.seed
-    return Transformer(ModelConfig.from_config(config), nnx.Rngs(params=seed))
+def create(cfg: ModelConfig, seed: int) -> Transformer:
+    """A freshly initialised model (parameters float32, N(0, init_std), norms at 1) from `seed` (a run's
+    RunConfig.seed)."""
+    return Transformer(cfg, nnx.Rngs(params=seed))
 
 
-def abstract(config):
-    """(graphdef, abstract nnx.State) without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: create(config)))
+def abstract(cfg: ModelConfig):
+    """(graphdef, abstract nnx.State) without allocating parameters (shapes do not depend on the seed)."""
+    return nnx.split(nnx.eval_shape(lambda: create(cfg, 0)))
 
 
-def init_params(config, seed: int | None = None):
+def init_params(cfg: ModelConfig, seed: int):
     """(graphdef, params as a pure dict of float32 arrays)."""
-    graphdef, state = nnx.split(create(config, seed))
+    graphdef, state = nnx.split(create(cfg, seed))
     return graphdef, nnx.to_pure_dict(state)
 
 

@@ -1,7 +1,7 @@
 """The optimizer: global-norm clipping, then Muon for hidden matrices and AdamW for everything else.
 
-    tx = optimizer.build(config)          # an optax.GradientTransformation
-    opt_state = tx.init(params)           # params: the pure dict from model.init_params(config)
+    tx = optimizer.build(run.optim, run.train.steps)   # an optax.GradientTransformation (run: config.typed.RunConfig)
+    opt_state = tx.init(params)           # params: the pure dict from model.init_params(run.model, run.seed)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
 
@@ -31,7 +31,7 @@ Chain for optim.name == 'muon':
       'muon':  muon.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
                          nesterov, ns_steps, weight_decay=muon_weight_decay,
                          consistent_rms=0.2 if muon_scale == 'moonlight' else None,
-                         ns_dtype=ns_dtype(config), group_key=ns_group_key(config), ns_method=...)
+                         ns_dtype=ns_dtype(optim.ns), group_key=ns_group_key(optim.ns), ns_method=optim.ns.method)
                (optim.muon_impl='batched', the default: optax.contrib.muon's semantics and state, one batched
                Newton-Schulz per group: a weight's copies across layers (optim.ns_stack='layers') or one
                parameter ('none'); wide matrices in float32 Gram space with optim.ns_method='gram' (CPU's
@@ -45,7 +45,7 @@ NAdamW whenever Muon uses Nesterov momentum - and its weight decay has no mask, 
 `optax.contrib.muon` only ever sees the Muon-labelled leaves (its own Adam branch is empty) and AdamW is exactly
 `optax.adamw` with a decay mask. See docs/optimizer.md.
 
-Learning-rate schedule (per optimizer step s = 0, 1, ..., train.steps - 1; W = config_lib.warmup_steps(config)):
+Learning-rate schedule (per optimizer step s = 0, 1, ..., train.steps - 1; W = optim.warmup(train.steps)):
     s < W:  lr = peak * (s + 1) / W                               (linear warmup; step 0 is not wasted at lr 0)
     s >= W: lr = peak * (r + (1 - r) * (1 + cos(pi * p)) / 2),  p = min(1, (s - W) / max(1, steps - 1 - W))
 with r = optim.min_lr_ratio: the last step (steps - 1) runs at exactly r * peak. Muon uses peak = optim.muon_lr,
@@ -90,18 +90,18 @@ def path_str(path) -> str:
     return "/".join(_key_name(k) for k in path)
 
 
-def _rule(path: str, ndim: int, config) -> tuple[str, MuonDimensionNumbers | None, bool]:
-    """(label, Muon dimension numbers or None, AdamW weight decay?) for one parameter."""
+def _rule(path: str, ndim: int, optim) -> tuple[str, MuonDimensionNumbers | None, bool]:
+    """(label, Muon dimension numbers or None, AdamW weight decay?) for one parameter (optim: an OptimConfig)."""
     parts = path.split("/")
     name = parts[-1]
     parent = parts[-2] if len(parts) > 1 else ""
-    muon = config.optim.name == "muon"
+    muon = optim.name == "muon"
     if ndim < 2:  # norm scales, biases
         return ADAMW, None, False
     if path == "embed/embedding" or path == "head":
         return ADAMW, None, True
     if parent == "ffn" and name == "w_router" and ndim == 2:
-        if muon and config.optim.router_muon:
+        if muon and optim.router_muon:
             return MUON, _MATRIX, False
         return ADAMW, None, True
     if parent == "attn" and name in ("wq", "wk", "wv") and ndim == 3:
@@ -120,30 +120,30 @@ def _rule(path: str, ndim: int, config) -> tuple[str, MuonDimensionNumbers | Non
     return ADAMW, None, True
 
 
-def _map_rules(fn, params, config):
+def _map_rules(fn, params, optim):
     """Tree like `params` with fn(rule) at each leaf. Subtrees without leaves (optax MaskedNode) are kept as is."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_rule(path_str(p), np.ndim(x), config)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_rule(path_str(p), np.ndim(x), optim)), params)
 
 
-def weight_dimension_numbers(params, config):
+def weight_dimension_numbers(params, optim):
     """Pure-dict tree for `muon_weight_dimension_numbers`: MuonDimensionNumbers for Muon leaves, None elsewhere."""
-    return _map_rules(lambda r: r[1], params, config)
+    return _map_rules(lambda r: r[1], params, optim)
 
 
-def labels_tree(params, config):
+def labels_tree(params, optim):
     """Tree of 'muon' | 'adamw' labels, shaped like `params`."""
-    return _map_rules(lambda r: r[0], params, config)
+    return _map_rules(lambda r: r[0], params, optim)
 
 
-def decay_mask(params, config):
+def decay_mask(params, optim):
     """Tree of bools: AdamW weight decay on matrices (embedding, head, router...), not on norms or biases."""
-    return _map_rules(lambda r: r[2], params, config)
+    return _map_rules(lambda r: r[2], params, optim)
 
 
-def param_labels(params, config) -> dict[str, str]:
+def param_labels(params, optim) -> dict[str, str]:
     """{'blocks/0/attn/wq': 'muon', 'embed/embedding': 'adamw', ...}."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {path_str(p): _rule(path_str(p), np.ndim(x), config)[0] for p, x in flat}
+    return {path_str(p): _rule(path_str(p), np.ndim(x), optim)[0] for p, x in flat}
 
 
 def _dims_str(dims: MuonDimensionNumbers | None) -> str:
@@ -152,14 +152,14 @@ def _dims_str(dims: MuonDimensionNumbers | None) -> str:
     return f"{dims.reduction_axis} -> {dims.output_axis}"
 
 
-def label_table(params, config) -> str:
+def label_table(params, optim) -> str:
     """Printable table: path, shape, label, Muon dimension numbers, AdamW weight decay; then totals per label."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     rows = [("parameter", "shape", "label", "muon dims (reduction -> output)", "adamw decay")]
     totals = {MUON: 0, ADAMW: 0}
     for p, x in flat:
         path = path_str(p)
-        label, dims, decay = _rule(path, np.ndim(x), config)
+        label, dims, decay = _rule(path, np.ndim(x), optim)
         totals[label] += int(np.prod(np.shape(x)))
         rows.append((path, str(list(np.shape(x))), label, _dims_str(dims),
                      ("yes" if decay else "no") if label == ADAMW else "-"))
@@ -183,19 +183,18 @@ def _lr_at(peak: float, warmup: int, steps: int, min_ratio: float, step):
     return jnp.where(s < warmup, warm, decay)
 
 
-def schedule(config, peak: float) -> optax.Schedule:
-    """The warmup + cosine schedule (see module docstring) for a given peak learning rate."""
-    from moe_jax.config.schema import warmup_steps
-    w, t, r = warmup_steps(config), int(config.train.steps), float(config.optim.min_lr_ratio)
-    return lambda count: _lr_at(float(peak), w, t, r, count)
+def schedule(optim, steps: int, peak: float) -> optax.Schedule:
+    """The warmup + cosine schedule (see module docstring) of a run of `steps` optimizer steps, for a given peak
+    learning rate (optim: an OptimConfig)."""
+    w, r = optim.warmup(steps), float(optim.min_lr_ratio)
+    return lambda count: _lr_at(float(peak), w, int(steps), r, count)
 
 
-def learning_rates(config, step: int) -> dict[str, float]:
-    """{'muon_lr': ..., 'adamw_lr': ...} at optimizer step `step` (0-based), for logging.
+def learning_rates(optim, steps: int, step: int) -> dict[str, float]:
+    """{'muon_lr': ..., 'adamw_lr': ...} at optimizer step `step` (0-based) of a `steps`-step run, for logging.
     With optim.name == 'adamw' there is no Muon and muon_lr is 0."""
-    o = config.optim
-    out = {"adamw_lr": float(schedule(config, o.adamw_lr)(step))}
-    out["muon_lr"] = float(schedule(config, o.muon_lr)(step)) if o.name == "muon" else 0.0
+    out = {"adamw_lr": float(schedule(optim, steps, optim.adamw_lr)(step))}
+    out["muon_lr"] = float(schedule(optim, steps, optim.muon_lr)(step)) if optim.name == "muon" else 0.0
     return out
 
 
@@ -203,19 +202,18 @@ def learning_rates(config, step: int) -> dict[str, float]:
 # The transformation
 
 
-def _adamw(config) -> optax.GradientTransformation:
-    o = config.optim
-    return optax.adamw(schedule(config, o.adamw_lr), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=lambda p: decay_mask(p, config), nesterov=False)
+def _adamw(optim, steps: int) -> optax.GradientTransformation:
+    return optax.adamw(schedule(optim, steps, optim.adamw_lr), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=lambda p: decay_mask(p, optim), nesterov=False)
 
 
-def ns_dtype(config):
-    """The Newton-Schulz operand dtype for optim.ns_dtype: 'float32' | 'bfloat16', or 'auto' = precision.NS_DTYPE of
-    this backend: bfloat16 everywhere (bfloat16 operands, float32 accumulation: measured 24% / 20% faster than float32
-    for the dense / MoE update on the 2-core CPU, 2.2-2.7% update error; GPU/TPU by reference, as the reference Muon
-    runs it, until the device check has timed both). docs/optimizer.md has the numbers."""
-    name = precision.ns_dtype_name(config.optim.ns_dtype)
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+def ns_dtype(ns):
+    """The Newton-Schulz operand dtype of a resolved config.typed.NewtonSchulz (optim.ns; 'auto' was
+    config/resolve.py's NS_DTYPE of the backend: bfloat16 everywhere: bfloat16 operands, float32 accumulation:
+    measured 24% / 20% faster than float32 for the dense / MoE update on the 2-core CPU, 2.2-2.7% update error;
+    GPU/TPU by reference, as the reference Muon runs it, until the device check has timed both).
+    docs/optimizer.md has the numbers."""
+    return precision.DTYPES[ns.dtype]
 
 
 def muon_group_key(path) -> str:
@@ -224,20 +222,18 @@ def muon_group_key(path) -> str:
     return "/".join("*" if _key_name(k).isdigit() else _key_name(k) for k in path)
 
 
-def ns_group_key(config):
-    """The group key for optim.ns_stack: 'layers' = muon_group_key (one chain per weight across layers), 'none' = the
-    parameter's own path (one chain per parameter, as optax.contrib.muon; experts stay one [E, m, n] chain), 'auto' =
-    precision.NS_STACK for this backend ('none' on CPU, where XLA runs a loop of plain dots faster than a batched
-    dot; 'layers' on GPU/TPU, where one batched chain saves launches). docs/optimizer.md has the measurements."""
-    if precision.ns_stack_name(config.optim.get("ns_stack", "auto")) == "layers":
-        return muon_group_key
-    return path_str
+def ns_group_key(ns):
+    """The group key for ns.stack: 'layers' = muon_group_key (one chain per weight across layers), 'none' = the
+    parameter's own path (one chain per parameter, as optax.contrib.muon; experts stay one [E, m, n] chain). 'auto'
+    was config/resolve.py's NS_STACK ('none' on CPU, where XLA runs a loop of plain dots faster than a batched dot;
+    'layers' on GPU/TPU, where one batched chain saves launches). docs/optimizer.md has the measurements."""
+    return muon_group_key if ns.stack == "layers" else path_str
 
 
-def _muon(config) -> optax.GradientTransformation:
-    o = config.optim
+def _muon(optim, steps: int) -> optax.GradientTransformation:
+    o = optim
     kwargs = dict(
-        learning_rate=schedule(config, o.muon_lr),
+        learning_rate=schedule(o, steps, o.muon_lr),
         ns_steps=int(o.ns_steps),
         beta=o.momentum,
         eps=o.eps,
@@ -248,33 +244,28 @@ def _muon(config) -> optax.GradientTransformation:
         adam_b1=o.b1,
         adam_b2=o.b2,
         adam_weight_decay=0.0,
-        adam_learning_rate=schedule(config, o.adamw_lr),
-        muon_weight_dimension_numbers=lambda p: weight_dimension_numbers(p, config),
+        adam_learning_rate=schedule(o, steps, o.adamw_lr),
+        muon_weight_dimension_numbers=lambda p: weight_dimension_numbers(p, o),
         consistent_rms=0.2 if o.muon_scale == "moonlight" else None,
     )
-    if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); config_lib rejects ns_dtype='bfloat16'
+    if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); validation rejects ns_dtype='bfloat16'
         return optax.contrib.muon(**kwargs)
-    if o.muon_impl == "batched":
-        return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(config), group_key=ns_group_key(config),
-                             ns_method=precision.ns_method_name(o.get("ns_method", "auto")))
-    raise ValueError(f"config.optim.muon_impl: unknown {o.muon_impl!r}; choose 'batched' or 'optax'")
+    return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(o.ns), group_key=ns_group_key(o.ns), ns_method=o.ns.method)
 
 
-def build(config) -> optax.GradientTransformation:
-    """clip_by_global_norm(optim.clip_norm) (if > 0), then Muon + AdamW (optim.name='muon') or AdamW alone.
+def build(optim, steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm(optim.clip_norm) (if > 0), then Muon + AdamW (optim.name='muon') or AdamW alone, for a run
+    of `steps` optimizer steps (the schedules' length; optim: a config.typed.OptimConfig).
 
     One call of `update` is one optimizer step: the trainer averages the gradients of its `train.grad_accum`
     micro-batches (a scan) before calling it, so schedules and moment counts advance per optimizer step.
     """
-    o = config.optim
     parts = []
-    if o.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(o.clip_norm))
-    if o.name == "muon":
-        parts.append(optax.partition({MUON: _muon(config), ADAMW: _adamw(config)},
-                                     lambda p: labels_tree(p, config)))
-    elif o.name == "adamw":
-        parts.append(_adamw(config))
+    if optim.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim.clip_norm))
+    if optim.name == "muon":
+        parts.append(optax.partition({MUON: _muon(optim, steps), ADAMW: _adamw(optim, steps)},
+                                     lambda p: labels_tree(p, optim)))
     else:
-        raise ValueError(f"config.optim.name: unknown optimizer {o.name!r}; choose 'muon' or 'adamw'")
+        parts.append(_adamw(optim, steps))
     return optax.chain(*parts)

@@ -42,6 +42,9 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, MuonState
 
+from moe_jax.config.schema import NS_METHODS, choices_text
+
+METHODS = tuple(m for m in NS_METHODS if m != "auto")  # what `orthogonalize` runs: 'standard' | 'gram'
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic (optax's 'standard' preset)
 
 
@@ -157,8 +160,8 @@ def orthogonalize(tree, dims_tree, coeffs: jax.Array, steps: int, eps: float, ns
     runs a batched dot with a size-1 batch axis ~1.5x slower than the plain one). Stacking adds a new leading axis and
     never reshapes the existing ones, so a sharded B (experts) stays sharded the same way. method='gram': groups with
     n >= GRAM_MIN_ASPECT m run `newton_schulz_gram` (in the input dtype; `ns_dtype` applies to the other groups)."""
-    if method not in ("standard", "gram"):
-        raise ValueError(f"muon: unknown Newton-Schulz method {method!r}; choose 'standard' or 'gram'")
+    if method not in METHODS:
+        raise ValueError(f"muon: unknown Newton-Schulz method {method!r}; choose {choices_text(METHODS)}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     dims = treedef.flatten_up_to(dims_tree)
     mats, groups = [], {}

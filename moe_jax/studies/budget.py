@@ -65,9 +65,9 @@ def steps_for(budget: float, per_step: float) -> int:
 
 def costs(config, steps: int) -> dict:
     """A run's cost under the three conventions known before it runs (wall seconds are measured)."""
-    fpt = flops.flops_per_token(config)
+    fpt = flops.run_flops_per_token(config)
     return {"model_flops": steps * flops.flops_per_step(config),
             "executed_flops": steps * flops.executed_flops_per_step(config),
-            "optimizer_flops": steps * flops.optimizer_flops_per_step(config),
+            "optimizer_flops": steps * flops.optimizer_flops_per_step(config.model, config.optim),
             "padding_flops": steps * tokens_per_step(config) * fpt["dispatch_overhead_training"],
             "tokens": steps * tokens_per_step(config)}

@@ -25,12 +25,10 @@ import os
 import ml_collections
 
 from moe_jax.config import schema as config_lib
-from moe_jax.train.workdir import flatten
+from moe_jax.config import typed
+from moe_jax.config.runs import flatten
 from moe_jax.studies import budget as budget_lib
 
-# Fields a re-run may change without invalidating a run dir (presentation, caches, peak for MFU).
-RERUN_IGNORED = ("train.progress_bar", "train.plots", "train.async_checkpoint", "train.peak_tflops",
-                 "data.cache_dir", "data.worker_count")
 _DERIVE_KEYS = {"same_active": {"derive", "from_arm", "num_experts", "top_k", "every"},
                 "same_total": {"derive", "from_arm"}}
 
@@ -229,7 +227,7 @@ class Run:
     order: int
     replicate: str
     run_dir: str
-    config: ml_collections.ConfigDict
+    config: typed.RunConfig
     steps: int
     costs: dict
 
@@ -270,7 +268,7 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict
         if kind == "wall_seconds" and seconds_per_step is None:
             raise config_lib.ConfigError("config.budget.kinds: a wall_seconds budget needs measured seconds per "
                                          "step; run the study through moe_jax.studies.runner (it calibrates first)")
-        per_step[kind] = {lab: budget_lib.cost_per_step(v, kind, (seconds_per_step or {}).get(lab))
+        per_step[kind] = {lab: budget_lib.cost_per_step(typed.parse(v), kind, (seconds_per_step or {}).get(lab))
                           for lab, (_, _, v) in variants.items()}
         amount = float(b.get("amount", 0.0) or 0.0)
         if amount <= 0:
@@ -296,9 +294,9 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict
                     c.train.eval_every = max(1, math.ceil(steps / num_evals))
                 c.seed = seed
                 c.data.shuffle_seed = order
-                config_lib.validate(c)
-                runs.append(Run(kind, name, lr, seed, order, rep, run_dir(workdir, kinds, kind, name, lr, rep), c,
-                                steps, budget_lib.costs(c, steps)))
+                rc = typed.parse(c)  # the run's one parse: the runner trains it as is
+                runs.append(Run(kind, name, lr, seed, order, rep, run_dir(workdir, kinds, kind, name, lr, rep), rc,
+                                steps, budget_lib.costs(rc, steps)))
     split = str(study.get("report_split", "auto"))
     test = float(study.base.data.test_fraction) > 0
     if split == "auto":

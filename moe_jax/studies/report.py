@@ -75,12 +75,12 @@ def record(run: plan_lib.Run, summary: dict) -> dict:
     step = int(summary["step"])
     per_model = flops.flops_per_step(c)
     per_exec = flops.executed_flops_per_step(c)
-    p = flops.param_counts(c)
+    p = flops.param_counts(c.model)
     return {
         "kind": run.kind, "arm": run.arm, "lr": run.lr, "label": run.label, "seed": run.seed, "order": run.order,
         "replicate": run.replicate, "run_dir": run.run_dir, "steps": step, "tokens": int(summary["tokens"]),
         "model_flops": step * per_model, "executed_flops": step * per_exec,
-        "optimizer_flops": step * flops.optimizer_flops_per_step(c),
+        "optimizer_flops": step * flops.optimizer_flops_per_step(c.model, c.optim),
         "params_total": p["total"], "params_active": p["active"],
         **{k: summary.get(k, final.get(k)) for k in ("val_loss", "val_accuracy", "val_perplexity")},
         "wall_time": summary.get("wall_time"),
@@ -243,12 +243,12 @@ def budget_table(planned: dict, kind: str) -> list[str]:
             continue
         seen.add(run.arm)
         c = run.config
-        fpt = flops.flops_per_token(c)
+        fpt = flops.run_flops_per_token(c)
         grid = planned["grids"][run.arm]
         lr = "grid " + ", ".join(f"{v:g}" for v in grid) if grid else f"{_lr_of(c, planned['lr_field']):g}"
         used = planned["per_step"][kind][run.label] * run.steps
         lines.append(f"| {run.arm} | {lr} | {budget_lib.tokens_per_step(c):,} | {fpt['training']:.6e} | "
-                     f"{fpt['dispatch_overhead_training']:.4e} | {flops.optimizer_flops_per_step(c):.4e} | "
+                     f"{fpt['dispatch_overhead_training']:.4e} | {flops.optimizer_flops_per_step(c.model, c.optim):.4e} | "
                      f"{flops.flops_per_step(c):.6e} | {flops.executed_flops_per_step(c):.6e} | {run.steps:,} | "
                      f"{run.costs['model_flops']:.6e} | {run.costs['executed_flops']:.6e} | {run.costs['tokens']:,} | "
                      f"{used / budget - 1:+.3%} |")
@@ -257,7 +257,7 @@ def budget_table(planned: dict, kind: str) -> list[str]:
 
 def _lr_of(c, field: str) -> float:
     section, key = field.split(".")
-    return float(c[section][key])
+    return float(getattr(getattr(c, section), key))
 
 
 def write(workdir: str, study, planned: dict, records: list[dict], selected: dict, command: str,
@@ -373,11 +373,11 @@ def plan_summary(planned: dict, kind: str) -> dict:
             continue
         c = run.config
         out[run.arm] = {"steps": run.steps, "budget": planned["budgets"][kind], "kind": kind,
-                        "flops_per_token": flops.flops_per_token(c), "tokens_per_step": budget_lib.tokens_per_step(c),
+                        "flops_per_token": flops.run_flops_per_token(c), "tokens_per_step": budget_lib.tokens_per_step(c),
                         "flops_per_step": flops.flops_per_step(c), "training_flops": run.costs["model_flops"],
                         "executed_flops_per_step": flops.executed_flops_per_step(c),
-                        "optimizer_flops_per_step": flops.optimizer_flops_per_step(c), **run.costs,
-                        "params": flops.param_counts(c), "grid": planned["grids"][run.arm],
+                        "optimizer_flops_per_step": flops.optimizer_flops_per_step(c.model, c.optim), **run.costs,
+                        "params": flops.param_counts(c.model), "grid": planned["grids"][run.arm],
                         "config": c.to_dict()}
     return out
 

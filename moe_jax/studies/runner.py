@@ -18,8 +18,7 @@ import json
 import os
 import sys
 
-from moe_jax.config import schema as config_lib
-from moe_jax.model import precision
+from moe_jax.config import runs
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.studies import plan as plan_lib
 
@@ -27,20 +26,13 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def check_run_dir(config, rdir: str) -> None:
-    """Refuse a run dir whose config.json differs from `config` (resuming it would mix two experiments)."""
+    """Refuse a run dir whose config.json differs from `config` (a RunConfig; resuming it would mix two experiments;
+    config.runs.check_rerun, RERUN_IGNORED aside)."""
     path = os.path.join(rdir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = plan_lib.flatten(json.load(f))
-    config = config.copy_and_resolve_references()
-    precision.resolve(config)  # config.json holds model.dtype/attention resolved for the backend ('auto' -> ...)
-    new = plan_lib.config_json(config)
-    diff = sorted(k for k in set(old) | set(new) if k not in plan_lib.RERUN_IGNORED and old.get(k) != new.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-        raise config_lib.ConfigError(f"{rdir} was started with a different config ({shown}"
-                                     f"{', ...' if len(diff) > 6 else ''}); use a new --workdir or delete that run")
+        runs.check_rerun(json.load(f), config, rdir)
 
 
 def finished_summary(config, rdir: str) -> dict | None:
@@ -103,12 +95,8 @@ def calibrate(study, workdir: str, devices=None) -> dict:
     measured = {}
     for lab in p["variants"]:
         run = next(r for r in p["runs"] if r.label == lab)
-        c = plan_lib.copy_config(run.config)
-        c.train.steps = steps
-        c.train.log_every = max(1, steps // 6)
-        c.train.eval_every = steps
-        c.train.checkpoint_every = steps
-        c.train.plots = False
+        c = run.config.replace(train=dict(steps=steps, log_every=max(1, steps // 6), eval_every=steps,
+                                          checkpoint_every=steps, plots=False))
         s = trainer.train(c, os.path.join(workdir, "calibration", lab), devices=devices)
         measured[lab] = plan_lib.budget_lib.tokens_per_step(c) / s["tokens_per_s"]
     os.makedirs(workdir, exist_ok=True)

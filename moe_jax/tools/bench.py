@@ -36,7 +36,7 @@ import numpy as np
 
 from moe_jax.config import schema as config_lib
 from moe_jax.model import flops
-from moe_jax.model import precision
+from moe_jax.config import typed
 from moe_jax.model import transformer as model_lib
 from moe_jax.optim import chain as optimizer_lib
 from moe_jax import sharding as sharding_lib
@@ -59,17 +59,15 @@ def apply_overrides(config, overrides: dict) -> None:
 
 
 def prepare(config, batch: int, seq: int, grad_accum: int = 0, overrides=None, backend: str | None = None):
-    """A copy of `config` with the overrides ({'x.y': value}) and the benchmark's batch shape, validated, with
-    model.dtype and model.attention 'auto' resolved for `backend` (default: JAX's default backend)."""
+    """A copy of `config` with the overrides ({'x.y': value}) and the benchmark's batch shape, parsed
+    (config.typed.parse: validated, 'auto' resolved for `backend`, default JAX's default backend) into a RunConfig."""
     config = config.copy_and_resolve_references()
     apply_overrides(config, overrides or {})
     config.train.batch_size = batch
     config.train.seq_len = seq
     if grad_accum:
         config.train.grad_accum = grad_accum
-    config_lib.validate(config)
-    precision.resolve(config, backend)
-    return config
+    return typed.parse(config, backend)
 
 
 class Bench:
@@ -78,23 +76,23 @@ class Bench:
     def __init__(self, name: str, config, devices):
         self.name, self.config = name, config
         t = config.train
-        self.mesh = sharding_lib.build_mesh(config, devices)
+        self.mesh = sharding_lib.build_mesh(config.mesh, devices)
         shards = self.mesh.shape["data"] * self.mesh.shape["expert"]
         if t.batch_size % shards:
             raise config_lib.ConfigError(f"--batch {t.batch_size} is not divisible by the {shards} batch shards of "
                                          f"mesh {dict(self.mesh.shape)}")
-        graphdef, abstract_nnx = model_lib.abstract(config)
-        opt = optimizer_lib.build(config)
+        graphdef, abstract_nnx = model_lib.abstract(config.model)
+        opt = optimizer_lib.build(config.optim, t.steps)
         rows = t.batch_size * t.grad_accum
         rng = np.random.default_rng(1)
         batch = {"inputs": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
                  "targets": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
                  "weights": np.ones((rows, t.seq_len), np.float32)}
-        abs_state = step_lib.abstract_train_state(config, abstract_nnx, opt, self.mesh)
+        abs_state = step_lib.abstract_train_state(abstract_nnx, opt, self.mesh)
         t0 = time.perf_counter()
-        self.step, b_shard = step_lib.compile_train_step(config, graphdef, opt, abs_state, self.mesh, batch)
+        self.step, b_shard = step_lib.compile_train_step(t, graphdef, opt, abs_state, self.mesh, batch)
         with jax.set_mesh(self.mesh):
-            self.state = step_lib.init_sharded_state(config, opt, jax.tree.map(lambda s: s.sharding, abs_state))
+            self.state = step_lib.init_sharded_state(config.model, config.seed, opt, jax.tree.map(lambda s: s.sharding, abs_state))
             self.memory = step_lib._memory(self.step)  # bytes per device, XLA's compiled memory analysis
             self.batch = {k: jax.device_put(v, b_shard[k]) for k, v in batch.items()}
         self.compile_s = time.perf_counter() - t0
@@ -202,13 +200,13 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
     out("")
     for b in benches:
         c = b.config
-        counts = flops.param_counts(c)
-        fpt = flops.flops_per_token(c)
+        counts = flops.param_counts(c.model)
+        fpt = flops.run_flops_per_token(c)
         sec = statistics.median(b.rounds)
         tps = b.tokens_per_step / sec
         tflops = tps * fpt["training"] / 1e12
         r = dict(name=c.name, step_time_s=sec, rounds_s=list(b.rounds), tokens_per_s=tps, tflops=tflops,
-                 mfu=flops.mfu(tps, c, peak), tokens_per_step=b.tokens_per_step, compile_s=b.compile_s,
+                 mfu=flops.mfu(tps, fpt["training"], peak), tokens_per_step=b.tokens_per_step, compile_s=b.compile_s,
                  params_total=counts["total"], params_active=counts["active"],
                  training_flops_per_token=fpt["training"], padding_flops_per_token=fpt["dispatch_overhead_training"],
                  tflops_with_padding=tps * (fpt["training"] + fpt["dispatch_overhead_training"]) / 1e12,
@@ -217,7 +215,8 @@ def benchmark(entries, *, batch: int = 4, seq: int = 512, grad_accum: int = 1, s
                  memory_bytes=dict(b.memory))
         results[b.name] = r
         t = c.train
-        r["newton_schulz"] = ns = precision.newton_schulz_settings(c.optim)  # what Muon's Newton-Schulz runs as
+        ns = c.optim.ns  # what Muon's Newton-Schulz runs as (resolved by parse)
+        r["newton_schulz"] = ns = {"ns_dtype": ns.dtype, "ns_stack": ns.stack, "ns_method": ns.method}
         muon_desc = (f" ({c.optim.muon_impl}: NS {ns['ns_dtype']}, stack {ns['ns_stack']}, {ns['ns_method']})"
                      if c.optim.name == "muon" else "")
         out(f"== {b.name}: batch {t.batch_size} x accum {t.grad_accum} x seq {t.seq_len}, {c.model.dtype}, "
@@ -287,8 +286,8 @@ def time_updates(entries, variants=UPDATE_VARIANTS, rounds: int = 5, out=print) 
             for key, value in zip(("optim.ns_stack", "optim.ns_method"), parts[2:]):
                 overrides[key] = value
             c = prepare(config, config.train.batch_size, config.train.seq_len, overrides=overrides)
-            params = model_lib.init_params(c)[1]
-            tx = optimizer_lib.build(c)
+            params = model_lib.init_params(c.model, c.seed)[1]
+            tx = optimizer_lib.build(c.optim, c.train.steps)
             grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(0), x.shape, x.dtype), params)
             upd = jax.jit(tx.update)
             args = (grads, tx.init(params), params)

@@ -47,6 +47,7 @@ import os
 import sys
 
 from moe_jax.config import schema as config_lib
+from moe_jax.config import typed
 from moe_jax.model import flops
 from moe_jax.tools import hardware
 
@@ -178,9 +179,9 @@ def make_config(shape: Shape, o: Options, batch_size: int = 8, grad_accum: int =
 
 
 def point(shape: Shape, o: Options, device: hardware.Device, mfu: float) -> Point:
-    c = make_config(shape, o)
-    counts = flops.param_counts(c)
-    fpt = flops.flops_per_token(c)["training"]
+    run = typed.parse(make_config(shape, o))
+    counts = flops.param_counts(run.model)
+    fpt = flops.run_flops_per_token(run)["training"]
     tokens = TOKENS_PER_PARAM * counts["active"]
     total = tokens * fpt
     hours = total / (device.peak_tflops * 1e12 * mfu) / 3600.0
@@ -231,7 +232,7 @@ def _activation_bytes_per_row(c) -> float:
 def _micro_rows(c, device: hardware.Device, rows_per_device: int) -> tuple[int, bool]:
     """(micro-batch rows per device, fits) from the memory estimate in the module docstring."""
     memory = MEMORY_FRACTION * device.memory_gib * 2 ** 30
-    fixed = BYTES_PER_PARAM * flops.param_counts(c)["total"]
+    fixed = BYTES_PER_PARAM * flops.param_counts(typed.parse(c).model)["total"]
     per_row = _activation_bytes_per_row(c)
     rows = rows_per_device
     while rows > 1 and fixed + rows * per_row > memory:
@@ -278,8 +279,7 @@ def plan(o: Options) -> Plan:
     if not fits:
         config.model.remat = True
     config.name = f"budget_{device.name}_{o.usd:g}usd{'_moe' if o.moe else ''}".replace(".", "p")
-    config_lib.validate(config)
-    step_flops = flops.flops_per_step(config)
+    step_flops = flops.flops_per_step(typed.parse(config))  # the plan's one parse (a ConfigError names the field)
     total = steps * step_flops
     hours = total / (device.peak_tflops * 1e12 * mfu) / 3600.0
     return Plan(options=o, device=device, mfu=mfu, mfu_source=mfu_source, budget_flops=budget, devices=devices,

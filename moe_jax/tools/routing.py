@@ -46,7 +46,6 @@ import numpy as np
 
 from moe_jax.model import transformer as model_lib
 from moe_jax.model import moe as moe_lib
-from moe_jax.config.typed import ModelConfig
 from moe_jax.train.restore import load_for_inference
 
 OUT_DIR = "routing"
@@ -186,7 +185,7 @@ def specialisation(token_expert: np.ndarray, token_freq: np.ndarray, min_count: 
 
 def make_batch_fn(config, graphdef):
     """jit-compiled (params, batch, key, noise_std) -> {mode: [layer sums]} for both capacities."""
-    cfg = ModelConfig.from_config(config)
+    cfg = config.model
 
     def fn(params, batch, key, noise_std):
         out = {}
@@ -219,9 +218,8 @@ def analyse(config, graphdef, params, batches: list[dict], *, noise_std: float =
     if not config.moe.num_experts:
         raise ValueError("the model is dense (moe.num_experts=0): it has no router to analyse")
     if config.model.remat:  # the capture wrapper must run in the model's own trace, not inside nnx.remat
-        config = config.copy_and_resolve_references()
-        config.model.remat = False
-        graphdef, _ = model_lib.abstract(config)
+        config = config.replace(model={"remat": False})
+        graphdef, _ = model_lib.abstract(config.model)
     fn = make_batch_fn(config, graphdef)
     totals = None
     key = jax.random.key(seed)
@@ -280,8 +278,7 @@ def text_batches(ids: np.ndarray, seq_len: int, batch_size: int, pad_id: int) ->
 def validation_batches(config, workdir: str) -> list[dict]:
     from moe_jax.train import checkpoint as ckpt_lib
     from moe_jax import data
-    config = config.copy_and_resolve_references()
-    config.data.tokenizer_path = os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)
+    config = config.replace(data={"tokenizer_path": os.path.join(workdir, ckpt_lib.TOKENIZER_FILE)})
     return list(data.build(config).val_batches(config.train.batch_size))
 
 

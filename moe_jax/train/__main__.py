@@ -2,7 +2,8 @@
 
     python -m moe_jax.train --config configs/moe.py --workdir runs/moe [--config.train.steps=100 ...]
 
-The config is validated before anything heavy starts; a bad field exits with status 2 and a message naming it.
+The config is parsed (validated, 'auto' resolved: config.typed.parse) before anything heavy starts; a bad field
+exits with status 2 and a message naming it.
 A workdir that already holds checkpoints is resumed from the newest intact one (--restore_step N: exactly step N;
 newer steps are moved to checkpoints_set_aside/). Only safe config changes are accepted on resume
 (--allow_config_change=optim.muon_lr,... allows others deliberately). One trainer per workdir (train.lock).
@@ -24,7 +25,7 @@ import sys
 from absl import flags, logging
 
 from moe_jax import cli
-from moe_jax.config import schema as config_lib
+from moe_jax.config import typed
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +69,7 @@ def main(argv):
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-    config = config_lib.validate(cli.config_value())  # a ConfigError exits with status 2 (cli.run)
+    config = cli.config_value()
     if FLAGS.restore_step is not None and FLAGS.restore_step < 0:
         cli.fail(f"--restore_step: must be a checkpoint step >= 0, got {FLAGS.restore_step}")
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
@@ -81,13 +82,14 @@ def main(argv):
                                      FLAGS.process_id)
     except ValueError as e:
         cli.fail(str(e))
-    if init_args is not None:
+    if init_args is not None:  # before anything asks JAX for its backend (parse does, to resolve 'auto')
         import jax
         jax.distributed.initialize(**init_args)
+    run = typed.parse(config)  # the one validation; a ConfigError exits with status 2 (cli.run)
     from moe_jax.train import checkpoint as ckpt_lib
     from moe_jax.train import loop as trainer  # heavy imports only after the config is known to be good
     try:
-        summary = trainer.train(config, workdir, restore_step=FLAGS.restore_step,
+        summary = trainer.train(run, workdir, restore_step=FLAGS.restore_step,
                                 allow_config_change=FLAGS.allow_config_change)
     except ckpt_lib.WorkdirError as e:  # (a ConfigError, e.g. a refused config change, exits 2 through cli.run)
         cli.fail(str(e))

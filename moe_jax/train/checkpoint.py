@@ -1,7 +1,7 @@
 """Checkpoints (orbax) and the run directory.
 
 Layout of a workdir:
-  config.json       the resolved, validated config (written before training starts)
+  config.json       the resolved, validated config (RunConfig.config_json; written before training starts)
   tokenizer.model   the sentencepiece model the run was trained with
   config_history.jsonl  every config the run was started or resumed with (one JSON line each, with the step)
   train.lock        the one-writer lock (fcntl.flock; JSON: host, pid, start time of the holder)
@@ -60,13 +60,14 @@ class WorkdirError(ValueError):
     """The workdir cannot be used (not a directory, not writable, locked by another trainer): one line with the fix."""
 
 
-def write_run_files(workdir: str, config, tokenizer_path: str | None, step: int | None = None) -> None:
+def write_run_files(workdir: str, run, tokenizer_path: str | None, step: int | None = None) -> None:
     """Write config.json, append it to config_history.jsonl (with the step it starts from) and copy the tokenizer into
-    the workdir (process 0 only). The trainer calls this only after a successful restore (or a fresh start)."""
+    the workdir (process 0 only). `run`: the config.typed.RunConfig (config.json holds its resolved values). The
+    trainer calls this only after a successful restore (or a fresh start)."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    text = run.config_json()
     tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -110,6 +111,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         saved = _tuples(json.load(f))
     return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config()))
+
+
+def load_run(workdir: str, backend: str | None = None):
+    """The run's saved config parsed (config.typed.parse) into a RunConfig for this backend. An implementation the
+    run chose for another backend (attention 'cudnn' in a GPU run's config.json) is kept: the model falls back where
+    it cannot run (layers.cudnn_attention), so a run trained on a GPU still evaluates and generates elsewhere."""
+    from moe_jax.config import typed
+
+    return typed.parse(load_config(workdir), backend, check_backend=False)
 
 
 def fingerprint(step_dir: str) -> dict:

@@ -1,8 +1,8 @@
 """The train loop: data -> compiled step -> metrics, evaluation, checkpoints; resumable and preemption-safe.
 
 `train(config, workdir)` is the whole job behind `python -m moe_jax.train`. What it guarantees:
-  * the config is validated before anything heavy, with model.dtype and model.attention 'auto' resolved for the
-    backend (precision.resolve) and printed; one trainer per workdir (workdir.lock: a second one exits naming the
+  * the config arrives parsed (config.typed.parse at the command line: validated, 'auto' resolved for the backend);
+    its resolution is printed; one trainer per workdir (workdir.lock: a second one exits naming the
     holder); a resumed run's (resolved) config is checked against the run's config.json before anything is written
     (workdir.check_resume_config), and config.json is written (and appended to config_history.jsonl) only after
     a successful restore or a fresh start;
@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -39,7 +40,7 @@ from moe_jax.model import flops
 from moe_jax.optim import chain as optimizer_lib
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.model import transformer as model_lib
-from moe_jax.model import precision
+from moe_jax.config import resolve as resolve_lib
 from moe_jax.train import preemption
 from moe_jax import sharding as sharding_lib
 from moe_jax.train import step as step_lib
@@ -63,11 +64,12 @@ def log(msg: str) -> None:
         sys.stdout.flush()
 
 
-def check_batch_fits_mesh(config, mesh) -> None:
+def check_batch_fits_mesh(train, mesh) -> None:
+    """train.batch_size (a TrainConfig's) must split over the mesh's batch shards (data x expert)."""
     shards = mesh.shape["data"] * mesh.shape["expert"]
-    if config.train.batch_size % shards:
+    if train.batch_size % shards:
         raise config_lib.ConfigError(
-            f"config.train.batch_size: {config.train.batch_size} sequences cannot be split over the "
+            f"config.train.batch_size: {train.batch_size} sequences cannot be split over the "
             f"{shards} batch shards of mesh {dict(mesh.shape)} (data x expert); use a multiple of {shards}")
 
 
@@ -85,230 +87,320 @@ def _summarise_train(m: dict) -> dict:
     return rec
 
 
-def train(config, workdir: str, *, max_steps_this_run: int | None = None, devices=None,
+@dataclasses.dataclass
+class Setup:
+    """What the loop runs with: built by `_setup`; the peak and the metrics writer are added by `_start`, after the
+    restore (which may truncate metrics.jsonl)."""
+    run: Any  # config.typed.RunConfig
+    workdir: str
+    checkpointer: Any
+    mesh: Any
+    ds: Any  # data.Data
+    compiled: step_lib.Compiled
+    writer: metrics_lib.MetricsWriter | None
+    val_batches: list
+    eval_shardings: dict
+    counts: dict  # flops.param_counts
+    flops_per_token: float  # training FLOPs per token
+    peak: float  # TFLOP/s of the devices together
+    is_main: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.run.train.tokens_per_step
+
+
+@dataclasses.dataclass
+class Progress:
+    """The loop's mutable state: the train state and its step, the last dispatched step's metrics (fetched after the
+    next dispatch), the throughput interval since the last log line, skipped steps, the best and last evaluation."""
+    state: dict
+    step: int
+    stop_at: int
+    wall0: float  # wall time of the run before this process started (from the checkpoint)
+    best: float
+    clock0: float = dataclasses.field(default_factory=time.time)
+    pending: tuple | None = None  # (step, device metrics)
+    interval_t: float = dataclasses.field(default_factory=time.time)
+    interval_steps: int = 0
+    tps: float = float("nan")
+    step_time: float = float("nan")
+    skipped_in_row: int = 0
+    skipped_total: int = 0
+    last_eval: dict | None = None
+    stop_reason: str | None = None
+
+    def wall(self) -> float:
+        return self.wall0 + time.time() - self.clock0
+
+    def restart_interval(self) -> None:
+        self.interval_t, self.interval_steps = time.time(), 0
+
+
+def train(run, workdir: str, *, max_steps_this_run: int | None = None, devices=None,
           restore_step: int | None = None, allow_config_change=()) -> dict[str, Any]:
-    """Train (or resume) `config` in `workdir`. `max_steps_this_run` stops early after that many steps (a save is
-    made there), as a preemption would. `restore_step`: resume from exactly this step (newer steps are set aside).
-    `allow_config_change`: config fields (or sections) a resumed run may change beyond workdir.SAFE_FIELDS.
-    Returns a summary dict (also written as metrics records)."""
-    config_lib.validate(config)
+    """Train (or resume) `run` (a config.typed.RunConfig: config.typed.parse of the config) in `workdir`.
+    `max_steps_this_run` stops early after that many steps (a save is made there), as a preemption would.
+    `restore_step`: resume from exactly this step (newer steps are set aside). `allow_config_change`: config fields
+    (or sections) a resumed run may change beyond config.runs.SAFE_FIELDS. Returns a summary dict (also written as
+    metrics records)."""
     lock = workdir_lib.lock(workdir)
     try:
-        return _train(config, workdir, max_steps_this_run, devices, restore_step, tuple(allow_config_change))
+        checkpointer = ckpt_lib.Checkpointer(workdir, keep=run.train.keep_checkpoints,
+                                             async_save=run.train.async_checkpoint)
+        try:
+            if restore_step is not None and restore_step not in checkpointer.all_steps():
+                raise config_lib.ConfigError(f"--restore_step {restore_step}: no such checkpoint in "
+                                             f"{checkpointer.directory}; have {checkpointer.all_steps()}")
+            return _train(run, workdir, checkpointer, max_steps_this_run, devices, restore_step,
+                          tuple(allow_config_change))
+        finally:
+            checkpointer.close()
     finally:
         workdir_lib.unlock(lock)
 
 
-def _train(config, workdir, max_steps_this_run, devices, restore_step, allow_config_change) -> dict[str, Any]:
+def _train(run, workdir, checkpointer, max_steps_this_run, devices, restore_step, allow) -> dict[str, Any]:
     t_setup = time.time()
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpoint)
+    setup, opt = _setup(run, workdir, checkpointer, devices, allow)
+    state, meta, start = _restore_or_init(setup, opt, restore_step)
     try:
-        if restore_step is not None and restore_step not in checkpointer.all_steps():
-            raise config_lib.ConfigError(f"--restore_step {restore_step}: no such checkpoint in "
-                                         f"{checkpointer.directory}; have {checkpointer.all_steps()}")
-        return _run(config, workdir, max_steps_this_run, devices, restore_step, allow_config_change, checkpointer,
-                    t_setup)
+        progress = _start(setup, state, meta, start, max_steps_this_run)
+        log(f"setup took {time.time() - t_setup:.1f}s")
+        _loop(setup, progress)
     finally:
-        checkpointer.close()
+        if setup.writer is not None:
+            setup.writer.close()
+    return _summary(setup, progress)
 
 
-def _run(config, workdir, max_steps_this_run, devices, restore_step, allow_config_change, checkpointer,
-         t_setup) -> dict[str, Any]:
-    mesh = sharding_lib.build_mesh(config, devices)
-    check_batch_fits_mesh(config, mesh)
-    t = config.train
+def _setup(run, workdir, checkpointer, devices, allow) -> tuple[Setup, dict]:
+    """Mesh, resume check, data, compiled steps (the state comes next: `_restore_or_init`). Returns the setup and the
+    optimizer."""
+    mesh = sharding_lib.build_mesh(run.mesh, devices)
+    check_batch_fits_mesh(run.train, mesh)
+    t = run.train
     log(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)")
-    log(precision.describe(precision.resolve(config, mesh.devices.flat[0].platform)))  # config.json records it
+    log(resolve_lib.describe(run.precision()))  # config.json records the resolved values
     if checkpointer.all_steps() and os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
         # the resolved config against the run's (also resolved): before anything is written to the workdir
-        workdir_lib.check_resume_config(ckpt_lib.load_config(workdir), config, allow_config_change, log)
+        workdir_lib.check_resume_config(ckpt_lib.load_config(workdir), run, allow, log)
 
-    ds = data.build(config)
-    if ds.tokenizer.vocab_size != config.model.vocab_size:
-        raise config_lib.ConfigError(f"config.model.vocab_size: {config.model.vocab_size} differs from the "
+    ds = data.build(run)
+    if ds.tokenizer.vocab_size != run.model.vocab_size:
+        raise config_lib.ConfigError(f"config.model.vocab_size: {run.model.vocab_size} differs from the "
                                      f"tokenizer's {ds.tokenizer.vocab_size}; set it to {ds.tokenizer.vocab_size}")
     log(f"data: {ds.stats}")
 
-    graphdef, abstract_state = model_lib.abstract(config)
-    opt = optimizer_lib.build(config)
-    global_rows = t.batch_size * t.grad_accum
+    graphdef, abstract_state = model_lib.abstract(run.model)
+    opt = optimizer_lib.build(run.optim, t.steps)
     example = next(iter(ds.val_batches(t.batch_size)))
-    train_like = step_lib.batch_like(example, global_rows)
+    train_like = step_lib.batch_like(example, t.rows_per_step)
     eval_like = step_lib.batch_like(example, t.batch_size)
-    compiled = step_lib.compile_steps(config, graphdef, abstract_state, opt, mesh, train_like, eval_like)
-    mem = compiled.memory
-    if mem:
-        log("compiled train step memory per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} "
-                                                                  f"{v / 2**20:.1f} MiB" for k, v in mem.items()))
+    compiled = step_lib.compile_steps(t, graphdef, abstract_state, opt, mesh, train_like, eval_like)
+    if compiled.memory:
+        log("compiled train step memory per device: " + ", ".join(
+            f"{k.replace('_size_in_bytes', '')} {v / 2**20:.1f} MiB" for k, v in compiled.memory.items()))
+    val_batches = list(ds.val_batches(t.batch_size))
+    if t.eval_batches:
+        val_batches = val_batches[:t.eval_batches]
+    is_main = jax.process_index() == 0
+    setup = Setup(run=run, workdir=workdir, checkpointer=checkpointer, mesh=mesh, ds=ds, compiled=compiled,
+                  writer=None, val_batches=val_batches, eval_shardings=step_lib.batch_shardings(eval_like, mesh),
+                  counts=flops.param_counts(run.model), flops_per_token=flops.run_flops_per_token(run)["training"],
+                  peak=0.0, is_main=is_main)
+    return setup, opt
 
+
+def _restore_or_init(setup: Setup, opt, restore_step) -> tuple[dict, dict, int]:
+    """The newest intact checkpoint (or `restore_step`) restored onto the mesh, or a fresh state. Then config.json,
+    config_history.jsonl and the tokenizer are written. Returns (state, checkpoint meta, step)."""
+    run, workdir, mesh, compiled = setup.run, setup.workdir, setup.mesh, setup.compiled
     meta: dict = {}
-    if checkpointer.latest_step() is not None:
+    if setup.checkpointer.latest_step() is not None:
         with jax.set_mesh(mesh):
             state, meta, start = ckpt_lib.restore_verified(
-                checkpointer, compiled.abstract_state, restore_step,
-                data_args=data.checkpoint_restore_args(ds.train_iter), log=log, workdir=workdir)
-        if jax.process_index() == 0:  # metrics.jsonl has one writer: two processes rewriting it raced on its rename
+                setup.checkpointer, compiled.abstract_state, restore_step,
+                data_args=data.checkpoint_restore_args(setup.ds.train_iter), log=log, workdir=workdir)
+        if setup.is_main:  # metrics.jsonl has one writer: two processes rewriting it raced on its rename
             metrics_lib.truncate_after(workdir, start)
-        log(f"resumed from step {start} of {t.steps}")
+        log(f"resumed from step {start} of {run.train.steps}")
     else:
         with jax.set_mesh(mesh):
-            state = step_lib.init_sharded_state(config, opt, compiled.state_sharding)
+            state = step_lib.init_sharded_state(run.model, run.seed, opt, compiled.state_sharding)
         start = 0
     step = int(jax.device_get(state["step"]))
     if step != start:
         raise RuntimeError(f"checkpoint step {start} holds state step {step}")
-    ckpt_lib.write_run_files(workdir, config, ds.tokenizer.path, step=start)
+    ckpt_lib.write_run_files(workdir, run, setup.ds.tokenizer.path, step=start)
+    return state, meta, start
 
-    counts = flops.param_counts(config)
-    flops_per_token = flops.flops_per_token(config)["training"]
-    tokens_per_step = global_rows * t.seq_len
-    peak, peak_source = flops.devices_peak_tflops(per_device_tflops=t.peak_tflops)
-    log(f"params: total {counts['total']:,}, active {counts['active']:,}; training FLOPs/token "
-        f"{flops_per_token:.4g}; peak {peak:.3g} TFLOP/s ({peak_source})")
-    is_main = jax.process_index() == 0
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    val_batches = list(ds.val_batches(t.batch_size))
-    if t.eval_batches:
-        val_batches = val_batches[:t.eval_batches]
-    eval_shardings = step_lib.batch_shardings(eval_like, mesh)
-    wall0 = float(meta.get("wall_time", 0.0))
-    best = float(meta.get("best_val_loss", float("inf")))
-    log(f"setup took {time.time() - t_setup:.1f}s")
 
-    stop_at = t.steps if max_steps_this_run is None else min(t.steps, step + max_steps_this_run)
-    clock0 = time.time()
-    pending = None  # (step, device metrics) of the last dispatched step, fetched after the next dispatch
-    interval = {"t": time.time(), "steps": 0, "tps": float("nan"), "step_time": float("nan")}
-    last_eval = None
-    skipped = {"in_row": 0, "total": 0}
-    bar = tqdm(total=t.steps, initial=step, disable=not (t.progress_bar and is_main), dynamic_ncols=True,
+def _start(setup: Setup, state, meta: dict, start: int, max_steps_this_run) -> Progress:
+    """The devices' peak, the metrics writer and the loop's starting Progress."""
+    t = setup.run.train
+    setup.peak, peak_source = flops.devices_peak_tflops(per_device_tflops=t.peak_tflops)
+    log(f"params: total {setup.counts['total']:,}, active {setup.counts['active']:,}; training FLOPs/token "
+        f"{setup.flops_per_token:.4g}; peak {setup.peak:.3g} TFLOP/s ({peak_source})")
+    setup.writer = metrics_lib.MetricsWriter(setup.workdir, enabled=setup.is_main)
+    stop_at = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
+    return Progress(state=state, step=start, stop_at=stop_at, wall0=float(meta.get("wall_time", 0.0)),
+                    best=float(meta.get("best_val_loss", float("inf"))))
+
+
+def _loop(setup: Setup, p: Progress) -> None:
+    """Dispatch steps until stop_at or an agreed stop; fetch, evaluate and save on their cadences."""
+    t, compiled = setup.run.train, setup.compiled
+    bar = tqdm(total=t.steps, initial=p.step, disable=not (t.progress_bar and setup.is_main), dynamic_ncols=True,
                file=sys.stderr)
-
-    def wall() -> float:
-        return wall0 + time.time() - clock0
-
-    def fetch(p, inflight=None) -> None:
-        """Read back step p's metrics (blocks until it is done); log every log_every steps. `inflight`: the metrics of
-        the step dispatched after p, if any. Throughput counts dispatched steps over wall time, and at a log point
-        waits for the in-flight step too, so the interval is exact whether dispatch is asynchronous (GPU/TPU) or
-        runs the step inline (small programs on CPU), at the cost of one pipeline bubble per log line."""
-        s, m = p
-        m = jax.device_get(m)
-        loss = float(m["loss"])
-        if not bool(m["finite"]):
-            what = (f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({float(m['grad_norm'])})"
-                    if not math.isfinite(float(m["grad_norm"])) else "updated parameters or optimizer state")
-            newest = checkpointer.latest_step()
-            newest = ("no checkpoint was saved before it" if newest is None else
-                      f"the newest checkpoint, step {newest} ({checkpointer.step_dir(newest)}), was saved from a "
-                      "finite state")
-            if t.on_nonfinite == "skip":
-                skipped["in_row"] += 1
-                skipped["total"] += 1
-                writer.write({"kind": "skipped", "step": s, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                              "in_row": skipped["in_row"]})
-                log(f"step {s}: non-finite {what}: update skipped ({skipped['in_row']} in a row, "
-                    f"train.max_skipped_steps={t.max_skipped_steps})")
-                if skipped["in_row"] >= t.max_skipped_steps:
-                    raise NonFiniteError(f"non-finite {what} at step {s}: {skipped['in_row']} steps in a row "
-                                         f"skipped (train.max_skipped_steps); stopping: {newest}")
-            else:
-                raise NonFiniteError(f"non-finite {what} at step {s}; stopped before saving it: {newest}; lower the "
-                                     "learning rate (resume with --allow_config_change=optim) or set "
-                                     "train.on_nonfinite='skip'")
-        else:
-            skipped["in_row"] = 0
-        bar.update(1)
-        if s % t.log_every == 0 or s == stop_at:
-            if inflight is not None:
-                jax.block_until_ready(inflight)
-            if interval["steps"]:
-                elapsed = max(time.time() - interval["t"], 1e-9)
-                interval.update(tps=interval["steps"] * tokens_per_step / elapsed,
-                                step_time=elapsed / interval["steps"])
-            # else: this step was in flight at the last log point and its time was counted there: reuse that rate
-            tps = interval["tps"]
-            rec = _summarise_train(m)
-            rec.update(kind="train", step=s, tokens=s * tokens_per_step, wall_time=wall(),
-                       tokens_per_s=tps, step_time=interval["step_time"],
-                       tflops=tps * flops_per_token / 1e12, mfu=flops.mfu(tps, config, peak),
-                       **optimizer_lib.learning_rates(config, s - 1))
-            writer.write(rec)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%")
-            log(f"step {s}: loss {loss:.4f} acc {rec['accuracy']:.3f} grad_norm {rec['grad_norm']:.3f} "
-                f"{tps:,.0f} tok/s {rec['tflops']:.3g} TFLOP/s MFU {100 * rec['mfu']:.1f}%"
-                + (f" dropped {rec['moe/dropped_fraction_mean']:.3f}" if "moe/dropped_fraction_mean" in rec else ""))
-            interval.update(t=time.time(), steps=0)
-
-    def save(s: int, val_loss=None) -> None:
-        checkpointer.save(s, state, data.checkpoint_save_args(ds.train_iter),
-                          meta={"step": s, "tokens": s * tokens_per_step, "wall_time": wall(),
-                                "best_val_loss": best, "val_loss": val_loss}, val_loss=val_loss)
-
     try:
-        with preemption.LocalStop() as local, jax.set_mesh(mesh):
-            stop = preemption.AgreedStop(local, every=STOP_CHECK_EVERY, run_key=f"{os.path.abspath(workdir)}@{step}")
+        with preemption.LocalStop() as local, jax.set_mesh(setup.mesh):
+            stop = preemption.AgreedStop(local, every=STOP_CHECK_EVERY,
+                                         run_key=f"{os.path.abspath(setup.workdir)}@{p.step}")
             watch_maintenance_events(local)
             stopping = False
-            while step < stop_at and not stopping:
-                batch = step_lib.to_global(next(ds.train_iter), compiled.batch_sharding)
-                state, m = compiled.train(state, batch)
-                step += 1
-                interval["steps"] += 1
-                checkpointer.poll(step=step)  # an async save that failed is reported here, at the step it is noticed
-                if pending is not None:
-                    fetch(pending, inflight=m)
-                pending = (step, m)
-                stopping = stop.check(step)
-                is_eval = step % t.eval_every == 0 or step == t.steps
-                is_ckpt = step % t.checkpoint_every == 0 or step == stop_at or is_eval
-                if is_eval or is_ckpt or stopping:
-                    fetch(pending)
-                    pending = None
-                val_loss = None
-                if is_eval:
-                    ev = step_lib.evaluate(compiled.eval, state["params"], val_batches, eval_shardings)
-                    val_loss = ev["val_loss"]
-                    best = min(best, val_loss)
-                    writer.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
-                                  "wall_time": wall(), **ev})
-                    log(f"eval step {step}: val_loss {ev['val_loss']:.4f} val_acc {ev['val_accuracy']:.4f} "
-                        f"val_ppl {ev['val_perplexity']:.2f}")
-                    last_eval = ev
-                if is_ckpt:
-                    save(step, val_loss)
-                if is_eval or is_ckpt:
-                    interval.update(t=time.time(), steps=0)
-            if pending is not None:
-                fetch(pending)
-                pending = None
+            while p.step < p.stop_at and not stopping:
+                batch = step_lib.to_global(next(setup.ds.train_iter), compiled.batch_sharding)
+                p.state, m = compiled.train(p.state, batch)
+                p.step += 1
+                p.interval_steps += 1
+                setup.checkpointer.poll(step=p.step)  # a failed async save is reported at the step it is noticed
+                if p.pending is not None:
+                    _fetch(setup, p, bar, inflight=m)
+                p.pending = (p.step, m)
+                stopping = stop.check(p.step)
+                _cadence(setup, p, bar, stopping)
+            if p.pending is not None:
+                _fetch(setup, p, bar)
+            p.stop_reason = stop.reason
             if stopping:
                 print(f"process {jax.process_index()}: stop requested ({stop.reason}): every process saves step "
-                      f"{step} and exits", flush=True)
-                if step not in checkpointer.all_steps():
-                    save(step)
-            checkpointer.poll(block=True)
+                      f"{p.step} and exits", flush=True)
+                if p.step not in setup.checkpointer.all_steps():
+                    _save(setup, p)
+            setup.checkpointer.poll(block=True)
     finally:
         bar.close()
-        writer.close()
 
-    summary = {"step": step, "finished": step >= t.steps, "tokens": step * tokens_per_step, "wall_time": wall(),
-               "params_total": counts["total"], "params_active": counts["active"],
-               "training_flops_per_token": flops_per_token, "best_val_loss": best,
-               "interrupted": step < stop_at, "stop_reason": stop.reason,
-               "skipped_steps": skipped["total"]}
-    if last_eval:
-        summary.update(last_eval)
-    records = metrics_lib.read(workdir) if is_main else []
+
+def _cadence(setup: Setup, p: Progress, bar, stopping: bool) -> None:
+    """After a dispatched step: fetch it, evaluate and save when the cadence (or a stop) asks."""
+    t = setup.run.train
+    is_eval = p.step % t.eval_every == 0 or p.step == t.steps
+    is_ckpt = p.step % t.checkpoint_every == 0 or p.step == p.stop_at or is_eval
+    if is_eval or is_ckpt or stopping:
+        _fetch(setup, p, bar)
+    val_loss = _evaluate(setup, p) if is_eval else None
+    if is_ckpt:
+        _save(setup, p, val_loss)
+    if is_eval or is_ckpt:
+        p.restart_interval()
+
+
+def _fetch(setup: Setup, p: Progress, bar, inflight=None) -> None:
+    """Read back the pending step's metrics (blocks until it is done); log every log_every steps. `inflight`: the
+    metrics of the step dispatched after it, if any. Throughput counts dispatched steps over wall time, and at a log
+    point waits for the in-flight step too, so the interval is exact whether dispatch is asynchronous (GPU/TPU) or
+    runs the step inline (small programs on CPU), at the cost of one pipeline bubble per log line."""
+    s, m = p.pending
+    p.pending = None
+    m = jax.device_get(m)
+    _check_finite(setup, p, s, m)
+    bar.update(1)
+    t = setup.run.train
+    if s % t.log_every == 0 or s == p.stop_at:
+        if inflight is not None:
+            jax.block_until_ready(inflight)
+        if p.interval_steps:
+            elapsed = max(time.time() - p.interval_t, 1e-9)
+            p.tps, p.step_time = p.interval_steps * setup.tokens_per_step / elapsed, elapsed / p.interval_steps
+        # else: this step was in flight at the last log point and its time was counted there: reuse that rate
+        _log_train(setup, p, bar, s, m)
+        p.restart_interval()
+
+
+def _check_finite(setup: Setup, p: Progress, s: int, m: dict) -> None:
+    """Step s's loss, gradient norm and state must be finite: raise NonFiniteError (train.on_nonfinite='stop'), or
+    count a skipped update ('skip') and raise after train.max_skipped_steps in a row."""
+    t = setup.run.train
+    if bool(m["finite"]):
+        p.skipped_in_row = 0
+        return
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    what = (f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
+            if not math.isfinite(grad_norm) else "updated parameters or optimizer state")
+    newest = setup.checkpointer.latest_step()
+    newest = ("no checkpoint was saved before it" if newest is None else
+              f"the newest checkpoint, step {newest} ({setup.checkpointer.step_dir(newest)}), was saved from a "
+              "finite state")
+    if t.on_nonfinite != "skip":
+        raise NonFiniteError(f"non-finite {what} at step {s}; stopped before saving it: {newest}; lower the "
+                             "learning rate (resume with --allow_config_change=optim) or set "
+                             "train.on_nonfinite='skip'")
+    p.skipped_in_row += 1
+    p.skipped_total += 1
+    setup.writer.write({"kind": "skipped", "step": s, "loss": loss, "grad_norm": grad_norm,
+                        "in_row": p.skipped_in_row})
+    log(f"step {s}: non-finite {what}: update skipped ({p.skipped_in_row} in a row, "
+        f"train.max_skipped_steps={t.max_skipped_steps})")
+    if p.skipped_in_row >= t.max_skipped_steps:
+        raise NonFiniteError(f"non-finite {what} at step {s}: {p.skipped_in_row} steps in a row "
+                             f"skipped (train.max_skipped_steps); stopping: {newest}")
+
+
+def _log_train(setup: Setup, p: Progress, bar, s: int, m: dict) -> None:
+    """Write step s's train record and its log line."""
+    run = setup.run
+    rec = _summarise_train(m)
+    rec.update(kind="train", step=s, tokens=s * setup.tokens_per_step, wall_time=p.wall(),
+               tokens_per_s=p.tps, step_time=p.step_time, tflops=p.tps * setup.flops_per_token / 1e12,
+               mfu=flops.mfu(p.tps, setup.flops_per_token, setup.peak),
+               **optimizer_lib.learning_rates(run.optim, run.train.steps, s - 1))
+    setup.writer.write(rec)
+    loss = rec["loss"]
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{p.tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%")
+    log(f"step {s}: loss {loss:.4f} acc {rec['accuracy']:.3f} grad_norm {rec['grad_norm']:.3f} "
+        f"{p.tps:,.0f} tok/s {rec['tflops']:.3g} TFLOP/s MFU {100 * rec['mfu']:.1f}%"
+        + (f" dropped {rec['moe/dropped_fraction_mean']:.3f}" if "moe/dropped_fraction_mean" in rec else ""))
+
+
+def _evaluate(setup: Setup, p: Progress) -> float:
+    """Evaluate the current parameters on the validation batches; write and log the record. Returns val_loss."""
+    ev = step_lib.evaluate(setup.compiled.eval, p.state["params"], setup.val_batches, setup.eval_shardings)
+    p.best = min(p.best, ev["val_loss"])
+    setup.writer.write({"kind": "eval", "step": p.step, "tokens": p.step * setup.tokens_per_step,
+                        "wall_time": p.wall(), **ev})
+    log(f"eval step {p.step}: val_loss {ev['val_loss']:.4f} val_acc {ev['val_accuracy']:.4f} "
+        f"val_ppl {ev['val_perplexity']:.2f}")
+    p.last_eval = ev
+    return ev["val_loss"]
+
+
+def _save(setup: Setup, p: Progress, val_loss=None) -> None:
+    s = p.step
+    setup.checkpointer.save(s, p.state, data.checkpoint_save_args(setup.ds.train_iter),
+                            meta={"step": s, "tokens": s * setup.tokens_per_step, "wall_time": p.wall(),
+                                  "best_val_loss": p.best, "val_loss": val_loss}, val_loss=val_loss)
+
+
+def _summary(setup: Setup, p: Progress) -> dict[str, Any]:
+    """The run's summary (summary.json on process 0), with the median throughput and MFU of its log lines."""
+    t, step = setup.run.train, p.step
+    summary = {"step": step, "finished": step >= t.steps, "tokens": step * setup.tokens_per_step,
+               "wall_time": p.wall(), "params_total": setup.counts["total"], "params_active": setup.counts["active"],
+               "training_flops_per_token": setup.flops_per_token, "best_val_loss": p.best,
+               "interrupted": step < p.stop_at, "stop_reason": p.stop_reason, "skipped_steps": p.skipped_total}
+    if p.last_eval:
+        summary.update(p.last_eval)
+    records = metrics_lib.read(setup.workdir) if setup.is_main else []
     tps = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r["step"] > t.log_every]
     if tps:
         summary["tokens_per_s"] = float(np.median(tps))
-        summary["mfu"] = flops.mfu(summary["tokens_per_s"], config, peak)
-    if is_main:
-        metrics_lib.write_json(workdir, SUMMARY_FILE, summary)
+        summary["mfu"] = flops.mfu(summary["tokens_per_s"], setup.flops_per_token, setup.peak)
+    if setup.is_main:
+        metrics_lib.write_json(setup.workdir, SUMMARY_FILE, summary)
         if t.plots and step >= t.steps:
-            metrics_lib.plot(workdir)
+            metrics_lib.plot(setup.workdir)
     return summary
 
 

@@ -32,10 +32,10 @@ from moe_jax import sharding as sharding_lib
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
-def init_state(config, params, optimizer) -> dict:
-    """A fresh train state from initial parameters."""
+def init_state(seed: int, params, optimizer) -> dict:
+    """A fresh train state from initial parameters (`seed`: the run's, for dropout and router noise)."""
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(config.seed))}
+            "rng": jax.random.key_data(jax.random.key(seed))}
 
 
 def _loss(graphdef, params, micro, rng, train: bool):
@@ -54,13 +54,15 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -> Callable:
-    """(state, batch) -> (new state, metrics). metrics['finite'] (bool []) says whether the loss, the gradient norm and
-    the updated params and optimizer state are all finite; with train.on_nonfinite='skip' a non-finite step keeps the
-    previous params and optimizer state (the step counter still advances)."""
-    accum = config.train.grad_accum
-    nan_step = config.train.inject_nan_at_step
-    skip_nonfinite = config.train.on_nonfinite == "skip"
+def make_train_step(train, graphdef, optimizer: optax.GradientTransformation) -> Callable:
+    """(state, batch) -> (new state, metrics) for a config.typed.TrainConfig `train`. metrics['finite'] (bool [])
+    says whether the loss, the gradient norm and the updated params and optimizer state are all finite; with
+    train.on_nonfinite='skip' a non-finite step keeps the previous params and optimizer state (the step counter still
+    advances)."""
+    accum = train.grad_accum
+    nan_step = train.inject_nan_at_step
+    nan_mode = train.inject_nan_mode
+    skip_nonfinite = train.on_nonfinite == "skip"
 
     def step_fn(state, batch):
         step = state["step"]
@@ -92,9 +94,9 @@ def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -
         loss = sums["ce"] / accum
         if nan_step >= 0:  # test hook: poison the gradients (and the loss unless inject_nan_mode='grads') at one step,
             # or at every step from it on ('grads_from')
-            hit = step + 1 >= nan_step if config.train.inject_nan_mode == "grads_from" else step + 1 == nan_step
+            hit = step + 1 >= nan_step if nan_mode == "grads_from" else step + 1 == nan_step
             poison = jnp.where(hit, jnp.nan, 1.0)  # steps are numbered from 1 in logs
-            if config.train.inject_nan_mode == "all":
+            if nan_mode == "all":
                 loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -114,7 +116,7 @@ def make_train_step(config, graphdef, optimizer: optax.GradientTransformation) -
     return step_fn
 
 
-def make_eval_step(config, graphdef) -> Callable:
+def make_eval_step(graphdef) -> Callable:
     """(params, batch) -> sums {'loss', 'correct', 'weight'} over the batch, deterministic (no dropout/noise)."""
 
     def eval_fn(params, batch):
@@ -162,10 +164,10 @@ def batch_shardings(batch_like: dict, mesh) -> dict:
     return {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in batch_like.items()}
 
 
-def abstract_train_state(config, abstract_nnx_state, optimizer, mesh) -> dict:
+def abstract_train_state(abstract_nnx_state, optimizer, mesh) -> dict:
     """The train state as ShapeDtypeStructs carrying their NamedShardings on `mesh` (no memory allocated)."""
     params_abs = nnx.to_pure_dict(abstract_nnx_state)
-    state_abs = jax.eval_shape(lambda p: init_state(config, p, optimizer), params_abs)
+    state_abs = jax.eval_shape(lambda p: init_state(0, p, optimizer), params_abs)  # shapes: any seed
     shardings = state_shardings(state_abs, abstract_nnx_state, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, shardings)
 
@@ -193,34 +195,35 @@ def _memory(compiled) -> dict:
     return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
-def fresh_state(config, optimizer) -> dict:
-    """A fresh train state: model.create(config)'s parameters (seed config.seed) and `optimizer.init` of them. Pure
-    (jit it with out_shardings to build it in place on a mesh: `init_sharded_state`)."""
-    params = nnx.to_pure_dict(nnx.split(model_lib.create(config))[1])
-    return init_state(config, params, optimizer)
+def fresh_state(model, seed: int, optimizer) -> dict:
+    """A fresh train state: model.create(model, seed)'s parameters and `optimizer.init` of them (model: a ModelConfig).
+    Pure (jit it with out_shardings to build it in place on a mesh: `init_sharded_state`)."""
+    params = nnx.to_pure_dict(nnx.split(model_lib.create(model, seed))[1])
+    return init_state(seed, params, optimizer)
 
 
-def init_sharded_state(config, optimizer, state_sharding) -> dict:
+def init_sharded_state(model, seed: int, optimizer, state_sharding) -> dict:
     """`fresh_state` built directly in `state_sharding` (a tree of NamedShardings; no host copy, no replication)."""
-    return jax.jit(lambda: fresh_state(config, optimizer), out_shardings=state_sharding)()
+    return jax.jit(lambda: fresh_state(model, seed, optimizer), out_shardings=state_sharding)()
 
 
 def _abstract_batch(batch_like: dict, shardings: dict) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch_like.items()}
 
 
-def compile_train_step(config, graphdef, optimizer, abstract_state, mesh, batch_like: dict):
-    """The train step lowered and compiled for `abstract_state` (ShapeDtypeStructs with shardings) and batches shaped
+def compile_train_step(train, graphdef, optimizer, abstract_state, mesh, batch_like: dict):
+    """The train step (train: a config.typed.TrainConfig) lowered and compiled for `abstract_state`
+    (ShapeDtypeStructs with shardings) and batches shaped
     like `batch_like` (anything with .shape/.dtype), the state donated. Returns (executable, batch shardings)."""
     s_shard = jax.tree.map(lambda s: s.sharding, abstract_state)
     b_shard = batch_shardings(batch_like, mesh)
     with jax.set_mesh(mesh):
-        train = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(s_shard, b_shard),
+        train = jax.jit(make_train_step(train, graphdef, optimizer), in_shardings=(s_shard, b_shard),
                         out_shardings=(s_shard, NamedSharding(mesh, P())), donate_argnums=(0,))
         return train.lower(abstract_state, _abstract_batch(batch_like, b_shard)).compile(), b_shard
 
 
-def compile_eval_step(config, graphdef, abstract_params, mesh, eval_batch_like: dict):
+def compile_eval_step(graphdef, abstract_params, mesh, eval_batch_like: dict):
     """The eval step lowered and compiled for parameters like `abstract_params` (anything with .shape, .dtype and
     .sharding: ShapeDtypeStructs or the arrays themselves) and batches like `eval_batch_like`.
     Returns (executable, batch shardings)."""
@@ -229,18 +232,18 @@ def compile_eval_step(config, graphdef, abstract_params, mesh, eval_batch_like: 
     abs_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params,
                               p_shard)
     with jax.set_mesh(mesh):
-        ev = jax.jit(make_eval_step(config, graphdef), in_shardings=(p_shard, e_shard),
+        ev = jax.jit(make_eval_step(graphdef), in_shardings=(p_shard, e_shard),
                      out_shardings=NamedSharding(mesh, P()))
         return ev.lower(abs_params, _abstract_batch(eval_batch_like, e_shard)).compile(), e_shard
 
 
-def compile_steps(config, graphdef, abstract_nnx_state, optimizer, mesh, batch_like: dict,
+def compile_steps(train, graphdef, abstract_nnx_state, optimizer, mesh, batch_like: dict,
                   eval_batch_like: dict) -> Compiled:
     """Lower and compile both steps ahead of time (so an out-of-memory config fails before step 1, with numbers)."""
-    abs_in = abstract_train_state(config, abstract_nnx_state, optimizer, mesh)
+    abs_in = abstract_train_state(abstract_nnx_state, optimizer, mesh)
     s_shard = jax.tree.map(lambda s: s.sharding, abs_in)
-    train_c, b_shard = compile_train_step(config, graphdef, optimizer, abs_in, mesh, batch_like)
-    eval_c, _ = compile_eval_step(config, graphdef, abs_in["params"], mesh, eval_batch_like)
+    train_c, b_shard = compile_train_step(train, graphdef, optimizer, abs_in, mesh, batch_like)
+    eval_c, _ = compile_eval_step(graphdef, abs_in["params"], mesh, eval_batch_like)
     return Compiled(train_c, eval_c, abs_in, s_shard, b_shard, _memory(train_c))
 
 

@@ -22,26 +22,9 @@ import socket
 import jax
 
 from moe_jax.train import checkpoint as ckpt_lib
-from moe_jax.config import schema as config_lib
+from moe_jax.config import runs
 
 WorkdirError = ckpt_lib.WorkdirError
-
-# Fields a resumed run may change freely: they change cadence, logging, bookkeeping or the length of the run, not the
-# shapes, the token stream or the meaning of the saved params and optimizer state. (train.steps also stretches the
-# learning-rate schedule, which follows it: the change is printed.)
-SAFE_FIELDS = (
-    "name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.async_checkpoint", "train.peak_tflops", "train.plots", "train.progress_bar",
-    "train.inject_nan_at_step", "train.inject_nan_mode", "train.on_nonfinite", "train.max_skipped_steps",
-    "data.cache_dir", "data.worker_count", "data.max_val_windows", "mesh.shape", "model.remat", "model.attention",
-    "model.attention_block", "optim.ns_stack",  # stacking Newton-Schulz chains changes rounding only (tested 1e-6)
-)
-# Fields that change the shapes or structure of the saved state: no flag can allow them (the restore cannot work).
-STRUCTURAL_FIELDS = (
-    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.mlp",
-    "model.tie_embeddings", "moe.num_experts", "moe.d_ff", "moe.every", "optim.name", "optim.router_muon",
-)
-
 
 def lock(workdir: str):
     """Create `workdir` if needed, check it is a writable directory, and take its one-writer lock (process 0 only).
@@ -86,46 +69,8 @@ def unlock(fd) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'model': {'d_model': 64}} -> {'model.d_model': 64} (nested dicts to dotted keys)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _comparable(config) -> dict:
-    return flatten(json.loads(config.to_json_best_effort()))
-
-
-def _allowed(field: str, allow) -> bool:
-    return any(field == a or field.startswith(a + ".") for a in allow)
-
-
-def check_resume_config(saved, config, allow=(), log=print) -> list[str]:
-    """Compare the config of a resumed run with the run's saved one (both ConfigDicts). Safe changes (SAFE_FIELDS) and
-    those named in `allow` (fields or whole sections, e.g. ('optim.muon_lr', 'optim.adamw_lr') or ('optim',)) are
-    printed through `log` and returned as 'field: old -> new' lines; any other change raises ConfigError listing
-    every one as `field: old -> new` with the fix. STRUCTURAL_FIELDS cannot be allowed."""
-    old, new = _comparable(saved), _comparable(config)
-    changed = [(f, old.get(f, "<absent>"), new.get(f, "<absent>")) for f in sorted(set(old) | set(new))
-               if old.get(f, "<absent>") != new.get(f, "<absent>")]
-    structural = [c for c in changed if c[0] in STRUCTURAL_FIELDS]
-    refused = [c for c in changed if c[0] not in SAFE_FIELDS and not _allowed(c[0], allow)]
-    fmt = "; ".join
-    if structural:
-        raise config_lib.ConfigError(
-            "resuming with a changed model: " + fmt(f"config.{f}: {o!r} -> {n!r}" for f, o, n in structural)
-            + " changes the shapes of the saved state; undo the change or start a new --workdir")
-    if refused:
-        raise config_lib.ConfigError(
-            "resuming with a changed config: " + fmt(f"config.{f}: {o!r} -> {n!r}" for f, o, n in refused)
-            + " changes the data stream or the meaning of the saved state; undo it, start a new --workdir, or allow "
-            "it deliberately with --allow_config_change=" + ",".join(f for f, _, _ in refused))
-    lines = [f"config.{f}: {o!r} -> {n!r}" for f, o, n in changed]
-    if lines:
-        log("resuming with config changes: " + "; ".join(lines))
-    return lines
+def check_resume_config(saved, run, allow=(), log=print) -> list[str]:
+    """Compare a resumed run's config (`run`, a RunConfig) with the workdir's saved config.json (`saved`): safe
+    changes pass and are printed, others need `allow` (--allow_config_change), structural ones are refused
+    (config.runs.check_resume: SAFE_FIELDS, STRUCTURAL_FIELDS)."""
+    return runs.check_resume(saved, run, allow, log)
