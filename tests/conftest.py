@@ -38,6 +38,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 from moe_jax import cli  # noqa: E402
+from moe_jax.config.typed import parse
 
 
 def config(name: str):
@@ -62,7 +63,6 @@ def smoke_run(tmp_path_factory, data_cache) -> dict:
     """The shared trained run: {'workdir', 'config', 'summary'} of configs/smoke.py trained 4 steps on all 8
     devices (log every 2 steps; checkpoint, evaluation and summary at step 4; no plots), with its config.json and
     tokenizer.model. Read-only for the tests."""
-    from moe_jax.config import schema as config_lib
     from moe_jax.train import loop as trainer
 
     c = config("smoke")
@@ -73,7 +73,6 @@ def smoke_run(tmp_path_factory, data_cache) -> dict:
     c.train.checkpoint_every = 4
     c.train.eval_every = 4
     c.train.log_every = 2
-    config_lib.validate(c)
     workdir = str(tmp_path_factory.mktemp("smoke_run") / "run")
-    summary = trainer.train(c, workdir)
+    summary = trainer.train(parse(c), workdir)
     return {"workdir": workdir, "config": c, "summary": summary}

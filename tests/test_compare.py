@@ -20,6 +20,7 @@ from moe_jax.model import flops
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.train import loop as trainer
 from moe_jax.studies import stats
+from moe_jax.config.typed import parse
 from study_helpers import markdown_table, tiny_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +157,7 @@ def tiny_run(tmp_path_factory, cache_dir):
     c = compare.plan(cmp)["moe"]["config"]
     c.seed = 1
     partial = compare.run_dir(workdir, "moe", 1)
-    s = trainer.train(c, partial, max_steps_this_run=3, devices=devices)
+    s = trainer.train(parse(c), partial, max_steps_this_run=3, devices=devices)
     assert s["step"] == 3 and not s["finished"]
 
     calls = []

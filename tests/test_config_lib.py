@@ -10,6 +10,7 @@ from moe_jax.config import schema as config_lib
 from moe_jax.model import moe as moe_lib
 from moe_jax.cli import load_config_file
 from moe_jax.config.typed import ModelConfig
+from moe_jax.config.typed import parse
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -111,10 +112,10 @@ def test_base_config_validates():
 
 def test_warmup_steps_and_head_dim():
     c = load_config_file(CONFIGS / "moe.py")
-    assert config_lib.warmup_steps(c) == 1000  # 5% of 20,000
+    assert parse(c).warmup_steps == 1000  # 5% of 20,000
     c.optim.warmup_steps = 300
-    assert config_lib.warmup_steps(c) == 300
-    assert ModelConfig.from_config(c).head_dim == 48
+    assert parse(c).warmup_steps == 300
+    assert parse(c).model.head_dim == 48
 
 
 def test_is_moe_layer_every_two():

@@ -23,6 +23,7 @@ from moe_jax.model import transformer as model
 from moe_jax import sharding
 from moe_jax.train import step as train_step
 from moe_jax.optim import chain as optimizer_lib
+from moe_jax.config.typed import parse
 from conftest import config as load_config
 from test_moe import call_block, moe_config, random_block, random_tokens, ref_moe
 
@@ -327,7 +328,7 @@ def test_model_trains_with_dropless(tmp_path, data_cache):
     c = smoke_config(data_cache)
     c.moe.dispatch = "dropless"
     workdir = str(tmp_path / "run")
-    summary = trainer.train(config_lib.validate(c), workdir)
+    summary = trainer.train(parse(config_lib.validate(c)), workdir)
     assert summary["finished"] and summary["step"] == 60
     h = unigram_entropy(workdir, data_cache)
     assert summary["val_loss"] < h - 0.5, (summary["val_loss"], h)

@@ -33,6 +33,7 @@ from moe_jax.model import moe as moe_lib
 from moe_jax.train import loop as trainer
 from moe_jax.train import workdir as workdir_lib
 from moe_jax.cli import load_config_file
+from moe_jax.config.typed import parse
 from smoke_helpers import smoke_config, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,7 @@ def cache_dir(data_cache):
 def reference(tmp_path_factory, cache_dir):
     """An uninterrupted 8-step run with checkpoints at 2, 4, 6, 8: (workdir, {step: loss})."""
     workdir = str(tmp_path_factory.mktemp("faults") / "reference")
-    trainer.train(smoke_config(cache_dir, **REF), workdir)
+    trainer.train(parse(smoke_config(cache_dir, **REF)), workdir)
     return workdir, train_losses(workdir)
 
 
@@ -71,7 +72,7 @@ def test_nan_gradients_with_finite_loss_are_never_saved(tmp_path, cache_dir):
     c = smoke_config(cache_dir, steps=10, checkpoint_every=1, eval_every=100, log_every=1, inject_nan_at_step=5,
                      inject_nan_mode="grads", plots=False)
     with pytest.raises(trainer.NonFiniteError, match=r"non-finite gradient norm \(nan\) at step 5.*step 4"):
-        trainer.train(c, workdir)
+        trainer.train(parse(c), workdir)
     assert all(np.isfinite(loss) for loss in train_losses(workdir).values())  # the loss never showed it
     assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 4
     _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
@@ -83,7 +84,7 @@ def test_skip_drops_the_nonfinite_update_and_goes_on(tmp_path, cache_dir):
     workdir = str(tmp_path / "skip")
     c = smoke_config(cache_dir, steps=5, checkpoint_every=100, eval_every=100, log_every=1, inject_nan_at_step=3,
                      on_nonfinite="skip", max_skipped_steps=2, plots=False)
-    summary = trainer.train(c, workdir)
+    summary = trainer.train(parse(c), workdir)
     assert summary["finished"] and summary["skipped_steps"] == 1
     records = metrics_lib.read(workdir)
     assert [r["step"] for r in records if r["kind"] == "skipped"] == [3]
@@ -99,7 +100,7 @@ def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path, cache_dir):
     c = smoke_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, inject_nan_at_step=4,
                      inject_nan_mode="grads_from", on_nonfinite="skip", max_skipped_steps=3, plots=False)
     with pytest.raises(trainer.NonFiniteError, match=r"3 steps in a row skipped \(train.max_skipped_steps\)"):
-        trainer.train(c, workdir)
+        trainer.train(parse(c), workdir)
     records = metrics_lib.read(workdir)
     assert [(r["step"], r["in_row"]) for r in records if r["kind"] == "skipped"] == [(4, 1), (5, 2), (6, 3)]
     _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
@@ -163,7 +164,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp
         assert result["step"] == 6
         assert os.path.isdir(step_dir)
         assert f"checkpoint {os.path.abspath(step_dir)} is unusable" in capsys.readouterr().err
-    summary = trainer.train(smoke_config(cache_dir, **REF), workdir)
+    summary = trainer.train(parse(smoke_config(cache_dir, **REF)), workdir)
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if "is unusable" in x]
     assert len(lines) == 1 and os.path.abspath(step_dir) in lines[0] and reason in lines[0], out
@@ -179,14 +180,14 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp
 
 def test_restore_step_picks_an_older_step_and_sets_newer_ones_aside(reference, tmp_path, cache_dir):
     workdir = _copy(reference, tmp_path)
-    trainer.train(smoke_config(cache_dir, **REF), workdir, restore_step=4)
+    trainer.train(parse(smoke_config(cache_dir, **REF)), workdir, restore_step=4)
     losses = train_losses(workdir)
     for s in range(5, 9):
         assert losses[s] == reference[1][s], s
     aside = sorted(int(n.split(".")[0]) for n in os.listdir(os.path.join(workdir, ckpt_lib.SET_ASIDE_DIR)))
     assert aside == [6, 8]
     with pytest.raises(config_lib.ConfigError, match="--restore_step 5: no such checkpoint"):
-        trainer.train(smoke_config(cache_dir, **REF), workdir, restore_step=5)
+        trainer.train(parse(smoke_config(cache_dir, **REF)), workdir, restore_step=5)
 
 
 def test_a_step_without_fingerprint_is_unverified_only_in_a_legacy_run(tmp_path):
@@ -211,7 +212,7 @@ def test_changed_d_model_is_refused_and_the_run_still_evaluates(reference, cache
     c = smoke_config(cache_dir, **REF)
     c.model.d_model = 128
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_model: 64 -> 128"):
-        trainer.train(c, workdir)
+        trainer.train(parse(c), workdir)
     assert open(os.path.join(workdir, ckpt_lib.CONFIG_FILE)).read() == before
     assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 8
 
@@ -222,8 +223,8 @@ def test_learning_rate_change_needs_the_flag(reference, tmp_path, cache_dir, cap
     c.optim.muon_lr = 0.02
     with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.muon_lr: 0\.03 -> 0\.02.*"
                                                      r"--allow_config_change=optim\.muon_lr"):
-        trainer.train(c, workdir)
-    summary = trainer.train(c, workdir, allow_config_change=["optim.muon_lr"])
+        trainer.train(parse(c), workdir)
+    summary = trainer.train(parse(c), workdir, allow_config_change=["optim.muon_lr"])
     assert summary["step"] == 9
     out = capsys.readouterr().out
     assert "config.optim.muon_lr: 0.03 -> 0.02" in out and "config.train.steps: 8 -> 9" in out
@@ -282,7 +283,7 @@ def test_failed_async_save_is_reported_at_the_next_step(tmp_path, cache_dir, mon
     c = smoke_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, plots=False)
     with pytest.raises(ckpt_lib.CheckpointError, match=r"saving step 4 .* failed \(OSError: \[Errno 28\] No space "
                                                        r"left on device; noticed at step 5\).*resume from step 2"):
-        trainer.train(c, workdir)
+        trainer.train(parse(c), workdir)
     assert max(train_losses(workdir)) == 4
 
 
@@ -401,7 +402,7 @@ def test_second_trainer_fails_fast_and_sigterm_exits_3(tmp_path, cache_dir):
 def test_kill_9_in_a_loop_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     cfg = dict(steps=10, checkpoint_every=1, eval_every=10, log_every=1, keep_checkpoints=3, plots=False)
     reference = str(tmp_path / "uninterrupted")
-    trainer.train(smoke_config(cache_dir, **cfg), reference)
+    trainer.train(parse(smoke_config(cache_dir, **cfg)), reference)
     workdir = str(tmp_path / "killed")
     args = ["--config", "configs/smoke.py", "--workdir", workdir] + [f"--config.train.{k}={v}" for k, v in cfg.items()]
     args.append("--config.train.progress_bar=False")

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose
 
+from moe_jax.config.typed import parse
 from moe_jax.model import layers
 from moe_jax.cli import load_config_file
 from moe_jax.config.typed import ModelConfig
@@ -178,7 +179,7 @@ def test_project_equals_einsum():
 
 def make_attention(config):
     """The layer, called under jit (much faster than op-by-op): f(x, positions, segment_ids=None) -> y."""
-    attn = layers.Attention(ModelConfig.from_config(config), nnx.Rngs(params=0))
+    attn = layers.Attention(parse(config).model, nnx.Rngs(params=0))
     graphdef, state = nnx.split(attn)
 
     @jax.jit
@@ -278,7 +279,7 @@ def gelu_erf(x):
 @pytest.mark.parametrize("kind", ["gelu", "gelu_exact", "silu", "swiglu"])
 def test_mlp_formula(kind):
     config = tiny_config(mlp=kind, init_std=0.3)
-    mlp = layers.MLP(ModelConfig.from_config(config), nnx.Rngs(params=0))
+    mlp = layers.MLP(parse(config).model, nnx.Rngs(params=0))
     assert hasattr(mlp, "w_gate") == (kind == "swiglu")
     x = np.random.default_rng(6).standard_normal((2, 3, config.model.d_model)).astype(np.float32)
     w_in = np.asarray(mlp.w_in[...], np.float64)
