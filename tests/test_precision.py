@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moe_jax.config import resolve
 from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import NewtonSchulz, parse
 from moe_jax.model import layers
 from moe_jax.model import precision
 from moe_jax.model import transformer as model_lib
@@ -17,12 +19,13 @@ from moe_jax.train import step as step_lib
 
 
 def tiny(kind="moe", dtype="bfloat16", attention="blocked"):
+    """A tiny run's ModelConfig (parsed for this backend)."""
     c = config_lib.base_config()
     c.model.update(vocab_size=96, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, dtype=dtype,
                    attention=attention, attention_block=8)
     c.moe.update(num_experts=4 if kind == "moe" else 0, top_k=2, d_ff=32, group_size=16)
     c.train.update(batch_size=2, seq_len=16, grad_accum=1, steps=10)
-    return config_lib.validate(c)
+    return parse(c).model
 
 
 def eqns(jaxpr):
@@ -57,19 +60,24 @@ def is_highest(p):
 def test_auto_resolves_per_backend(backend, dtype, attention, ns, stack):
     c = config_lib.base_config()
     assert c.model.dtype == "auto" and c.model.attention == "auto"
-    info = precision.resolve(c, backend)
-    assert (c.model.dtype, c.model.attention) == (dtype, attention)
+    info = resolve.resolve(c, backend)
+    run = parse(c, backend)
+    assert (run.model.dtype, run.model.attention) == (dtype, attention)
     assert info["model.dtype"] == ("auto", dtype) and info["ns_dtype"] == ("auto", ns)
     assert info["ns_stack"] == ("auto", stack)
-    assert precision.ns_dtype_name("auto", backend) == ns and precision.ns_dtype_name("float32", backend) == "float32"
-    assert precision.ns_stack_name("auto", backend) == stack and precision.ns_stack_name("layers", backend) == "layers"
-    assert f"model.dtype auto -> {dtype}" in precision.describe(info)
-    assert f"ns_stack auto -> {stack}" in precision.describe(info)
+    c.optim.ns_dtype, c.optim.ns_stack = "float32", "layers"
+    assert resolve.newton_schulz(c.optim, backend)["ns_dtype"] == "float32"
+    assert resolve.newton_schulz(c.optim, backend)["ns_stack"] == "layers"
+    c.optim.ns_dtype = c.optim.ns_stack = "auto"
+    assert f"model.dtype auto -> {dtype}" in resolve.describe(info)
+    assert f"ns_stack auto -> {stack}" in resolve.describe(info)
     assert info["ns_method"] == ("auto", "gram" if backend == "cpu" else "standard")
-    assert (c.optim.ns_dtype, c.optim.ns_stack, c.optim.ns_method) == (ns, stack, info["ns_method"][1])  # recorded
+    assert run.optim.ns == NewtonSchulz(ns, stack, info["ns_method"][1])  # recorded
+    assert (lambda o: (o["ns_dtype"], o["ns_stack"], o["ns_method"]))(run.to_dict()["optim"]) == (
+        ns, stack, info["ns_method"][1])
     c = config_lib.base_config()
     c.optim.muon_impl = "optax"  # optax.contrib.muon runs float32 X space per parameter, whatever 'auto' says
-    info = precision.resolve(c, backend)
+    info = resolve.resolve(c, backend)
     assert (info["ns_dtype"], info["ns_stack"], info["ns_method"]) == (("auto", "float32"), ("auto", "none"),
                                                                        ("auto", "standard"))
 
@@ -77,17 +85,18 @@ def test_auto_resolves_per_backend(backend, dtype, attention, ns, stack):
 def test_explicit_values_are_kept_and_cudnn_off_gpu_is_refused():
     c = config_lib.base_config()
     c.model.dtype, c.model.attention = "float32", "xla"
-    precision.resolve(c, "gpu")
-    assert (c.model.dtype, c.model.attention) == ("float32", "xla")
+    run = parse(c, "gpu")
+    assert (run.model.dtype, run.model.attention) == ("float32", "xla")
     c.model.attention = "cudnn"
     with pytest.raises(config_lib.ConfigError, match=r"config.model.attention: 'cudnn' runs only on GPU.*'auto'"):
-        precision.resolve(c, "cpu")
+        parse(c, "cpu")
 
 
 def test_unresolved_auto_follows_the_default_backend():
-    b = precision.backend()  # 'cpu' in CI; the device check runs this module on the accelerator too
-    assert layers.dtype_of("auto") == precision.DTYPES[precision.COMPUTE_DTYPE[b]]
-    assert model_lib.create(tiny(dtype="auto", attention="auto")).blocks[0].attn.impl == precision.ATTENTION[b]
+    b = resolve.backend()  # 'cpu' in CI; the device check runs this module on the accelerator too
+    cfg = tiny(dtype="auto", attention="auto")  # parse with no backend: jax.default_backend()
+    assert layers.dtype_of(cfg.dtype) == precision.DTYPES[resolve.COMPUTE_DTYPE[b]]
+    assert model_lib.create(cfg, 0).blocks[0].attn.impl == resolve.ATTENTION[b]
 
 
 # ------------------------------------------------------------------------------------------- the policy in the jaxpr
@@ -96,7 +105,7 @@ def test_unresolved_auto_follows_the_default_backend():
 @pytest.mark.parametrize("kind", ["moe", "dense"])
 def test_forward_jaxpr_puts_each_tensor_in_its_promised_dtype(kind):
     c = tiny(kind)
-    graphdef, params = model_lib.init_params(c)
+    graphdef, params = model_lib.init_params(c, 0)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # parameters float32
     tokens = jnp.zeros((2, 16), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p: model_lib.apply(graphdef, p, tokens))(params)
@@ -122,7 +131,7 @@ def test_forward_jaxpr_puts_each_tensor_in_its_promised_dtype(kind):
 
 def test_loss_and_gradients_keep_the_policy():
     c = tiny("moe")
-    graphdef, params = model_lib.init_params(c)
+    graphdef, params = model_lib.init_params(c, 0)
     batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.ones((2, 16), jnp.int32),
              "weights": jnp.ones((2, 16), jnp.float32)}
     loss_fn = lambda p: step_lib._loss(graphdef, p, batch, None, False)[0]  # noqa: E731
@@ -175,7 +184,7 @@ def test_model_attention_choices_agree_in_a_forward():
     outs = {}
     for impl in ("blocked", "xla", "auto"):
         c = tiny("dense", dtype="float32", attention=impl)
-        graphdef, params = nnx.split(model_lib.create(c))
+        graphdef, params = nnx.split(model_lib.create(c, 0))
         outs[impl] = np.asarray(nnx.merge(graphdef, params)(tokens)[0])
     np.testing.assert_allclose(outs["xla"], outs["blocked"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(outs["auto"], outs["blocked"])
@@ -211,7 +220,8 @@ def test_optimizer_ns_dtype_follows_the_policy(name):
     from moe_jax.optim import chain as optimizer
     c = config_lib.base_config()
     c.optim.ns_dtype = name
-    want = precision.ns_dtype_name(name)  # auto: precision.NS_DTYPE of this backend (bfloat16 on every backend)
-    assert optimizer.ns_dtype(c) == precision.DTYPES[want]
+    ns = parse(c).optim.ns  # auto: resolve.NS_DTYPE of this backend (bfloat16 on every backend)
+    want = resolve.NS_DTYPE[resolve.backend()] if name == "auto" else name
+    assert optimizer.ns_dtype(ns) == precision.DTYPES[want]
     if name == "auto":
-        assert optimizer.ns_dtype(c) == jnp.bfloat16
+        assert optimizer.ns_dtype(ns) == jnp.bfloat16
