@@ -14,7 +14,7 @@ import types
 import jax
 import pytest
 
-from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
 from moe_jax.model import flops
 from moe_jax.model import transformer as model
 from moe_jax.cli import load_config_file
@@ -31,7 +31,7 @@ def dense_config():
     c.model.d_ff, c.model.mlp, c.model.tie_embeddings = 128, "gelu", True
     c.moe.num_experts = 0
     c.train.seq_len, c.train.batch_size, c.train.grad_accum = S, B, 3
-    return config_lib.validate(c)
+    return c
 
 
 def moe_config():
@@ -43,14 +43,20 @@ def moe_config():
     c.moe.num_experts, c.moe.top_k, c.moe.every, c.moe.d_ff = 4, 2, 2, 96
     c.moe.group_size, c.moe.capacity_factor, c.moe.min_capacity = 256, 1.25, 4
     c.train.seq_len, c.train.batch_size, c.train.grad_accum = S, B, 2
-    return config_lib.validate(c)
+    return c
+
+
+def per_token(c, **kw):
+    """flops.flops_per_token of a ConfigDict's parsed model at its train.seq_len and train.batch_size."""
+    run = parse(c)
+    return flops.flops_per_token(run.model, run.train.seq_len, run.train.batch_size, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ parameter counts
 
 
 def test_param_counts_dense_by_hand():
-    p = flops.param_counts(dense_config())
+    p = flops.param_counts(parse(dense_config()).model)
     embedding = 512 * 64                   # 32,768 (the head reuses it: tied)
     attention = 2 * 4 * 64 * 64            # 2 layers x (wq, wk, wv, wo), each 64 x 64 = 32,768
     dense_ffn = 2 * 2 * 64 * 128           # 2 layers x (w_in 64x128 + w_out 128x64) = 32,768
@@ -62,7 +68,7 @@ def test_param_counts_dense_by_hand():
 
 
 def test_param_counts_moe_by_hand():
-    p = flops.param_counts(moe_config())
+    p = flops.param_counts(parse(moe_config()).model)
     embedding = 512 * 64                   # 32,768
     head = 64 * 512                        # 32,768 (untied)
     attention = 4 * 4 * 64 * 64            # 4 layers: 65,536
@@ -94,10 +100,10 @@ def _variants():
 def test_param_counts_match_the_real_model(kind, tied, mlp):
     c = dense_config() if kind == "dense" else moe_config()
     c.model.tie_embeddings, c.model.mlp = tied, mlp
-    _, params = model.init_params(c)
+    _, params = model.init_params(parse(c).model, c.seed)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     real = sum(x.size for _, x in leaves)
-    counts = flops.param_counts(c)
+    counts = flops.param_counts(parse(c).model)
     assert counts["total"] == real
     # active: every non-expert parameter, plus k/E of each stacked expert weight [E, ., .]
     expert_leaves = [x for p, x in leaves if x.ndim == 3 and x.shape[0] == c.moe.num_experts
@@ -114,7 +120,7 @@ def test_param_counts_match_the_real_model(kind, tied, mlp):
 
 
 def test_flops_per_token_dense_by_hand():
-    f = flops.flops_per_token(dense_config())
+    f = flops.run_flops_per_token(parse(dense_config()))
     # matmuls: 2 x (attention 32,768 + MLP 32,768 + output head 512*64 = 32,768, counted although tied)
     matmul = 2 * (2 * 4 * 64 * 64 + 2 * 2 * 64 * 128 + 64 * 512)
     assert matmul == 196_608
@@ -130,7 +136,7 @@ def test_flops_per_token_dense_by_hand():
 
 def test_flops_per_token_moe_by_hand():
     c = moe_config()
-    f = flops.flops_per_token(c)
+    f = flops.run_flops_per_token(parse(c))
     # matmuls: attention 65,536 + dense SwiGLU 49,152 + k=2 active experts on 2 layers 73,728 + head 32,768
     matmul = 2 * (4 * 4 * 64 * 64 + 2 * 3 * 64 * 128 + 2 * 2 * 3 * 64 * 96 + 64 * 512)
     assert matmul == 442_368
@@ -157,9 +163,9 @@ def test_flops_per_token_moe_by_hand():
 def test_flops_dropless_dispatch_overhead_by_hand():
     c = moe_config()
     c.moe.dispatch = "dropless"
-    cap = flops.flops_per_token(moe_config())
+    cap = per_token(moe_config())
     for platform in ("tpu", "cpu"):
-        f = flops.flops_per_token(c, platform=platform)
+        f = per_token(c, platform=platform)
         # the model FLOPs do not depend on the dispatch; dropless has no capacity padding
         assert {k: f[k] for k in ("forward", "training", "matmul", "router")} == \
             {k: cap[k] for k in ("forward", "training", "matmul", "router")}
@@ -170,13 +176,13 @@ def test_flops_dropless_dispatch_overhead_by_hand():
         assert f["dispatch_overhead"] == combine + dense_fallback
         assert f["dispatch_overhead_training"] == 3 * f["dispatch_overhead"]
     c.moe.grouped_matmul = "megablox"
-    assert flops.flops_per_token(c, platform="cpu")["dispatch_overhead"] == 2 * (2 * 2 * 64)
+    assert per_token(c, platform="cpu")["dispatch_overhead"] == 2 * (2 * 2 * 64)
 
 
 def test_flops_padding_follows_the_batch_and_group_size():
     c = moe_config()
     # batch 3 x seq 50 = 150 tokens <= group_size 256: one group of T = 150 tokens
-    f = flops.flops_per_token(c, seq_len=50, batch_size=3)
+    f = flops.flops_per_token(parse(c).model, seq_len=50, batch_size=3)
     t = 150
     cap = -(-2 * t * 125 // (4 * 100))  # ceil(2 * 150 * 1.25 / 4) = ceil(93.75) = 94
     assert cap == 94
@@ -184,16 +190,16 @@ def test_flops_padding_follows_the_batch_and_group_size():
     assert f["capacity_padding"] == pytest.approx(2 * per_layer)
     # the sequence length changes the attention term only: 4 layers x 2*S*M
     assert f["attention_scores"] == 4 * 2 * 50 * 64
-    assert f["matmul"] == flops.flops_per_token(c)["matmul"]
+    assert f["matmul"] == per_token(c)["matmul"]
 
 
 def test_flops_per_step():
     for c in (dense_config(), moe_config()):
         t = c.train
-        per_token = flops.flops_per_token(c)["training"]
-        assert flops.flops_per_step(c) == per_token * t.batch_size * t.seq_len * t.grad_accum
-    assert flops.flops_per_step(dense_config()) == 638_976 * 8 * 64 * 3
-    assert flops.flops_per_step(moe_config()) == 1_428_480 * 8 * 64 * 2
+        training = per_token(c)["training"]
+        assert flops.flops_per_step(parse(c)) == training * t.batch_size * t.seq_len * t.grad_accum
+    assert flops.flops_per_step(parse(dense_config())) == 638_976 * 8 * 64 * 3
+    assert flops.flops_per_step(parse(moe_config())) == 1_428_480 * 8 * 64 * 2
 
 
 def test_newton_schulz_flops_follow_the_method():
@@ -211,7 +217,8 @@ def test_newton_schulz_flops_follow_the_method():
     per = {}
     for impl, method in (("batched", "standard"), ("batched", "gram"), ("optax", "gram")):
         c.optim.muon_impl, c.optim.ns_method = impl, method
-        per[impl, method] = flops.optimizer_flops_per_step(c)
+        run = parse(c)
+        per[impl, method] = flops.optimizer_flops_per_step(run.model, run.optim)
     assert per["batched", "standard"] == per["optax", "gram"] > per["batched", "gram"]
     d, f = c.model.d_model, c.moe.d_ff  # attention [384, 384] stays X space; every expert matrix (GELU: 2 per
     n_mats = c.model.n_layers * c.moe.num_experts * 2  # expert) is 384 x 1536
@@ -223,10 +230,10 @@ def test_moe_every_counts_only_moe_layers():
     """The seed-002 defect: counting every layer as MoE. every=1 (all 4 layers MoE) vs every=2 (2 of 4)."""
     a, b = moe_config(), moe_config()
     b.moe.every = 1
-    pa, pb = flops.param_counts(a), flops.param_counts(b)
+    pa, pb = flops.param_counts(parse(a).model), flops.param_counts(parse(b).model)
     assert pb["experts_total"] == 2 * pa["experts_total"] and pb["dense_ffn"] == 0 and pb["router"] == 2 * pa["router"]
     # forward difference: 2 layers switch from dense SwiGLU (2*3*64*128) to 2 active experts + router
-    fa, fb = flops.flops_per_token(a)["forward"], flops.flops_per_token(b)["forward"]
+    fa, fb = per_token(a)["forward"], per_token(b)["forward"]
     assert fb - fa == 2 * (2 * 2 * 3 * 64 * 96 + 2 * 64 * 4 - 2 * 3 * 64 * 128)
 
 
@@ -238,11 +245,11 @@ def test_counts_agree_with_xla_cost_analysis(make):
     routing masks) that the model count leaves out on purpose."""
     import jax.numpy as jnp
     c = make()
-    graphdef, params = model.init_params(c)
+    graphdef, params = model.init_params(parse(c).model, c.seed)
     tokens = jnp.zeros((B, S), jnp.int32)
     fwd = jax.jit(lambda p, t: model.apply(graphdef, p, t, train=True)[0])
     xla = fwd.lower(params, tokens).compile().cost_analysis()["flops"] / (B * S)
-    f = flops.flops_per_token(c)
+    f = per_token(c)
     counted = f["forward"] + f["capacity_padding"] + f["attention_scores"]
     assert 1.0 <= xla / counted <= 1.06, (xla, counted)
 
@@ -296,8 +303,8 @@ def test_measure_matmul_tflops_is_positive():
 
 
 def test_mfu_formula():
-    c = moe_config()
+    training = flops.run_flops_per_token(parse(moe_config()))["training"]
     tokens_per_s, peak = 12_345.0, 0.5
     # achieved model FLOP/s = tokens/s x training FLOPs/token (padding excluded), over the peak in FLOP/s
-    assert flops.mfu(tokens_per_s, c, peak) == pytest.approx(12_345.0 * 1_428_480 / 0.5e12)
-    assert flops.mfu(2 * tokens_per_s, c, peak) == pytest.approx(2 * flops.mfu(tokens_per_s, c, peak))
+    assert flops.mfu(tokens_per_s, training, peak) == pytest.approx(12_345.0 * 1_428_480 / 0.5e12)
+    assert flops.mfu(2 * tokens_per_s, training, peak) == pytest.approx(2 * flops.mfu(tokens_per_s, training, peak))
