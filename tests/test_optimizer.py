@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
 from moe_jax.model import transformer as model
 from moe_jax.optim import chain as optimizer
 from moe_jax.cli import load_config_file
@@ -34,7 +35,8 @@ BAND = (0.68, 1.203)
 WARMUP = 4
 
 
-def make_config(**optim):
+def make_dict(**optim):
+    """configs/smoke.py as described above, with `optim.<k> = v` for each override (a ConfigDict)."""
     c = load_config_file(SMOKE)
     c.moe.every = 2  # layer 0 dense MLP, layer 1 MoE
     c.model.tie_embeddings = False  # a separate head [M, V]
@@ -43,7 +45,22 @@ def make_config(**optim):
     c.optim.ns_method = "standard"  # ('auto' is bfloat16 everywhere, and float32 Gram space for wide matrices on CPU)
     for k, v in optim.items():
         c.optim[k] = v
-    return config_lib.validate(c)
+    return c
+
+
+def make_config(**optim):
+    """make_dict's RunConfig."""
+    return parse(make_dict(**optim))
+
+
+def build(run):
+    """The optimizer of a RunConfig (its optim section over its train.steps)."""
+    return optimizer.build(run.optim, run.train.steps)
+
+
+def learning_rates(run, step):
+    """optimizer.learning_rates of a RunConfig at `step`."""
+    return optimizer.learning_rates(run.optim, run.train.steps, step)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +70,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def params(config):
-    return model.init_params(config)[1]
+    return model.init_params(config.model, config.seed)[1]
 
 
 def flat(tree) -> dict:
@@ -86,13 +103,13 @@ EXPECTED_LABELS = {
 
 
 def test_param_labels_muon_for_hidden_matrices_adamw_for_the_rest(config, params):
-    assert optimizer.param_labels(params, config) == EXPECTED_LABELS
+    assert optimizer.param_labels(params, config.optim) == EXPECTED_LABELS
     # labels_tree is the same thing shaped like params (what optax.partition consumes)
-    assert flat(optimizer.labels_tree(params, config)) == EXPECTED_LABELS
+    assert flat(optimizer.labels_tree(params, config.optim)) == EXPECTED_LABELS
 
 
 def test_label_table_rows(config, params):
-    table = optimizer.label_table(params, config)
+    table = optimizer.label_table(params, config.optim)
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in table.splitlines()[2:-1]}
     assert set(rows) == set(EXPECTED_LABELS)
 
@@ -118,16 +135,16 @@ def test_label_table_rows(config, params):
 
 def test_router_muon_switch(params):
     cfg = make_config(router_muon=True)
-    labels = optimizer.param_labels(params, cfg)
+    labels = optimizer.param_labels(params, cfg.optim)
     assert labels["blocks/1/ffn/w_router"] == "muon"
     assert {k: v for k, v in labels.items() if k != "blocks/1/ffn/w_router"} == {
         k: v for k, v in EXPECTED_LABELS.items() if k != "blocks/1/ffn/w_router"}
-    dims = flat(optimizer.weight_dimension_numbers(params, cfg))
+    dims = flat(optimizer.weight_dimension_numbers(params, cfg.optim))
     assert (dims["blocks/1/ffn/w_router"].reduction_axis, dims["blocks/1/ffn/w_router"].output_axis) == (0, 1)
 
 
 def test_dimension_numbers_none_exactly_for_adamw_leaves(config, params):
-    got = flat(optimizer.weight_dimension_numbers(params, config))
+    got = flat(optimizer.weight_dimension_numbers(params, config.optim))
     assert {k for k, d in got.items() if d is None} == {k for k, v in EXPECTED_LABELS.items() if v == "adamw"}
     ex = got["blocks/1/ffn/w_in"]
     assert (ex.reduction_axis, ex.output_axis) == (1, 2)  # axis 0 (experts) is a batch axis
@@ -136,17 +153,17 @@ def test_dimension_numbers_none_exactly_for_adamw_leaves(config, params):
 def test_unknown_matrix_is_rejected(config):
     tree = {"blocks": {0: {"attn": {"w_new": jnp.zeros((4, 4))}}}}
     with pytest.raises(ValueError, match="no rule for parameter 'blocks/0/attn/w_new'"):
-        optimizer.param_labels(tree, config)
+        optimizer.param_labels(tree, config.optim)
     # a new 1-D parameter (a bias) needs no rule: AdamW without decay
-    assert optimizer.param_labels({"x": {"bias": jnp.zeros(4)}}, config) == {"x/bias": "adamw"}
-    assert flat(optimizer.decay_mask({"x": {"bias": jnp.zeros(4)}}, config)) == {"x/bias": False}
+    assert optimizer.param_labels({"x": {"bias": jnp.zeros(4)}}, config.optim) == {"x/bias": "adamw"}
+    assert flat(optimizer.decay_mask({"x": {"bias": jnp.zeros(4)}}, config.optim)) == {"x/bias": False}
 
 
 # ------------------------------------------------------------------------------------------------ decay mask, AdamW
 
 
 def test_weight_decay_mask(config, params):
-    mask = flat(optimizer.decay_mask(params, config))
+    mask = flat(optimizer.decay_mask(params, config.optim))
     assert set(mask) == set(EXPECTED_LABELS)
     for path, decay in mask.items():
         if path.endswith("/scale"):  # RMSNorm scales
@@ -175,7 +192,7 @@ def first_adamw_update(g, p, grads, config, decay: bool):
 def test_first_adamw_update_is_plain_adamw_with_masked_decay(config, params, muon_updates):
     """(NAdamW - what optax.contrib.muon's built-in Adam branch becomes with nesterov=True - would give ~1.47x this.)"""
     cfg, grads, updates = muon_updates["keller"]  # the default config's first update (Gaussian AdamW gradients)
-    assert cfg.optim.to_dict() == config.optim.to_dict()
+    assert cfg.optim == config.optim
     u, g, p = flat(updates), flat(grads), flat(params)
     for path in ("final_norm/scale", "blocks/0/attn_norm/scale"):  # no decay (norm scales are 1: decay would show)
         np.testing.assert_allclose(u[path], first_adamw_update(g[path], p[path], grads, config, False),
@@ -187,14 +204,14 @@ def test_first_adamw_update_is_plain_adamw_with_masked_decay(config, params, muo
 
 def test_adamw_switch_puts_everything_on_adamw(params):
     cfg = make_config(name="adamw")
-    labels = optimizer.param_labels(params, cfg)
+    labels = optimizer.param_labels(params, cfg.optim)
     assert set(labels) == set(EXPECTED_LABELS) and set(labels.values()) == {"adamw"}
-    mask = flat(optimizer.decay_mask(params, cfg))
+    mask = flat(optimizer.decay_mask(params, cfg.optim))
     assert mask == {k: np.ndim(x) >= 2 for k, x in flat(params).items()}  # decay matrices, not norms
-    assert optimizer.learning_rates(cfg, 0)["muon_lr"] == 0.0
-    assert "muon: 0 parameters" in optimizer.label_table(params, cfg)
+    assert learning_rates(cfg, 0)["muon_lr"] == 0.0
+    assert "muon: 0 parameters" in optimizer.label_table(params, cfg.optim)
 
-    tx = optimizer.build(cfg)
+    tx = build(cfg)
     state = tx.init(params)
     assert not any(isinstance(s, optax.contrib.MuonState) for s in
                    jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.contrib.MuonState)))
@@ -244,7 +261,7 @@ def well_conditioned_grads(params, config, seed=0, expert_scales=(1.0, 1e-1, 1e-
     has singular values near 0, which 5 NS steps cannot lift into the band - a property of NS5, not of the module).
     Expert slices are scaled by very different factors so per-expert and flattened orthogonalisation differ."""
     rng = np.random.default_rng(seed)
-    labels = optimizer.param_labels(params, config)
+    labels = optimizer.param_labels(params, config.optim)
     out = {}
     for path, x in flat(params).items():
         if labels[path] != "muon":
@@ -280,7 +297,7 @@ def muon_updates(config, params):
     out = {}
     for muon_scale in ("keller", "moonlight"):
         cfg = make_config(muon_scale=muon_scale)
-        tx = optimizer.build(cfg)
+        tx = build(cfg)
         grads = well_conditioned_grads(params, cfg)
         updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
         out[muon_scale] = (cfg, grads, updates)
@@ -294,7 +311,7 @@ def test_muon_update_is_ns5_orthogonalised(muon_updates, muon_scale):
     its own) has all singular values in the NS5 band and equals an independent float64 NS5."""
     cfg, grads, updates = muon_updates[muon_scale]
     lr0 = cfg.optim.muon_lr / WARMUP
-    assert optimizer.learning_rates(cfg, 0)["muon_lr"] == pytest.approx(lr0)
+    assert learning_rates(cfg, 0)["muon_lr"] == pytest.approx(lr0)
     g, u = flat(grads), flat(updates)
     checked = 0
     for path, label in EXPECTED_LABELS.items():
@@ -336,7 +353,7 @@ def test_experts_orthogonalised_per_expert_not_flattened(muon_updates):
 def test_muon_state_holds_only_muon_leaves(config, params):
     """optax.contrib.muon is given only the Muon leaves (AdamW ones are masked out by the outer partition), so its
     momentum covers exactly them and its built-in Adam branch holds no moments."""
-    state = optimizer.build(config).init(params)
+    state = build(config).init(params)
     muon_states = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.contrib.MuonState))
                    if isinstance(s, optax.contrib.MuonState)]
     assert len(muon_states) == 1
@@ -362,32 +379,32 @@ def test_schedule_warmup_then_cosine_to_min_ratio():
     c = load_config_file(SMOKE)
     c.train.steps, c.optim.warmup_steps, c.optim.min_lr_ratio = 101, 10, 0.1
     c.optim.muon_lr, c.optim.adamw_lr = 0.02, 3e-3
-    config_lib.validate(c)
+    c = parse(c)
     for step, frac in [(0, 0.1), (4, 0.5), (9, 1.0),   # warmup: (s+1)/W
                        (10, 1.0),                        # end of warmup: cosine starts at the peak
                        (55, 0.1 + 0.9 * 0.5),            # halfway through the cosine (p = 45/90)
                        (100, 0.1), (150, 0.1)]:          # last step and beyond: min ratio
-        lrs = optimizer.learning_rates(c, step)
+        lrs = learning_rates(c, step)
         assert set(lrs) == {"muon_lr", "adamw_lr"}
         assert lrs["muon_lr"] == pytest.approx(0.02 * frac, rel=1e-5), step
         assert lrs["adamw_lr"] == pytest.approx(3e-3 * frac, rel=1e-5), step
     for step in range(0, 101, 7):
-        assert optimizer.learning_rates(c, step)["muon_lr"] == pytest.approx(
+        assert learning_rates(c, step)["muon_lr"] == pytest.approx(
             expected_lr(0.02, step, 10, 101, 0.1), rel=1e-5)
     # monotone: up during warmup, down after
-    lrs = [optimizer.learning_rates(c, s)["adamw_lr"] for s in range(101)]
+    lrs = [learning_rates(c, s)["adamw_lr"] for s in range(101)]
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 def test_schedule_default_warmup_fraction():
-    c = load_config_file(SMOKE)  # 60 steps, warmup_fraction 0.05 -> W = 3
-    assert config_lib.warmup_steps(c) == 3
-    assert optimizer.learning_rates(c, 0)["muon_lr"] == pytest.approx(c.optim.muon_lr / 3)
-    assert optimizer.learning_rates(c, 2)["muon_lr"] == pytest.approx(c.optim.muon_lr)
-    assert optimizer.learning_rates(c, 59)["adamw_lr"] == pytest.approx(c.optim.adamw_lr * c.optim.min_lr_ratio)
+    c = parse(load_config_file(SMOKE))  # 60 steps, warmup_fraction 0.05 -> W = 3
+    assert c.warmup_steps == 3
+    assert learning_rates(c, 0)["muon_lr"] == pytest.approx(c.optim.muon_lr / 3)
+    assert learning_rates(c, 2)["muon_lr"] == pytest.approx(c.optim.muon_lr)
+    assert learning_rates(c, 59)["adamw_lr"] == pytest.approx(c.optim.adamw_lr * c.optim.min_lr_ratio)
     # the schedule also works on traced counts (it is what optax calls inside jit)
-    sched = optimizer.schedule(c, 1.0)
+    sched = optimizer.schedule(c.optim, c.train.steps, 1.0)
     assert float(jax.jit(sched)(jnp.int32(59))) == pytest.approx(c.optim.min_lr_ratio)
 
 
@@ -413,7 +430,7 @@ def test_huge_gradient_is_clipped_to_the_global_norm(params, name):
     grads = random_grads(params, seed=2, scale=1e6)
     raw = float(optax.global_norm(grads))
     assert raw > 1e7
-    tx = optimizer.build(cfg)
+    tx = build(cfg)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert clipped_grad_norm_from_moments(state, cfg) == pytest.approx(1.0, rel=1e-4)
     # the update stays bounded: AdamW elementwise by lr0 * (1 + wd |p|); Muon by its NS5 band
@@ -421,7 +438,7 @@ def test_huge_gradient_is_clipped_to_the_global_norm(params, name):
     for path, u in flat(updates).items():
         assert np.all(np.isfinite(u)), path
         p = np.abs(flat(params)[path])
-        if optimizer.param_labels(params, cfg)[path] == "adamw":
+        if optimizer.param_labels(params, cfg.optim)[path] == "adamw":
             assert np.all(np.abs(u) <= lr_a * (1 + 1e-5 + cfg.optim.weight_decay * p)), path
         else:
             lr_m = cfg.optim.muon_lr / WARMUP * shape_scale(path, u.shape, "keller")
@@ -430,7 +447,7 @@ def test_huge_gradient_is_clipped_to_the_global_norm(params, name):
 
     # without clipping the moments hold the raw gradient
     cfg0 = make_config(name=name, clip_norm=0.0)
-    tx0 = optimizer.build(cfg0)
+    tx0 = build(cfg0)
     _, state0 = jax.jit(tx0.update)(grads, tx0.init(params), params)
     assert clipped_grad_norm_from_moments(state0, cfg0) == pytest.approx(raw, rel=1e-4)
 
@@ -451,7 +468,7 @@ def test_clip_matches_hand_built_chain(params):
     hand = optax.chain(optax.clip_by_global_norm(0.5),
                        optax.adamw(sched, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
                                    weight_decay=cfg.optim.weight_decay, mask=mask))
-    tx = optimizer.build(cfg)
+    tx = build(cfg)
     s1, s2 = tx.init(params), hand.init(params)
     p1 = p2 = params
     for i, scale in enumerate((1e6, 1e-3)):
@@ -470,13 +487,13 @@ def test_clip_matches_hand_built_chain(params):
 
 def model_config(kind: str, **optim):
     """Smoke configs: 'dense' (no experts), 'moe' (every layer MoE, gated experts: w_in, w_gate, w_out)."""
-    c = make_config(**optim)
+    c = make_dict(**optim)
     if kind == "dense":
         c.moe.num_experts = 0
     else:
         c.moe.every = 1
         c.model.mlp = "swiglu"
-    return config_lib.validate(c)
+    return parse(c)
 
 
 def rel_frobenius(a, b) -> float:
@@ -488,8 +505,8 @@ def run_both(kind, steps=3, **optim):
     """Updates of the batched and the optax chain over `steps` steps from the same params and gradients, each chain
     applying its own updates. Returns (per step: (batched updates, optax updates)), final states, params."""
     cfgs = {impl: model_config(kind, muon_impl=impl, **optim) for impl in ("batched", "optax")}
-    params = model.init_params(cfgs["optax"])[1]
-    txs = {impl: optimizer.build(c) for impl, c in cfgs.items()}
+    params = model.init_params(cfgs["optax"].model, cfgs["optax"].seed)[1]
+    txs = {impl: build(c) for impl, c in cfgs.items()}
     states = {impl: tx.init(params) for impl, tx in txs.items()}
     ps = {impl: params for impl in txs}
     history = []
@@ -513,7 +530,7 @@ def test_batched_muon_equals_optax_muon(kind, optim, stack):
     (Well-conditioned gradients: NS5 multiplies a singular value near 0, and float32 rounding with it, by up to
     3.4^5.)"""
     history, states, params = run_both(kind, ns_stack=stack, **optim)
-    labels = optimizer.param_labels(params, model_config(kind))
+    labels = optimizer.param_labels(params, model_config(kind).optim)
     assert (kind == "moe") == any(np.ndim(x) == 3 and "ffn" in k for k, x in flat(params).items())
     for step, (new, old) in enumerate(history):
         new, old = flat(new), flat(old)
@@ -529,7 +546,7 @@ def test_batched_state_has_the_optax_layout_and_takes_an_optax_state(params):
     """Same tree (node types included), shapes and dtypes, so a checkpoint written with either restores into the
     other; an optax-chain state after two steps, fed to the batched update, gives the optax chain's next update."""
     c_new, c_old = make_config(muon_impl="batched"), make_config(muon_impl="optax")
-    new, old = optimizer.build(c_new), optimizer.build(c_old)
+    new, old = build(c_new), build(c_old)
     s_new, s_old = new.init(params), old.init(params)
     assert jax.tree.structure(s_new) == jax.tree.structure(s_old)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), s_new) == jax.tree.map(lambda x: (x.shape, x.dtype), s_old)
@@ -556,9 +573,9 @@ def test_batched_muon_runs_one_newton_schulz_chain_per_group(config, params):
     (layer 0) and expert w_in/w_out (layer 1; [E, m, n]): 8 chains of 3 matmuls x ns_steps (unrolled), against
     optax's 12 per-parameter loops (a loop body of 3 matmuls each in the jaxpr); ns_stack='none': 12 unrolled chains."""
     steps = config.optim.ns_steps
-    assert count_dots(optimizer.build(make_config(muon_impl="batched", ns_stack="layers")), params) == 8 * 3 * steps
-    assert count_dots(optimizer.build(make_config(muon_impl="batched", ns_stack="none")), params) == 12 * 3 * steps
-    assert count_dots(optimizer.build(make_config(muon_impl="optax")), params) == 12 * 3
+    assert count_dots(build(make_config(muon_impl="batched", ns_stack="layers")), params) == 8 * 3 * steps
+    assert count_dots(build(make_config(muon_impl="batched", ns_stack="none")), params) == 12 * 3 * steps
+    assert count_dots(build(make_config(muon_impl="optax")), params) == 12 * 3
     keys = {optimizer.muon_group_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert "blocks/*/attn/wq" in keys and "blocks/*/ffn/w_in" in keys
 
@@ -570,10 +587,10 @@ def test_bfloat16_newton_schulz_keeps_momentum_float32(params):
     grads = well_conditioned_grads(params, make_config())
     out = {}
     for dt, stack in (("float32", "none"), ("bfloat16", "layers"), ("bfloat16", "none")):
-        tx = optimizer.build(make_config(ns_dtype=dt, ns_stack=stack))
+        tx = build(make_config(ns_dtype=dt, ns_stack=stack))
         out[dt, stack] = jax.jit(tx.update)(grads, tx.init(params), params)
     u32, s32 = out["float32", "none"]
-    labels = optimizer.param_labels(params, make_config())
+    labels = optimizer.param_labels(params, make_config().optim)
     for stack in ("layers", "none"):
         u16, s16 = out["bfloat16", stack]
         for (path, a), b in zip(flat(s16).items(), flat(s32).values()):
@@ -597,7 +614,7 @@ def test_ns_dtype_and_impl_are_validated():
         make_config(muon_impl="optax", ns_dtype="bfloat16")
     with pytest.raises(config_lib.ConfigError, match="optim.ns_stack"):
         make_config(ns_stack="experts")
-    assert optimizer.ns_dtype(make_config(ns_dtype="auto")) == jnp.bfloat16  # measured faster on CPU too
+    assert optimizer.ns_dtype(make_config(ns_dtype="auto").optim.ns) == jnp.bfloat16  # measured faster on CPU too
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -621,8 +638,8 @@ def test_sharded_batched_update_equals_unbatched_without_extra_collectives(param
     results, counts = {}, {}
     for impl in ("layers", "none", "optax"):
         cfg = make_config(muon_impl="optax") if impl == "optax" else make_config(ns_stack=impl)
-        _, abstract_nnx = model.abstract(cfg)
-        tx = optimizer.build(cfg)
+        _, abstract_nnx = model.abstract(cfg.model)
+        tx = build(cfg)
         state_abs = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
         sh = train_step.state_shardings(state_abs, abstract_nnx, mesh)
         p_sh, s_sh = sh["params"], sh["opt_state"]
