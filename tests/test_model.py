@@ -12,6 +12,7 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
 from moe_jax.model import layers
 from moe_jax.model import transformer as model
 from moe_jax.model import moe
@@ -36,14 +37,14 @@ def tiny_config(kind="moe", dtype="float32", dropout=0.0, **model_fields):
         # a change at position t could then change logits before t through routing alone, though attention is
         # causal. A capacity of T (never reached) removes that coupling; the tests that need it say so.
         c.moe.eval_capacity_factor = 1000.0
-    return config_lib.validate(c)
+    return parse(c)
 
 
 @functools.lru_cache(maxsize=None)
 def forward(kind="moe", dtype="float32", dropout=0.0, train=False, no_drop=False):
     """(config, graphdef, params, jitted f(params, tokens, **kw) -> (logits, aux, cache)), built once per variant."""
     config = tiny_config(kind, dtype, dropout)
-    graphdef, params = model.init_params(config)
+    graphdef, params = model.init_params(config.model, config.seed)
 
     @jax.jit
     def f(params, tokens, positions=None, segment_ids=None, rng=None, cache=None, cache_index=None):
@@ -107,8 +108,7 @@ def test_moe_layer_placement_follows_every(every, moe_layers):
     c = load_config_file(CONFIGS / "smoke.py")
     c.model.n_layers = 6
     c.moe.every = every
-    config_lib.validate(c)
-    m = nnx.eval_shape(lambda: model.create(c))  # abstract: structure only
+    m = nnx.eval_shape(lambda: model.create(parse(c).model, c.seed))  # abstract: structure only
     assert [i for i, blk in enumerate(m.blocks) if isinstance(blk.ffn, moe.MoEBlock)] == moe_layers
     assert [i for i, blk in enumerate(m.blocks) if isinstance(blk.ffn, layers.MLP)] == \
         [i for i in range(6) if i not in moe_layers]
@@ -141,7 +141,7 @@ def test_moe_loss_is_the_weighted_sum_of_layer_losses():
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_and_untied_head(tied):
     c = tiny_config("dense", tie_embeddings=tied)
-    graphdef, params = model.init_params(c)
+    graphdef, params = model.init_params(c.model, c.seed)
     apply = jax.jit(functools.partial(model.apply, graphdef))
     v, d = c.model.vocab_size, c.model.d_model
     assert params["embed"]["embedding"].shape == (v, d)
@@ -262,7 +262,7 @@ def test_remat_gives_same_loss_and_grads():
     results = {}
     for remat in (False, True):
         c = tiny_config("moe", dropout=0.1, remat=remat)
-        graphdef, params = model.init_params(c)
+        graphdef, params = model.init_params(c.model, c.seed)
 
         def loss_fn(params):
             logits, aux, _ = model.apply(graphdef, params, tokens, train=True, rng=key)
