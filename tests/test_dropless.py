@@ -16,15 +16,13 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
-from moe_jax.config import schema as config_lib
 from moe_jax.model import decode
 from moe_jax.model import dropless
 from moe_jax.model import transformer as model
 from moe_jax import sharding
 from moe_jax.train import step as train_step
 from moe_jax.optim import chain as optimizer_lib
-from moe_jax.config.typed import parse
-from conftest import config as load_config
+from smoke_helpers import config_dict, run_config, smoke_config
 from test_moe import call_block, moe_config, random_block, random_tokens, ref_moe
 
 
@@ -211,13 +209,9 @@ def test_capacity_padding_takes_no_slot():
 
 
 def ep_config(dispatch="dropless", mlp="swiglu"):
-    c = load_config("smoke")
-    c.moe.dispatch = dispatch
-    c.model.mlp = mlp
-    c.train.batch_size = 8
-    c.train.seq_len = 32
-    c.train.grad_accum = 1
-    return c
+    """configs/smoke.py with this dispatch and MLP, batch 8 x 32, one micro-batch (a ConfigDict)."""
+    return config_dict("smoke", moe=dict(dispatch=dispatch), model=dict(mlp=mlp),
+                       train=dict(batch_size=8, seq_len=32, grad_accum=1))
 
 
 def fixed_batch(config):
@@ -231,14 +225,13 @@ def fixed_batch(config):
 
 def loss_and_grads(config, mesh_shape, devices):
     """Loss, MoE metrics and gradients of the trainer's loss on a fixed batch, jitted on a mesh; + compiled HLO."""
-    c = config_lib.validate(config)
-    c.mesh.shape = mesh_shape
-    mesh = sharding.build_mesh(c, devices)
-    graphdef, abstract_nnx = model.abstract(c)
-    _, params = model.init_params(c)
-    tx = optimizer_lib.build(c)
+    c = run_config(config, **{"mesh.shape": mesh_shape})
+    mesh = sharding.build_mesh(c.mesh, devices)
+    graphdef, abstract_nnx = model.abstract(c.model)
+    _, params = model.init_params(c.model, c.seed)
+    tx = optimizer_lib.build(c.optim, c.train.steps)
     batch = fixed_batch(c)
-    shard = train_step.abstract_train_state(c, abstract_nnx, tx, mesh)
+    shard = train_step.abstract_train_state(abstract_nnx, tx, mesh)
     p_shard = jax.tree.map(lambda s: s.sharding, shard["params"])
     b_shard = train_step.batch_shardings(batch, mesh)
 
@@ -273,8 +266,8 @@ def test_expert_parallel_equals_one_device_and_exchanges_with_all_to_all(mesh_sh
 
 def test_capacity_and_dropless_models_share_parameters():
     """Switching dispatch is a config change: the same parameter tree (names, shapes, logical axes)."""
-    a = nnx.to_pure_dict(model.abstract(config_lib.validate(ep_config("capacity")))[1])
-    b = nnx.to_pure_dict(model.abstract(config_lib.validate(ep_config("dropless")))[1])
+    a = nnx.to_pure_dict(model.abstract(run_config(ep_config("capacity")).model)[1])
+    b = nnx.to_pure_dict(model.abstract(run_config(ep_config("dropless")).model)[1])
     assert jax.tree.map(lambda s: (s.shape, s.dtype), a) == jax.tree.map(lambda s: (s.shape, s.dtype), b)
 
 
@@ -305,10 +298,8 @@ def test_megablox_kernel_in_interpret_mode_equals_ragged_dot():
 
 @pytest.mark.slow  # end to end (a full compile of prefill + decode / two bench configs): full suite only
 def test_model_decodes_with_dropless_like_a_full_forward():
-    c = load_config("smoke")
-    c.moe.dispatch = "dropless"
-    config_lib.validate(c)
-    graphdef, params = model.init_params(c)
+    c = run_config("smoke", **{"moe.dispatch": "dropless"})
+    graphdef, params = model.init_params(c.model, c.seed)
     p = np.random.default_rng(60).integers(4, 512, size=(2, 5)).astype(np.int32)
     got = decode.generate(graphdef, params, c, p, 8, temperature=0.0).tokens
     full = jax.jit(lambda params, t: model.apply(graphdef, params, t)[0])
@@ -324,11 +315,10 @@ def test_model_decodes_with_dropless_like_a_full_forward():
 @pytest.mark.slow
 def test_model_trains_with_dropless(tmp_path, data_cache):
     from moe_jax.train import loop as trainer
-    from test_trainer import smoke_config, unigram_entropy
-    c = smoke_config(data_cache)
-    c.moe.dispatch = "dropless"
+    from test_trainer import unigram_entropy
+    c = run_config(smoke_config(data_cache), **{"moe.dispatch": "dropless"})
     workdir = str(tmp_path / "run")
-    summary = trainer.train(parse(config_lib.validate(c)), workdir)
+    summary = trainer.train(c, workdir)
     assert summary["finished"] and summary["step"] == 60
     h = unigram_entropy(workdir, data_cache)
     assert summary["val_loss"] < h - 0.5, (summary["val_loss"], h)

@@ -13,7 +13,6 @@ from numpy.testing import assert_allclose
 from moe_jax.config.typed import parse
 from moe_jax.model import layers
 from moe_jax.cli import load_config_file
-from moe_jax.config.typed import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -16,10 +16,8 @@ from flax import nnx
 from numpy.testing import assert_allclose
 
 from moe_jax.config.typed import parse
-from moe_jax.config import schema as config_lib
 from moe_jax.model import moe
 from moe_jax.cli import load_config_file
-from moe_jax.config.typed import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -103,12 +101,12 @@ def moe_config(top_k=2, num_experts=4, d_model=16, d_ff=32, group_size=16, mlp="
     c.moe.group_size = group_size
     for k, v in moe_fields.items():
         c.moe[k] = v
-    return config_lib.validate(c)
+    return parse(c)
 
 
 def random_block(config, seed=0, router_std=1.0):
     """A MoEBlock with O(1) random weights (so outputs are not tiny), and the weights as float64 numpy arrays."""
-    block = moe.MoEBlock(parse(config).model, nnx.Rngs(params=0))
+    block = moe.MoEBlock(config.model, nnx.Rngs(params=0))
     rng = np.random.default_rng(seed)
     m, e, f = config.model.d_model, config.moe.num_experts, config.moe.d_ff
     w = dict(w_router=router_std * rng.standard_normal((m, e)) / np.sqrt(m),
@@ -158,7 +156,7 @@ def test_group_size_is_largest_divisor_at_most_max():
 def test_capacity_formula(k, t, cf, e, min_cap, want):
     c = moe_config(top_k=k, num_experts=e, min_capacity=min_cap, capacity_factor=cf, eval_capacity_factor=cf)
     assert want == min(max(math.ceil(k * t * cf / e), min_cap), t)
-    cfg = parse(c).model
+    cfg = c.model
     assert moe.capacity(cfg, t, train=True) == want
     assert moe.capacity(cfg, t, train=False) == want
     block = nnx.eval_shape(lambda: moe.MoEBlock(cfg, nnx.Rngs(params=0)))  # abstract: no parameters allocated
@@ -169,12 +167,12 @@ def test_capacity_formula(k, t, cf, e, min_cap, want):
 
 def test_capacity_uses_train_or_eval_factor():
     c = moe_config(top_k=2, num_experts=4, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=1)
-    block = nnx.eval_shape(lambda: moe.MoEBlock(parse(c).model, nnx.Rngs(params=0)))
+    block = nnx.eval_shape(lambda: moe.MoEBlock(c.model, nnx.Rngs(params=0)))
     assert block.capacity(64, train=True) == 32
     assert block.capacity(64, train=False) == 64
-    cfg = parse(c).model
+    cfg = c.model
     assert (moe.capacity(cfg, 64, train=True), moe.capacity(cfg, 64, train=False)) == (32, 64)
-    assert moe.expected_capacity(c, 128, train=True) == 8  # group_size 16 -> T = 16: ceil(2*16/4) = 8
+    assert moe.expected_capacity(c.model, 128, train=True) == 8  # group_size 16 -> T = 16: ceil(2*16/4) = 8
 
 
 # --------------------------------------------------------------------------------------------------------- route
@@ -411,11 +409,11 @@ def test_block_metrics_tokens_per_expert_sum_and_aux_with_train_capacity():
     assert metrics["tokens_per_expert"].shape == (4,)
     assert metrics["tokens_per_expert_demand"].sum() == 4 * 16 * 2  # G=4 groups of T=16, K=2
     assert_allclose(metrics["tokens_per_expert"].sum(), 4 * 16 * 2 * (1 - metrics["dropped_fraction"]), rtol=1e-6)
-    assert metrics["capacity"] == moe.capacity(parse(c).model, 16, train=True)
+    assert metrics["capacity"] == moe.capacity(c.model, 16, train=True)
     assert 0.0 <= metrics["dropped_fraction"] <= 1.0
 
 
 def test_capacity_padding_fraction():
     c = moe_config(top_k=2, capacity_factor=1.25, min_capacity=1)
     # T = 16: C = ceil(2*16*1.25/4) = 10 -> 1 - 32 / 40
-    assert_allclose(moe.capacity_padding_fraction(c, 64), 1.0 - 32 / 40)
+    assert_allclose(moe.capacity_padding_fraction(c.model, 64), 1.0 - 32 / 40)
