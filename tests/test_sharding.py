@@ -6,6 +6,7 @@ stacked expert weights really split over 'expert' and attention/MLP/vocab dimens
 tests/conftest.py gives the session 8 simulated CPU devices.
 """
 
+import dataclasses
 import pathlib
 import re
 
@@ -15,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
 from moe_jax.model import transformer as model
 from moe_jax.optim import chain as optimizer
 from moe_jax import sharding
@@ -43,7 +45,7 @@ def test_eight_devices():
 def test_build_mesh_fills_one_minus_one(shape, expected):
     c = load_config_file(SMOKE)
     c.mesh.shape = shape
-    mesh = sharding.build_mesh(c)
+    mesh = sharding.build_mesh(parse(c).mesh)
     assert mesh.axis_names == AXES
     assert tuple(mesh.shape[a] for a in AXES) == expected
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
@@ -65,10 +67,10 @@ def test_build_mesh_from_shape_and_device_subset():
     ((2, 2), "needs 3 sizes"),                          # wrong rank
 ])
 def test_build_mesh_rejects_bad_shapes(shape, words):
-    c = load_config_file(SMOKE)
-    c.mesh.shape = shape
+    # a MeshConfig that skipped parse's validation (build_mesh checks the shape against the devices itself)
+    mesh = dataclasses.replace(parse(load_config_file(SMOKE)).mesh, shape=shape)
     with pytest.raises(config_lib.ConfigError, match=r"^config\.mesh\.shape: ") as err:
-        sharding.build_mesh(c)
+        sharding.build_mesh(mesh)
     assert words in str(err.value)
     assert str(shape).replace(" ", "") in str(err.value).replace(" ", "")  # the offending shape is quoted
 
@@ -145,14 +147,14 @@ def run_steps(mesh_shape, devices, n_steps=2):
     Returns (final state, losses, last metrics, host copy of the params after each step)."""
     c = equivalence_config()
     c.mesh.shape = mesh_shape
-    config_lib.validate(c)
-    mesh = sharding.build_mesh(c, devices)
-    graphdef, abstract_nnx = model.abstract(c)
-    tx = optimizer.build(c)
+    c = parse(c)
+    mesh = sharding.build_mesh(c.mesh, devices)
+    graphdef, abstract_nnx = model.abstract(c.model)
+    tx = optimizer.build(c.optim, c.train.steps)
     batch = fixed_batch(c)
-    compiled = train_step.compile_steps(c, graphdef, abstract_nnx, tx, mesh, batch, batch)
-    _, params = model.init_params(c)
-    state = jax.device_put(train_step.init_state(c, params, tx), compiled.state_sharding)
+    compiled = train_step.compile_steps(c.train, graphdef, abstract_nnx, tx, mesh, batch, batch)
+    _, params = model.init_params(c.model, c.seed)
+    state = jax.device_put(train_step.init_state(c.seed, params, tx), compiled.state_sharding)
     dev_batch = {k: jax.device_put(v, compiled.batch_sharding[k]) for k, v in batch.items()}
     losses, history = [], []
     for _ in range(n_steps):
@@ -180,7 +182,8 @@ def test_eight_device_step_matches_one_device(runs):
     np.testing.assert_allclose(l8, l1, rtol=1e-5)  # both steps' losses
     for k in ("grad_norm", "param_norm", "accuracy", "moe/load_balance_loss", "moe/z_loss", "moe/dropped_fraction"):
         np.testing.assert_allclose(np.asarray(m8[k]), np.asarray(m1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-    init = leaves_by_path(model.init_params(equivalence_config())[1])
+    c = parse(equivalence_config())
+    init = leaves_by_path(model.init_params(c.model, c.seed)[1])
     after1, after1_8 = leaves_by_path(h1[0]), leaves_by_path(h8[0])
     assert list(after1) == list(after1_8) == list(init)
     for path in init:
@@ -251,7 +254,7 @@ def test_hybrid_mesh_puts_slices_on_the_outer_data_index():
         assert {slice_of(x) for x in mesh.devices[d].flat} == {d}
     cfg = load_config_file(SMOKE)
     cfg.mesh.shape, cfg.mesh.dcn_shape = (-1, 2, 1), (2, 1, 1)
-    mesh = sharding.build_mesh(cfg, devices, slice_of=slice_of)
+    mesh = sharding.build_mesh(parse(cfg).mesh, devices, slice_of=slice_of)
     assert dict(mesh.shape) == {"data": 4, "expert": 2, "model": 1}
     assert {slice_of(x) for x in mesh.devices[:2].flat} == {0} and {slice_of(x) for x in mesh.devices[2:].flat} == {1}
 
@@ -273,4 +276,4 @@ def test_dcn_shape_refuses_experts_and_tensor_parallelism_across_slices():
     cfg = load_config_file(SMOKE)
     cfg.mesh.dcn_shape = (-1, 1, 1)
     with pytest.raises(config_lib.ConfigError, match=r"mesh\.dcn_shape"):
-        config_lib.validate(cfg)
+        parse(cfg)
