@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from moe_jax import cli
+from moe_jax.config.typed import parse
 from moe_jax.model import transformer as model_lib
 from moe_jax.tools import routing
 
@@ -26,20 +27,21 @@ FIRST = lambda v: v % E  # noqa: E731
 SECOND = lambda v: (v + 1) % E  # noqa: E731
 
 
-def hand_config():
+def hand_config(**moe):
+    """The hand-built model's RunConfig (`moe.<k> = v` for each override)."""
     c = cli.load_config_file(os.path.join(ROOT, "configs", "smoke.py"))
     c.model.vocab_size, c.model.d_model, c.model.n_layers, c.model.n_heads = V, M, 1, 4
     c.moe.num_experts, c.moe.top_k, c.moe.every, c.moe.group_size = E, K, 1, T
     c.moe.capacity_factor, c.moe.eval_capacity_factor, c.moe.min_capacity = 0.5, 1.0, 1  # C = 4 (train), 8 (eval)
     c.train.batch_size, c.train.seq_len = B, S
-    from moe_jax.config import schema as config_lib
-    return config_lib.validate(c)
+    c.moe.update(moe)
+    return parse(c)
 
 
 def hand_params(config):
     """Embedding = identity (token v -> e_v), attention output 0, router: token v -> expert v % 4 (logit 16 after the
     norm's x8), then (v + 1) % 4 (logit 8): the top-2 choice is (FIRST(v), SECOND(v)) with a gap far above the noise."""
-    graphdef, params = model_lib.init_params(config)
+    graphdef, params = model_lib.init_params(config.model, config.seed)
     params["embed"]["embedding"] = jnp.eye(V, M, dtype=jnp.float32)
     block = params["blocks"][0]
     block["attn"]["wo"] = jnp.zeros_like(block["attn"]["wo"])
@@ -140,9 +142,8 @@ def test_specialisation_lift_by_hand():
 
 
 def test_dense_model_is_refused():
-    c = hand_config()
-    c.moe.num_experts = 0
-    graphdef, params = model_lib.init_params(c)
+    c = hand_config(num_experts=0)
+    graphdef, params = model_lib.init_params(c.model, c.seed)
     with pytest.raises(ValueError, match="dense"):
         routing.analyse(c, graphdef, params, [dict(inputs=np.zeros((B, S), np.int32))])
 
@@ -217,6 +218,6 @@ def test_remat_run_is_analysed_like_its_plain_twin():
     graphdef, params = hand_params(config)
     batches = [dict(inputs=(np.arange(B * S, dtype=np.int32) % 8).reshape(B, S))]
     plain = routing.analyse(config, graphdef, params, batches)
-    config.model.remat = True
-    remat_graphdef, _ = model_lib.abstract(config)
+    config = config.replace(model={"remat": True})
+    remat_graphdef, _ = model_lib.abstract(config.model)
     assert routing.analyse(config, remat_graphdef, params, batches) == plain

@@ -17,6 +17,7 @@ from moe_jax.config import schema as config_lib
 from moe_jax.model import transformer as model
 from moe_jax.model import moe
 from moe_jax.cli import load_config_file
+from smoke_helpers import run_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "seed_fidelity"
@@ -37,8 +38,9 @@ SEED_NAMES = {
 }
 
 
-def seed_config(seed_model: str):
-    """configs/seeds/<seed_model>.py shrunk to the fixtures' shape; every numerics option left as the config sets it."""
+def seed_config(seed_model: str, **overrides):
+    """configs/seeds/<seed_model>.py shrunk to the fixtures' shape, parsed; every numerics option left as the config
+    sets it, except 'section.field'=value `overrides`."""
     c = load_config_file(ROOT / "configs" / "seeds" / f"{seed_model}.py")
     s = META["shape"]
     m = c.model
@@ -48,7 +50,7 @@ def seed_config(seed_model: str):
     if c.moe.num_experts:
         c.moe.num_experts, c.moe.top_k, c.moe.d_ff = s["num_experts"], s["top_k"], s["d_ff"]
     c.train.seq_len = s["max_seq_len"]
-    return config_lib.validate(c)
+    return run_config(c, **overrides)
 
 
 def to_params(weights: dict, seed_model: str, config) -> dict:
@@ -94,8 +96,8 @@ def forward(config, params, tokens, monkeypatch, allow_drops=False):
         return out
 
     monkeypatch.setattr(moe, "route", recording_route)
-    graphdef, _ = model.abstract(config)
-    shapes = jax.tree_util.tree_map(lambda x: x.shape, model.init_params(config)[1])
+    graphdef, _ = model.abstract(config.model)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, model.init_params(config.model, config.seed)[1])
     assert jax.tree_util.tree_map(np.shape, params) == shapes, "weight mapping does not give moe_jax's tree"
     logits, _, _ = model.apply(graphdef, jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(tokens),
                                train=False)
@@ -142,9 +144,7 @@ FLIPS = [
 def test_each_option_matters(name, field, value, monkeypatch):
     fx = next(f for f in META["fixtures"] if f["file"] == f"{name}.npz")
     data = load_fixture(fx)
-    config = seed_config(fx["seed_model"])
-    section, leaf = field.split(".")
-    config[section][leaf] = value
+    config = seed_config(fx["seed_model"], **{field: value})
     logits, _ = forward(config, to_params(data, fx["seed_model"], config), data["tokens"], monkeypatch,
                         allow_drops=field.startswith("moe."))
     diff = float(np.max(np.abs(logits - data["logits"])))
