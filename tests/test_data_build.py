@@ -9,21 +9,22 @@ import pytest
 from etils import epath
 
 from moe_jax.config import schema as config_lib
+from smoke_helpers import run_config
 from moe_jax import data
 from moe_jax.data import pipeline
 
 S, BATCH, ACCUM, V = 32, 4, 2, 512
 
 
-def make_config(cache_dir, **data_fields):
+def make_config(cache_dir, model=(), train=(), **data_fields):
+    """The base config at vocab V, batch BATCH x ACCUM of S tokens, 40 validation windows, data cached in
+    `cache_dir`, with `data.<k> = v` for each keyword and the `model` and `train` field dicts; parsed."""
     c = config_lib.base_config()
     c.model.vocab_size = V
     c.train.seq_len, c.train.batch_size, c.train.grad_accum = S, BATCH, ACCUM
     c.data.cache_dir = str(cache_dir)
     c.data.max_val_windows = 40
-    for k, v in data_fields.items():
-        c.data[k] = v
-    return c
+    return run_config(c, data=data_fields, model=dict(model), train=dict(train))
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +129,7 @@ def test_two_processes(bible, cache_dir):
     assert len(vb[0]) == len(vb[1]) == len(full)
     for g, (a, b) in enumerate(zip(*vb)):
         np.testing.assert_array_equal(np.concatenate([a["inputs"], b["inputs"]]), full[g]["inputs"])
-    c = make_config(cache_dir)
-    c.train.batch_size = 3
+    c = make_config(cache_dir, train=dict(batch_size=3))
     with pytest.raises(data.DataError, match=r"config\.train\.batch_size=3 is not divisible by the 2"):
         data.build(c, process_index=0, process_count=2)
 
@@ -183,19 +183,17 @@ def test_val_batches_fixed_finite_padded(bible):
 def test_error_seq_len_longer_than_validation(tmp_path):
     for i in range(30):
         (tmp_path / f"d{i}.txt").write_text(f"Short document number {i}, a few words long. " * 3)
-    c = make_config(tmp_path / "cache", source="files", files=str(tmp_path / "*.txt"))
-    c.model.vocab_size = 300
-    c.train.seq_len = 4096
+    c = make_config(tmp_path / "cache", source="files", files=str(tmp_path / "*.txt"), model=dict(vocab_size=300),
+                    train=dict(seq_len=4096))
     with pytest.raises(data.DataError, match=r"config\.train\.seq_len=4096: the validation split has only \d+ tokens"):
         data.build(c, process_index=0, process_count=1)
 
 
 def test_error_tokenizer_path_vocab_mismatch(bible, cache_dir):
-    c = make_config(cache_dir, tokenizer_path=bible.tokenizer.path)
-    c.model.vocab_size = 1024
+    c = make_config(cache_dir, tokenizer_path=bible.tokenizer.path, model=dict(vocab_size=1024))
     with pytest.raises(ValueError, match=r"model\.vocab_size=1024"):
         data.build(c, process_index=0, process_count=1)
-    c.model.vocab_size = V
+    c = make_config(cache_dir, tokenizer_path=bible.tokenizer.path)
     assert data.build(c, process_index=0, process_count=1).tokenizer.path == bible.tokenizer.path
 
 

@@ -9,6 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
+from smoke_helpers import run_config
 from moe_jax.data import DataError, sources, split
 
 
@@ -39,9 +41,7 @@ def dummy_tfds_dir(tmp_path_factory):
 def config(tmp_path, **data):
     c = config_lib.base_config()
     c.data.cache_dir = str(tmp_path / "cache")
-    for k, v in data.items():
-        c.data[k] = v
-    return config_lib.validate(c)
+    return run_config(c, data=data)
 
 
 def write_corpus(root, n_txt=6, n_jsonl=30, field="text"):
@@ -226,4 +226,4 @@ def test_tfds_val_split_only_for_tfds(tmp_path):
     c = config_lib.base_config()
     c.data.tfds_val_split = "validation"
     with pytest.raises(config_lib.ConfigError, match="data.tfds_val_split"):
-        config_lib.validate(c)
+        parse(c)

@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from moe_jax.config import schema as config_lib
+from smoke_helpers import run_config
 from moe_jax.data import DataError, sources, tokenizer
 
 V = 512
@@ -65,12 +66,9 @@ class FakeSource:
         return record["text"]
 
 
-def make_config(**data):
-    c = config_lib.base_config()
-    c.model.vocab_size = V
-    for k, v in data.items():
-        c.data[k] = v
-    return c
+def make_config(vocab_size=V, **data):
+    """The base config at `vocab_size` with `data.<k> = v` for each keyword, parsed."""
+    return run_config(config_lib.base_config(), data=data, model=dict(vocab_size=vocab_size))
 
 
 def test_cache_reused_then_truncated_model_rebuilt(tmp_path, bible_texts, monkeypatch):
@@ -98,8 +96,7 @@ def test_cache_reused_then_truncated_model_rebuilt(tmp_path, bible_texts, monkey
     tokenizer.get_tokenizer(make_config(), src)
     assert calls == [1, 1, 1]
 
-    other_vocab = make_config()
-    other_vocab.model.vocab_size = 600
+    other_vocab = make_config(vocab_size=600)
     assert tokenizer.get_tokenizer(other_vocab, src).vocab_size == 600  # keyed by vocab size
     assert calls == [1, 1, 1, 1]
 
@@ -108,8 +105,7 @@ def test_given_model_file(model_file, tmp_path):
     src = FakeSource(tmp_path, ["unused"])
     tok = tokenizer.get_tokenizer(make_config(tokenizer_path=model_file), src)
     assert tok.path == model_file and tok.vocab_size == V
-    wrong = make_config(tokenizer_path=model_file)
-    wrong.model.vocab_size = 8192
+    wrong = make_config(tokenizer_path=model_file, vocab_size=8192)
     with pytest.raises(ValueError, match=r"config\.model\.vocab_size=8192 differs from the 512 pieces"):
         tokenizer.get_tokenizer(wrong, src)
 
