@@ -14,7 +14,7 @@ import pytest
 
 from moe_jax.tools import budget
 from moe_jax import cli
-from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
 from moe_jax.model import flops
 from moe_jax.tools import hardware
 
@@ -41,7 +41,7 @@ def expected_flops(usd: float, device: str, mfu: float) -> float:
 @pytest.mark.parametrize("usd,device,moe,hours", CASES)
 def test_written_config_spends_the_budget(usd, device, moe, hours):
     p = budget.plan(budget.Options(usd=usd, device=device, moe=moe, hours=hours))
-    c = config_lib.validate(p.config)
+    c = parse(p.config)
     want = expected_flops(usd, device, hardware.DEFAULT_MFU)
     got = flops.flops_per_step(c) * c.train.steps
     assert abs(got / want - 1) <= 0.05, (got, want)
@@ -55,7 +55,7 @@ def test_written_config_spends_the_budget(usd, device, moe, hours):
         assert c.moe.num_experts == 0
     # Chinchilla: ~20 tokens per (active) parameter; the grid and the aspect preference allow PICK_TOLERANCE
     tokens_per_param = c.train.steps * c.train.batch_size * c.train.grad_accum * c.train.seq_len / \
-        flops.param_counts(c)["active"]
+        flops.param_counts(c.model)["active"]
     tol = 1 + budget.PICK_TOLERANCE
     assert budget.TOKENS_PER_PARAM / tol <= tokens_per_param <= budget.TOKENS_PER_PARAM * tol
     if hours is not None:
@@ -97,10 +97,11 @@ def test_write_loads_validates_and_matches(tmp_path, capsys, moe):
     out = capsys.readouterr().out
     assert "candidates at their 20-tokens/parameter point" in out and "pick:" in out and f"wrote {path}" in out
     assert ("MoE caveat" in out) == moe
-    c = config_lib.validate(_load(path))
+    c = _load(path)
+    run = parse(c)
     p = budget.plan(budget.Options(usd=7, device="v6e", moe=moe, experts=4, top_k=1))
-    assert flops.flops_per_step(c) * c.train.steps == pytest.approx(p.steps * p.flops_per_step)
-    assert abs(flops.flops_per_step(c) * c.train.steps / expected_flops(7, "v6e", hardware.DEFAULT_MFU) - 1) <= 0.05
+    assert flops.flops_per_step(run) * run.train.steps == pytest.approx(p.steps * p.flops_per_step)
+    assert abs(flops.flops_per_step(run) * run.train.steps / expected_flops(7, "v6e", hardware.DEFAULT_MFU) - 1) <= 0.05
     assert c.to_dict() == p.config.to_dict()
 
 

@@ -1,13 +1,15 @@
 """configs/gpu_dense.py and configs/gpu_moe.py: valid, near 125 M active parameters, FLOP-equal, cuDNN-ready."""
 
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from configs import gpu_dense, gpu_moe
 from moe_jax.config import schema as config_lib
 from moe_jax.model import flops
+from moe_jax.config import resolve
+from moe_jax.config.typed import parse
 from moe_jax.model import layers
-from moe_jax.model import precision
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +31,22 @@ def test_shapes_are_the_issue_s(configs):
 
 def test_near_125m_active_parameters_and_flop_equal(configs):
     dense, moe = configs
-    pd, pm = flops.param_counts(dense), flops.param_counts(moe)
+    dense, moe = parse(dense, "gpu"), parse(moe, "gpu")
+    pd, pm = flops.param_counts(dense.model), flops.param_counts(moe.model)
     assert abs(pd["active"] - 125e6) / 125e6 < 0.03
     assert pm["active"] - pd["active"] == pm["router"] == 12 * 768 * 8
     assert pm["total"] > 2 * pd["total"]
-    fd, fm = flops.flops_per_token(dense)["training"], flops.flops_per_token(moe)["training"]
+    fd, fm = flops.run_flops_per_token(dense)["training"], flops.run_flops_per_token(moe)["training"]
     assert 1.0 <= fm / fd < 1.001
 
 
 def test_auto_resolves_to_cudnn_bfloat16_on_gpu_with_a_head_size_cudnn_takes(configs):
     for c in configs:
-        c = c.copy_and_resolve_references()
-        precision.resolve(c, "gpu")
-        assert (c.model.dtype, c.model.attention) == ("bfloat16", "cudnn")
-        q = jnp.zeros((1, 8, c.model.n_heads, c.model.d_model // c.model.n_heads), jnp.bfloat16)
+        run = parse(c, "gpu")
+        assert (run.model.dtype, run.model.attention) == ("bfloat16", "cudnn")
+        q = jnp.zeros((1, 8, run.model.n_heads, run.model.head_dim), jnp.bfloat16)
         assert layers.cudnn_fallback_reason(q) is None
+        saved = ml_collections.ConfigDict(run.to_dict())  # its config.json: 'cudnn' is explicit there
         with pytest.raises(config_lib.ConfigError, match="model.attention"):
-            precision.resolve(c, "cpu")  # resolved 'cudnn' is explicit now: refused on CPU, naming the fix
-    c = configs[0].copy_and_resolve_references()
-    assert precision.resolve(c, "cpu")["model.attention"] == ("auto", "blocked")
+            parse(saved, "cpu")  # refused on CPU, naming the fix
+    assert resolve.resolve(configs[0], "cpu")["model.attention"] == ("auto", "blocked")
