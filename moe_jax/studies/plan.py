@@ -67,20 +67,26 @@ def arm_names(study) -> list[str]:
 
 
 def arm_configs(study) -> dict[str, ml_collections.ConfigDict]:
-    """Resolve every arm in study.arm_names into a full, validated config (steps not yet set). An arm is a partial
-    config (nested overrides of base) or a derived arm:
+    """Every arm in study.arm_names as a full config (steps not yet set), validated (`parsed_arms`)."""
+    return {name: c for name, (c, _) in parsed_arms(study).items()}
+
+
+def parsed_arms(study) -> dict[str, tuple[ml_collections.ConfigDict, typed.RunConfig]]:
+    """Resolve every arm in study.arm_names into a full config (steps not yet set) and its RunConfig: each arm is
+    parsed once, which validates it (before another arm is derived from it). An arm is a partial config (nested
+    overrides of base) or a derived arm:
         {'derive': 'same_active', 'from_arm': 'dense', 'num_experts': 8, 'top_k': 2, 'every': 1}
             MoE whose active FFN parameters equal the dense arm's (expert d_ff = dense d_ff / top_k);
         {'derive': 'same_total', 'from_arm': 'moe'}
             dense whose total parameters equal the MoE arm's (d_ff = the MoE model's FFN parameters spread evenly
             over its layers; the router's M*E per layer is ignored)."""
     names = arm_names(study)
-    resolved: dict[str, ml_collections.ConfigDict] = {}
+    resolved: dict[str, tuple[ml_collections.ConfigDict, typed.RunConfig]] = {}
     resolving: list[str] = []
 
     def resolve(name):
         if name in resolved:
-            return resolved[name]
+            return resolved[name][0]
         if name not in study.arms:
             raise config_lib.ConfigError(f"config.arm_names: arm {name!r} is not defined in config.arms "
                                          f"(defined: {sorted(study.arms.keys())})")
@@ -125,13 +131,14 @@ def arm_configs(study) -> dict[str, ml_collections.ConfigDict]:
             c.model.d_ff = int(round(ffn_total / n))
             c.moe.num_experts = 0
         c.name = name
-        config_lib.validate(c)
+        resolved[name] = (c, typed.parse(c))  # the arm's one validation
         resolving.pop()
-        resolved[name] = c
         return c
 
-    arms = {n: resolve(n) for n in names}
-    check_same_data(arms)
+    for n in names:
+        resolve(n)
+    arms = {n: resolved[n] for n in names}
+    check_same_data({n: c for n, (c, _) in arms.items()})
     return arms
 
 
@@ -245,14 +252,16 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict
     """Resolve the study into runs. `seconds_per_step` {arm label: seconds} is needed for a wall_seconds budget
     (runner.calibrate measures it). Returns {kinds, budgets {kind: amount}, per_step {kind: {label: cost}},
     arms {name: config}, grids {name: [lr] | None}, replicates [(seed, order)], runs [Run], report_split}."""
-    arms = arm_configs(study)
+    parsed = parsed_arms(study)
+    arms = {name: c for name, (c, _) in parsed.items()}
     kinds = budget_kinds(study)
     reps = replicates(study)
     field = lr_field(study)
     section, key = field.split(".")
     variants = {}  # label -> (arm, lr, config without steps)
+    variant_runs = {}  # label -> its RunConfig (the arm's own, or the arm with the grid value, parsed once)
     grids = {}
-    for name, c in arms.items():
+    for name, (c, arm_run) in parsed.items():
         grids[name] = lr_grid(study, name)
         for lr in grids[name] or [None]:
             v = copy_config(c)
@@ -261,6 +270,7 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict
                     raise config_lib.ConfigError(f"config.lr_field: {field!r} is not a config field")
                 v[section][key] = lr
             variants[arm_label(name, lr)] = (name, lr, v)
+            variant_runs[arm_label(name, lr)] = arm_run if lr is None else typed.parse(v)
     b = study.budget
     per_step: dict[str, dict[str, float]] = {}
     budgets: dict[str, float] = {}
@@ -268,8 +278,8 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict
         if kind == "wall_seconds" and seconds_per_step is None:
             raise config_lib.ConfigError("config.budget.kinds: a wall_seconds budget needs measured seconds per "
                                          "step; run the study through moe_jax.studies.runner (it calibrates first)")
-        per_step[kind] = {lab: budget_lib.cost_per_step(typed.parse(v), kind, (seconds_per_step or {}).get(lab))
-                          for lab, (_, _, v) in variants.items()}
+        per_step[kind] = {lab: budget_lib.cost_per_step(variant_runs[lab], kind, (seconds_per_step or {}).get(lab))
+                          for lab in variants}
         amount = float(b.get("amount", 0.0) or 0.0)
         if amount <= 0:
             ref = b.get("reference_arm")
