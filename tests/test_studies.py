@@ -15,6 +15,7 @@ import pytest
 
 from moe_jax.train import checkpoint as ckpt_lib
 from moe_jax.config import schema as config_lib
+from moe_jax.config.typed import parse
 from moe_jax.model import flops
 from moe_jax.model import transformer as model_lib
 from moe_jax.optim import chain as optimizer_lib
@@ -59,6 +60,12 @@ def tiny_study(cache_dir: str) -> ml_collections.ConfigDict:
 # FLOP conventions and planning (no training)
 
 
+def ns_flops(c) -> float:
+    """flops.optimizer_flops_per_step of a ConfigDict (parsed)."""
+    run = parse(c)
+    return flops.optimizer_flops_per_step(run.model, run.optim)
+
+
 def test_optimizer_flops_hand_count_and_the_optimizers_own_muon_leaves():
     c = config_lib.base_config()
     for k, v in dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128).items():
@@ -69,11 +76,12 @@ def test_optimizer_flops_hand_count_and_the_optimizers_own_muon_leaves():
     # 5 x (4*64^2*128 + 2*64^3)
     hand = 8 * 5 * (4 * 64 ** 3 + 2 * 64 ** 3) + 16 * 5 * (4 * 64 * 64 * 128 + 2 * 64 ** 3)
     assert hand == 272_629_760
-    assert flops.optimizer_flops_per_step(c) == hand
+    assert ns_flops(c) == hand
     # independently, from the optimizer's Muon dimension numbers on the model's parameter shapes
-    _, state = model_lib.abstract(c)
+    run = parse(c)
+    _, state = model_lib.abstract(run.model)
     params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), state.to_pure_dict())
-    dims = optimizer_lib.weight_dimension_numbers(params, c)
+    dims = optimizer_lib.weight_dimension_numbers(params, run.optim)
     total = 0.0
     leaves = jax.tree_util.tree_leaves_with_path(params)
     dims_flat = dict(jax.tree_util.tree_leaves_with_path(dims, is_leaf=lambda x: x is None or hasattr(
@@ -90,9 +98,9 @@ def test_optimizer_flops_hand_count_and_the_optimizers_own_muon_leaves():
         total += batch * flops.newton_schulz_flops(rows, cols, 5)
     assert total == hand
     c.optim.router_muon = True
-    assert flops.optimizer_flops_per_step(c) == hand + 2 * 5 * (4 * 4 * 4 * 64 + 2 * 4 ** 3)
+    assert ns_flops(c) == hand + 2 * 5 * (4 * 4 * 4 * 64 + 2 * 4 ** 3)
     c.optim.name = "adamw"
-    assert flops.optimizer_flops_per_step(c) == 0
+    assert ns_flops(c) == 0
 
 
 def test_budgets_under_every_convention_equal_hand_counts_for_arms_of_different_shapes():
@@ -113,9 +121,9 @@ def test_budgets_under_every_convention_equal_hand_counts_for_arms_of_different_
     assert p["per_step"]["tokens"]["dense_long"] == 128
     assert p["budgets"] == {"model_flops": 100 * model_step, "executed_flops": 100 * (model_step + ns),
                             "tokens": 12_800}
-    moe = p["arms"]["moe_short"]
-    fpt = flops.flops_per_token(moe)
-    moe_exec = (fpt["training"] + fpt["dispatch_overhead_training"]) * 128 + flops.optimizer_flops_per_step(moe)
+    moe = parse(p["arms"]["moe_short"])
+    fpt = flops.run_flops_per_token(moe)
+    moe_exec = (fpt["training"] + fpt["dispatch_overhead_training"]) * 128 + ns_flops(p["arms"]["moe_short"])
     assert p["per_step"]["executed_flops"]["moe_short"] == pytest.approx(moe_exec, rel=1e-12)
     assert fpt["dispatch_overhead_training"] == fpt["capacity_padding_training"] > 0  # capacity dispatch
     for kind in p["kinds"]:
@@ -144,6 +152,21 @@ def test_replicates_pair_or_cross_seed_and_data_order():
         (a, o) for a in range(3) for o in (7, 8)]
     assert len(p["runs"]) == 3 * 6  # 3 variants (2 LRs + 1) x 6 replicates
     assert os.path.join("/w", "moe_short", "lr0.03", "seed1_order8") in {r.run_dir for r in p["runs"]}
+
+
+def test_plan_validates_each_config_once(monkeypatch):
+    """Each arm, each learning-rate variant and each run is one ConfigDict parsed (and so validated) once: the arm's
+    own RunConfig serves its base-LR variant, and no config is validated again (2 arms + 2 grid points + 3 runs)."""
+    from moe_jax.config import typed
+    seen = []
+    real = typed.validate
+    monkeypatch.setattr(typed, "validate", lambda c: seen.append(c) or real(c))
+    monkeypatch.setattr(config_lib, "validate", lambda c: pytest.fail("validated outside parse"))
+    s = tiny_study("/nonexistent")
+    s.budget.kinds = ("tokens", "model_flops")  # a second convention parses nothing more
+    p = plan_lib.plan(s, "/w")
+    assert len(p["runs"]) == 2 * 3
+    assert len(seen) == len({id(c) for c in seen}) == 2 + 2 + 2 * 3
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -304,7 +327,7 @@ def test_data_build_serves_a_test_split_only_when_configured(cache_dir):
     from moe_jax.data.errors import DataError
 
     c = plan_lib.arm_configs(tiny_study(cache_dir))["moe_short"]
-    ds = data.build(c, 0, 1)
+    ds = data.build(parse(c), 0, 1)
     sp = ds.source.split
     assert ds.stats["num_docs_test"] == sp.num_test > 0 and ds.stats["tokens_test"] > 0
     assert not set(sp.test_indices) & set(sp.train_indices()) and not set(sp.test_indices) & set(sp.val_indices)
@@ -313,4 +336,4 @@ def test_data_build_serves_a_test_split_only_when_configured(cache_dir):
     assert not np.array_equal(val[0]["inputs"], test[0]["inputs"])
     c.data.test_fraction = 0.0
     with pytest.raises(DataError, match="there is no test split"):
-        data.build(c, 0, 1).eval_batches(4, "test")
+        data.build(parse(c), 0, 1).eval_batches(4, "test")

@@ -45,11 +45,11 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
             run = next(r for r in planned["runs"] if r.kind == kind and r.arm == arm)
             assert p["steps"] == run.steps and p["model_flops"] == run.costs["model_flops"]
             assert p["executed_flops"] == run.costs["executed_flops"] and p["tokens"] == run.costs["tokens"]
-            fpt = flops.flops_per_token(run.config)
+            fpt = flops.run_flops_per_token(run.config)
             assert {k: fpt[k] for k in p["flops_per_token"]} == p["flops_per_token"]
             # reports written before flops.py's dispatch_overhead: for capacity dispatch it is the capacity padding
             assert fpt["dispatch_overhead"] == p["flops_per_token"].get("dispatch_overhead", fpt["capacity_padding"])
-            assert p["optimizer_flops_per_step"] == flops.optimizer_flops_per_step(run.config)
+            assert p["optimizer_flops_per_step"] == flops.optimizer_flops_per_step(run.config.model, run.config.optim)
         runs = [r for r in results["runs"] if r["kind"] == kind]
         assert all(r["steps"] == next(q.steps for q in planned["runs"] if q.kind == kind and q.label == r["label"])
                    for r in runs)
