@@ -71,7 +71,7 @@ def test_budget_steps_equalise_training_flops(name, budget_flops, load_config):
     for n, p in planned.items():
         c = p["config"]
         assert p["flops_per_step"] == flops.flops_per_step(c)
-        assert p["flops_per_token"] == flops.flops_per_token(c)
+        assert p["flops_per_token"] == flops.run_flops_per_token(c)
         assert p["training_flops"] == p["steps"] * p["flops_per_step"] == c.train.steps * flops.flops_per_step(c)
         assert abs(p["training_flops"] - budget) <= p["flops_per_step"] / 2 * (1 + 1e-12), n
     for a in planned.values():  # any two arms: equal within one step's FLOPs
@@ -83,7 +83,7 @@ def test_derived_arms_have_the_intended_parameter_counts(load_config):
     cmp = load_config("compare")
     cmp.arm_names = "dense,moe,moe_same_active,dense_same_total"
     arms = compare.arm_configs(cmp)
-    p = {n: flops.param_counts(c) for n, c in arms.items()}
+    p = {n: flops.param_counts(parse(c).model) for n, c in arms.items()}
     # MoE with the dense arm's active parameters: its k experts hold exactly the dense FFN; only the router is extra.
     sa = arms["moe_same_active"]
     assert sa.moe.num_experts == 8 and sa.moe.top_k == 2 and sa.moe.d_ff * sa.moe.top_k == arms["dense"].model.d_ff
@@ -107,7 +107,7 @@ def test_same_total_of_a_partly_moe_arm(load_config):
     cmp.arms.dense_alt = ml_collections.ConfigDict({"derive": "same_total", "from_arm": "moe_alt"})
     cmp.arm_names = "moe_alt,dense_alt"
     arms = compare.arm_configs(cmp)
-    pm, pd = flops.param_counts(arms["moe_alt"]), flops.param_counts(arms["dense_alt"])
+    pm, pd = flops.param_counts(parse(arms["moe_alt"]).model), flops.param_counts(parse(arms["dense_alt"]).model)
     assert arms["dense_alt"].model.d_ff == (2 * 8 * 256 + 2 * 512) // 4
     assert abs(pd["total"] - pm["total"]) <= pm["router"]
 
@@ -154,10 +154,9 @@ def tiny_run(tmp_path_factory, cache_dir):
     cmp = tiny_comparison(cache_dir)
     workdir = str(tmp_path_factory.mktemp("cmp"))
     devices = jax.devices()[:1]
-    c = compare.plan(cmp)["moe"]["config"]
-    c.seed = 1
+    c = compare.plan(cmp)["moe"]["config"].replace(seed=1)  # the seed-1 run (data order: the base's, as planned)
     partial = compare.run_dir(workdir, "moe", 1)
-    s = trainer.train(parse(c), partial, max_steps_this_run=3, devices=devices)
+    s = trainer.train(c, partial, max_steps_this_run=3, devices=devices)
     assert s["step"] == 3 and not s["finished"]
 
     calls = []
@@ -223,7 +222,7 @@ def test_report_flops_equal_the_counter(tiny_run):
     assert budget == planned["moe"]["flops_per_step"] * 8
     for n, p in planned.items():
         c = p["config"]
-        fpt = flops.flops_per_token(c)
+        fpt = flops.run_flops_per_token(c)
         per_step = flops.flops_per_step(c)
         row = rows[n]
         assert float(row["training FLOPs/token"]) == pytest.approx(fpt["training"], rel=1e-6)
@@ -238,7 +237,7 @@ def test_report_flops_equal_the_counter(tiny_run):
         for r in results["runs"]:
             if r["arm"] == n:
                 assert r["model_flops"] == c.train.steps * per_step
-                assert r["params_total"] == flops.param_counts(c)["total"]
+                assert r["params_total"] == flops.param_counts(c.model)["total"]
     steps_a, steps_b = planned["dense"], planned["moe"]
     assert abs(steps_a["training_flops"] - steps_b["training_flops"]) <= max(steps_a["flops_per_step"],
                                                                           steps_b["flops_per_step"])
@@ -330,7 +329,7 @@ def test_committed_cpu_report_matches_its_config_and_the_counter(load_config):
     for n, p in planned.items():
         assert results["plan"][n]["steps"] == p["steps"]
         assert results["plan"][n]["training_flops"] == p["training_flops"]
-        fpt, committed = flops.flops_per_token(p["config"]), results["plan"][n]["flops_per_token"]
+        fpt, committed = flops.run_flops_per_token(p["config"]), results["plan"][n]["flops_per_token"]
         assert {k: fpt[k] for k in committed} == committed
         # the report predates `dispatch_overhead`: for these capacity-dispatch arms it is the capacity padding
         assert fpt["dispatch_overhead"] == committed["capacity_padding"]
