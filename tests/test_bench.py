@@ -14,6 +14,7 @@ import pytest
 from moe_jax.tools import bench
 from moe_jax.config import schema as config_lib
 from moe_jax.model import flops
+from smoke_helpers import config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +106,7 @@ def test_dispatch_flag_times_each_moe_config_once_per_mode(load_config):
 
 
 def test_time_updates_times_every_variant_of_every_config_and_rejects_bad_ones(load_config):
-    c = bench.prepare(load_config("smoke"), 2, 16)
+    c = config_dict(load_config("smoke"), train=dict(batch_size=2, seq_len=16))  # entries are ConfigDicts
     lines = []
     variants = ("optax:float32", "batched:float32", "batched:bfloat16:none")
     res = bench.time_updates([("smoke", c)], variants, rounds=2, out=lines.append)

@@ -15,22 +15,24 @@ from numpy.testing import assert_allclose, assert_array_equal
 from moe_jax.model import decode
 from moe_jax.model import transformer as model
 from moe_jax.cli import load_config_file
+from moe_jax.config.typed import parse
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 VOCAB, CONTEXT = 512, 64
 
 
 def smoke_config(kind: str):
+    """configs/smoke.py ('moe') or its dense twin, parsed."""
     c = load_config_file(CONFIGS / "smoke.py")
     if kind == "dense":
         c.moe.num_experts = 0
-    return c
+    return parse(c)
 
 
 @functools.lru_cache(maxsize=None)
 def setup(kind: str):
     config = smoke_config(kind)
-    graphdef, params = model.init_params(config)
+    graphdef, params = model.init_params(config.model, config.seed)
     return config, graphdef, params
 
 
