@@ -5,7 +5,8 @@
 - JAX's persistent compilation cache in <repo>/.cache/jax (ignored by git), for this process and the command-line
   subprocesses the tests start (through the environment), with the thresholds at zero so the small CPU programs of
   the tests are cached too: a second run of the suite loads them instead of compiling.
-- `load_config`: configs/<name>.py through the repository's one config loader (moe_jax.cli.load_config_file).
+- `load_config`: configs/<name>.py through the repository's one config loader (moe_jax.cli.load_config_file);
+  tests/smoke_helpers.py's `config_dict` / `run_config` add overrides and parse.
 - `smoke_run`: ONE smoke run (configs/smoke.py, 4 steps, a checkpoint and an evaluation at step 4) trained once per
   session and shared by every test that needs a trained checkpoint; tests read it and must not change it.
 - The `slow` marker (pytest.ini): long end-to-end runs, multi-config comparisons and subprocess tests of training.
@@ -38,7 +39,6 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 from moe_jax import cli  # noqa: E402
-from moe_jax.config.typed import parse
 
 
 def config(name: str):
@@ -60,19 +60,13 @@ def data_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, data_cache) -> dict:
-    """The shared trained run: {'workdir', 'config', 'summary'} of configs/smoke.py trained 4 steps on all 8
-    devices (log every 2 steps; checkpoint, evaluation and summary at step 4; no plots), with its config.json and
-    tokenizer.model. Read-only for the tests."""
+    """The shared trained run: {'workdir', 'config' (its RunConfig), 'summary'} of configs/smoke.py trained 4 steps
+    on all 8 devices (log every 2 steps; checkpoint, evaluation and summary at step 4; no plots), with its
+    config.json and tokenizer.model. Read-only for the tests."""
     from moe_jax.train import loop as trainer
+    from smoke_helpers import smoke_run_config
 
-    c = config("smoke")
-    c.data.cache_dir = data_cache
-    c.train.progress_bar = False
-    c.train.plots = False
-    c.train.steps = 4
-    c.train.checkpoint_every = 4
-    c.train.eval_every = 4
-    c.train.log_every = 2
+    c = smoke_run_config(data_cache, plots=False, steps=4, checkpoint_every=4, eval_every=4, log_every=2)
     workdir = str(tmp_path_factory.mktemp("smoke_run") / "run")
-    summary = trainer.train(parse(c), workdir)
+    summary = trainer.train(c, workdir)
     return {"workdir": workdir, "config": c, "summary": summary}

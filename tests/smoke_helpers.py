@@ -44,7 +44,7 @@ def run_config(config="smoke", backend=None, **overrides) -> RunConfig:
 
 def smoke_config(cache_dir, **train) -> ml_collections.ConfigDict:
     """configs/smoke.py with the data cache at `cache_dir`, no progress bar, and `train.<k> = v` for each override
-    (a ConfigDict: parse it, or use `smoke_run`)."""
+    (a ConfigDict; `smoke_run_config` parses it)."""
     return config_dict("smoke", data=dict(cache_dir=cache_dir), train=dict(progress_bar=False, **train))
 
 

@@ -33,8 +33,7 @@ from moe_jax.model import moe as moe_lib
 from moe_jax.train import loop as trainer
 from moe_jax.train import workdir as workdir_lib
 from moe_jax.cli import load_config_file
-from moe_jax.config.typed import parse
-from smoke_helpers import smoke_config, train_losses
+from smoke_helpers import run_config, smoke_config, smoke_run_config, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -52,7 +51,7 @@ def cache_dir(data_cache):
 def reference(tmp_path_factory, cache_dir):
     """An uninterrupted 8-step run with checkpoints at 2, 4, 6, 8: (workdir, {step: loss})."""
     workdir = str(tmp_path_factory.mktemp("faults") / "reference")
-    trainer.train(parse(smoke_config(cache_dir, **REF)), workdir)
+    trainer.train(smoke_run_config(cache_dir, **REF), workdir)
     return workdir, train_losses(workdir)
 
 
@@ -69,41 +68,41 @@ def _copy(reference, tmp_path, name="run"):
 def test_nan_gradients_with_finite_loss_are_never_saved(tmp_path, cache_dir):
     """The table's first row: a finite loss with NaN gradients, a checkpoint every step."""
     workdir = str(tmp_path / "nan")
-    c = smoke_config(cache_dir, steps=10, checkpoint_every=1, eval_every=100, log_every=1, inject_nan_at_step=5,
-                     inject_nan_mode="grads", plots=False)
+    c = smoke_run_config(cache_dir, steps=10, checkpoint_every=1, eval_every=100, log_every=1, inject_nan_at_step=5,
+                         inject_nan_mode="grads", plots=False)
     with pytest.raises(trainer.NonFiniteError, match=r"non-finite gradient norm \(nan\) at step 5.*step 4"):
-        trainer.train(parse(c), workdir)
+        trainer.train(c, workdir)
     assert all(np.isfinite(loss) for loss in train_losses(workdir).values())  # the loss never showed it
     assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 4
-    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
+    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c.mesh))
     assert step == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((state["params"], state["opt_state"])))
 
 
 def test_skip_drops_the_nonfinite_update_and_goes_on(tmp_path, cache_dir):
     workdir = str(tmp_path / "skip")
-    c = smoke_config(cache_dir, steps=5, checkpoint_every=100, eval_every=100, log_every=1, inject_nan_at_step=3,
-                     on_nonfinite="skip", max_skipped_steps=2, plots=False)
-    summary = trainer.train(parse(c), workdir)
+    c = smoke_run_config(cache_dir, steps=5, checkpoint_every=100, eval_every=100, log_every=1, inject_nan_at_step=3,
+                         on_nonfinite="skip", max_skipped_steps=2, plots=False)
+    summary = trainer.train(c, workdir)
     assert summary["finished"] and summary["skipped_steps"] == 1
     records = metrics_lib.read(workdir)
     assert [r["step"] for r in records if r["kind"] == "skipped"] == [3]
     losses = train_losses(workdir)
     assert np.isnan(losses[3]) and all(np.isfinite(losses[s]) for s in (1, 2, 4, 5))
-    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
+    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c.mesh))
     assert step == 5 and int(state["step"]) == 5  # the skipped step is counted
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
 def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path, cache_dir):
     workdir = str(tmp_path / "skip_in_a_row")
-    c = smoke_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, inject_nan_at_step=4,
-                     inject_nan_mode="grads_from", on_nonfinite="skip", max_skipped_steps=3, plots=False)
+    c = smoke_run_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, inject_nan_at_step=4,
+                         inject_nan_mode="grads_from", on_nonfinite="skip", max_skipped_steps=3, plots=False)
     with pytest.raises(trainer.NonFiniteError, match=r"3 steps in a row skipped \(train.max_skipped_steps\)"):
-        trainer.train(parse(c), workdir)
+        trainer.train(c, workdir)
     records = metrics_lib.read(workdir)
     assert [(r["step"], r["in_row"]) for r in records if r["kind"] == "skipped"] == [(4, 1), (5, 2), (6, 3)]
-    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c))
+    _, state, step = inference.restore_train_state(workdir, c, inference.inference_mesh(c.mesh))
     assert step == 4  # skipped steps keep the last finite state (saved at 4); the run stopped at 6 before its save
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
@@ -164,7 +163,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp
         assert result["step"] == 6
         assert os.path.isdir(step_dir)
         assert f"checkpoint {os.path.abspath(step_dir)} is unusable" in capsys.readouterr().err
-    summary = trainer.train(parse(smoke_config(cache_dir, **REF)), workdir)
+    summary = trainer.train(smoke_run_config(cache_dir, **REF), workdir)
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if "is unusable" in x]
     assert len(lines) == 1 and os.path.abspath(step_dir) in lines[0] and reason in lines[0], out
@@ -180,14 +179,14 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp
 
 def test_restore_step_picks_an_older_step_and_sets_newer_ones_aside(reference, tmp_path, cache_dir):
     workdir = _copy(reference, tmp_path)
-    trainer.train(parse(smoke_config(cache_dir, **REF)), workdir, restore_step=4)
+    trainer.train(smoke_run_config(cache_dir, **REF), workdir, restore_step=4)
     losses = train_losses(workdir)
     for s in range(5, 9):
         assert losses[s] == reference[1][s], s
     aside = sorted(int(n.split(".")[0]) for n in os.listdir(os.path.join(workdir, ckpt_lib.SET_ASIDE_DIR)))
     assert aside == [6, 8]
     with pytest.raises(config_lib.ConfigError, match="--restore_step 5: no such checkpoint"):
-        trainer.train(parse(smoke_config(cache_dir, **REF)), workdir, restore_step=5)
+        trainer.train(smoke_run_config(cache_dir, **REF), workdir, restore_step=5)
 
 
 def test_a_step_without_fingerprint_is_unverified_only_in_a_legacy_run(tmp_path):
@@ -209,22 +208,20 @@ def test_a_step_without_fingerprint_is_unverified_only_in_a_legacy_run(tmp_path)
 def test_changed_d_model_is_refused_and_the_run_still_evaluates(reference, cache_dir):
     workdir = reference[0]
     before = open(os.path.join(workdir, ckpt_lib.CONFIG_FILE)).read()
-    c = smoke_config(cache_dir, **REF)
-    c.model.d_model = 128
+    c = run_config(smoke_config(cache_dir, **REF), **{"model.d_model": 128})
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_model: 64 -> 128"):
-        trainer.train(parse(c), workdir)
+        trainer.train(c, workdir)
     assert open(os.path.join(workdir, ckpt_lib.CONFIG_FILE)).read() == before
     assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 8
 
 
 def test_learning_rate_change_needs_the_flag(reference, tmp_path, cache_dir, capsys):
     workdir = _copy(reference, tmp_path)
-    c = smoke_config(cache_dir, **dict(REF, steps=9))
-    c.optim.muon_lr = 0.02
+    c = run_config(smoke_config(cache_dir, **dict(REF, steps=9)), **{"optim.muon_lr": 0.02})
     with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.muon_lr: 0\.03 -> 0\.02.*"
                                                      r"--allow_config_change=optim\.muon_lr"):
-        trainer.train(parse(c), workdir)
-    summary = trainer.train(parse(c), workdir, allow_config_change=["optim.muon_lr"])
+        trainer.train(c, workdir)
+    summary = trainer.train(c, workdir, allow_config_change=["optim.muon_lr"])
     assert summary["step"] == 9
     out = capsys.readouterr().out
     assert "config.optim.muon_lr: 0.03 -> 0.02" in out and "config.train.steps: 8 -> 9" in out
@@ -280,10 +277,10 @@ def test_failed_async_save_is_reported_at_the_next_step(tmp_path, cache_dir, mon
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
     monkeypatch.setattr(ocp.CheckpointManager, "is_saving_in_progress", lambda self: False)
     workdir = str(tmp_path / "full")
-    c = smoke_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, plots=False)
+    c = smoke_run_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, plots=False)
     with pytest.raises(ckpt_lib.CheckpointError, match=r"saving step 4 .* failed \(OSError: \[Errno 28\] No space "
                                                        r"left on device; noticed at step 5\).*resume from step 2"):
-        trainer.train(parse(c), workdir)
+        trainer.train(c, workdir)
     assert max(train_losses(workdir)) == 4
 
 
@@ -321,11 +318,8 @@ def test_eval_on_a_read_only_run_prints_and_warns(reference, monkeypatch, capsys
 def test_nonfinite_config_floats_are_refused():
     for field, value in (("optim.muon_lr", float("inf")), ("optim.adamw_lr", float("nan")),
                          ("model.rope_base", float("inf")), ("moe.capacity_factor", float("nan"))):
-        c = load_config_file(SMOKE)
-        section, name = field.split(".")
-        c[section][name] = value
         with pytest.raises(config_lib.ConfigError, match=rf"config\.{field}: must be a finite number"):
-            config_lib.validate(c)
+            run_config("smoke", **{field: value})
 
 
 def _run(module, args, cache_dir, **kw):
@@ -402,7 +396,7 @@ def test_second_trainer_fails_fast_and_sigterm_exits_3(tmp_path, cache_dir):
 def test_kill_9_in_a_loop_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     cfg = dict(steps=10, checkpoint_every=1, eval_every=10, log_every=1, keep_checkpoints=3, plots=False)
     reference = str(tmp_path / "uninterrupted")
-    trainer.train(parse(smoke_config(cache_dir, **cfg)), reference)
+    trainer.train(smoke_run_config(cache_dir, **cfg), reference)
     workdir = str(tmp_path / "killed")
     args = ["--config", "configs/smoke.py", "--workdir", workdir] + [f"--config.train.{k}={v}" for k, v in cfg.items()]
     args.append("--config.train.progress_bar=False")
@@ -430,10 +424,8 @@ def test_kill_9_in_a_loop_then_resume_equals_an_uninterrupted_run(tmp_path, cach
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_router_gets_lm_loss_gradient(top_k):
-    c = load_config_file(SMOKE)
-    c.moe.top_k, c.moe.renormalize = top_k, True
-    c.moe.load_balance_weight = c.moe.z_loss_weight = 0.0
-    graphdef, params = model_lib.init_params(config_lib.validate(c))
+    c = run_config("smoke", moe=dict(top_k=top_k, renormalize=True, load_balance_weight=0.0, z_loss_weight=0.0))
+    graphdef, params = model_lib.init_params(c.model, c.seed)
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, c.model.vocab_size)
 
     def lm_loss(p):

@@ -19,8 +19,7 @@ from moe_jax.train import loop as trainer
 from moe_jax import eval as eval_lib
 from moe_jax.train import restore as inference
 from moe_jax.train import metrics as metrics_lib
-from moe_jax.config.typed import parse
-from smoke_helpers import smoke_config, train_losses
+from smoke_helpers import run_config, smoke_config, smoke_run_config, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -36,7 +35,7 @@ def cache_dir(data_cache):
 def unigram_entropy(workdir, cache_dir):
     """Entropy (nats) of the unigram distribution of the training tokens: the loss of a model that ignores context."""
     from moe_jax import data
-    c = smoke_config(cache_dir)
+    c = smoke_run_config(cache_dir)
     ds = data.build(c)
     counts = np.zeros(c.model.vocab_size)
     for _ in range(20):
@@ -49,7 +48,7 @@ def unigram_entropy(workdir, cache_dir):
 @pytest.mark.slow
 def test_smoke_trains_and_writes_outputs(tmp_path, cache_dir):
     workdir = str(tmp_path / "run")
-    summary = trainer.train(parse(smoke_config(cache_dir)), workdir)
+    summary = trainer.train(smoke_run_config(cache_dir), workdir)
     assert summary["finished"] and summary["step"] == 60
     h = unigram_entropy(workdir, cache_dir)
     assert summary["val_loss"] < h - 0.5, (summary["val_loss"], h)
@@ -73,11 +72,11 @@ def test_smoke_trains_and_writes_outputs(tmp_path, cache_dir):
 def test_resume_is_exact(tmp_path, cache_dir):
     cfg = dict(steps=12, log_every=1, eval_every=12, checkpoint_every=100)
     full = str(tmp_path / "full")
-    trainer.train(parse(smoke_config(cache_dir, **cfg)), full)
+    trainer.train(smoke_run_config(cache_dir, **cfg), full)
     split = str(tmp_path / "split")
-    first = trainer.train(parse(smoke_config(cache_dir, **cfg)), split, max_steps_this_run=5)
+    first = trainer.train(smoke_run_config(cache_dir, **cfg), split, max_steps_this_run=5)
     assert first["step"] == 5 and not first["finished"]
-    second = trainer.train(parse(smoke_config(cache_dir, **cfg)), split)
+    second = trainer.train(smoke_run_config(cache_dir, **cfg), split)
     assert second["step"] == 12
     a, b = train_losses(full), train_losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 13))
@@ -90,12 +89,12 @@ def test_resume_is_exact(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_nan_guard_keeps_last_checkpoint(tmp_path, cache_dir):
     workdir = str(tmp_path / "nan")
-    c = smoke_config(cache_dir, steps=20, checkpoint_every=5, eval_every=100, inject_nan_at_step=7)
+    c = smoke_run_config(cache_dir, steps=20, checkpoint_every=5, eval_every=100, inject_nan_at_step=7)
     with pytest.raises(FloatingPointError, match="at step 7"):
-        trainer.train(parse(c), workdir)
+        trainer.train(c, workdir)
     ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
     assert ckpt.latest_step() == 5
-    mesh = inference.inference_mesh(c)
+    mesh = inference.inference_mesh(c.mesh)
     _, state, step = inference.restore_train_state(workdir, c, mesh)
     assert step == 5
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
@@ -105,9 +104,8 @@ def test_nan_guard_keeps_last_checkpoint(tmp_path, cache_dir):
 def test_eval_restores_8_device_checkpoint_on_1_device(tmp_path, cache_dir):
     assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
     workdir = str(tmp_path / "mesh")
-    c = smoke_config(cache_dir, steps=6, eval_every=6, checkpoint_every=6)
-    c.mesh.shape = (2, 2, 2)
-    summary = trainer.train(parse(c), workdir)
+    c = run_config(smoke_config(cache_dir, steps=6, eval_every=6, checkpoint_every=6), **{"mesh.shape": (2, 2, 2)})
+    summary = trainer.train(c, workdir)
     result = eval_lib.evaluate_workdir(workdir, devices=jax.devices()[:1])
     assert result["devices"] == 1 and result["step"] == 6
     np.testing.assert_allclose(result["val_loss"], summary["val_loss"], rtol=2e-5)
@@ -181,8 +179,8 @@ def test_throughput_counts_each_step_once(tmp_path, cache_dir):
     """A log point one step before the end: the last step was in flight (dispatched) at step 5's log point and its
     time was measured there, so step 6 reuses that rate instead of dividing ~0 s (the bug: 286,255 tok/s, MFU 191%)."""
     workdir = str(tmp_path / "tps")
-    c = smoke_config(cache_dir, steps=6, log_every=5, eval_every=100, checkpoint_every=100, plots=False)
-    trainer.train(parse(c), workdir, devices=jax.devices()[:1])
+    c = smoke_run_config(cache_dir, steps=6, log_every=5, eval_every=100, checkpoint_every=100, plots=False)
+    trainer.train(c, workdir, devices=jax.devices()[:1])
     recs = [r for r in metrics_lib.read(workdir) if r["kind"] == "train"]
     assert [r["step"] for r in recs] == [5, 6]
     tokens_per_step = c.train.batch_size * c.train.seq_len
@@ -194,5 +192,6 @@ def test_throughput_counts_each_step_once(tmp_path, cache_dir):
 def test_cli_modules_import_together():
     """Every command defines its flags only when run as a program, so importing them all in one process works."""
     import importlib
-    for name in ("train", "eval", "generate", "compare", "bench", "decode"):
+    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "studies.__main__",
+                 "model.decode"):
         importlib.import_module(f"moe_jax.{name}")
