@@ -13,7 +13,7 @@ def main():
     os.makedirs(rows_dir, exist_ok=True)
     import jax
     from moe_jax import cli
-    from moe_jax import train
+    from moe_jax.train import __main__ as train
     from moe_jax.train import step as train_step
 
     to_global = train_step.to_global
