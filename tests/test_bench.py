@@ -52,7 +52,7 @@ def test_bench_cli_prints_and_returns_throughput_of_moe_and_dense(tmp_path, load
         assert "optimizer adamw" in block  # a --config.x=y override applies to the baseline too
     dense, moe = res["configs"][names[0]], res["configs"][names[1]]
     assert dense["dense"] and not moe["dense"]
-    assert moe["training_flops_per_token"] == flops.flops_per_token(smoke_cfg)["training"]
+    assert moe["training_flops_per_token"] == flops.run_flops_per_token(smoke_cfg)["training"]
     assert moe["padding_flops_per_token"] > 0 and dense["padding_flops_per_token"] == 0
     frac = res["fraction_of_dense"]["smoke (configs/smoke.py)"]
     assert frac["of"] == names[0]
@@ -98,9 +98,8 @@ def test_dispatch_flag_times_each_moe_config_once_per_mode(load_config):
     cap, drop = res["configs"]["smoke [capacity]"], res["configs"]["smoke [dropless]"]
     assert (cap["dispatch"], drop["dispatch"]) == ("capacity", "dropless")
     assert cap["training_flops_per_token"] == drop["training_flops_per_token"]  # same model FLOPs
-    dropless_cfg = bench.prepare(c, 2, 32)
-    dropless_cfg.moe.dispatch = "dropless"
-    assert drop["padding_flops_per_token"] == flops.flops_per_token(dropless_cfg)["dispatch_overhead_training"]
+    dropless_cfg = bench.prepare(c, 2, 32, overrides={"moe.dispatch": "dropless"})
+    assert drop["padding_flops_per_token"] == flops.run_flops_per_token(dropless_cfg)["dispatch_overhead_training"]
     with pytest.raises(config_lib.ConfigError, match="--dispatch nope"):
         bench.benchmark([("smoke", c)], dispatch=("nope",), out=lambda s: None)
 
