@@ -37,7 +37,7 @@ VARIANTS = {
                                    "optim.ns_stack": "none", "optim.ns_method": "gram"},
 }
 
-_FIELD = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+"
+_FIELD = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 
 
 def apply_overrides(config, overrides: dict) -> None:
@@ -124,6 +124,11 @@ def with_variant(config, label: str, overrides: dict):
 def variant_configs(config, variants) -> list[tuple[str, object]]:
     """[(variant label, a copy of `config` with the variant's overrides)] for variants [(label, overrides)]."""
     return [(label, with_variant(config, label, overrides)) for label, overrides in variants]
+
+
+def with_variants(entries, variants) -> list:
+    """Every (label, config) once per variant [(label, overrides)], labelled 'label [variant]'."""
+    return [(f"{label} [{v}]", c) for label, config in entries for v, c in variant_configs(config, variants)]
 
 
 def describe_variants(variants, out: Callable = print) -> None:

@@ -298,7 +298,6 @@ def from_flags() -> dict:
     variants = common.variants_from_flags()
     if variants:
         common.describe_variants(variants, lambda s: print(s, flush=True))
-        entries = [(f"{label} [{v}]", c) for label, config in entries
-                   for v, c in common.variant_configs(config, variants)]
+        entries = common.with_variants(entries, variants)
     # a ConfigError exits with status 2 (cli.run)
     return benchmark(entries, options, jax.devices()[:n], out=lambda s: print(s, flush=True))
