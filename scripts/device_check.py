@@ -10,10 +10,10 @@ not stop the others; steps that would overrun the time budget are skipped):
              bfloat16, with and without packed segments, against a float64 numpy reference; cudnn's gradients against
              the blocked kernel's in float32;
   bench      dense vs MoE train steps (`python -m moe_jax.bench`'s step mode: tokens/s, model TFLOP/s, MFU vs
-             flops.PEAK_TFLOPS, step time,
-             compiled memory, MoE step time / FLOP-equal dense step time) at configs/gpu_dense.py + gpu_moe.py in
-             bfloat16 (CPU: smoke-sized), the MoE's step time at capacity factors 1.0 / 1.25 / 2.0 and dropless,
-             and each config's forward / forward+backward / update times with the update's share of the step;
+             flops.PEAK_TFLOPS, step time, compiled memory, MoE step time / FLOP-equal dense step time) at
+             configs/gpu_dense.py + gpu_moe.py in bfloat16 (CPU: smoke-sized), the MoE's step time at capacity
+             factors 1.0 / 1.25 / 2.0 and dropless, and each config's forward / forward+backward / update times with
+             the update's share of the step;
   profile    a jax.profiler trace of MoE steps, summarised as the top ops by time (device ops on GPU/TPU);
   update     the optimizer update alone at the bench configs under each named variant (`--mode update`,
              moe_jax/tools/bench/common.py VARIANTS: optim.muon_impl optax / batched, optim.ns_dtype float32 /

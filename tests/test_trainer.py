@@ -193,5 +193,5 @@ def test_throughput_counts_each_step_once(tmp_path, cache_dir):
 def test_cli_modules_import_together():
     """Every command defines its flags only when run as a program, so importing them all in one process works."""
     import importlib
-    for name in ("train", "eval", "generate", "compare", "bench", "decode"):
+    for name in ("train", "eval", "generate", "compare", "bench"):
         importlib.import_module(f"moe_jax.{name}")
