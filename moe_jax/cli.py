@@ -1,5 +1,6 @@
-"""The command-line convention every command follows (moe_jax.train, eval, generate, compare, bench, decode and the
-scripts in scripts/): how flags are defined, how config files are loaded, how errors are reported, exit codes.
+"""The command-line convention every command follows (moe_jax.train, eval, generate, compare, bench, budget,
+routing and the scripts in scripts/): how flags are defined, how config files are loaded, how errors are reported,
+exit codes.
 
 - Flags are defined only when a module runs as a program: each command has a `define_flags()` that `run` calls
   before parsing, so several command modules can be imported in one process (the tests do).
@@ -142,7 +143,7 @@ def run(main: Callable, define_flags: Callable[[], None]) -> None:
 
     define_flags()
     home = sys.modules.get(define_flags.__module__)
-    if home is not None and home is not sys.modules["__main__"]:  # e.g. scripts/bench_step.py runs bench's flags
+    if home is not None and home is not sys.modules["__main__"]:  # e.g. moe_jax/bench.py runs tools/bench's flags
         from absl import flags
         flags.adopt_module_key_flags(home)
     app.run(wrapped, flags_parser=_parse_flags)

@@ -86,8 +86,7 @@ def test_every_command_defines_its_flags_only_when_run():
 
     import importlib
     before = set(flags.FLAGS)
-    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "model.decode",
-                 "studies.__main__"):
+    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "studies.__main__"):
         module = importlib.import_module(f"moe_jax.{name}")
         assert callable(module.define_flags) and callable(module.main), name
     assert set(flags.FLAGS) == before
