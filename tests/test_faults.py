@@ -349,6 +349,28 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, cache_dir, args, needle):
     assert err.strip().splitlines() == [err.strip()] and needle in err, err
 
 
+def test_invalid_config_json_resumes_from_the_history_else_one_line(reference, tmp_path, cache_dir, capsys):
+    """config.json truncated: train resumes with the last config of config_history.jsonl and one warning; with no
+    usable history, train refuses (ConfigError: exit 2 through cli.run) and eval exits 2 in one line."""
+    workdir = _copy(reference, tmp_path)
+    path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+    text = open(path).read()
+    open(path, "w").write(text[:len(text) // 2])
+    summary = trainer.train(smoke_config(cache_dir, **dict(REF, steps=9)), workdir)
+    assert summary["step"] == 9
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "not valid JSON" in x]
+    assert len(warnings) == 1 and "config_history.jsonl" in warnings[0]
+    assert ckpt_lib.load_config(workdir).train.steps == 9  # rewritten on resume
+    open(path, "w").write(text[:len(text) // 2])
+    os.remove(os.path.join(workdir, ckpt_lib.CONFIG_HISTORY_FILE))
+    with pytest.raises(config_lib.ConfigError, match="config.json is not valid JSON"):
+        trainer.train(smoke_config(cache_dir, **dict(REF, steps=10)), workdir)
+    p = _run("moe_jax.eval", ["--workdir", workdir], cache_dir)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("error: ") and "config.json is not valid JSON" in err, err
+
+
 def test_eval_negative_batches_is_one_line_and_status_2(tmp_path, cache_dir):
     p = _run("moe_jax.eval", ["--workdir", str(tmp_path), "--eval_batches", "-3"], cache_dir)
     _, err = p.communicate(timeout=300)

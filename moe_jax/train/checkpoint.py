@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -101,15 +102,41 @@ def _fill_defaults(saved: dict, defaults: ml_collections.ConfigDict) -> dict:
     return out
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def _last_history_config(workdir: str) -> tuple[dict, int] | None:
+    """(config, start step) of the last line of config_history.jsonl, or None when there is none that parses."""
+    try:
+        with open(os.path.join(workdir, CONFIG_HISTORY_FILE)) as f:
+            lines = [x for x in f.read().splitlines() if x.strip()]
+        last = json.loads(lines[-1])
+        return dict(last["config"]), int(last["start_step"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def load_config(workdir: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+                ) -> ml_collections.ConfigDict:
     """The run's saved config. Fields added to the schema after the run was written take their defaults from
-    config_lib.base_config() (so an older run still restores for eval and generation)."""
+    config_lib.base_config() (so an older run still restores for eval and generation). A config.json that is not
+    valid JSON (a damaged disk, a hand edit) falls back to the last config of config_history.jsonl (the same config
+    written at the last start) with one `warn` line; when that does not parse either, ConfigError (one line)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by moe_jax.train")
-    with open(path) as f:
-        saved = _tuples(json.load(f))
-    return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config()))
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        fallback = _last_history_config(workdir)
+        if fallback is None:
+            raise config_lib.ConfigError(
+                f"{path} is not valid JSON ({_one_line(e)}) and {CONFIG_HISTORY_FILE} has no readable config "
+                "either; restore config.json from a backup, or start a new --workdir") from e
+        saved, start = fallback
+        warn(f"warning: {path} is not valid JSON ({_one_line(e)}); using the last config of {CONFIG_HISTORY_FILE} "
+             f"(the run's start at step {start})")
+    return ml_collections.ConfigDict(_fill_defaults(_tuples(saved), config_lib.base_config()))
 
 
 def fingerprint(step_dir: str) -> dict:
