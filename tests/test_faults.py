@@ -201,6 +201,51 @@ def test_a_step_without_fingerprint_is_unverified_only_in_a_legacy_run(tmp_path)
     assert "state/x differs" in ckpt_lib.check_fingerprint(str(step_dir))
 
 
+def _remove_fingerprints(workdir):
+    for name in os.listdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
+        path = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, name, ckpt_lib.FINGERPRINT_FILE)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def test_fingerprints_are_required_once_the_run_wrote_one(reference, tmp_path, capsys):
+    """The run's first fingerprinted save writes the marker; then deleting every fingerprint.json does not make the
+    run restore unverified: each step is named damaged in one line and none is used."""
+    workdir = _copy(reference, tmp_path)
+    assert json.load(open(os.path.join(workdir, ckpt_lib.FINGERPRINTS_MARKER))) == {"since_step": 2}
+    _remove_fingerprints(workdir)
+    _overwrite_4k(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, "8"))
+    with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"):
+        eval_lib.evaluate_workdir(workdir, write=False)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "is unusable" in x]
+    assert len(lines) == 4 and all("no fingerprint.json" in x for x in lines), lines
+
+
+def test_a_run_without_fingerprints_restores_unverified_with_one_warning(reference, tmp_path, capsys):
+    """A run from before fingerprints (none, and no marker) restores as before, but says so in one line."""
+    workdir = _copy(reference, tmp_path)
+    os.remove(os.path.join(workdir, ckpt_lib.FINGERPRINTS_MARKER))
+    _remove_fingerprints(workdir)
+    assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 8
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "unverified" in x]
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint ") and "/8 has no fingerprint.json" in lines[0]
+
+
+def test_steps_saved_before_the_marker_stay_usable_unverified(reference, tmp_path, capsys):
+    """A legacy run resumed with fingerprints: its older steps (below the marker's step) restore unverified."""
+    workdir = _copy(reference, tmp_path)
+    _remove_fingerprints(workdir)
+    with open(os.path.join(workdir, ckpt_lib.FINGERPRINTS_MARKER), "w") as f:
+        json.dump({"since_step": 8}, f)
+    with pytest.raises(ckpt_lib.CheckpointError, match="no fingerprint.json"):
+        eval_lib.evaluate_workdir(workdir, step=8, write=False)
+    assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 6
+    err = capsys.readouterr().err
+    assert len([x for x in err.splitlines() if "/8 is unusable: no fingerprint.json" in x]) == 1
+    assert len([x for x in err.splitlines() if "/6 has no fingerprint.json" in x]) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume checks the config
 

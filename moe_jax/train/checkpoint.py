@@ -12,6 +12,9 @@ Layout of a workdir:
                     fingerprint.json: sha256 and size of every other file of the step, written after orbax finalized
                     the step (for an async save: as soon as the trainer sees it finished, at the latest at the next
                     save or at close).
+  fingerprints_required   JSON {"since_step": N}: written when the run saves its first fingerprinted step N; from
+                    then on a step >= N without fingerprint.json is treated as damaged (deleting the fingerprints does
+                    not make a run restore unverified).
   checkpoints_set_aside/<step>.<time>
                     steps restore found damaged, or newer than an explicit `--restore_step`, moved out of the way so
                     the resumed run can save those steps again (kept for inspection; delete them by hand).
@@ -21,9 +24,10 @@ earlier checkpoint; a half-written step is ignored on restore.
 
 Restore (`restore_verified`, used by train, eval and generate) tries the newest step first and checks it against its
 fingerprint; a step that is incomplete, damaged (a file missing, truncated or with changed bytes) or fails to restore
-is named in one line with the reason and the next older step is tried. A step without fingerprint.json is trusted
-only when no step of the run has one (a run written before fingerprints existed); otherwise it is a save that did not
-complete (killed between orbax's rename and the fingerprint) and is skipped.
+is named in one line with the reason and the next older step is tried. A step without fingerprint.json is a save that
+did not complete (killed between orbax's rename and the fingerprint) and is skipped, when the run requires fingerprints:
+when fingerprints_required says so for that step, or (runs from before the marker) any step has a fingerprint. Else
+(a run written before fingerprints existed) it restores unverified, and one warning line says so.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "checkpoints_set_aside"
 FINGERPRINT_FILE = "fingerprint.json"
+FINGERPRINTS_MARKER = "fingerprints_required"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = "train.lock"
 
@@ -181,6 +186,21 @@ def check_fingerprint(step_dir: str, required: bool = True) -> str | None:
     return None
 
 
+def _marker_path(checkpoint_dir: str) -> str:
+    return os.path.join(os.path.dirname(checkpoint_dir), FINGERPRINTS_MARKER)
+
+
+def fingerprints_required_since(checkpoint_dir: str) -> int | None:
+    """The first step of the run saved with a fingerprint (from the workdir's fingerprints_required marker), or None
+    when the run never wrote one. An unreadable marker requires fingerprints for every step (0)."""
+    path = _marker_path(checkpoint_dir)
+    if not os.path.exists(path):
+        return None
+    data = cache_lib.read_json(path)
+    since = data.get("since_step") if isinstance(data, dict) else None
+    return since if isinstance(since, int) else 0
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
@@ -256,6 +276,8 @@ class Checkpointer:
             for s in steps:
                 if os.path.isdir(self.step_dir(s)):  # a step deleted meanwhile by the keep policy has no fingerprint
                     write_fingerprint(self.step_dir(s))
+                    if fingerprints_required_since(self.directory) is None:
+                        cache_lib.atomic_write_json(_marker_path(self.directory), {"since_step": s})
 
     def set_aside(self, step: int, workdir: str) -> str:
         """Move step `step` out of checkpoints/ into checkpoints_set_aside/<step>.<time> (process 0), so it can be
@@ -301,11 +323,20 @@ def restore_verified(checkpointer: Checkpointer, abstract_state, step: int | Non
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
     if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {checkpointer.directory}; have {sorted(steps)}")
-    # Fingerprints are required once the run has any (a run from before fingerprints restores unverified).
-    required = any(os.path.exists(os.path.join(checkpointer.step_dir(s), FINGERPRINT_FILE)) for s in steps)
-    skipped = []
+    # Fingerprints are required from the run's first fingerprinted step on (the marker), or, for a run from before the
+    # marker, once it has any; steps of a run from before fingerprints restore unverified, with one warning line.
+    since = fingerprints_required_since(checkpointer.directory)
+    any_fingerprint = any(os.path.exists(os.path.join(checkpointer.step_dir(s), FINGERPRINT_FILE)) for s in steps)
+    skipped, any_unverified = [], False
     for s in ([step] if step is not None else steps):
+        required = any_fingerprint if since is None else s >= since
         reason = check_fingerprint(checkpointer.step_dir(s), required)
+        if reason is None and not os.path.exists(os.path.join(checkpointer.step_dir(s), FINGERPRINT_FILE)) \
+                and not any_unverified:
+            any_unverified = True
+            log(f"warning: checkpoint {checkpointer.step_dir(s)} has no {FINGERPRINT_FILE} (saved before "
+                "fingerprints existed): restoring unverified, damaged bytes can go unnoticed (training on from it "
+                "writes fingerprints)")
         if reason is None:
             try:
                 out = checkpointer.restore(abstract_state, s, data_args)
