@@ -331,6 +331,38 @@ def test_failed_async_save_is_reported_at_the_next_step(tmp_path, cache_dir, mon
     assert max(train_losses(workdir)) == 4
 
 
+# The train command with every Python-level file write into step 4's save failing with ENOSPC (orbax writes its
+# metadata and the data iterator's JSON through `open`; tensorstore's array writes are C++ and cannot be reached).
+_DISK_FULL_AT_STEP_4 = """
+import builtins, errno, io, os, runpy, sys
+real_open = builtins.open
+def full(path, mode="r", *a, **kw):
+    if (os.sep + "checkpoints" + os.sep + "4.") in str(path) and ("w" in mode or "a" in mode):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real_open(path, mode, *a, **kw)
+builtins.open = io.open = full
+runpy.run_module("moe_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow  # a training subprocess
+def test_disk_full_during_a_save_is_one_line_without_tracebacks(tmp_path, cache_dir):
+    """orbax logs a traceback from each of its background threads (100-300 lines); the command prints the one error
+    line, status 1, and orbax's tracebacks go to checkpoint_errors.log. Step 2 stays the newest checkpoint."""
+    workdir = str(tmp_path / "full")
+    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=8",
+            "--config.train.checkpoint_every=2", "--config.train.eval_every=100", "--config.train.progress_bar=False"]
+    r = subprocess.run([sys.executable, "-c", _DISK_FULL_AT_STEP_4, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("error: saving step 4 ") and "No space left on device" in r.stderr, r.stderr
+    assert "resume from step 2" in r.stderr and ckpt_lib.ERRORS_FILE in r.stderr
+    assert "Traceback" in open(os.path.join(workdir, ckpt_lib.ERRORS_FILE)).read()
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 2
+
+
 def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
     """Tests run as root, where chmod does not stop writes: os.open is made to fail instead (EACCES)."""
     workdir = str(tmp_path / "ro")

@@ -4,6 +4,7 @@ Layout of a workdir:
   config.json       the resolved, validated config (written before training starts)
   tokenizer.model   the sentencepiece model the run was trained with
   config_history.jsonl  every config the run was started or resumed with (one JSON line each, with the step)
+  checkpoint_errors.log  orbax's tracebacks of a failed save (the error itself is one line)
   train.lock        the one-writer lock (fcntl.flock; JSON: host, pid, start time of the holder)
   checkpoints/<step>/{state,data,meta,fingerprint.json}
                     state: {'params', 'opt_state', 'step', 'rng'} (orbax StandardSave, restorable into any mesh);
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shutil
 import sys
@@ -56,6 +58,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 FINGERPRINTS_MARKER = "fingerprints_required"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = "train.lock"
+ERRORS_FILE = "checkpoint_errors.log"
 
 
 class CheckpointError(RuntimeError):
@@ -201,6 +204,22 @@ def fingerprints_required_since(checkpoint_dir: str) -> int | None:
     return since if isinstance(since, int) else 0
 
 
+class _OrbaxErrors(logging.Filter):
+    """Holds back orbax's ERROR records (a failed save logs its traceback from each background thread: 100-300 lines
+    for one disk-full) while a Checkpointer is open: the Checkpointer reports the failure in one line and writes these
+    records to checkpoint_errors.log; records of a checkpointer that did not fail are logged at close."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.records.append(record)
+            return False
+        return True
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
@@ -222,6 +241,29 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.async_save = async_save
         self._unfingerprinted: list[int] = []  # saved steps whose fingerprint is not written yet
+        self._failed = False  # a CheckpointError was raised: close() adds nothing to it
+        self._last_save = 0  # the step of the newest save() call
+        self._orbax_errors = _OrbaxErrors()
+        logging.getLogger("absl").addFilter(self._orbax_errors)
+
+    def _save_failed(self, step: int, e: BaseException, noticed: str = "") -> CheckpointError:
+        """The one-line error of a failed save of `step`; orbax's held-back tracebacks go to checkpoint_errors.log
+        (named in the line when it could be written: the disk may be full)."""
+        self._failed = True
+        details = ""
+        if self._orbax_errors.records and jax.process_index() == 0:
+            path = os.path.join(os.path.dirname(self.directory), ERRORS_FILE)
+            formatter = logging.Formatter("%(asctime)s %(levelname)s %(pathname)s:%(lineno)d %(message)s")
+            try:
+                with open(path, "a") as f:
+                    f.writelines(formatter.format(r) + "\n" for r in self._orbax_errors.records)
+                details = f"; orbax's tracebacks in {path}"
+            except OSError:
+                pass
+            self._orbax_errors.records.clear()
+        return CheckpointError(f"saving step {step} to {self.step_dir(step)} failed ({_one_line(e)}{noticed}); free "
+                               f"disk space or fix the permissions of {self.directory}, then rerun to resume from "
+                               f"step {self.latest_finished()}{details}")
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -239,12 +281,11 @@ class Checkpointer:
             items["data"] = data_args
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
         self.poll(block=True)  # the previous save's failure surfaces here at the latest, its fingerprint is written
+        self._last_save = step
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
         except Exception as e:
-            raise CheckpointError(f"saving step {step} to {self.step_dir(step)} failed ({_one_line(e)}); free disk "
-                                  f"space or fix the permissions of {self.directory}, then rerun to resume "
-                                  f"from step {self.latest_finished()}") from e
+            raise self._save_failed(step, e) from e
         self._unfingerprinted.append(step)
         if not self.async_save:
             self.poll(block=True)
@@ -268,10 +309,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            noticed = "" if step is None else f"; noticed at step {step}"
-            raise CheckpointError(f"saving step {steps[-1]} to {self.step_dir(steps[-1])} failed "
-                                  f"({_one_line(e)}{noticed}); free disk space or fix the permissions of "
-                                  f"{self.directory}, then rerun to resume from step {self.latest_finished()}") from e
+            raise self._save_failed(steps[-1], e, "" if step is None else f"; noticed at step {step}") from e
         if jax.process_index() == 0:
             for s in steps:
                 if os.path.isdir(self.step_dir(s)):  # a step deleted meanwhile by the keep policy has no fingerprint
@@ -304,10 +342,20 @@ class Checkpointer:
         return out["state"], dict(out["meta"] or {}), step
 
     def close(self) -> None:
+        """Finish the saves in progress and close orbax. After a CheckpointError was raised, orbax's own errors on
+        closing (the same failed save, re-raised) are dropped rather than replacing that one-line error."""
         try:
             self.poll(block=True)
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception as e:
+                if not self._failed:
+                    raise self._save_failed(self._last_save, e) from e
+            finally:
+                logging.getLogger("absl").removeFilter(self._orbax_errors)
+                for record in self._orbax_errors.records:  # errors of saves that did not fail: not hidden
+                    logging.getLogger("absl").handle(record)
 
 
 def restore_verified(checkpointer: Checkpointer, abstract_state, step: int | None = None, data_args=None,
