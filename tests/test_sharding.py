@@ -47,7 +47,7 @@ def test_build_mesh_fills_one_minus_one(shape, expected):
     assert mesh.axis_names == AXES
     assert tuple(mesh.shape[a] for a in AXES) == expected
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
-    # the classic GSPMD behaviour (DESIGN.md): Auto axis types, not jax.make_mesh's Explicit default
+    # the classic GSPMD behaviour (docs/decisions.md): Auto axis types, not jax.make_mesh's Explicit default
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
