@@ -284,7 +284,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     with open(paths[0], "w") as f:
         json.dump(result, f, indent=1)
     layers = result["layers"]
-    names = [str(layer["layer"]) for layer in layers]
+    names = [f"layer {layer['layer']}" for layer in layers]  # transformer index, as the training plots name them
     e = result["num_experts"]
 
     share = np.array([100 * np.asarray(layer["eval"]["tokens_per_expert_demanded"], np.float64)
@@ -294,7 +294,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     ax.set_xticks(range(e))
     ax.set_yticks(range(len(layers)), names)
     ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("transformer layer (MoE)")
     for (i, j), val in np.ndenumerate(share):
         dark = val < (share.min() + share.max()) / 2
         ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w" if dark else "k", fontsize=7)
@@ -311,7 +311,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
         ax.bar(x + off, [100 * layer[m]["dropped_fraction"] for layer in layers], width=0.4,
                label=f"{m} capacity (factor {cf:g}, C={layers[0][m]['capacity']})")
     ax.set_xticks(x, names)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("transformer layer (MoE)")
     ax.set_ylabel("dropped assignments (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -324,7 +324,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     ax.plot(x, [layer["eval"]["topk_prob"] for layer in layers], "^-", label=f"mean top-{result['top_k']} prob")
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("transformer layer (MoE)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(paths[3])
