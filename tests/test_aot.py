@@ -1,0 +1,237 @@
+"""Tests for moe_jax/aot.py, tools/aot.py, tools/aot_table.py, tools/hlo.py and tools/targets.py: the trainer's steps
+compiled for a TPU slice (v4-8) and a 2-GPU H100 node with the real XLA compilers on this CPU host.
+
+- argument bytes per device = the train state (parameters, optimizer state, step, rng) and the batch, each leaf
+  divided as its PartitionSpec says (computed here from shapes and specs, not read from the compiler);
+- an expert-parallel mesh (expert axis > 1) compiles the MoE dispatch to all-to-all collectives;
+- too large a program, a mesh the topology cannot hold, a missing compiler: one `error:` line, exit status 2;
+- the JSON holds the printed fields; the table is resumable (a computed row is not recompiled);
+- the HLO reader's replica-group forms and its byte counts.
+
+The compiler packages come from requirements-aot.txt (CI installs them); without them the compile tests skip.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from moe_jax import cli
+from moe_jax.tools import aot, aot_table, hlo, targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+# smoke with 8 routing groups of 64 tokens, so the groups split over 4 (TPU) or 2 (GPU) expert shards
+EP = {"moe.group_size": 64}
+
+
+def needs(platform: str):
+    package = targets.compiler_package(platform)
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None,
+                              reason=f"{package} not installed (the {platform.upper()} compiler for moe_jax.aot): "
+                                     f"pip install -r requirements-aot.txt")
+
+
+def smoke(overrides=None):
+    c = cli.load_config_file(SMOKE)
+    for k, v in {**EP, **(overrides or {})}.items():
+        section, field = k.split(".")
+        c[section][field] = v
+    return c
+
+
+def expected_argument_bytes(result_config, mesh_shape: dict) -> tuple[int, int]:
+    """(per-device bytes of the train state and the batch from their shapes and PartitionSpecs, number of
+    arrays)."""
+    from flax import nnx
+    from moe_jax import sharding as sharding_lib
+    from moe_jax.model import transformer as model_lib
+    from moe_jax.optim import chain as optimizer_lib
+    from moe_jax.train import step as step_lib
+
+    mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+    _, abstract_nnx = model_lib.abstract(result_config)
+    opt = optimizer_lib.build(result_config)
+    state = jax.eval_shape(lambda p: step_lib.init_state(result_config, p, opt), nnx.to_pure_dict(abstract_nnx))
+    specs = step_lib.state_shardings(state, abstract_nnx, mesh)
+
+    def shard_bytes(leaf, spec) -> int:
+        n = 1
+        for axes in spec:
+            for a in (axes,) if isinstance(axes, str) else axes or ():
+                n *= mesh_shape[a]
+        return leaf.size * leaf.dtype.itemsize // n
+
+    total = sum(shard_bytes(leaf, s.spec) for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(specs)))
+    t = result_config.train
+    rows = t.batch_size * t.grad_accum
+    batch_spec = sharding_lib.logical_to_spec(("batch", None), tuple(mesh_shape))
+    per_batch = rows * t.seq_len * 4 // math.prod(mesh_shape[a] for a in batch_spec[0])
+    return total + 3 * per_batch, len(jax.tree.leaves(state)) + 3  # + inputs, targets (int32), weights (float32)
+
+
+def _prepared(target: str, mesh, overrides=None):
+    request = aot.Request(target, mesh=mesh)
+    config, _ = aot.prepare_config(smoke(overrides), targets.get(target), request)
+    return config, request
+
+
+@pytest.fixture(scope="module")
+def tpu_result():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu not installed (the TPU compiler for moe_jax.aot): pip install -r requirements-aot.txt")
+    return aot.run(smoke(), aot.Request("v4-8", mesh=(1, 4, 1)))
+
+
+@pytest.fixture(scope="module")
+def gpu_result():
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        pytest.skip("jax_cuda12_plugin not installed (the GPU compiler for moe_jax.aot): "
+                    "pip install -r requirements-aot.txt")
+    return aot.run(smoke(), aot.Request("h100-2", mesh=(1, 2, 1)))
+
+
+@pytest.mark.parametrize("which,target,mesh", [("tpu_result", "v4-8", (1, 4, 1)), ("gpu_result", "h100-2", (1, 2, 1))])
+def test_arguments_are_the_sharded_state_and_batch(request, which, target, mesh):
+    result = request.getfixturevalue(which)
+    config, _ = _prepared(target, mesh)
+    want, arrays = expected_argument_bytes(config, result["mesh"])
+    got = result["programs"]["train"]["memory"]["argument"]
+    if target.startswith("h"):
+        assert got == want
+    else:  # TPU tiles arrays in memory: small and 1-D arrays are padded to whole tiles (at most 4 KiB each here)
+        assert want <= got <= want + 4096 * arrays, (got, want, arrays)
+    assert result["programs"]["train"]["memory"]["alias"] > 0.9 * want - 3 * 2 ** 20  # the donated state
+
+
+@pytest.mark.parametrize("which", ["tpu_result", "gpu_result"])
+def test_expert_parallel_program_has_all_to_all(request, which):
+    result = request.getfixturevalue(which)
+    assert result["mesh"]["expert"] > 1
+    colls = result["programs"]["train"]["collectives"]["by_kind"]
+    assert colls["all-to-all"]["count"] > 0 and colls["all-to-all"]["bytes"] > 0
+    assert result["fits"]
+    r = result["programs"]["train"]["roofline"]
+    assert r["step_s_min"] <= r["step_s_max"] and 0 < r["mfu_ceiling"] <= 1
+
+
+def test_gpu_attention_falls_back_and_says_so(gpu_result):
+    assert gpu_result["attention"] == "xla"
+    assert any("cuDNN" in n for n in gpu_result["notes"])
+    assert "flops.py" in gpu_result["programs"]["train"]["flops_source"]  # compile-only GPU: no cost analysis
+
+
+def test_json_has_the_printed_fields(tpu_result, tmp_path):
+    text = aot.report(tpu_result)
+    path = tmp_path / "out.json"
+    path.write_text(json.dumps(tpu_result))
+    back = json.loads(path.read_text())
+    train = back["programs"]["train"]
+    for key in ("argument", "output", "temp", "code", "peak"):
+        assert key in train["memory"]
+    for key in ("flops", "bytes", "collectives", "roofline", "fits", "device_memory", "compile_cpu_s"):
+        assert key in train
+    for key in ("compute_s", "memory_s", "ici_s", "dcn_s", "step_s_min", "mfu_ceiling", "figures"):
+        assert key in train["roofline"]
+    assert f"{100 * train['roofline']['mfu_ceiling']:.1f}%" in text
+    assert "all-to-all" in text and "peak" in text and tpu_result["target"] in text
+
+
+def _command(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "moe_jax.aot", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _error_lines(r):
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+
+
+@needs("gpu")
+def test_too_large_exits_2_with_one_line():
+    r = _command("--config", SMOKE, "--target", "h100-2", "--config.train.batch_size=2097152")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = _error_lines(r)
+    assert len(lines) == 1 and "does not fit" in lines[0] and "train.batch_size" in lines[0], lines
+
+
+@needs("tpu")
+def test_mesh_the_topology_cannot_hold_exits_2_with_one_line():
+    r = _command("--config", SMOKE, "--target", "v5p-128", "--mesh", "8,8,1", "--config.train.batch_size=64")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = _error_lines(r)
+    assert len(lines) == 1 and "--mesh 8,8,1" in lines[0] and "cannot hold" in lines[0], lines
+
+
+def test_missing_compiler_is_one_line_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(targets, "compiler_package", lambda platform: "no_such_compiler_package")
+    with pytest.raises(targets.TargetError, match=r"requirements-aot.txt"):
+        aot.run(smoke(), aot.Request("v4-8"))
+
+
+def test_unknown_target_names_the_choices():
+    with pytest.raises(targets.TargetError, match="v5p-128"):
+        targets.get("v9-8")
+
+
+@needs("gpu")
+def test_table_is_resumable(tmp_path):
+    cache = str(tmp_path / "table.json")
+    out = []
+    rows = aot_table.compute([SMOKE], ["h100-1"], cache, out=out.append)
+    assert len(rows) == 1 and out[-1].endswith("done")
+    row = next(iter(rows.values()))
+    assert row["fits"] and row["peak_gib"] > 0 and row["step_ms"][0] > 0
+    again = aot_table.compute([SMOKE], ["h100-1"], cache, out=out.append)
+    assert again == json.loads(open(cache).read()) and out[-1].endswith("cached")
+    table = aot_table.markdown(again)
+    assert "| configs/smoke.py | h100-1 | yes |" in table.replace(ROOT + os.sep, "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The HLO reader (no compiler needed)
+
+def test_replica_group_forms():
+    assert hlo.replica_groups("replica_groups={{0,1},{2,3}}, x", 4) == [[0, 1], [2, 3]]
+    assert hlo.replica_groups("replica_groups=[2,4]<=[8], x", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hlo.replica_groups("replica_groups=[4,2]<=[2,4]T(1,0), x", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    mesh = "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, x"
+    assert hlo.replica_groups(mesh, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert hlo.replica_groups("replica_groups={}, x", 8) is None
+
+
+def test_collectives_count_loop_trips_and_bytes():
+    text = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ar = f32[8]{0} all-reduce(%x), replica_groups={{0,1},{2,3}}, to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ar)
+}
+
+ENTRY %main (a: f32[8]) -> f32[32] {
+  %a = f32[8]{0} parameter(0)
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %ag = f32[32]{0} all-gather(%a), replica_groups=[1,4]<=[4], dimensions={0}
+}
+"""
+    colls = {c.kind: c for c in hlo.collectives(text, 4)}
+    assert colls["all-reduce"].count == 3 and colls["all-reduce"].size_bytes == 32
+    assert colls["all-reduce"].wire_bytes == 32  # 2 (n-1)/n with n = 2
+    assert colls["all-gather"].size_bytes == 128 and colls["all-gather"].wire_bytes == 96
+    s = hlo.summary(list(colls.values()), lambda i: i // 2)  # slices {0,1} and {2,3}
+    assert s["by_kind"]["all-reduce"]["cross_slice_count"] == 0
+    assert s["by_kind"]["all-gather"]["cross_slice_count"] == 1
+
+
+def test_shape_bytes():
+    assert hlo.shape_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == [2048]
+    assert hlo.shape_bytes("((bf16[2,4]{1,0}), f32[3]{0})") == [16, 12]
+    assert np.isclose(sum(hlo.shape_bytes("(s32[], u32[2])")), 12)
