@@ -350,7 +350,7 @@ def check_fits(result: dict) -> None:
     for name, p in result["programs"].items():
         if not p["fits"] and p["memory"]:
             target = targets_lib.get(result["target"])
-            raise AotError(f"the {name} step needs {_gib(p['memory']['peak'])} per device, "
+            raise AotError(f"the {name} step does not fit: it needs {_gib(p['memory']['peak'])} per device, "
                            f"{100 * p['peak_fraction']:.0f}% of the {_gib(p['device_memory'])} of one "
                            f"{target.hardware.description} (limit {MEMORY_LIMIT:.0%}); fix: lower train.batch_size "
                            f"(raise train.grad_accum to keep the batch), --config.model.remat=True, or shard more "

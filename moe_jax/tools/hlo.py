@@ -157,9 +157,9 @@ def replica_groups(rest: str, num_devices: int) -> list[list[int]] | None:
         ids = np.arange(math.prod(s for _, s in axes)).reshape([s for _, s in axes])
         other = [i for i in range(len(axes)) if i not in group_axes]
         return ids.transpose(other + group_axes).reshape(-1, math.prod(axes[i][1] for i in group_axes)).tolist()
-    m = re.search(r"replica_groups=\{(.*?)\}(?:,|\s|$)", rest)
+    m = re.search(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}", rest)
     if m and m.group(1).strip():
-        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1) + "}")]
+        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
     return None
 
 
