@@ -114,7 +114,7 @@ def test_too_small_budget_states_the_minimum():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(usd=5, device="a100"), "--device 'a100': unknown device; choose one of h100, h200, b200, v5e, v5p, v6e"),
+    (dict(usd=5, device="a100"), "--device 'a100': unknown device; choose one of h100, h200, b200, v4, v5e, v5p, v6e"),
     (dict(usd=-1, device="h100"), "--usd -1"),
     (dict(usd=5, device="h100", mfu=1.5), "--mfu 1.5"),
     (dict(usd=5, device="h100", hours=0), "--hours 0"),

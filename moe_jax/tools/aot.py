@@ -107,7 +107,8 @@ def build_mesh(config, target: targets_lib.Target, slices: int):
 
 def _batch_like(config, rows: int) -> dict:
     seq = config.train.seq_len
-    out = {"inputs": jax.ShapeDtypeStruct((rows, seq), np.int32), "targets": jax.ShapeDtypeStruct((rows, seq), np.int32),
+    out = {"inputs": jax.ShapeDtypeStruct((rows, seq), np.int32),
+           "targets": jax.ShapeDtypeStruct((rows, seq), np.int32),
            "weights": jax.ShapeDtypeStruct((rows, seq), np.float32)}
     if config.data.packing == "segments":
         out["segment_ids"] = jax.ShapeDtypeStruct((rows, seq), np.int32)
@@ -332,7 +333,8 @@ def report(result: dict) -> str:
              f"mesh {result['mesh']}, "
              f"batch {result['batch']['batch_size']} x accumulation {result['batch']['grad_accum']} x "
              f"{result['batch']['seq_len']} tokens, attention {result['attention']}, dispatch {result['dispatch']}"
-             f"{', remat' if result['remat'] else ''} (jax {result['jax']}; compile-time prediction, not a measurement)"]
+             f"{', remat' if result['remat'] else ''} (jax {result['jax']}; compile-time prediction, not a "
+             f"measurement)"]
     lines += [f"note: {n}" for n in result["notes"]]
     for name, p in result["programs"].items():
         lines += _program_lines(name, p, result["slices"] > 1)
