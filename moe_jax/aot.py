@@ -8,12 +8,16 @@ table moe_jax/tools/aot_table.py, the targets moe_jax/tools/targets.py).
                           --markdown docs/aot_table.md
 
 The compilers run on this CPU host: JAX_PLATFORMS is set to 'cpu' (unless set already) before JAX is imported, so
-the CUDA plugin does not look for a GPU. Flags, errors and exit codes follow moe_jax/cli.py.
+the CUDA plugin does not look for a GPU, and libtpu is told not to take its lockfile. Flags, errors and exit codes
+follow moe_jax/cli.py.
 """
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compile only: libtpu never opens a TPU here, so it need not hold its one-process lockfile (another aot process, a
+# test process that compiled for a TPU, or a trainer on a TPU VM may hold it).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from moe_jax import cli  # noqa: E402
 

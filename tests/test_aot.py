@@ -1,10 +1,16 @@
 """Tests for moe_jax/aot.py, tools/aot.py, tools/aot_table.py, tools/hlo.py and tools/targets.py: the trainer's steps
 compiled for a TPU slice (v4-8) and a 2-GPU H100 node with the real XLA compilers on this CPU host.
 
+Compiling is what costs here, so each target's programs are compiled ONCE per module (the `tpu_result` and
+`gpu_result` fixtures; the GPU one through the command with --decode --json) and several tests assert on that one
+result; the model is smoke with one layer (the least that still routes through experts), and the too-large program is
+a one-layer dense model.
+
 - argument bytes per device = the train state (parameters, optimizer state, step, rng) and the batch, each leaf
   divided as its PartitionSpec says (computed here from shapes and specs, not read from the compiler);
 - an expert-parallel mesh (expert axis > 1) compiles the MoE dispatch to all-to-all collectives;
 - too large a program, a mesh the topology cannot hold, a missing compiler: one `error:` line, exit status 2;
+- --decode compiles the prefill: its arguments are the sharded parameters and the prompt, no optimizer state;
 - the JSON holds the printed fields; the table is resumable (a computed row is not recompiled);
 - the HLO reader's replica-group forms and its byte counts.
 
@@ -27,8 +33,10 @@ from moe_jax.tools import aot, aot_table, hlo, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
-# smoke with 8 routing groups of 64 tokens, so the groups split over 4 (TPU) or 2 (GPU) expert shards
-EP = {"moe.group_size": 64}
+# smoke with one layer and 8 routing groups of 64 tokens, so the groups split over 4 (TPU) or 2 (GPU) expert shards
+EP = {"moe.group_size": 64, "model.n_layers": 1}
+TPU = ("v4-8", (1, 4, 1))
+GPU = ("h100-2", (1, 2, 1))
 
 
 def needs(platform: str):
@@ -46,9 +54,9 @@ def smoke(overrides=None):
     return c
 
 
-def _shard_shapes(result_config, mesh_shape: dict) -> list[tuple[tuple[int, ...], int]]:
-    """(per-device shape, bytes per element) of every train-state array and the batch arrays, divided as their
-    PartitionSpecs say (from shapes and specs, not from the compiler)."""
+def _shard_shapes(result_config, mesh_shape: dict, params_only: bool = False) -> list[tuple[tuple[int, ...], int]]:
+    """(per-device shape, bytes per element) of every train-state array and the batch arrays (or, with params_only,
+    of the parameters), divided as their PartitionSpecs say (from shapes and specs, not from the compiler)."""
     from flax import nnx
     from moe_jax import sharding as sharding_lib
     from moe_jax.model import transformer as model_lib
@@ -59,11 +67,15 @@ def _shard_shapes(result_config, mesh_shape: dict) -> list[tuple[tuple[int, ...]
     _, abstract_nnx = model_lib.abstract(result_config)
     opt = optimizer_lib.build(result_config)
     state = jax.eval_shape(lambda p: step_lib.init_state(result_config, p, opt), nnx.to_pure_dict(abstract_nnx))
-    specs = jax.tree.leaves(step_lib.state_shardings(state, abstract_nnx, mesh))
+    specs = step_lib.state_shardings(state, abstract_nnx, mesh)
+    if params_only:
+        state, specs = state["params"], specs["params"]
+    specs = jax.tree.leaves(specs)
     t = result_config.train
     batch = jax.ShapeDtypeStruct((t.batch_size * t.grad_accum, t.seq_len), np.int32)
     batch_spec = sharding_lib.logical_to_spec(("batch", None), tuple(mesh_shape))
-    pairs = [(leaf, s.spec) for leaf, s in zip(jax.tree.leaves(state), specs)] + [(batch, batch_spec)] * 3
+    pairs = [(leaf, s.spec) for leaf, s in zip(jax.tree.leaves(state), specs)]
+    pairs += [] if params_only else [(batch, batch_spec)] * 3
     out = []
     for leaf, spec in pairs:  # inputs, targets (int32) and weights (float32): 4 bytes each
         shape = list(leaf.shape)
@@ -98,22 +110,47 @@ def _prepared(target: str, mesh, overrides=None):
     return config, request
 
 
+def _skip_without(platform: str):
+    package = targets.compiler_package(platform)
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} not installed (the {platform.upper()} compiler for moe_jax.aot): "
+                    f"pip install -r requirements-aot.txt")
+
+
+def _command(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "moe_jax.aot", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _overrides(overrides: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 @pytest.fixture(scope="module")
 def tpu_result():
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu not installed (the TPU compiler for moe_jax.aot): pip install -r requirements-aot.txt")
-    return aot.run(smoke(), aot.Request("v4-8", mesh=(1, 4, 1)))
+    """smoke on v4-8 with 4 expert shards, compiled in this process: {train, eval}."""
+    _skip_without("tpu")
+    return aot.run(smoke(), aot.Request(TPU[0], mesh=TPU[1]))
 
 
 @pytest.fixture(scope="module")
-def gpu_result():
-    if importlib.util.find_spec("jax_cuda12_plugin") is None:
-        pytest.skip("jax_cuda12_plugin not installed (the GPU compiler for moe_jax.aot): "
-                    "pip install -r requirements-aot.txt")
-    return aot.run(smoke(), aot.Request("h100-2", mesh=(1, 2, 1)))
+def gpu_command(tmp_path_factory):
+    """`python -m moe_jax.aot` for smoke on h100-2 with 2 expert shards, --decode --json: (its stdout, its JSON)."""
+    _skip_without("gpu")
+    path = tmp_path_factory.mktemp("aot") / "h100.json"
+    r = _command("--config", SMOKE, "--target", GPU[0], "--mesh", ",".join(map(str, GPU[1])), "--decode",
+                 "--json", str(path), *_overrides(EP))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout, json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("which,target,mesh", [("tpu_result", "v4-8", (1, 4, 1)), ("gpu_result", "h100-2", (1, 2, 1))])
+@pytest.fixture(scope="module")
+def gpu_result(gpu_command):
+    return gpu_command[1]
+
+
+@pytest.mark.parametrize("which,target,mesh", [("tpu_result", *TPU), ("gpu_result", *GPU)])
 def test_arguments_are_the_sharded_state_and_batch(request, which, target, mesh):
     result = request.getfixturevalue(which)
     config, _ = _prepared(target, mesh)
@@ -144,12 +181,9 @@ def test_gpu_attention_falls_back_and_says_so(gpu_result):
     assert "flops.py" in gpu_result["programs"]["train"]["flops_source"]  # compile-only GPU: no cost analysis
 
 
-def test_json_has_the_printed_fields(tpu_result, tmp_path):
-    text = aot.report(tpu_result)
-    path = tmp_path / "out.json"
-    path.write_text(json.dumps(tpu_result))
-    back = json.loads(path.read_text())
-    train = back["programs"]["train"]
+def test_json_has_the_printed_fields(gpu_command):
+    text, result = gpu_command
+    train = result["programs"]["train"]
     for key in ("argument", "output", "temp", "code", "peak"):
         assert key in train["memory"]
     for key in ("flops", "bytes", "collectives", "roofline", "fits", "device_memory", "compile_cpu_s"):
@@ -157,13 +191,21 @@ def test_json_has_the_printed_fields(tpu_result, tmp_path):
     for key in ("compute_s", "memory_s", "ici_s", "dcn_s", "step_s_min", "mfu_ceiling", "figures"):
         assert key in train["roofline"]
     assert f"{100 * train['roofline']['mfu_ceiling']:.1f}%" in text
-    assert "all-to-all" in text and "peak" in text and tpu_result["target"] in text
+    assert "all-to-all" in text and "peak" in text and result["target"] in text
+    for name, program in result["programs"].items():  # each program's printed line matches its JSON
+        assert f"{name} step: compiled in {program['compile_cpu_s']:.1f} CPU-s" in text
 
 
-def _command(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "moe_jax.aot", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+def test_decode_compiles_the_prefill_with_the_parameters_only(gpu_result):
+    """--decode: the prefill's arguments are the parameters as sharded plus the prompt and a few scalars (no
+    optimizer state, no batch); it fits and has no roofline (not a training step)."""
+    config, _ = _prepared(*GPU)
+    decode = gpu_result["programs"]["decode"]
+    params = _bytes(_shard_shapes(config, gpu_result["mesh"], params_only=True))
+    prompt = 4 * config.train.seq_len // 2  # one row of half the context, int32
+    assert params + prompt <= decode["memory"]["argument"] <= params + prompt + 64  # + 7 scalars and the rng key
+    assert decode["memory"]["argument"] < gpu_result["programs"]["train"]["memory"]["argument"] / 2
+    assert decode["fits"] and "roofline" not in decode
 
 
 def _error_lines(r):
@@ -172,7 +214,8 @@ def _error_lines(r):
 
 @needs("gpu")
 def test_too_large_exits_2_with_one_line():
-    r = _command("--config", SMOKE, "--target", "h100-2", "--config.train.batch_size=2097152")
+    dense = {"model.n_layers": 1, "moe.num_experts": 0, "train.batch_size": 2 ** 21}
+    r = _command("--config", SMOKE, "--target", "h100-1", *_overrides(dense))
     assert r.returncode == 2, r.stderr[-2000:]
     lines = _error_lines(r)
     assert len(lines) == 1 and "does not fit" in lines[0] and "train.batch_size" in lines[0], lines
@@ -198,18 +241,23 @@ def test_unknown_target_names_the_choices():
         targets.get("v9-8")
 
 
-@needs("gpu")
-def test_table_is_resumable(tmp_path):
+def test_table_is_resumable(tmp_path, monkeypatch, tpu_result):
+    """A row is compiled once: the second run over the same file reads it back (aot.run is the compiled result of
+    the tpu_result fixture, counted), and a new target adds only its row."""
+    calls = []
+    monkeypatch.setattr(aot, "run", lambda config, request: calls.append(request.target) or tpu_result)
     cache = str(tmp_path / "table.json")
     out = []
-    rows = aot_table.compute([SMOKE], ["h100-1"], cache, out=out.append)
-    assert len(rows) == 1 and out[-1].endswith("done")
+    rows = aot_table.compute([SMOKE], [TPU[0]], cache, out=out.append)
+    assert calls == [TPU[0]] and len(rows) == 1 and out[-1].endswith("done")
     row = next(iter(rows.values()))
-    assert row["fits"] and row["peak_gib"] > 0 and row["step_ms"][0] > 0
-    again = aot_table.compute([SMOKE], ["h100-1"], cache, out=out.append)
-    assert again == json.loads(open(cache).read()) and out[-1].endswith("cached")
+    assert row["fits"] and row["peak_gib"] > 0 and row["step_ms"][0] > 0 and "all-to-all" in row["collectives"]
+    again = aot_table.compute([SMOKE], [TPU[0]], cache, out=out.append)
+    assert calls == [TPU[0]] and again == json.loads(open(cache).read()) and out[-1].endswith("cached")
+    more = aot_table.compute([SMOKE], [TPU[0], "v5p-8"], cache, out=out.append)
+    assert calls == [TPU[0], "v5p-8"] and len(more) == 2 and out[-2].endswith("cached")
     table = aot_table.markdown(again)
-    assert "| configs/smoke.py | h100-1 | yes |" in table.replace(ROOT + os.sep, "")
+    assert f"| configs/smoke.py | {TPU[0]} | yes |" in table.replace(ROOT + os.sep, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -145,11 +145,12 @@ def compile_programs(config, mesh, request: Request) -> dict:
         prompt = request.decode_prompt or context // 2
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
+        key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype  # abstract: the mesh's devices are not attached
         with jax.set_mesh(mesh):
             lowered = decode_lib.prefill_program.lower(
                 graphdef, abs_state["params"], jax.ShapeDtypeStruct((request.decode_batch, prompt), np.int32,
                                                                     sharding=rep),
-                scalar(np.int32), jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
+                scalar(np.int32), scalar(key_dtype),
                 scalar(np.float32), scalar(np.int32), scalar(np.float32), scalar(np.float32),
                 cache_len=context, candidates=decode_lib.candidate_count(0, config.model.vocab_size))
             out["decode"] = (lowered.compile(), time.process_time() - t0)
