@@ -230,6 +230,27 @@ def test_mesh_the_topology_cannot_hold_exits_2_with_one_line():
     assert len(lines) == 1 and "--mesh 8,8,1" in lines[0] and "cannot hold" in lines[0], lines
 
 
+@needs("tpu")
+def test_dropless_expert_parallel_lowers_to_all_to_all_on_tpu():
+    """moe.dispatch='dropless' (sort, ragged_dot grouped matmuls, shard_map with two all_to_alls per MoE layer) with
+    2 expert shards on v4-8: the TPU compiler keeps ragged-dot as its own op and exchanges rows with all-to-all."""
+    result = aot.run(smoke({"moe.dispatch": "dropless"}), aot.Request("v4-8", mesh=(2, 2, 1)))
+    assert result["dispatch"] == "dropless" and result["mesh"]["expert"] == 2 and result["fits"]
+    for name, forward_and_back in (("train", 2), ("eval", 1)):
+        colls = result["programs"][name]["collectives"]["by_kind"]
+        assert colls["all-to-all"]["count"] >= 2 * forward_and_back, (name, colls)
+
+
+def test_megablox_is_refused_for_a_gpu_and_noted_for_a_tpu():
+    megablox = {"moe.dispatch": "dropless", "moe.grouped_matmul": "megablox"}
+    with pytest.raises(aot.AotError, match=r"grouped_matmul=ragged_dot for a GPU"):
+        aot.prepare_config(smoke(megablox), targets.get("h100-8"), aot.Request("h100-8"))
+    _, notes = aot.prepare_config(smoke(megablox), targets.get("v4-8"), aot.Request("v4-8", mesh=(2, 2, 1)))
+    assert any("interpret mode" in n for n in notes)
+    _, notes = aot.prepare_config(smoke({"moe.dispatch": "dropless"}), targets.get("v4-8"), aot.Request("v4-8"))
+    assert not any("interpret mode" in n for n in notes)
+
+
 def test_missing_compiler_is_one_line_with_the_install_command(monkeypatch):
     monkeypatch.setattr(targets, "compiler_package", lambda platform: "no_such_compiler_package")
     with pytest.raises(targets.TargetError, match=r"requirements-aot.txt"):

@@ -78,6 +78,7 @@ def prepare_config(config, target: targets_lib.Target, request: Request):
             raise AotError(f"--slices {request.slices}: config.mesh.dcn_shape {dcn} spans {math.prod(dcn)} slices; "
                            f"make them agree")
     config_lib.validate(config)
+    notes += _grouped_matmul_notes(config, target)
     requested = config.model.attention
     precision.resolve(config, target.platform)
     if config.model.attention == "cudnn":
@@ -86,6 +87,21 @@ def prepare_config(config, target: targets_lib.Target, request: Request):
                      f"GPU client: compiled with 'xla' attention instead (a real run's fused attention uses less "
                      f"memory and time than predicted here)")
     return config, notes
+
+
+def _grouped_matmul_notes(config, target: targets_lib.Target) -> list[str]:
+    """The dropless path's 'megablox' grouped matmul is a Pallas TPU kernel: refused for a GPU target (a GPU run
+    would execute it in Pallas interpret mode); for a TPU target, a note that it compiles here in interpret mode
+    (moe_jax/model/dropless.py chooses interpret mode from the attached devices, which are this CPU)."""
+    moe = config.moe
+    if not (moe.num_experts and moe.dispatch == "dropless" and moe.grouped_matmul == "megablox"):
+        return []
+    if target.platform != "tpu":
+        raise AotError(f"--config.moe.grouped_matmul=megablox: a Pallas TPU kernel, which a {target.name} run would "
+                       f"execute in Pallas interpret mode; use --config.moe.grouped_matmul=ragged_dot for a GPU")
+    return ["moe.grouped_matmul 'megablox' compiled in Pallas interpret mode (model/dropless.py picks interpret mode "
+            "from the attached devices, here the CPU), not as the Mosaic kernel a TPU run uses: the expert matmuls' "
+            "memory and collectives are the emulation's (docs/benchmarks.md)"]
 
 
 def build_mesh(config, target: targets_lib.Target, slices: int):
