@@ -262,6 +262,12 @@ def test_unknown_target_names_the_choices():
         targets.get("v9-8")
 
 
+def test_cloud_accelerator_types_name_targets():
+    """scripts/tpu.sh passes its ACCELERATOR as --target: Cloud TPU's v5litepod-N is the target v5e-N."""
+    assert targets.get("v5litepod-8") is targets.TARGETS["v5e-8"]
+    assert targets.get("V6E-8") is targets.TARGETS["v6e-8"] and targets.get("v4-8") is targets.TARGETS["v4-8"]
+
+
 def test_table_is_resumable(tmp_path, monkeypatch, tpu_result):
     """A row is compiled once: the second run over the same file reads it back (aot.run is the compiled result of
     the tpu_result fixture, counted), and a new target adds only its row."""

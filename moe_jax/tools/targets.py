@@ -95,9 +95,17 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 TPU_CHIPS_PER_HOST = (2, 2, 1)
 
 
+# Cloud TPU accelerator-type prefixes that name a target differently (scripts/tpu.sh passes ACCELERATOR as is)
+CLOUD_PREFIXES = {"v5litepod-": "v5e-"}
+
+
 def get(name: str) -> Target:
-    """The target named `name` (case-insensitive); TargetError naming the choices otherwise."""
+    """The target named `name` (case-insensitive; Cloud TPU accelerator types such as v5litepod-8 too); TargetError
+    naming the choices otherwise."""
     key = name.strip().lower()
+    for cloud, ours in CLOUD_PREFIXES.items():
+        if key.startswith(cloud):
+            key = ours + key[len(cloud):]
     if key not in TARGETS:
         raise TargetError(f"--target {name!r}: unknown target; choose one of {', '.join(TARGETS)}")
     return TARGETS[key]
