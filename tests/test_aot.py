@@ -262,6 +262,17 @@ def test_unknown_target_names_the_choices():
         targets.get("v9-8")
 
 
+def test_targets_for_a_device_count():
+    """moe_jax.budget's check: n devices of a hardware row -> (target, slices)."""
+    assert targets.for_devices("h100", 8) == ("h100-8", 1) and targets.for_devices("h100", 4) == ("h100-4", 1)
+    assert targets.get("h100-4").chips == 4 and targets.get("h100-4").memory_bytes == targets.get("h100-8").memory_bytes
+    assert targets.for_devices("b200", 32) == ("b200-8", 4)
+    assert targets.for_devices("v5p", 64) == ("v5p-128", 1) and targets.for_devices("v5e", 32) == ("v5e-16", 2)
+    for device, n in (("h100", 12), ("v6e", 3)):
+        with pytest.raises(targets.TargetError, match=f"{n} {device}"):
+            targets.for_devices(device, n)
+
+
 def test_cloud_accelerator_types_name_targets():
     """scripts/tpu.sh passes its ACCELERATOR as --target: Cloud TPU's v5litepod-N is the target v5e-N."""
     assert targets.get("v5litepod-8") is targets.TARGETS["v5e-8"]

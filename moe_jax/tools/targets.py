@@ -90,6 +90,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _gpu("b200-8", "b200", 8),
 )}
 
+GPUS_PER_NODE = 8
+
 # chips per TPU host in every generation listed here (a v5e/v6e 8-chip host is two 2x2 trays as far as the
 # topology description is concerned; MaxText passes the same bounds)
 TPU_CHIPS_PER_HOST = (2, 2, 1)
@@ -106,9 +108,41 @@ def get(name: str) -> Target:
     for cloud, ours in CLOUD_PREFIXES.items():
         if key.startswith(cloud):
             key = ours + key[len(cloud):]
+    device, _, count = key.rpartition("-")
+    if key not in TARGETS and device in _gpu_devices() and count.isdigit() and 1 <= int(count) <= GPUS_PER_NODE:
+        return _gpu(key, device, int(count))  # a node of any 1-8 of these GPUs
     if key not in TARGETS:
-        raise TargetError(f"--target {name!r}: unknown target; choose one of {', '.join(TARGETS)}")
+        raise TargetError(f"--target {name!r}: unknown target; choose one of {', '.join(TARGETS)} (or a GPU node of "
+                          f"1-{GPUS_PER_NODE} GPUs, e.g. h100-4)")
     return TARGETS[key]
+
+
+def _gpu_devices() -> set[str]:
+    return {t.device for t in TARGETS.values() if t.platform == "gpu"}
+
+
+def for_devices(device: str, n: int) -> tuple[str, int]:
+    """(target name, slices) of `n` devices of hardware row `device`: a target of exactly n devices; for GPUs a node
+    of n <= 8 GPUs or n / 8 nodes of 8; for TPUs n / k slices of the largest slice of k chips that divides n.
+    TargetError when none does."""
+    own = [t for t in TARGETS.values() if t.device == device]
+    if not own:
+        raise TargetError(f"--device {device}: no compile target for it in moe_jax/tools/targets.py")
+    exact = [t for t in own if t.chips == n]
+    if exact:
+        return exact[0].name, 1
+    if own[0].platform == "gpu":
+        if n <= GPUS_PER_NODE:
+            return f"{device}-{n}", 1
+        if n % GPUS_PER_NODE == 0:
+            return f"{device}-{GPUS_PER_NODE}", n // GPUS_PER_NODE
+        raise TargetError(f"{n} {device} GPUs: not whole nodes of {GPUS_PER_NODE}; the compile check needs a multiple")
+    whole = [t for t in own if n % t.chips == 0]
+    if not whole:
+        raise TargetError(f"{n} {device} chips: no {device} slice in moe_jax/tools/targets.py divides them (slices of "
+                          f"{', '.join(str(t.chips) for t in own)} chips)")
+    t = max(whole, key=lambda t: t.chips)
+    return t.name, n // t.chips
 
 
 def compiler_package(platform: str) -> str:
