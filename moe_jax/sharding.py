@@ -190,6 +190,7 @@ def hybrid_device_array(ici_shape, dcn_shape, devices, slice_of=None) -> np.ndar
 def build_mesh(config_or_shape, devices=None, dcn_shape=None, slice_of=None) -> Mesh:
     """Mesh over ('data', 'expert', 'model') from `config.mesh.shape` (or a shape), on `devices` (default: all).
 
+    TPU/GPU devices are arranged over their physical topology (jax.make_mesh), CPU devices in the given order.
     With `config.mesh.dcn_shape` (or `dcn_shape`) other than all ones, `shape` is the ICI shape within one slice
     (its -1 fills a slice) and the mesh is shape * dcn_shape, built by hybrid_device_array (`slice_of`: see there)."""
     if hasattr(config_or_shape, "mesh"):
@@ -207,8 +208,10 @@ def build_mesh(config_or_shape, devices=None, dcn_shape=None, slice_of=None) -> 
         ici = resolve_mesh_shape(shape, len(devices) // math.prod(dcn))
         return Mesh(hybrid_device_array(ici, dcn, devices, slice_of), MESH_AXES, axis_types=types)
     shape = resolve_mesh_shape(shape, len(devices))
-    if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+    if devices == list(jax.devices()) or devices[0].platform != "cpu":
+        # TPU/GPU: devices laid out over the physical topology (mesh_utils.create_device_mesh), as a real run needs;
+        # a shape the topology cannot hold raises here. CPU devices have no topology: plain order.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
