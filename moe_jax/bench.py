@@ -1,4 +1,5 @@
-"""`python -m moe_jax.bench`: the benchmark (the command; its code is moe_jax/tools/bench.py)."""
+"""`python -m moe_jax.bench [--mode step|update|decode|newton-schulz|stop-agreement]`: the benchmarks (the command;
+its code is the package moe_jax/tools/bench/, one module per mode)."""
 
 from moe_jax import cli
 from moe_jax.tools.bench import define_flags, main

@@ -1,5 +1,6 @@
-"""The command-line convention every command follows (moe_jax.train, eval, generate, compare, bench, decode and the
-scripts in scripts/): how flags are defined, how config files are loaded, how errors are reported, exit codes.
+"""The command-line convention every command follows (moe_jax.train, eval, generate, compare, bench, budget,
+routing and the scripts in scripts/): how flags are defined, how config files are loaded, how errors are reported,
+exit codes.
 
 - Flags are defined only when a module runs as a program: each command has a `define_flags()` that `run` calls
   before parsing, so several command modules can be imported in one process (the tests do).
@@ -69,6 +70,7 @@ def config_flag(name: str = "config", help_text: str = "Path to a config file in
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(name, None, help_text, lock_config=False)
+    _CONFIG_FLAGS.append(name)
     if required:
         flags.mark_flags_as_required([name])
 
@@ -109,22 +111,96 @@ def no_arguments(argv) -> None:
         raise UsageError(f"unexpected arguments {argv[1:]}: every input is a flag (--help lists them)")
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, with a bad flag reported as `error: ...` and exit status 2 (absl's default is 1)."""
-    from absl import flags
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+_CONFIG_FLAGS: list[str] = []  # names of the config-file flags the running command defined (config_flag)
 
+
+def _flag_value(argv, name: str) -> str | None:
+    """The value of `--name value` / `--name=value` in argv (the last one given), or None."""
+    value = None
+    for i, a in enumerate(argv[1:], start=1):
+        if a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def _load_given_config(name: str, spec: str):
+    """The ConfigDict of `--name spec` ('path' or 'path:arg', as ml_collections reads it), or exit 2 with one line
+    naming the file and what is wrong with it (missing, not Python, no get_config(), not a ConfigDict)."""
+    import ml_collections
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        fail(f"--{name} {path}: no such file; give a config file such as configs/smoke.py")
+    try:
+        module = load_module(path)
+    except SyntaxError as e:
+        fail(f"--{name} {path}: line {e.lineno}: {e.msg} (SyntaxError); fix the file")
+    except Exception as e:  # whatever the file's own code raises
+        fail(f"--{name} {path}: cannot be loaded ({type(e).__name__}: {_first_line(e)}); fix the file")
+    if not callable(getattr(module, "get_config", None)):
+        fail(f"--{name} {path}: defines no get_config() function; a config file returns its "
+             "ml_collections.ConfigDict from get_config() (see configs/smoke.py)")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        fail(f"--{name} {spec}: get_config() failed ({type(e).__name__}: {_first_line(e)}); fix the file")
+    if not isinstance(config, ml_collections.ConfigDict):
+        fail(f"--{name} {path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict; "
+             "return the config (see configs/smoke.py)")
+    return config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unknown_override(argv, configs: dict) -> str | None:
+    """The first `--name.a.b=v` of argv whose path the loaded config `configs[name]` lacks, as one error line
+    naming the nearest field (difflib), or None when every override names a field."""
+    import difflib
+
+    for a in argv[1:]:
+        flag = a.split("=", 1)[0]
+        name, dot, path = flag[2:].partition(".")
+        if not (a.startswith("--") and dot and name in configs):
+            continue
+        node, done = configs[name], []
+        for key in path.split("."):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                where = ".".join(done) or f"the --{name} file"
+                near = difflib.get_close_matches(key, fields, n=1)
+                hint = f"did you mean {'.'.join(done + near)!r}? " if near else ""
+                return (f"{flag}: {where} has no field {key!r}; {hint}override only fields the --{name} file "
+                        "defines")
+            node, done = node[key], done + [key]
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with every bad input reported as one `error: ...` line and exit status 2 (absl's
+    default is 1 with a traceback for a config file that does not load): the config files are loaded first, each
+    override is checked against the fields of its file, and --help prints the flags and exits 0."""
+    from absl import app, flags
+
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
+    configs = {}
+    for name in _CONFIG_FLAGS:
+        spec = _flag_value(argv, name)
+        if spec:
+            configs[name] = _load_given_config(name, spec)
+    message = _unknown_override(argv, configs)
+    if message:
+        fail(message)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(f"{e} (--help lists the flags)")
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
-        field = str(e).strip("\"'")
-        flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]
-                     and field in a.split("=")[0].split(".")[1:]), None)
-        if flag is None:
-            raise
-        name, path = flag[2:].split(".", 1)
-        fail(f"{flag}: {path} is not a config field of the --{name} file; override only fields it defines")
 
 
 def run(main: Callable, define_flags: Callable[[], None]) -> None:
@@ -142,7 +218,7 @@ def run(main: Callable, define_flags: Callable[[], None]) -> None:
 
     define_flags()
     home = sys.modules.get(define_flags.__module__)
-    if home is not None and home is not sys.modules["__main__"]:  # e.g. scripts/bench_step.py runs bench's flags
+    if home is not None and home is not sys.modules["__main__"]:  # e.g. moe_jax/bench.py runs tools/bench's flags
         from absl import flags
         flags.adopt_module_key_flags(home)
     app.run(wrapped, flags_parser=_parse_flags)

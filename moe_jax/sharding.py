@@ -191,6 +191,7 @@ def build_mesh(mesh_or_shape, devices=None, dcn_shape=None, slice_of=None) -> Me
     """Mesh over ('data', 'expert', 'model') from a config.typed.MeshConfig (run.mesh) or a shape, on `devices`
     (default: all).
 
+    TPU/GPU devices are arranged over their physical topology (jax.make_mesh), CPU devices in the given order.
     With the MeshConfig's dcn_shape (or `dcn_shape`) other than all ones, `shape` is the ICI shape within one slice
     (its -1 fills a slice) and the mesh is shape * dcn_shape, built by hybrid_device_array (`slice_of`: see there)."""
     if hasattr(mesh_or_shape, "dcn_shape"):
@@ -208,8 +209,10 @@ def build_mesh(mesh_or_shape, devices=None, dcn_shape=None, slice_of=None) -> Me
         ici = resolve_mesh_shape(shape, len(devices) // math.prod(dcn))
         return Mesh(hybrid_device_array(ici, dcn, devices, slice_of), MESH_AXES, axis_types=types)
     shape = resolve_mesh_shape(shape, len(devices))
-    if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+    if devices == list(jax.devices()) or devices[0].platform != "cpu":
+        # TPU/GPU: devices laid out over the physical topology (mesh_utils.create_device_mesh), as a real run needs;
+        # a shape the topology cannot hold raises here. CPU devices have no topology: plain order.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 

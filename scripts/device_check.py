@@ -9,21 +9,23 @@ not stop the others; steps that would overrun the time budget are skipped):
   attention  every attention implementation this backend runs (CPU: blocked, xla; GPU: + cudnn) in float32 and
              bfloat16, with and without packed segments, against a float64 numpy reference; cudnn's gradients against
              the blocked kernel's in float32;
-  bench      dense vs MoE train steps (moe_jax.bench: tokens/s, model TFLOP/s, MFU vs flops.PEAK_TFLOPS, step time,
-             compiled memory, MoE step time / FLOP-equal dense step time) at configs/gpu_dense.py + gpu_moe.py in
-             bfloat16 (CPU: smoke-sized), the MoE's step time at capacity factors 1.0 / 1.25 / 2.0 and dropless,
-             and each config's forward / forward+backward / update times with the update's share of the step;
+  bench      dense vs MoE train steps (`python -m moe_jax.bench`'s step mode: tokens/s, model TFLOP/s, MFU vs
+             flops.PEAK_TFLOPS, step time, compiled memory, MoE step time / FLOP-equal dense step time) at
+             configs/gpu_dense.py + gpu_moe.py in bfloat16 (CPU: smoke-sized), the MoE's step time at capacity
+             factors 1.0 / 1.25 / 2.0 and dropless, and each config's forward / forward+backward / update times with
+             the update's share of the step;
   profile    a jax.profiler trace of MoE steps, summarised as the top ops by time (device ops on GPU/TPU);
-  update     the optimizer update alone at the bench configs per muon_impl:ns_dtype:ns_stack:ns_method
-             (moe_jax.bench.UPDATE_VARIANTS: optax, batched float32 / bfloat16, layers stacked or not, X-space or
-             Gram-space), 5 interleaved rounds: the measurement behind optim.ns_* 'auto' on GPU;
+  update     the optimizer update alone at the bench configs under each named variant (`--mode update`,
+             moe_jax/tools/bench/common.py VARIANTS: optim.muon_impl optax / batched, optim.ns_dtype float32 /
+             bfloat16, optim.ns_stack layers / none, optim.ns_method standard / gram), 5 interleaved rounds: the
+             measurement behind optim.ns_* 'auto' on GPU;
   train      configs/moe.py (CPU: configs/smoke.py) trained in the compute dtype with periodic checkpoints, killed
              (SIGKILL) after the first checkpoint, resumed to the end; checks it resumed from that step and finished;
   tests      pytest on the modules that matter on an accelerator (model, layers, MoE, precision, and from the
              optimizer, decode and trainer modules the Newton-Schulz, cached-decoding, smoke-training and exact-resume
              tests), with JAX_DEFAULT_MATMUL_PRECISION=highest (the tests compare against float64 references) and
              deterministic GPU reductions (exact resume); 4 pytest-xdist workers where installed; CPU: one module;
-  decode     decode tokens/s at configs/moe.py's shapes (moe_jax.decode.benchmark; CPU: smoke);
+  decode     decode tokens/s at configs/moe.py's shapes (`--mode decode`; CPU: smoke);
   seeds      the seeds' PyTorch code timed at the GPU configs' shape (when .seeds/ from scripts/device_prepare.sh
              --seeds and torch are present; GPU only);
   compare    python -m moe_jax.compare --config configs/compare_smoke.py (CPU: one seed, fewer steps).
@@ -231,28 +233,24 @@ def load(path: str):
 
 
 def step_bench(check: Check, args, keep: list) -> dict:
-    from moe_jax.tools import bench
+    from moe_jax.tools.bench import common, step
     if args.cpu:
         dense, moe = load("configs/smoke.py"), load("configs/smoke.py")
         dense.name, dense.moe.num_experts = "smoke_dense", 0
         moe.moe.d_ff = dense.model.d_ff // 2  # FLOP-equal: top-2 experts of half the dense width
-        batch, seq, steps, rounds = 4, 64, 2, 1
+        options = step.StepOptions(batch=4, seq=64, steps=2, rounds=1, matmul_n=256, breakdown=True)
         entries = [("dense (configs/smoke.py, num_experts=0)", dense), ("moe (configs/smoke.py)", moe)]
     else:
         dense, moe = load("configs/gpu_dense.py"), load("configs/gpu_moe.py")
-        batch, seq, steps, rounds = dense.train.batch_size, dense.train.seq_len, args.bench_steps, 2
+        options = step.StepOptions(batch=dense.train.batch_size, seq=dense.train.seq_len, steps=args.bench_steps,
+                                   rounds=2, matmul_n=2048, breakdown=True)
         entries = [("dense (configs/gpu_dense.py)", dense), ("moe (configs/gpu_moe.py)", moe)]
     # Issue 16's GPU question: the same MoE with capacity factors 1.0 / 1.25 (the config's) / 2.0 and dropless.
     moe_label = entries[1][0]
-    for cf in (1.0, 2.0):
-        variant = moe.copy_and_resolve_references()
-        variant.moe.capacity_factor = cf
-        entries.append((f"{moe_label} capacity_factor={cf}", variant))
-    variant = moe.copy_and_resolve_references()
-    variant.moe.dispatch = "dropless"
-    entries.append((f"{moe_label} dropless", variant))
-    r = bench.benchmark(entries, batch=batch, seq=seq, grad_accum=1, steps=steps, warmup=2, rounds=rounds,
-                        matmul_n=256 if args.cpu else 2048, out=check.log, benches_out=keep, breakdown=True)
+    entries += [(f"{moe_label} {label}", c) for label, c in common.variant_configs(moe, [
+        ("capacity_factor=1.0", {"moe.capacity_factor": 1.0}), ("capacity_factor=2.0", {"moe.capacity_factor": 2.0}),
+        ("dropless", {"moe.dispatch": "dropless"})])]
+    r = step.benchmark(entries, options, out=check.log, benches_out=keep)
     # Issue 19's GPU question: the optimizer update's share of the step (batched Muon, ns_dtype auto).
     r["update_share_of_step"] = {label: c["update_share_of_step"] for label, c in r["configs"].items()}
     r["dispatch_step_time_s"] = {label: r["configs"][label]["step_time_s"] for label, _ in entries[1:]
@@ -266,17 +264,17 @@ def step_bench(check: Check, args, keep: list) -> dict:
 
 
 def step_update(check: Check, args) -> dict:
-    """The optimizer update alone at the bench configs, per muon_impl:ns_dtype:ns_stack:ns_method (issue 19: batched
-    vs optax's per-leaf Newton-Schulz, float32 vs bfloat16, stacked across layers or not, X or Gram space),
-    interleaved over rounds."""
-    from moe_jax.tools import bench
+    """The optimizer update alone at the bench configs under every named variant (issue 19: batched vs optax's
+    per-leaf Newton-Schulz, float32 vs bfloat16, stacked across layers or not, X or Gram space), interleaved over
+    rounds."""
+    from moe_jax.tools.bench import update
     if args.cpu:
         dense, moe = load("configs/smoke.py"), load("configs/smoke.py")
         dense.moe.num_experts = 0
         entries = [("smoke dense", dense), ("smoke moe", moe)]
     else:
         entries = [("gpu_dense", load("configs/gpu_dense.py")), ("gpu_moe", load("configs/gpu_moe.py"))]
-    return {"results": bench.time_updates(entries, rounds=2 if args.cpu else 5, out=check.log)}
+    return {"results": update.time_updates(entries, rounds=2 if args.cpu else 5, out=check.log)}
 
 
 def step_profile(check: Check, keep: list, n: int) -> dict:
@@ -410,18 +408,10 @@ def step_train(check: Check, args) -> dict:
 
 
 def step_decode(check: Check, args) -> dict:
-    from moe_jax.model import decode
-    from moe_jax.config import resolve, typed
-    cfg = typed.parse(load("configs/smoke.py" if args.cpu else "configs/moe.py"))
-    info = resolve.describe(cfg.precision())
-    check.log(info)
-    out = {"config": "configs/smoke.py" if args.cpu else "configs/moe.py", "policy": info, "runs": []}
-    for batch in ((2,) if args.cpu else (1, 8)):
-        r = decode.benchmark(cfg, batch, 16, 16 if args.cpu else 200, repeats=1 if args.cpu else 3)
-        check.log(f"batch {batch}: {r['decode_tokens_per_s']:.1f} decode tokens/s, prefill {r['prefill_s'] * 1e3:.1f} "
-                  f"ms, compile {r['compile_s']:.1f} s")
-        out["runs"].append(r)
-    return out
+    from moe_jax.tools.bench import decode
+    path = "configs/smoke.py" if args.cpu else "configs/moe.py"
+    return decode.run(load(path), path, (2,) if args.cpu else (1, 8), prompt_len=16,
+                      max_new_tokens=16 if args.cpu else 200, repeats=1 if args.cpu else 3, out=check.log)
 
 
 def step_compare(check: Check, args) -> dict:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device check (scripts/device_check.py says what it runs and records), from a fresh machine:
-#   bash scripts/device_check.sh                  # on the GPU/TPU machine; results in $OUT (or --out DIR)
+#   bash scripts/device_check.sh --out DIR        # on the GPU/TPU machine; results in DIR
 #   bash scripts/device_check.sh --cpu --out DIR  # CPU, smoke-sized (CI: tests/test_device_check.py)
-# On an accelerator it first installs the wheels carried in .whl/ (bash scripts/device_prepare.sh makes them) into
+# On an accelerator it first installs the wheels copied in .whl/ (bash scripts/device_prepare.sh makes them) into
 # a target directory put in front of PYTHONPATH; the image's own JAX is used as it is.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -15,7 +15,7 @@ if [ "$cpu" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "device_check.sh: installing .whl/*.whl into $SITE failed" >&2; exit 3; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  echo "installed $(ls .whl/*.whl | wc -l) carried wheels into $SITE in $(( $(date +%s) - t0 )) s"
+  echo "installed $(ls .whl/*.whl | wc -l) wheels from .whl into $SITE in $(( $(date +%s) - t0 )) s"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Several processes share the accelerator one after another (this one, training, pytest, torch): none preallocates

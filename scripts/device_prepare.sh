@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# Prepare what the GPU machine lacks, in folders git ignores, so that the device tool carries them along:
-#   .whl/    wheels (Python 3.12, manylinux x86_64) of the packages moe_jax needs that the machine's image does not
-#            have (its image has JAX 0.11.x with the CUDA 13 plugin, flax, optax, orbax, chex, numpy, sentencepiece,
-#            matplotlib, tqdm, absl; see BUILD.md "NVIDIA GPU"), at the versions requirements.txt / this machine pin;
-#   .seeds/  (only with --seeds) the seeds' PyTorch files and the timing harness, copied from $SEEDREPOS
-#            (default /work/seedrepos) and $SEED_HARNESS (default ../shared/bench/seed_harness). Never committed.
+# Prepare, on a machine with internet, what an offline GPU machine lacks, in folders git ignores; then copy the
+# checkout with them to the GPU machine (BUILD.md "The device check"):
+#   .whl/    wheels (Python 3.12, manylinux x86_64) of the packages moe_jax needs that a JAX GPU image (JAX 0.11.x
+#            with the CUDA plugin, flax, optax, orbax, chex, numpy, sentencepiece, matplotlib, tqdm, absl) does not
+#            have, at the versions requirements.txt pins;
+#   .seeds/  (only with --seeds DIR) the Python sources of the seed repositories from DIR, your own checkout of them
+#            (llm-moe/, bb_c1b4a78/, bb_46fbc3e/). Optional: the device check's seed timing also needs a timing harness
+#            at .seeds/harness/bench_interleaved.py, which is not part of this repository; without it that step is
+#            skipped. Never committed.
 #
-#   bash scripts/device_prepare.sh            # wheels only
-#   bash scripts/device_prepare.sh --seeds    # wheels and the seed anchor
-# Then, with the device tool: carry [".whl", ".seeds"] and run `bash scripts/device_check.sh` (BUILD.md).
+#   bash scripts/device_prepare.sh                      # wheels only
+#   bash scripts/device_prepare.sh --seeds DIR          # wheels and the seeds' sources from DIR
+# Then copy the checkout (with .whl/ and .seeds/) to the GPU machine and run `bash scripts/device_check.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-SEEDS=0
-for a in "$@"; do
-  case "$a" in
-    --seeds) SEEDS=1 ;;
-    *) echo "device_prepare.sh: unknown argument $a (use --seeds)" >&2; exit 2 ;;
+SRC=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seeds) [ $# -ge 2 ] || { echo "error: --seeds: give the folder holding your checkout of the seed repositories" >&2; exit 2; }
+             SRC=$2; shift 2 ;;
+    --seeds=*) SRC=${1#--seeds=}; shift ;;
+    *) echo "error: device_prepare.sh: unknown argument $1 (use --seeds DIR)" >&2; exit 2 ;;
   esac
 done
 
-# Missing from the GPU image (KINDS.md lists what it has): moe_jax's own needs, then theirs. One version each.
+# Missing from a JAX GPU image: moe_jax's own needs, then theirs. One version each.
 WHEELS=(
   ml-collections==1.1.0 grain==0.2.18 tensorflow-datasets==4.9.10 array-record==0.8.6 tensorboardX==2.6.5
   importlib_resources==7.1.0
@@ -60,18 +65,15 @@ for name, files in by.items():
 PY
 echo "wheels in .whl: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1)"
 
-if [ "$SEEDS" = 1 ]; then
-  SRC=${SEEDREPOS:-/work/seedrepos}
-  HARNESS=${SEED_HARNESS:-$(cd .. && pwd)/shared/bench/seed_harness}
-  [ -d "$HARNESS" ] || HARNESS=/work/shared/bench/seed_harness
+if [ -n "$SRC" ]; then
   for d in llm-moe bb_c1b4a78 bb_46fbc3e; do
-    [ -d "$SRC/$d" ] || { echo "device_prepare.sh: $SRC/$d is missing: extract the seed repositories first (see $HARNESS/README.md) or set SEEDREPOS" >&2; exit 2; }
+    [ -d "$SRC/$d" ] || { echo "error: --seeds $SRC: $SRC/$d is missing; give the folder holding your checkout of the seed repositories" >&2; exit 2; }
   done
-  rm -rf .seeds && mkdir -p .seeds/repos .seeds/harness
-  cp "$HARNESS"/*.py "$HARNESS"/README.md .seeds/harness/
-  # Only the Python sources the harness loads (no data, no git history).
+  rm -rf .seeds/repos && mkdir -p .seeds/repos
+  # Only the Python sources (no data, no git history).
   for d in llm-moe bb_c1b4a78 bb_46fbc3e; do
     (cd "$SRC/$d" && find . -name '*.py' -size -2M | tar -cf - -T -) | (mkdir -p ".seeds/repos/$d" && tar -xf - -C ".seeds/repos/$d")
   done
-  echo "seed anchor in .seeds: $(du -sh .seeds | cut -f1)"
+  echo "seed sources in .seeds/repos: $(du -sh .seeds/repos | cut -f1)"
+  [ -f .seeds/harness/bench_interleaved.py ] || echo "note: no timing harness in .seeds/harness/ (not part of this repository): the device check skips the seed timing"
 fi

@@ -39,3 +39,14 @@ archive_checkout() {
   tree=$(git -C "$root" stash create 2>/dev/null || true)
   run git -C "$root" archive --format=tar.gz --prefix=moe_jax/ -o "$out" "${tree:-HEAD}"
 }
+
+# A remote shell snippet that leaves .venv active with Python $PYTHON_VERSION: the pinned wheels (jax 0.10.2) need
+# Python >= 3.11 and current TPU VM images ship 3.10, so uv (installed to ~/.local/bin if absent) installs that Python
+# and makes the venv (a .venv of an older Python is replaced). Install into it with `uv pip install`.
+PYTHON_VERSION=${PYTHON_VERSION:-3.11}
+venv_snippet() {
+  printf '%s' "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
+export PATH=\$HOME/.local/bin:\$PATH; uv python install $PYTHON_VERSION; \
+.venv/bin/python -c 'import sys; sys.exit(sys.version_info < ($(echo "$PYTHON_VERSION" | tr . ,)))' 2>/dev/null \
+|| { rm -rf .venv && uv venv --python $PYTHON_VERSION .venv; }; . .venv/bin/activate"
+}

@@ -3,9 +3,10 @@
 #   scripts/ssh_launch.sh --hosts hosts.txt [--ship] [--dir moe_jax] [--port 12355] [--dry_run] -- TRAIN FLAGS
 # hosts.txt: one host per line ([user@]host; '#' comments). The first host runs process 0 and the coordinator
 # (COORDINATOR overrides the address the others use to reach it). --ship copies this checkout (git archive of the
-# working tree) to DIR on every host and installs it (.venv + requirements.txt; set JAX_EXTRA, e.g. cuda12, for
-# an accelerator build of jax). TRAIN FLAGS must include --config and --workdir; the workdir must be one directory
-# every host sees (a shared filesystem). Logs: DIR/train.log on each host.
+# working tree) to DIR on every host and installs it (a Python 3.11 .venv made by uv, PYTHON_VERSION to change it,
+# + requirements.txt; set JAX_EXTRA, e.g. cuda12, for an accelerator build of jax). TRAIN FLAGS must include --config
+# and --workdir; the workdir must be one directory every host sees (a shared filesystem). Logs: DIR/train.log on each
+# host.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/launch_lib.sh
@@ -37,8 +38,7 @@ if [ "$SHIP" = 1 ]; then
   for host in "${HOSTS[@]}"; do
     run scp "$TARBALL" "$host:moe_jax.tar.gz"
     run ssh "$host" "set -e; mkdir -p $DIR && tar xzf moe_jax.tar.gz -C $DIR --strip-components=1 && rm moe_jax.tar.gz; \
-cd $DIR; [ -x .venv/bin/python ] || python3 -m venv .venv; . .venv/bin/activate; pip install -q -U pip; \
-pip install -q -r requirements.txt '$JAX_PKG'"
+cd $DIR; $(venv_snippet); uv pip install -q -r requirements.txt '$JAX_PKG'"
   done
 fi
 FLAGS=$(join_quoted "${TRAIN[@]}")

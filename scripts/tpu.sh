@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Cloud TPU VMs and pod slices (one or several slices over DCN), from this checkout:
-#   scripts/tpu.sh create [--dry_run]            queued resource -> wait until ACTIVE -> ship -> install
+#   scripts/tpu.sh check [--dry_run] [-- FLAGS]  compile CONFIG for ACCELERATOR here (python -m moe_jax.aot)
+#   scripts/tpu.sh create [--dry_run]            check -> queued resource -> wait until ACTIVE -> ship -> install
 #   scripts/tpu.sh ship [--dry_run]              this checkout (git archive of the working tree) -> every worker
-#   scripts/tpu.sh install [--dry_run]           venv + requirements.txt + jax[tpu] on every worker
+#   scripts/tpu.sh install [--dry_run]           Python 3.11 venv (uv) + requirements.txt + jax[tpu] on every worker
 #   scripts/tpu.sh train [--dry_run] [-- FLAGS]  python -m moe_jax.train --distributed on every worker (nohup)
 #   scripts/tpu.sh logs [--dry_run]              tail -f worker 0's train.log (WORKER=all: every worker's)
 #   scripts/tpu.sh run [--dry_run] -- COMMAND    any shell command on every worker (e.g. mount a bucket)
@@ -10,7 +11,9 @@
 # Environment: TPU_NAME (queued resource id; the VMs are TPU_NAME, or TPU_NAME-0 .. -N-1 with SLICES=N > 1), ZONE,
 # ACCELERATOR (e.g. v5litepod-8, v5p-32, v6e-32), RUNTIME (default from ACCELERATOR), SLICES (default 1), SPOT=1
 # (spot capacity), PROJECT (default: gcloud's), CONFIG (default configs/moe.py), WORKDIR (a directory every worker
-# sees, e.g. a gcsfuse mount; required by train). Every worker runs the same train command; JAX finds the other
+# sees, e.g. a gcsfuse mount; required by train), AOT_CHECK=0 (create skips the check; the check needs the compilers
+# here: pip install -r requirements-aot.txt), PYTHON (for the check, default python), PYTHON_VERSION (workers', 3.11).
+# Every worker runs the same train command; JAX finds the other
 # workers and slices itself (Cloud TPU metadata), and the trainer saves and exits with status 3 on preemption or
 # maintenance: `scripts/tpu.sh train` again resumes. BUILD.md has the exact commands per TPU type.
 set -euo pipefail
@@ -18,7 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/launch_lib.sh
 . "$HERE/launch_lib.sh"
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 [ $# -ge 1 ] || usage 2
 CMD=$1; shift
 EXTRA=()
@@ -62,7 +65,24 @@ on_workers() {  # on_workers WORKER COMMAND: ssh COMMAND to WORKER (all / 0 / ..
   done
 }
 
+train_flags() {  # the config overrides every train and check uses: bfloat16 and the --config.* flags after --
+  local a
+  printf '%s\n' --config.model.dtype=bfloat16
+  for a in ${EXTRA[@]+"${EXTRA[@]}"}; do [[ $a == --config.* ]] && printf '%s\n' "$a"; done
+  return 0
+}
+
+check() {  # the compile check: a config that does not fit ACCELERATOR fails here, before a VM is paid for
+  local overrides
+  mapfile -t overrides < <(train_flags)
+  (cd "$HERE/.." && run "${PYTHON:-python}" -m moe_jax.aot --config "$CONFIG" --target "$ACCELERATOR" \
+     --slices "$SLICES" "${overrides[@]}") \
+    || { echo "error: the compile check of $CONFIG for $ACCELERATOR failed (above); fix the config, or AOT_CHECK=0" \
+              "to skip it" >&2; exit 2; }
+}
+
 create() {
+  [ "${AOT_CHECK:-1}" = 0 ] || check
   local args=(compute tpus queued-resources create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR"
               --runtime-version "$RUNTIME")
   if [ "$SLICES" -gt 1 ]; then args+=(--node-count "$SLICES" --node-prefix "$TPU_NAME"); else args+=(--node-id "$TPU_NAME"); fi
@@ -93,9 +113,8 @@ mkdir -p moe_jax && cp -a moe_jax.new/moe_jax/. moe_jax/ && rm -rf moe_jax.new m
 }
 
 install() {
-  on_workers all "set -e; cd moe_jax; sudo apt-get update -q && sudo apt-get install -yq python3-venv; \
-[ -x .venv/bin/python ] || python3 -m venv .venv; . .venv/bin/activate; pip install -q -U pip; \
-pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION'; \
+  on_workers all "set -e; cd moe_jax; $(venv_snippet); \
+uv pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION'; \
 python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
 }
 
@@ -113,6 +132,7 @@ logs() {
 }
 
 case $CMD in
+  check) check ;;
   create) create ;;
   ship) ship ;;
   install) install ;;

@@ -5,6 +5,7 @@ flags exit 2 with one line naming the problem."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -115,7 +116,7 @@ def test_too_small_budget_states_the_minimum():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(usd=5, device="a100"), "--device 'a100': unknown device; choose one of h100, h200, b200, v5e, v5p, v6e"),
+    (dict(usd=5, device="a100"), "--device 'a100': unknown device; choose one of h100, h200, b200, v4, v5e, v5p, v6e"),
     (dict(usd=-1, device="h100"), "--usd -1"),
     (dict(usd=5, device="h100", mfu=1.5), "--mfu 1.5"),
     (dict(usd=5, device="h100", hours=0), "--hours 0"),
@@ -153,3 +154,57 @@ def test_written_config_trains_as_is(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "done: step 2" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --write's compile check (moe_jax.aot): skipped in one line without the compilers, run with them
+
+def _lines(text: str, prefix: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(prefix)]
+
+
+def test_write_check_is_skipped_in_one_line_without_the_compiler(tmp_path, capsys, monkeypatch):
+    from moe_jax.tools import targets
+    monkeypatch.setattr(targets, "compiler_package", lambda platform: "no_such_compiler_package")
+    path = str(tmp_path / "tiny.py")
+    p = budget.command(0.0002, "h100", vocab=512, seq=128, write=path)
+    [line] = _lines(capsys.readouterr().out, "compile check")
+    assert line.startswith("compile check skipped:") and "h100-1" in line and "requirements-aot.txt" in line
+    assert _load(path).to_dict() == p.config.to_dict()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="jax_cuda12_plugin not installed (pip install -r requirements-aot.txt)")
+def test_write_check_compiles_the_config_for_its_devices(tmp_path, capsys):
+    path = str(tmp_path / "tiny.py")
+    p = budget.command(0.0002, "h100", vocab=512, seq=128, write=path)
+    [line] = _lines(capsys.readouterr().out, "compile check")
+    assert line.startswith("compile check on h100-1, as planned: peak ") and line.endswith(": fits"), line
+    assert _load(path).to_dict() == p.config.to_dict() and not p.config.model.remat
+
+
+def test_write_check_tries_remat_then_smaller_micro_batches(capsys, monkeypatch):
+    """The remedies in order, each compiled (aot.run, faked here to fit from a quarter of the micro-batch with
+    remat): the first that fits is written, with the tokens per step unchanged."""
+    from moe_jax.tools import aot, targets
+    p = budget.plan(budget.Options(usd=0.0002, device="h100", vocab=512, seq=128))
+    rows = p.config.train.batch_size
+    assert rows >= 4 and not p.config.model.remat
+    tried = []
+
+    def run(config, request):
+        tried.append((bool(config.model.remat), config.train.batch_size, config.train.grad_accum))
+        fits = config.model.remat and config.train.batch_size <= rows // 4
+        train = {"memory": {"peak": (1 if fits else 100) * aot.GIB}, "device_memory": 80 * aot.GIB}
+        return {"fits": fits, "programs": {"train": train}}
+
+    monkeypatch.setattr(aot, "run", run)
+    monkeypatch.setattr(targets, "check_compiler", lambda target: None)
+    q = budget.compile_check(p)
+    accum = p.config.train.grad_accum
+    assert tried == [(False, rows, accum), (True, rows, accum), (True, rows // 2, 2 * accum),
+                     (True, rows // 4, 4 * accum)]
+    assert q.config.model.remat and q.config.train.batch_size * q.config.train.grad_accum == rows * accum
+    out = capsys.readouterr().out
+    assert len(_lines(out, "compile check on h100-1")) == 4 and "does not fit" in out
+    assert f"writing the config with model.remat=True, train.batch_size={rows // 4}" in out

@@ -41,3 +41,35 @@ def test_a_run_written_before_a_field_existed_gets_its_default(tmp_path):
 def test_missing_config_names_the_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match="moe_jax.train"):
         ckpt_lib.load_config(str(tmp_path / "nowhere"))
+
+
+def _write_run(tmp_path, config_text, history_lines):
+    (tmp_path / ckpt_lib.CONFIG_FILE).write_text(config_text)
+    (tmp_path / ckpt_lib.CONFIG_HISTORY_FILE).write_text("".join(x + "\n" for x in history_lines))
+
+
+def test_invalid_config_json_falls_back_to_the_history_with_one_warning(tmp_path):
+    first, last = config_lib.base_config(), config_lib.base_config()
+    first.model.d_model, last.model.d_model = 96, 128
+    history = [json.dumps({"start_step": s, "config": c.to_dict()}) for s, c in ((0, first), (40, last))]
+    _write_run(tmp_path, last.to_json()[:200], history)  # truncated: not valid JSON
+    warnings = []
+    loaded = ckpt_lib.load_config(str(tmp_path), warn=warnings.append)
+    assert loaded.model.d_model == 128  # the last start's config
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "config.json is not valid JSON" in \
+        warnings[0] and "start at step 40" in warnings[0]
+
+
+@pytest.mark.parametrize("history", [[], ["{not json"], ['{"start_step": 0}']])
+def test_invalid_config_json_without_a_usable_history_is_one_config_error(tmp_path, history):
+    _write_run(tmp_path, "{\"model\": ", history)
+    with pytest.raises(config_lib.ConfigError) as e:
+        ckpt_lib.load_config(str(tmp_path), warn=pytest.fail)
+    message = str(e.value)
+    assert "\n" not in message and "config.json is not valid JSON" in message and "restore config.json" in message
+
+
+def test_a_json_array_as_config_is_invalid_too(tmp_path):
+    _write_run(tmp_path, "[1, 2]", [])
+    with pytest.raises(config_lib.ConfigError, match="not an object"):
+        ckpt_lib.load_config(str(tmp_path))

@@ -72,7 +72,7 @@ def test_exit_codes_and_error_lines():
                         (["--config", smoke, "--nope=1"], "error: Unknown command line flag 'nope'"),
                         ([], "error: flag --config=None: Flag --config must have a value other than None"),
                         (["--config", smoke, "--config.model.nope=1"],
-                         "error: --config.model.nope: model.nope is not a config field of the --config file")):
+                         "error: --config.model.nope: model has no field 'nope'")):
         p = run_program(*args)
         assert p.returncode == 2, (args, p.stderr)
         assert p.stderr.strip().splitlines()[-1].startswith(words), (args, p.stderr)
@@ -80,18 +80,53 @@ def test_exit_codes_and_error_lines():
     assert crash.returncode == 1 and "RuntimeError: boom" in crash.stderr
 
 
+BAD_CONFIG_FILES = {  # file text -> the start of its one error line (after 'error: --config <path>')
+    "def get_config(:\n": ": line 1: ",
+    "": ": defines no get_config() function",
+    "def get_config():\n    return 3\n": ": get_config() returned int, not an ml_collections.ConfigDict",
+    "import nowhere_such_module\n": ": cannot be loaded (ModuleNotFoundError: ",
+    "def get_config():\n    raise ValueError('bad')\n": ": get_config() failed (ValueError: bad)",
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_CONFIG_FILES), ids=["syntax", "empty", "returns_int", "import_fails",
+                                                               "raises"])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, text):
+    path = tmp_path / "bad.py"
+    path.write_text(text)
+    p = run_program("--config", str(path))
+    assert p.returncode == 2 and p.stderr.splitlines() == [p.stderr.strip()], p.stderr
+    assert p.stderr.startswith(f"error: --config {path}{BAD_CONFIG_FILES[text]}"), p.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.train.stepz=5", "error: --config.train.stepz: train has no field 'stepz'; did you mean 'train.steps'?"),
+    ("--config.trian.steps=5", "error: --config.trian.steps: the --config file has no field 'trian'; did you mean "
+                               "'train'?"),
+    ("--config.model.d_modle=8", "error: --config.model.d_modle: model has no field 'd_modle'; did you mean "
+                                 "'model.d_model'?"),
+    ("--config.model.d_model.x=8", "error: --config.model.d_model.x: model.d_model has no field 'x'"),
+])
+def test_a_misspelt_override_is_one_line_naming_the_nearest_field(override, words):
+    """ml_collections' own 'Did you mean' errors are tracebacks; near and far misspellings alike get one line."""
+    p = run_program("--config", os.path.join(ROOT, "configs", "smoke.py"), override)
+    assert p.returncode == 2 and p.stderr.splitlines() == [p.stderr.strip()], p.stderr
+    assert p.stderr.startswith(words), p.stderr
+
+
+def test_help_prints_the_flags_and_exits_0():
+    p = run_program("--help")
+    assert p.returncode == 0 and "--config" in p.stdout and "--what" in p.stdout, p.stderr
+
+
 def test_every_command_defines_its_flags_only_when_run():
-    """Importing every command (and the scripts' modules) defines no flag, so they import together in one process."""
+    """Importing every command defines none of its own flags, so they import together in one process (the libraries
+    they import, absl.logging, grain and orbax, define theirs on import: those are not the commands')."""
     from absl import flags
 
     import importlib
-    before = set(flags.FLAGS)
-    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "model.decode",
-                 "studies.__main__"):
+    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "studies.__main__"):
         module = importlib.import_module(f"moe_jax.{name}")
         assert callable(module.define_flags) and callable(module.main), name
-    # the libraries they import (absl.app/logging, grain, orbax, tfds) define their own flags on first import, so
-    # which flags are new depends on what this process imported before: only the defining modules are checked
-    new = set(flags.FLAGS) - before
-    defined_by = {m for m, fs in flags.FLAGS.flags_by_module_dict().items() for f in fs if f.name in new}
-    assert not [m for m in defined_by if m.startswith(("moe_jax", "scripts"))], defined_by
+    ours = {f: flags.FLAGS.find_module_defining_flag(f) for f in flags.FLAGS}
+    assert not {f: m for f, m in ours.items() if m and m.startswith("moe_jax")}

@@ -166,7 +166,7 @@ def test_exact_resume_through_orbax(tmp_path, packing, remainder):
 
 
 def test_grain_restore_bug_is_still_there_and_worked_around(tmp_path):
-    """Without ExactResumeIterator, grain 0.2.18 resumes a document late after a JSON round trip (DESIGN.md)."""
+    """Without ExactResumeIterator, grain 0.2.18 resumes a document late after a JSON round trip (docs/decisions.md)."""
     docs = make_docs([S + 1] * 40)
     reference = take(iter(train_ds(docs)), 7 + 6)
     it = iter(train_ds(docs))

@@ -1,5 +1,6 @@
-"""Tests for moe_jax/decode.py: cached decoding against uncached recomputation (dense and MoE), determinism and
-reproducibility, the sampling filters and the repetition-penalty rule, EOS, left-truncation, no recompilation.
+"""Tests for moe_jax/model/decode.py (its speed: python -m moe_jax.bench --mode decode): cached decoding against
+uncached recomputation (dense and MoE), determinism and reproducibility, the sampling filters and the
+repetition-penalty rule, EOS, left-truncation, no recompilation.
 Random-init smoke-shaped models (2 layers, width 64, vocab 512, context 64): each program compiles in a second or two.
 """
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moe_jax.tools import bench as bench_lib
+from moe_jax.tools.bench import common as bench_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,12 +38,13 @@ def test_device_check_runs_on_cpu(tmp_path):
     assert len(bench["update_share_of_step"]) == 5 and all(0 < u < 1 for u in bench["update_share_of_step"].values())
     upd = steps["update"]["results"]
     assert set(upd) == {"smoke dense", "smoke moe"} and all(
-        set(v) == set(bench_lib.UPDATE_VARIANTS) for v in upd.values()) and len(bench_lib.UPDATE_VARIANTS) == 7
+        list(v) == list(bench_common.VARIANTS) for v in upd.values()) and len(bench_common.VARIANTS) == 7
     assert steps["profile"]["top_ops"] and steps["profile"]["top_ops"][0]["ms_per_step"] > 0
     train = steps["train"]
     assert train["resumed_from_step"] >= 4 and train["summary"]["finished"] and train["summary"]["step"] == 40
     runs = steps["decode"]["runs"]
     assert [run["batch"] for run in runs] == [2] and runs[0]["decode_tokens_per_s"] > 0
+    assert steps["decode"]["config"] == "configs/smoke.py" and steps["decode"]["policy"].startswith("precision on cpu")
     assert steps["compare"]["results"]["arms"]
     assert " passed" in steps["tests"]["summary"]
     log = (out / "device_check.log").read_text()

@@ -115,6 +115,22 @@ def test_dropless_equals_float64_reference(top_k, mlp):
     assert metrics["capacity"] == 0 and metrics["dropped_fraction"] == 0
 
 
+def test_dropless_reports_the_capacity_paths_routes_as_one_group_with_nothing_dropped():
+    b_cap, b_drop, _ = block_pair(top_k=2, seed=12)
+    x = block_tokens(b_cap, seed=13)
+    mask = np.ones((2, 16), bool)
+    mask[0, 12:] = False
+    _, m_cap = call_block(b_cap, x, train=True, token_mask=jnp.asarray(mask), routes=True)
+    _, m_drop = call_block(b_drop, x, train=True, token_mask=jnp.asarray(mask), routes=True)
+    r_cap, r_drop = m_cap["routes"], m_drop["routes"]
+    assert r_drop["logits"].shape == (1, 32, 4) and r_drop["expert_index"].shape == (1, 32, 2)
+    for k in ("logits", "probs", "expert_index", "gates", "mask"):
+        assert_allclose(r_drop[k].reshape(-1), r_cap[k].reshape(-1), rtol=1e-6)
+    assert r_drop["kept"].all() and r_drop["mask"].sum() == 28 == m_drop["real_tokens"]
+    assert m_drop["tokens_fully_dropped_fraction"] == 0 and m_drop["dropped_fraction"] == 0
+    assert_allclose(m_drop["router_topk_prob"], m_cap["router_topk_prob"], rtol=1e-6)
+
+
 def test_dropless_never_drops_where_capacity_does():
     # a router that sends every token to experts 0 and 1: capacity factor 1.0 drops half the assignments
     cap = moe_config(top_k=2, capacity_factor=1.0, min_capacity=1)

@@ -201,6 +201,51 @@ def test_a_step_without_fingerprint_is_unverified_only_in_a_legacy_run(tmp_path)
     assert "state/x differs" in ckpt_lib.check_fingerprint(str(step_dir))
 
 
+def _remove_fingerprints(workdir):
+    for name in os.listdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
+        path = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, name, ckpt_lib.FINGERPRINT_FILE)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def test_fingerprints_are_required_once_the_run_wrote_one(reference, tmp_path, capsys):
+    """The run's first fingerprinted save writes the marker; then deleting every fingerprint.json does not make the
+    run restore unverified: each step is named damaged in one line and none is used."""
+    workdir = _copy(reference, tmp_path)
+    assert json.load(open(os.path.join(workdir, ckpt_lib.FINGERPRINTS_MARKER))) == {"since_step": 2}
+    _remove_fingerprints(workdir)
+    _overwrite_4k(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, "8"))
+    with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"):
+        eval_lib.evaluate_workdir(workdir, write=False)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "is unusable" in x]
+    assert len(lines) == 4 and all("no fingerprint.json" in x for x in lines), lines
+
+
+def test_a_run_without_fingerprints_restores_unverified_with_one_warning(reference, tmp_path, capsys):
+    """A run from before fingerprints (none, and no marker) restores as before, but says so in one line."""
+    workdir = _copy(reference, tmp_path)
+    os.remove(os.path.join(workdir, ckpt_lib.FINGERPRINTS_MARKER))
+    _remove_fingerprints(workdir)
+    assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 8
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "unverified" in x]
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint ") and "/8 has no fingerprint.json" in lines[0]
+
+
+def test_steps_saved_before_the_marker_stay_usable_unverified(reference, tmp_path, capsys):
+    """A legacy run resumed with fingerprints: its older steps (below the marker's step) restore unverified."""
+    workdir = _copy(reference, tmp_path)
+    _remove_fingerprints(workdir)
+    with open(os.path.join(workdir, ckpt_lib.FINGERPRINTS_MARKER), "w") as f:
+        json.dump({"since_step": 8}, f)
+    with pytest.raises(ckpt_lib.CheckpointError, match="no fingerprint.json"):
+        eval_lib.evaluate_workdir(workdir, step=8, write=False)
+    assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 6
+    err = capsys.readouterr().err
+    assert len([x for x in err.splitlines() if "/8 is unusable: no fingerprint.json" in x]) == 1
+    assert len([x for x in err.splitlines() if "/6 has no fingerprint.json" in x]) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume checks the config
 
@@ -284,6 +329,38 @@ def test_failed_async_save_is_reported_at_the_next_step(tmp_path, cache_dir, mon
     assert max(train_losses(workdir)) == 4
 
 
+# The train command with every Python-level file write into step 4's save failing with ENOSPC (orbax writes its
+# metadata and the data iterator's JSON through `open`; tensorstore's array writes are C++ and cannot be reached).
+_DISK_FULL_AT_STEP_4 = """
+import builtins, errno, io, os, runpy, sys
+real_open = builtins.open
+def full(path, mode="r", *a, **kw):
+    if (os.sep + "checkpoints" + os.sep + "4.") in str(path) and ("w" in mode or "a" in mode):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real_open(path, mode, *a, **kw)
+builtins.open = io.open = full
+runpy.run_module("moe_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow  # a training subprocess
+def test_disk_full_during_a_save_is_one_line_without_tracebacks(tmp_path, cache_dir):
+    """orbax logs a traceback from each of its background threads (100-300 lines); the command prints the one error
+    line, status 1, and orbax's tracebacks go to checkpoint_errors.log. Step 2 stays the newest checkpoint."""
+    workdir = str(tmp_path / "full")
+    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.steps=8",
+            "--config.train.checkpoint_every=2", "--config.train.eval_every=100", "--config.train.progress_bar=False"]
+    r = subprocess.run([sys.executable, "-c", _DISK_FULL_AT_STEP_4, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("error: saving step 4 ") and "No space left on device" in r.stderr, r.stderr
+    assert "resume from step 2" in r.stderr and ckpt_lib.ERRORS_FILE in r.stderr
+    assert "Traceback" in open(os.path.join(workdir, ckpt_lib.ERRORS_FILE)).read()
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == 2
+
+
 def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
     """Tests run as root, where chmod does not stop writes: os.open is made to fail instead (EACCES)."""
     workdir = str(tmp_path / "ro")
@@ -342,6 +419,28 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, cache_dir, args, needle):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 2, err
     assert err.strip().splitlines() == [err.strip()] and needle in err, err
+
+
+def test_invalid_config_json_resumes_from_the_history_else_one_line(reference, tmp_path, cache_dir, capsys):
+    """config.json truncated: train resumes with the last config of config_history.jsonl and one warning; with no
+    usable history, train refuses (ConfigError: exit 2 through cli.run) and eval exits 2 in one line."""
+    workdir = _copy(reference, tmp_path)
+    path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+    text = open(path).read()
+    open(path, "w").write(text[:len(text) // 2])
+    summary = trainer.train(smoke_config(cache_dir, **dict(REF, steps=9)), workdir)
+    assert summary["step"] == 9
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "not valid JSON" in x]
+    assert len(warnings) == 1 and "config_history.jsonl" in warnings[0]
+    assert ckpt_lib.load_config(workdir).train.steps == 9  # rewritten on resume
+    open(path, "w").write(text[:len(text) // 2])
+    os.remove(os.path.join(workdir, ckpt_lib.CONFIG_HISTORY_FILE))
+    with pytest.raises(config_lib.ConfigError, match="config.json is not valid JSON"):
+        trainer.train(smoke_config(cache_dir, **dict(REF, steps=10)), workdir)
+    p = _run("moe_jax.eval", ["--workdir", workdir], cache_dir)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("error: ") and "config.json is not valid JSON" in err, err
 
 
 def test_eval_negative_batches_is_one_line_and_status_2(tmp_path, cache_dir):

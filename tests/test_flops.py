@@ -2,7 +2,7 @@
 the shapes, not from the module's helpers), the counts against the real parameter trees of model.init_params, the
 device peak table, and MFU.
 
-Conventions checked (DESIGN.md): one multiply-add = 2 FLOPs; training = 3 x forward; per layer and token causal
+Conventions checked (docs/decisions.md): one multiply-add = 2 FLOPs; training = 3 x forward; per layer and token causal
 attention costs 2*2*S*M/2 (QK^T and AV over S keys, halved by the mask); the router 2*M*E per MoE layer; only the k
 active experts count; capacity padding (unused expert slots and the dispatch/combine einsums) is reported apart and is
 not part of `training`.

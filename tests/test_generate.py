@@ -74,16 +74,41 @@ def test_cli_empty_prompt_and_step_and_truncation(workdir):
     ("step", "-1"),
     ("step", "999"),  # no such checkpoint
 ])
-def test_bad_flag_exits_nonzero_naming_it(workdir, flag, value):
-    room = [] if flag == "max_new_tokens" else ["--max_new_tokens=8"]  # the default 200 exceeds the smoke context
-    r = run_cli("--workdir", workdir, "--prompt", "x", *room, f"--{flag}={value}")
-    assert r.returncode != 0
-    assert f"--{flag}" in r.stderr, r.stderr
+def test_bad_flag_is_one_line_and_status_2(workdir, flag, value):
+    """Every bad input exits 2 with one `error:` line naming the flag (as moe_jax.eval), before any decoding."""
+    r = run_cli("--workdir", workdir, "--prompt", "x", f"--{flag}={value}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: --{flag}"), r.stderr
+    if (flag, value) == ("max_new_tokens", "64"):
+        assert "use at most 63" in r.stderr  # the limit is named
+    if (flag, value) == ("step", "999"):
+        assert "[4]" in r.stderr  # the steps that exist
 
 
-def test_missing_workdir_is_named(tmp_path):
+def test_missing_workdir_is_one_line_and_status_2(tmp_path):
     r = run_cli("--workdir", str(tmp_path / "nothing"))
-    assert r.returncode != 0 and "--workdir" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("error: --workdir") and "config.json not found" in r.stderr
+
+
+@pytest.mark.parametrize("context, prompt_len, want", [
+    (64, 2, 62),     # the room after the prompt
+    (128, 5, 123),   # the quickstart model (train.seq_len 128)
+    (1024, 5, 200),  # capped
+    (64, 60, 16),    # a long prompt: a quarter of the context (the prompt is left-truncated)
+    (64, 200, 16),
+    (2, 1, 1),       # never less than one, never the whole context
+])
+def test_default_max_new_tokens_fits_the_context(context, prompt_len, want):
+    got = generate_lib.default_max_new_tokens(context, prompt_len)
+    assert got == want and 1 <= got < context
+
+
+@pytest.mark.slow  # a generate subprocess that compiles and decodes
+def test_default_max_new_tokens_works_on_the_model(workdir):
+    r = run_cli("--workdir", workdir, "--prompt", "In the beginning", "--num_samples", "1", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "left-truncated" not in r.stdout
 
 
 def test_library_generate_on_the_checkpoint(workdir):

@@ -1,6 +1,7 @@
 """The launch scripts in scripts/: they parse (bash -n), pass shellcheck, and their --dry_run prints exactly the
 commands they would run (parsed back with shlex), for a TPU slice, two TPU slices over DCN, a SLURM GPU cluster
-(per node and per GPU) and plain ssh hosts."""
+(per node and per GPU) and plain ssh hosts. Workers get Python 3.11 through uv (jax 0.10.2 needs >= 3.11; TPU VM
+images ship 3.10), and `tpu.sh create` first compiles the config for its accelerator here (`tpu.sh check`)."""
 
 import glob
 import os
@@ -47,7 +48,9 @@ def _is_archive(cmd):
 
 def test_tpu_create_ships_the_checkout_not_a_clone():
     env = {"TPU_NAME": "moe-v5e", "ZONE": "us-west4-a", "ACCELERATOR": "v5litepod-8"}
-    cmds = dry_run("tpu_vm_create.sh", ["--dry_run"], env)
+    check, *cmds = dry_run("tpu_vm_create.sh", ["--dry_run"], env)
+    assert check == ["python", "-m", "moe_jax.aot", "--config", "configs/moe.py", "--target", "v5litepod-8",
+                     "--slices", "1", "--config.model.dtype=bfloat16"]
     assert cmds[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", "moe-v5e", "--zone", "us-west4-a",
                        "--accelerator-type", "v5litepod-8", "--runtime-version", "v2-alpha-tpuv5-lite",
                        "--node-id", "moe-v5e"]
@@ -58,14 +61,37 @@ def test_tpu_create_ships_the_checkout_not_a_clone():
     ssh = [c for c in cmds if c[3:5] == ["tpu-vm", "ssh"]]
     assert [c[5:9] for c in ssh] == [["moe-v5e", "--zone", "us-west4-a", "--worker=all"]] * 2
     assert "tar xzf moe_jax.tar.gz" in ssh[0][-1]
-    assert "pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in ssh[1][-1]
+    assert "uv pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in ssh[1][-1]
+    _assert_python_311(ssh[1][-1])
     assert not any("git clone" in " ".join(c) for c in cmds)
+
+
+def _assert_python_311(remote: str):
+    """The remote install makes .venv with uv's Python 3.11 before installing the pinned wheels into it."""
+    steps = remote.split("; ")
+    assert "uv python install 3.11" in steps
+    venv = next(i for i, s in enumerate(steps) if "uv venv --python 3.11 .venv" in s)
+    assert "sys.version_info < (3,11)" in steps[venv]  # an older .venv is replaced
+    assert venv < next(i for i, s in enumerate(steps) if s.startswith("uv pip install"))
+
+
+def test_tpu_check_compiles_for_the_accelerator_and_create_can_skip_it():
+    env = {"TPU_NAME": "moe-v6e", "ZONE": "europe-west4-a", "ACCELERATOR": "v6e-8", "CONFIG": "configs/dense.py"}
+    [check] = dry_run("tpu.sh", ["check", "--dry_run", "--", "--config.train.batch_size=16", "--resume"], env)
+    assert check == ["python", "-m", "moe_jax.aot", "--config", "configs/dense.py", "--target", "v6e-8", "--slices",
+                     "1", "--config.model.dtype=bfloat16", "--config.train.batch_size=16"]  # config flags only
+    create = dry_run("tpu.sh", ["create", "--dry_run"], {**env, "AOT_CHECK": "0"})
+    assert create[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    failed = subprocess.run(["bash", "scripts/tpu.sh", "create"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "PYTHON": "false", **env})
+    errors = [ln for ln in failed.stderr.splitlines() if ln.startswith("error:")]
+    assert failed.returncode == 2 and len(errors) == 1 and "AOT_CHECK=0" in errors[0], failed.stderr
 
 
 def test_tpu_two_slices_train_logs_delete():
     env = {"TPU_NAME": "moe-v5p", "ZONE": "us-east5-a", "ACCELERATOR": "v5p-32", "SLICES": "2", "SPOT": "1",
            "WORKDIR": "/mnt/gcs/runs/moe"}
-    create = dry_run("tpu.sh", ["create", "--dry_run"], env)[0]
+    create = dry_run("tpu.sh", ["create", "--dry_run"], env)[1]
     assert create[-6:] == ["v2-alpha-tpuv5", "--node-count", "2", "--node-prefix", "moe-v5p", "--spot"]
     train = dry_run("tpu_train.sh", ["--dry_run", "--", "--config.mesh.dcn_shape=(2,1,1)"], env)
     assert [c[5] for c in train] == ["moe-v5p-0", "moe-v5p-1"] and all(c[8] == "--worker=all" for c in train)
@@ -117,7 +143,9 @@ def test_ssh_launcher(tmp_path):
                    {"JAX_EXTRA": "cuda12"})
     assert _is_archive(cmds[0])
     assert cmds[1] == ["scp", "/tmp/moe_jax-ship.tar.gz", "alice@box1:moe_jax.tar.gz"]
-    assert cmds[2][:2] == ["ssh", "alice@box1"] and "'jax[cuda12]==0.10.2'" in cmds[2][2]
+    assert cmds[2][:2] == ["ssh", "alice@box1"]
+    assert "uv pip install -q -r requirements.txt 'jax[cuda12]==0.10.2'" in cmds[2][2]
+    _assert_python_311(cmds[2][2])
     assert cmds[3] == ["scp", "/tmp/moe_jax-ship.tar.gz", "box2:moe_jax.tar.gz"]
     launches = cmds[5:]
     assert [c[1] for c in launches] == ["alice@box1", "box2"]

@@ -138,6 +138,30 @@ def test_moe_loss_is_the_weighted_sum_of_layer_losses():
     assert_allclose(np.sum(aux["tokens_per_expert_demand"], axis=1), B * S * config.moe.top_k)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_routes_are_reported_per_moe_layer_only_when_asked(remat):
+    """routes=True adds aux['routes'] (each MoE layer's route record, stacked) and the detail metrics, the same with
+    rematerialisation; the logits and every other aux entry are unchanged."""
+    c = tiny_config("moe", remat=remat)
+    graphdef, params = model.init_params(c)
+    tokens = random_tokens(seed=3)
+    f = jax.jit(lambda p, routes: model.apply(graphdef, p, tokens, routes=routes), static_argnums=1)
+    (logits, aux, _), (logits_r, aux_r, _) = f(params, False), f(params, True)
+    assert set(aux_r) == set(aux) | {"routes", "real_tokens", "tokens_fully_dropped_fraction", "router_topk_prob"}
+    np.testing.assert_array_equal(logits_r, logits)
+    for k, v in aux.items():
+        np.testing.assert_array_equal(aux_r[k], v)
+    n, k, e = c.model.n_layers, c.moe.top_k, c.moe.num_experts  # smoke: every layer is MoE; B*S = 32 in one group
+    assert aux_r["routes"]["logits"].shape == (n, 1, B * S, e) and aux_r["routes"]["kept"].shape == (n, 1, B * S, k)
+    for li in range(n):
+        np.testing.assert_array_equal(np.bincount(np.asarray(aux_r["routes"]["expert_index"][li]).ravel(),
+                                                  minlength=e), aux["tokens_per_expert_demand"][li])
+    if remat:
+        _, plain, _ = jax.jit(lambda p: model.apply(model.init_params(tiny_config("moe"))[0], p, tokens,
+                                                    routes=True))(params)
+        jax.tree.map(np.testing.assert_array_equal, aux_r["routes"], plain["routes"])
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_and_untied_head(tied):
     c = tiny_config("dense", tie_embeddings=tied)

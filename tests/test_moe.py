@@ -316,6 +316,55 @@ def test_block_drops_exactly_the_reference_assignments(top_k):
             assert_allclose(y_tok[g, t], gates[g, t, r] * expert, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_block_reports_the_reference_routes_only_when_asked(top_k):
+    """routes=True returns the routes taken (logits, probabilities, choices, gates, kept flags of the float64
+    reference, by group) and the detail metrics, and changes neither the output nor any other metric."""
+    c = moe_config(top_k=top_k, capacity_factor=0.5, min_capacity=1)
+    cap = math.ceil(top_k * 16 * 0.5 / 4)
+    block, w = random_block(c, seed=10 + top_k, router_std=2.0)
+    x = random_tokens(c, seed=20 + top_k)
+    y, metrics = call_block(block, x, train=True)
+    y_r, metrics_r = call_block(block, x, train=True, routes=True)
+    detail = {"routes", "real_tokens", "tokens_fully_dropped_fraction", "router_topk_prob"}
+    assert not detail & set(metrics) and set(metrics_r) == set(metrics) | detail
+    np.testing.assert_array_equal(y_r, y)
+    for k, v in metrics.items():
+        np.testing.assert_array_equal(metrics_r[k], v)
+
+    _, (logits, idx, gates, kept, _) = ref_moe(x, w["w_router"], w["w_in"], w["w_out"], top_k, cap, 16)
+    r = metrics_r["routes"]
+    assert r["logits"].shape == r["probs"].shape == (2, 16, 4) and r["mask"].all()
+    assert_allclose(r["logits"], logits, rtol=1e-5, atol=1e-5)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    assert_allclose(r["probs"], probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(r["expert_index"], idx)
+    assert_allclose(r["gates"], gates, rtol=1e-5)
+    np.testing.assert_array_equal(r["kept"], kept)
+    assert metrics_r["real_tokens"] == 32
+    assert_allclose(metrics_r["tokens_fully_dropped_fraction"], np.mean(~kept.any(-1)), rtol=1e-6)
+    assert_allclose(metrics_r["router_topk_prob"], np.mean(np.take_along_axis(probs, idx, -1).sum(-1)), rtol=1e-5)
+
+
+def test_routes_and_detail_metrics_leave_out_masked_tokens():
+    c = moe_config(top_k=2, capacity_factor=0.5, min_capacity=1)
+    block, _ = random_block(c, seed=30, router_std=2.0)
+    x = random_tokens(c, seed=31)
+    mask = np.ones((2, 16), bool)
+    mask[1, 5:] = False  # 21 real tokens
+    _, m = call_block(block, x, train=True, token_mask=jnp.asarray(mask), routes=True)
+    r = m["routes"]
+    np.testing.assert_array_equal(r["mask"], mask)  # group size 16: one row per group
+    assert not r["kept"][~mask].any() and m["real_tokens"] == 21
+    real = mask[..., None] & np.ones_like(r["kept"], bool)
+    np.testing.assert_array_equal(m["tokens_per_expert"], np.bincount(r["expert_index"][r["kept"]], minlength=4))
+    np.testing.assert_array_equal(m["tokens_per_expert_demand"], np.bincount(r["expert_index"][real], minlength=4))
+    assert_allclose(m["tokens_fully_dropped_fraction"], np.sum(~r["kept"].any(-1) & mask) / 21, rtol=1e-6)
+    top = np.take_along_axis(r["probs"], r["expert_index"], -1).sum(-1)
+    assert_allclose(m["router_topk_prob"], top[mask].mean(), rtol=1e-5)
+
+
 def test_router_noise_only_in_training_with_rng():
     c = moe_config(top_k=1, router_noise_std=5.0)
     block, _ = random_block(c, seed=6)

@@ -130,22 +130,3 @@ def test_orthogonalize_uses_gram_space_only_for_wide_matrices():
         assert rel_frobenius(gram[k], std[k]) < 1e-4, k
     with pytest.raises(ValueError, match="unknown Newton-Schulz method 'polar'"):
         muon.orthogonalize(tree, dims, COEFFS, 5, 1e-8, method="polar")
-
-
-def test_bench_newton_schulz_script_measures_every_chain():
-    """scripts/bench_newton_schulz.py (docs/optimizer.md's accuracy table and chain timings) at a tiny size: every
-    chain is timed and scored on every spectrum; float32 chains stay near float64, bfloat16 X space does not."""
-    import pathlib
-
-    from moe_jax import cli
-    script = cli.load_module(str(pathlib.Path(__file__).parent.parent / "scripts" / "bench_newton_schulz.py"))
-    lines = []
-    res = script.run(16, 64, 2, 1, 1, out=lines.append)
-    assert set(res["errors"]) == set(script.spectra(16)) and len(lines) == 4 + 5 + 3
-    for errs in res["errors"].values():
-        assert errs["float32 X space"] < 1e-4 and errs["float32 Gram space"] < 2e-3
-        assert errs["bfloat16 X space"] > errs["float32 X space"]
-    assert all(t > 0 for t in res["times_s"].values()) and len(res["times_s"]) == 5
-    assert set(res["dot_gflops"]) == {"float32 -> float32", "bfloat16 -> float32", "bfloat16 -> bfloat16"}
-    with pytest.raises(cli.UsageError, match="need 0 < m <= n"):
-        script.run(64, 16, 1, 1, 1)

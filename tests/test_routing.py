@@ -1,6 +1,8 @@
-"""Tests for moe_jax/routing.py: a hand-built model whose router sends known token ids to known experts gives exactly
-the counts, drops and specialisation a naive re-implementation of the priority rule (first choices before second,
-earlier tokens first) predicts; the CLI on a smoke checkpoint writes every file; bad flags exit 2 naming them."""
+"""Tests for moe_jax/tools/routing.py: a hand-built model whose router sends known token ids to known experts gives
+exactly the counts, drops and specialisation a naive re-implementation of the priority rule (first choices before
+second, earlier tokens first) predicts; the routes the tool reads are the ones the compiled train step takes, in
+bfloat16, for both dispatch modes, and the train step does not output them; the CLI on a smoke checkpoint writes
+every file; bad flags exit 2 naming them."""
 
 from __future__ import annotations
 
@@ -10,14 +12,18 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_jax import cli
 from moe_jax.config.typed import parse
+from moe_jax.model import moe as moe_lib
 from moe_jax.model import transformer as model_lib
+from moe_jax.optim import chain as optimizer_lib
 from moe_jax.tools import routing
+from moe_jax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = M = 64
@@ -146,6 +152,70 @@ def test_dense_model_is_refused():
     graphdef, params = model_lib.init_params(c.model, c.seed)
     with pytest.raises(ValueError, match="dense"):
         routing.analyse(c, graphdef, params, [dict(inputs=np.zeros((B, S), np.int32))])
+
+
+def smoke_bf16(dispatch: str):
+    """configs/smoke.py in bfloat16 (2 MoE layers, 4 experts top-2, 2 groups of 256 tokens) with a train capacity
+    that drops, initial parameters, and one batch [8, 64] whose rows end in padding of different lengths (weight 0:
+    the step's token_mask)."""
+    c = cli.load_config_file(os.path.join(ROOT, "configs", "smoke.py"))
+    c.model.dtype, c.moe.dispatch = "bfloat16", dispatch
+    c.moe.capacity_factor = 0.5  # C = 64 slots for 128 assignments per expert on average: the train step drops
+    c = parse(c)
+    graphdef, params = model_lib.init_params(c.model, c.seed)
+    b, s = c.train.batch_size, c.train.seq_len
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, c.model.vocab_size, (b, s)).astype(np.int32)
+    weights = (np.arange(s)[None, :] < s - 3 * np.arange(b)[:, None]).astype(np.float32)
+    batch = dict(inputs=inputs, targets=np.roll(inputs, -1, axis=1), weights=weights)
+    return c, graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def counts(routes: dict, e: int, kept: bool) -> np.ndarray:
+    """[layers, E]: assignments per expert of real tokens (all choices, or only the kept ones)."""
+    idx = np.asarray(routes["expert_index"])
+    w = np.asarray(routes["mask"])[..., None] & (np.asarray(routes["kept"], bool) if kept else True)
+    w = np.broadcast_to(w, idx.shape)
+    return np.stack([np.bincount(idx[li][w[li]].ravel(), minlength=e) for li in range(idx.shape[0])])
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_tool_routes_are_the_train_steps_routes_in_bfloat16(dispatch, monkeypatch):
+    """The routes the tool reads (top-k experts and kept flags per layer) are the ones the compiled train step takes,
+    bit for bit, in bfloat16; the train step's compiled outputs hold none of them (its metrics are the routing
+    metrics only); and the tool's train-capacity counts equal the train step's own metrics."""
+    c, graphdef, params, batch = smoke_bf16(dispatch)
+    optimizer = optimizer_lib.build(c.optim, c.train.steps)
+    state = step_lib.init_state(c.seed, params, optimizer)
+    compiled = jax.jit(step_lib.make_train_step(c.train, graphdef, optimizer)).lower(state, batch).compile()
+    _, out = compiled.out_info
+    routing_keys = set(moe_lib.routing_metrics(dict(probs=jnp.ones((1, 4)), expert_index=jnp.zeros((1, 2), int),
+                                                    kept=jnp.ones((1, 2), bool)), jnp.zeros((1, 4))))
+    assert set(out) == {"loss", "accuracy", "grad_norm", "param_norm", "tokens", "finite", "moe/moe_loss",
+                        "moe/capacity"} | {f"moe/{k}" for k in routing_keys}
+    assert "router_topk_prob" not in routing_keys and all(v.ndim <= 2 for v in out.values())
+    _, metrics = compiled(state, batch)
+
+    tool = jax.jit(lambda p, b: routing.forward_routes(graphdef, p, b, train=True))(params, batch)["routes"]
+    real_apply = model_lib.apply  # the same train step, asked for its routes (returned in its metrics)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_lib, "apply", lambda *a, **kw: real_apply(*a, routes=True, **kw))
+        _, asked = jax.jit(step_lib.make_train_step(c.train, graphdef, optimizer))(state, batch)
+    np.testing.assert_array_equal(np.asarray(tool["expert_index"]), asked["moe/routes"]["expert_index"])
+    np.testing.assert_array_equal(np.asarray(tool["kept"], np.float32), asked["moe/routes"]["kept"])
+    np.testing.assert_array_equal(np.asarray(tool["mask"]), np.broadcast_to(
+        np.asarray(batch["weights"] > 0).reshape(tool["mask"].shape[1:]), tool["mask"].shape))
+    real = np.asarray(tool["mask"])[..., None]
+    assert (dispatch == "dropless") == bool(np.all(np.asarray(tool["kept"]) | ~real))  # only capacity drops
+
+    e = c.moe.num_experts
+    np.testing.assert_array_equal(counts(tool, e, kept=False), metrics["moe/tokens_per_expert_demand"])
+    np.testing.assert_array_equal(counts(tool, e, kept=True), metrics["moe/tokens_per_expert"])
+    result = routing.analyse(c, graphdef, params, [{k: batch[k] for k in ("inputs", "weights")}])
+    for li, layer in enumerate(result["layers"]):
+        assert layer["train"]["tokens_per_expert_demanded"] == metrics["moe/tokens_per_expert_demand"][li].tolist()
+        assert layer["train"]["tokens_per_expert_kept"] == metrics["moe/tokens_per_expert"][li].tolist()
+        assert layer["train"]["capacity"] == metrics["moe/capacity"][li]
 
 
 @pytest.fixture(scope="module")

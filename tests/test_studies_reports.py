@@ -1,7 +1,7 @@
 """The committed study reports (docs/studies/<name>/) are the output of their configs (configs/studies/<name>.py, at
 the scale named in the recorded command): the same arms, replicates, learning-rate grids, steps and costs as the
-planner and the FLOP counter give now, and tables whose means equal results.json. A study whose report is not
-committed yet is skipped, by name."""
+planner and the FLOP counter give now, tables whose means equal results.json, and a report.md that report.write
+reproduces byte for byte from results.json. A study whose report is not committed yet is skipped, by name."""
 
 from __future__ import annotations
 
@@ -75,3 +75,24 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
     for png in ("val_loss_vs_flops.png", "throughput.png"):
         names = [f for f in os.listdir(os.path.join(docs, "plots")) if f.endswith(png)]
         assert names and all(os.path.getsize(os.path.join(docs, "plots", f)) > 1000 for f in names)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_committed_report_is_what_report_write_gives_from_its_results(name, tmp_path):
+    """report.write (tables: report.py; figures: plots.py) given the committed results.json's runs reproduces the
+    committed report.md byte for byte and the same figures (the run directories are mapped to a temporary
+    workdir and back, so the links and commands read as recorded)."""
+    docs = os.path.join(ROOT, "docs", "studies", name)
+    if not os.path.exists(os.path.join(docs, "results.json")):
+        pytest.skip(f"docs/studies/{name}/ is not committed yet")
+    text = open(os.path.join(docs, "results.json")).read()
+    m = re.fullmatch(rf"python -m moe_jax\.studies --config configs/studies/{name}\.py(?::(\w+))? --workdir (\S+)",
+                     json.loads(text)["command"])
+    recorded, workdir = m.group(2), str(tmp_path / "study")
+    results = json.loads(text.replace(json.dumps(recorded)[1:-1] + "/", workdir + "/"))
+    study = load_module(os.path.join(ROOT, "configs", "studies", f"{name}.py")).get_config(m.group(1))
+    report_lib.write(workdir, study, plan_lib.plan(study, workdir), results["runs"], results["selected_lrs"],
+                     results["command"], results["environment"])
+    got = open(os.path.join(workdir, report_lib.REPORT_FILE)).read().replace(workdir + "/", recorded + "/")
+    assert got == open(os.path.join(docs, "report.md")).read()
+    assert sorted(os.listdir(os.path.join(workdir, "plots"))) == sorted(os.listdir(os.path.join(docs, "plots")))

@@ -187,11 +187,3 @@ def test_throughput_counts_each_step_once(tmp_path, cache_dir):
     for r in recs:
         assert r["tokens_per_s"] * r["step_time"] == pytest.approx(tokens_per_step)
     assert recs[1]["tokens_per_s"] == recs[0]["tokens_per_s"]
-
-
-def test_cli_modules_import_together():
-    """Every command defines its flags only when run as a program, so importing them all in one process works."""
-    import importlib
-    for name in ("train.__main__", "eval", "generate", "compare", "bench", "budget", "routing", "studies.__main__",
-                 "model.decode"):
-        importlib.import_module(f"moe_jax.{name}")

@@ -1,7 +1,7 @@
 """The configuration schema: defaults (one function per section) and the allowed values of every choice.
 
 Every config file in `configs/` starts from `base_config()` and overrides fields. The allowed values are written
-here once and read by validate.py (the checks), resolve.py ('auto' per backend), optim/muon.py and tools/bench.py.
+here once and read by validate.py (the checks), resolve.py ('auto' per backend), optim/muon.py and tools/bench/.
 `config.typed.parse` turns a ConfigDict into the frozen typed pieces the rest of the package takes (validate.py
 raises `ConfigError` naming the field and the fix).
 
@@ -102,7 +102,7 @@ def optim_section() -> ml_collections.ConfigDict:
     s.nesterov = True
     s.ns_steps = 5
     s.muon_impl = "batched"  # 'batched' (moe_jax/muon.py: one Newton-Schulz per shape group) | 'optax'
-    s.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (precision.NS_DTYPE per backend) | 'float32' | 'bfloat16'
+    s.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (resolve.NS_DTYPE per backend) | 'float32' | 'bfloat16'
     s.ns_stack = "auto"  # 'layers' (one chain per weight across layers) | 'none' (one per parameter) | 'auto'
     s.ns_method = "auto"  # 'gram' (float32 Gram-space NS for wide matrices) | 'standard' | 'auto' (per backend)
     s.muon_scale = "keller"  # 'keller': sqrt(max(1, fan_out/fan_in)); 'moonlight': 0.2*sqrt(max(fan_in, fan_out))

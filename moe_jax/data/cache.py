@@ -36,9 +36,21 @@ ENV_CACHE_DIR = "MOE_JAX_CACHE"
 
 
 def cache_root(config) -> str:
-    """config.data.cache_dir, else $MOE_JAX_CACHE, else ~/.cache/moe_jax (absolute, user-expanded)."""
+    """config.data.cache_dir, else $MOE_JAX_CACHE, else ~/.cache/moe_jax (absolute, user-expanded). A path that is
+    (or lies under) a file raises ConfigError naming where it came from and the fix (one line; exit status 2)."""
+    from moe_jax.config.schema import ConfigError
+
     root = config.data.cache_dir or os.environ.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR
-    return os.path.abspath(os.path.expanduser(root))
+    path = os.path.abspath(os.path.expanduser(root))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        origin = ("config.data.cache_dir" if config.data.cache_dir else
+                  f"${ENV_CACHE_DIR}" if os.environ.get(ENV_CACHE_DIR) else "the default cache directory")
+        raise ConfigError(f"{origin}: {root} is not a directory ({existing} is a file); give a directory (created "
+                          f"if missing), e.g. --config.data.cache_dir=~/.cache/moe_jax")
+    return path
 
 
 def file_sha256(path: str) -> str:

@@ -31,6 +31,12 @@ Read top to bottom, one forward pass is:
     mean(logsumexp(logits)^2). Metrics: both losses, dropped fraction of assignments, tokens per expert carried
     (after capacity) and demanded (top-k choices, `_demand`), their coefficient of variation and max/mean, router
     confidence (mean top-1 probability).
+ 6. Only when asked (`routes=True`, e.g. by moe_jax/tools/routing.py; the train and eval steps never ask, so their
+    compiled programs are unchanged): the block also returns its routes, metrics['routes'] = {'logits' [G, T, E]
+    float32 (as routed: with the router noise when there is any), 'probs' [G, T, E], 'expert_index' [G, T, K],
+    'gates' [G, T, K], 'kept' [G, T, K] bool (the assignment got a slot), 'mask' [G, T] bool (a real token)}, and
+    three more metrics (`routing_metrics(..., detail=True)`): real_tokens, tokens_fully_dropped_fraction,
+    router_topk_prob. Dropless routes all B*S tokens as one group (G = 1) and keeps every assignment.
 Padding: a token_mask [B, S] marks real positions; masked ones take no slot (they are left out of the priority
 cumsum), get no expert output, and are left out of the losses and metrics (averages over real tokens only).
 """
@@ -141,20 +147,23 @@ def _load_stats(counts: jax.Array, suffix: str) -> dict:
             f"load_max_over_mean{suffix}": jnp.max(counts) / mean}
 
 
-def routing_metrics(info: dict, logits: jax.Array) -> dict:
+def routing_metrics(info: dict, logits: jax.Array, detail: bool = False) -> dict:
     """Per-layer diagnostics over real tokens (info['mask']; absent: all real): both auxiliary losses, the dropped
     fraction of assignments, router confidence (mean top-1 probability), router entropy (mean over tokens of
     -sum_e p_e log p_e of the router's softmax, in nats: log E for a uniform router, 0 for a one-hot one) and the
     expert load twice:
     `tokens_per_expert` [E], `load_cv`, `load_max_over_mean` count the assignments the experts carried (after
-    capacity); the same names with `_demand` count the top-k choices (before capacity). Dropless: equal."""
+    capacity); the same names with `_demand` count the top-k choices (before capacity). Dropless: equal.
+    detail=True (routing diagnostics only; the training steps never ask) adds `real_tokens` (how many tokens the
+    means are over), `tokens_fully_dropped_fraction` (real tokens none of whose k assignments was kept) and
+    `router_topk_prob` (mean summed probability of the k choices, before renormalisation)."""
     probs, idx, kept = info["probs"], info["expert_index"], info["kept"]
     e = probs.shape[-1]
     mask = info.get("mask")
     w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
     real = jnp.broadcast_to(w[..., None], idx.shape)
     n_real = jnp.maximum(jnp.sum(w), 1.0)
-    return dict(
+    metrics = dict(
         load_balance_loss=load_balance_loss(probs, idx, mask),
         z_loss=z_loss(logits, mask),
         dropped_fraction=1.0 - jnp.sum(kept.astype(jnp.float32) * real) / jnp.maximum(jnp.sum(real), 1.0),
@@ -163,6 +172,33 @@ def routing_metrics(info: dict, logits: jax.Array) -> dict:
         router_confidence=jnp.sum(jnp.max(probs, axis=-1) * w) / n_real,
         router_entropy=jnp.sum(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1) * w) / n_real,
     )
+    if detail:
+        metrics.update(
+            real_tokens=jnp.sum(w),
+            tokens_fully_dropped_fraction=jnp.sum(jnp.all(~kept, axis=-1) * w) / n_real,
+            router_topk_prob=jnp.sum(jnp.sum(jnp.take_along_axis(probs, idx, axis=-1), axis=-1) * w) / n_real,
+        )
+    return metrics
+
+
+def route_record(info: dict, logits: jax.Array) -> dict:
+    """The routes of one layer as the block took them, shaped by routing group: logits [G, T, E] (or [N, E]: one
+    group) -> {'logits', 'probs' [G, T, E]; 'expert_index', 'gates', 'kept' [G, T, K]; 'mask' [G, T] bool}."""
+    g, t, e = (1,) + logits.shape if logits.ndim == 2 else logits.shape
+    mask = info.get("mask")
+    mask = jnp.ones((g, t), bool) if mask is None else mask.reshape(g, t).astype(bool)
+    k = info["expert_index"].shape[-1]
+    record = dict(logits=logits.reshape(g, t, e), probs=info["probs"].reshape(g, t, e), mask=mask)
+    record.update({name: info[name].reshape(g, t, k) for name in ("expert_index", "gates", "kept")})
+    return record
+
+
+def _layer_outputs(info: dict, logits: jax.Array, routes: bool) -> dict:
+    """routing_metrics, plus with `routes` the detail metrics and metrics['routes'] = route_record."""
+    metrics = routing_metrics(info, logits, detail=routes)
+    if routes:
+        metrics["routes"] = route_record(info, logits)
+    return metrics
 
 
 class MoEBlock(nnx.Module):
@@ -204,11 +240,12 @@ class MoEBlock(nnx.Module):
         return jnp.einsum("enf,efm->enm", h.reshape(e, g * c, -1), self.w_out[...].astype(dt)).reshape(e, g, c, m)
 
     def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None, no_drop: bool = False,
-                 token_mask: jax.Array | None = None):
+                 token_mask: jax.Array | None = None, routes: bool = False):
         """x [B, S, M] -> (y [B, S, M], metrics dict). `rng` drives router noise in training (moe.router_noise_std).
         `no_drop=True` sizes the capacity so no token is dropped (used for decoding; dropless never drops).
         token_mask [B, S] (bool or 0/1; None: all real): masked positions (padding) take no capacity, get no expert
-        output (y = 0 there) and are left out of the auxiliary losses and metrics."""
+        output (y = 0 there) and are left out of the auxiliary losses and metrics. routes=True: metrics also hold
+        the routes taken and the detail metrics (module docstring, step 6)."""
         b, s, d = x.shape
         moe = self.cfg.moe
         # [B*S, E] float32 router at Precision.HIGHEST (precision.router_logits, on one group of all B*S tokens)
@@ -217,13 +254,13 @@ class MoEBlock(nnx.Module):
             logits = logits + moe.router_noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
         mask = None if token_mask is None else token_mask.reshape(b * s).astype(bool)
         if moe.dispatch == "dropless":
-            y, metrics = self._dropless(x.reshape(b * s, d).astype(self.dtype), logits, mask)
+            y, metrics = self._dropless(x.reshape(b * s, d).astype(self.dtype), logits, mask, routes)
         else:
-            y, metrics = self._capacity(x.reshape(b * s, d).astype(self.dtype), logits, mask, train, no_drop)
+            y, metrics = self._capacity(x.reshape(b * s, d).astype(self.dtype), logits, mask, train, no_drop, routes)
         return y.reshape(b, s, d), metrics
 
-    def _capacity(self, x, logits, mask, train, no_drop):
-        """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics)."""
+    def _capacity(self, x, logits, mask, train, no_drop, routes=False):
+        """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics (with the routes if `routes`))."""
         n, d = x.shape
         dt = self.dtype
         t = group_size_for(n, self.cfg.moe.group_size)
@@ -240,12 +277,13 @@ class MoEBlock(nnx.Module):
         expert_out = constrain(self.experts(expert_in) * slot_gate[..., None].astype(dt),
                                ("expert", "expert_group", "capacity", "embed"))
         y = constrain(jnp.einsum("gtec,egcm->gtm", dispatch, expert_out), ("group", "group_tokens", "embed"))
-        metrics = routing_metrics(info, logits.reshape(g, t, -1))
+        metrics = _layer_outputs(info, logits.reshape(g, t, -1), routes)
         metrics["capacity"] = jnp.asarray(cap, jnp.float32)
         return y.reshape(n, d), metrics
 
-    def _dropless(self, x, logits, mask):
-        """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics). See moe_jax/dropless.py."""
+    def _dropless(self, x, logits, mask, routes=False):
+        """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics (with the routes if `routes`)). See
+        moe_jax/dropless.py."""
         from moe_jax.model import dropless  # dropless imports layers only; kept local so the two modules read apart
         n, d = x.shape
         probs, gates, expert_index = top_k_routing(logits, self.top_k, self.cfg.moe.renormalize)
@@ -263,7 +301,7 @@ class MoEBlock(nnx.Module):
             y = dropless.dropless_ffn(x, expert_index, gates, weights, self.kind, mask, impl)
         info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=jnp.ones(expert_index.shape, bool),
                     mask=mask)
-        metrics = routing_metrics(info, logits)
+        metrics = _layer_outputs(info, logits, routes)
         metrics["capacity"] = jnp.zeros((), jnp.float32)  # no capacity: every assignment is computed
         return y, metrics
 

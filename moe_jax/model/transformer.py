@@ -37,15 +37,16 @@ class Block(nnx.Module):
         self.ffn = MoEBlock(cfg, rngs) if self.is_moe else MLP(cfg, rngs)
 
     def __call__(self, x, positions, segment_ids, rng, *, train: bool, cache, cache_index, no_drop: bool,
-                 token_mask=None):
-        """x [B, S, M] -> (x [B, S, M], MoE metrics or None, new cache or None). token_mask [B, S]: see MoEBlock."""
+                 token_mask=None, routes: bool = False):
+        """x [B, S, M] -> (x [B, S, M], MoE metrics or None, new cache or None). token_mask [B, S], routes: see
+        MoEBlock."""
         k_attn, k_ffn, k_router = jax.random.split(rng, 3) if rng is not None else (None, None, None)
         h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
         x = x + dropout(h, self.dropout_rate, k_attn)
         metrics = None
         if self.is_moe:
             h, metrics = self.ffn(self.ffn_norm(x), train=train, rng=k_router, no_drop=no_drop,
-                                  token_mask=token_mask)
+                                  token_mask=token_mask, routes=routes)
         else:
             h = self.ffn(self.ffn_norm(x))
         x = constrain(x + dropout(h, self.dropout_rate, k_ffn), ("batch", "length", "embed"))
@@ -66,7 +67,7 @@ class Transformer(nnx.Module):
             self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, train: bool = False, rng=None, cache=None,
-                 cache_index=None, no_drop: bool = False, token_mask=None):
+                 cache_index=None, no_drop: bool = False, token_mask=None, routes: bool = False):
         """tokens [B, S] int32 -> (logits [B, S, V] float32, aux, new cache).
 
         positions [B, S] (default arange; with a cache, cache_index + arange); segment_ids [B, S] restrict attention
@@ -77,7 +78,10 @@ class Transformer(nnx.Module):
         scored position attends to (padding, the last token of a packed document).
         aux: {'moe_loss': weighted auxiliary loss (summed over MoE layers), and each metric of moe.routing_metrics
         (carried load `tokens_per_expert`, demanded `tokens_per_expert_demand`, ...) plus 'capacity' stacked over MoE
-        layers ([n_moe] or [n_moe, E])}.
+        layers ([n_moe] or [n_moe, E])}. routes=True (routing diagnostics; the train and eval steps never ask, so
+        their programs do not change) adds aux['routes']: each MoE layer's routes as taken (moe.route_record:
+        'logits', 'probs' [n_moe, G, T, E], 'expert_index', 'gates', 'kept' [n_moe, G, T, K], 'mask' [n_moe, G, T])
+        and the detail metrics of moe.routing_metrics (real_tokens, tokens_fully_dropped_fraction, router_topk_prob).
         """
         m = self.cfg
         b, s = tokens.shape
@@ -98,10 +102,10 @@ class Transformer(nnx.Module):
             layer_cache = cache[i] if cache is not None else None
             if m.remat and cache is None:
                 x, metrics, c = _remat_block(block, x, positions, segment_ids, layer_rng, token_mask, train=train,
-                                             no_drop=no_drop)
+                                             no_drop=no_drop, routes=routes)
             else:
                 x, metrics, c = block(x, positions, segment_ids, layer_rng, train=train, cache=layer_cache,
-                                      cache_index=cache_index, no_drop=no_drop, token_mask=token_mask)
+                                      cache_index=cache_index, no_drop=no_drop, token_mask=token_mask, routes=routes)
             new_cache.append(c)
             if metrics is not None:
                 layer_metrics.append(metrics)
@@ -118,7 +122,7 @@ class Transformer(nnx.Module):
         moe = self.cfg.moe
         if not layer_metrics:
             return {"moe_loss": jnp.zeros((), jnp.float32)}
-        aux = {k: jnp.stack([lm[k] for lm in layer_metrics]) for k in layer_metrics[0]}
+        aux = {k: jax.tree.map(lambda *xs: jnp.stack(xs), *(lm[k] for lm in layer_metrics)) for k in layer_metrics[0]}
         aux["moe_loss"] = (moe.load_balance_weight * jnp.sum(aux["load_balance_loss"])
                            + moe.z_loss_weight * jnp.sum(aux["z_loss"]))
         return aux
@@ -131,12 +135,13 @@ class Transformer(nnx.Module):
         return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(m.n_layers)]
 
 
-def _remat_block(block: Block, x, positions, segment_ids, rng, token_mask, *, train: bool, no_drop: bool):
+def _remat_block(block: Block, x, positions, segment_ids, rng, token_mask, *, train: bool, no_drop: bool,
+                 routes: bool = False):
     """`block` without a cache, rematerialised in the backward pass. The Python flags are bound by closure (static
     for nnx.remat) rather than named by position, so the call cannot silently break when Block's signature changes."""
     def call(blk, x, positions, segment_ids, rng, token_mask):
         return blk(x, positions, segment_ids, rng, train=train, cache=None, cache_index=None, no_drop=no_drop,
-                   token_mask=token_mask)
+                   token_mask=token_mask, routes=routes)
     return nnx.remat(call)(block, x, positions, segment_ids, rng, token_mask)
 
 

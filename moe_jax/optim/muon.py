@@ -98,7 +98,7 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, steps: int, eps: float, ns_dt
     the last iterate is returned unrounded. On the 2-core AVX512-BF16 CPU, XLA's bfloat16 x bfloat16 -> float32 dot is
     about 2x its float32 dot (353 vs 189 GFLOP/s at 384 x 1536 x 384) while bfloat16 -> bfloat16 is not (172 GFLOP/s);
     on GPUs and TPUs the product accumulates in float32 either way. Rounding only the operands also cuts the error of
-    rounding every result to bfloat16 too (the seeds' torch iteration) by 1.5-1.9x (scripts/bench_newton_schulz.py)."""
+    rounding every result to bfloat16 too (the seeds' torch iteration) by 1.5-1.9x (python -m moe_jax.bench --mode newton-schulz)."""
     dtype = x.dtype
     x = x / (jnp.linalg.norm(x, ord="fro", axis=(-2, -1), keepdims=True) + eps)
     c = coeffs.astype(dtype)
@@ -136,7 +136,7 @@ def newton_schulz_gram(x: jax.Array, coeffs: jax.Array, steps: int, eps: float) 
     Accuracy: A squares the condition number, so this is for float32 only (in bfloat16 the error on ill-conditioned
     matrices reaches 65-1,200%); in float32 it measured 2.6e-6 (well-conditioned) to 2.8e-4 (ill-conditioned)
     relative Frobenius error against float64 X-space NS, where float32 X space has 2e-6 .. 2e-5 and bfloat16 X space
-    2e-2 .. 2.3e-1 (scripts/bench_newton_schulz.py; docs/optimizer.md)."""
+    2e-2 .. 2.3e-1 (python -m moe_jax.bench --mode newton-schulz; docs/optimizer.md)."""
     hi = jax.lax.Precision.HIGHEST
     x = x / (jnp.linalg.norm(x, ord="fro", axis=(-2, -1), keepdims=True) + eps)
     c = coeffs.astype(x.dtype)

@@ -1,5 +1,5 @@
 """A study's results: one record per run, learning-rate selection on the validation split, per-arm statistics,
-verdicts, a ranking with intervals, per-layer routing, plots, report.md and results.json.
+verdicts, a ranking with intervals, per-layer routing, report.md (linking the figures of plots.py) and results.json.
 
 Selection and reporting. For an arm with a learning-rate grid, the learning rate whose runs have the lowest mean
 final *validation* loss over the replicates is selected; only the selected runs are evaluated on the *test* split,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from moe_jax.model import flops
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.studies import budget as budget_lib
 from moe_jax.studies import plan as plan_lib
+from moe_jax.studies import plots as plots_lib
 from moe_jax.studies import stats
 
 REPORT_FILE = "report.md"
@@ -260,13 +260,9 @@ def _lr_of(c, field: str) -> float:
     return float(getattr(getattr(c, section), key))
 
 
-def write(workdir: str, study, planned: dict, records: list[dict], selected: dict, command: str,
-          env: dict | None = None) -> dict:
-    split = planned["report_split"]
-    key = metric_key(split)
-    env = env or environment()
+def _header(study, planned: dict, split: str, env: dict, command: str, name: str) -> list[str]:
+    """Title, command, machine, randomness, evaluation, budgets and the arms."""
     first_cfg = next(iter(planned["arms"].values()))
-    name = str(study.get("name", "") or "study")
     lines = [f"# Study {name}: {' vs '.join(planned['arms'])}", "",
              f"Command: `{command}`", "",
              f"Machine: {env['device_count']} x {env['device_kind']} ({env['platform']}, {env['cpu_count']} CPU "
@@ -278,69 +274,76 @@ def write(workdir: str, study, planned: dict, records: list[dict], selected: dic
     for n, c in planned["arms"].items():
         grid = planned["grids"][n]
         lines.append(f"- **{n}**: {_arm_shape(c)}" + (f"; {planned['lr_field']} grid {list(grid)}" if grid else ""))
-    tables: dict = {}
-    for kind in planned["kinds"]:
-        recs = [r for r in records if r["kind"] == kind]
-        arms = aggregate(recs, split)
-        tables[kind] = arms
-        lines += ["", f"## Budget: {kind}", ""] + budget_table(planned, kind)
-        if selected.get(kind):
-            lines += ["", f"### Learning rate chosen on the validation split ({kind})", "",
-                      "| arm | " + " | ".join(["lr", "val loss (mean ± std [min, max])", "runs", "chosen"]) + " |",
-                      "|---|---|---|---|---|"]
-            for arm, sel in selected[kind].items():
-                for lr, s in sel["grid"].items():
-                    lines.append(f"| {arm} | {lr} | {fmt_stats(s, '{:.4f}')} | {s['n']} | "
-                                 f"{'**yes**' if float(lr) == sel['lr'] else ''} |")
-        fl = fields(split)
-        lines += ["", f"## Results ({kind} budget; {split} split; mean ± sample std [min, max] over replicates; single "
-                      "values are the same for every replicate)", "",
-                  "| " + " | ".join(["arm", "runs"] + [label for _, label, *_ in fl]) + " |",
-                  "|" + "---|" * (len(fl) + 2)]
-        for n, a in arms.items():
-            lines.append("| " + " | ".join([n, str(len(a["runs"]))]
-                                           + [fmt_stats(a[k], fmt, varies) for k, _, fmt, varies in fl]) + " |")
-        lines += ["", "Wall seconds are the training loop (steps, evaluations, checkpoints; setup and compilation "
-                      "excluded), runs executed replicate-major so machine load falls on every arm alike. tokens/s "
-                      "and MFU are medians over logging intervals (MFU: model FLOPs only, against the measured matmul "
-                      "peak on CPU). The dropped-token fraction is the mean over logged training steps.", "",
-                  f"### Ranking by {key.replace('_', ' ')} ({kind} budget; {100 * stats.LEVEL:.0f}% t intervals)", "",
-                  "| rank | arm | mean | interval of the mean | runs | difference vs " + next(iter(arms), "") +
-                  " | interval of the difference |", "|---|---|---|---|---|---|---|"]
-        for i, r in enumerate(ranking(arms, key), 1):
-            mean = "n/a" if r["mean"] is None else f"{r['mean']:.4f}"
-            ci = (f"[{r['mean'] - r['ci_half']:.4f}, {r['mean'] + r['ci_half']:.4f}]" if r.get("ci_half") is not None
-                  else "n/a")
-            d = r["diff"]
-            if d is None:
-                dd, di = "(reference)", ""
-            else:
-                dd = "n/a" if d["diff"] is None else f"{d['diff']:+.4f}"
-                di = ("n/a" if d["lo"] is None else
-                      f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ({'paired' if d['paired'] else 'Welch'}, df {d['df']:.1f})")
-            lines.append(f"| {i} | {r['arm']} | {mean} | {ci} | {r['n']} | {dd} | {di} |")
-        lines += ["", f"### Verdicts ({kind} budget)", "",
-                  f"Rule: with fewer than {stats.MIN_RUNS} runs per arm, no verdict; otherwise an arm is better when "
-                  f"the {100 * stats.LEVEL:.0f}% t interval of the difference excludes 0 (paired over shared "
-                  "replicates, Welch otherwise).", ""]
-        lines += [f"- {v['text']}" for v in verdicts(arms, key)]
-        routing = routing_lines(arms)
-        if routing:
-            lines += ["", f"### Routing per MoE layer ({kind} budget; mean over logged training steps and replicates)",
-                      ""] + routing
-    lines += routing_section(workdir, planned, records)
-    lines += ["", "## Plots", ""]
-    written = plot(workdir, planned, records, tables, key, study)
-    for path in written:
-        rel = os.path.relpath(path, workdir)
-        lines += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
-    conclusions = study.get("conclusions", "")
-    if conclusions:
-        lines += ["## What this supports and what it does not", "", str(conclusions).strip(), ""]
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, REPORT_FILE) + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(os.path.join(workdir, REPORT_FILE) + ".tmp", os.path.join(workdir, REPORT_FILE))
+    return lines
+
+
+def _lr_table(kind: str, selected: dict) -> list[str]:
+    """The learning-rate grid of each arm on the validation split, the chosen one marked."""
+    lines = ["", f"### Learning rate chosen on the validation split ({kind})", "",
+             "| arm | " + " | ".join(["lr", "val loss (mean ± std [min, max])", "runs", "chosen"]) + " |",
+             "|---|---|---|---|---|"]
+    for arm, sel in selected.items():
+        for lr, s in sel["grid"].items():
+            lines.append(f"| {arm} | {lr} | {fmt_stats(s, '{:.4f}')} | {s['n']} | "
+                         f"{'**yes**' if float(lr) == sel['lr'] else ''} |")
+    return lines
+
+
+def _results_table(arms: dict, split: str, kind: str) -> list[str]:
+    fl = fields(split)
+    lines = ["", f"## Results ({kind} budget; {split} split; mean ± sample std [min, max] over replicates; single "
+                 "values are the same for every replicate)", "",
+             "| " + " | ".join(["arm", "runs"] + [label for _, label, *_ in fl]) + " |",
+             "|" + "---|" * (len(fl) + 2)]
+    for n, a in arms.items():
+        lines.append("| " + " | ".join([n, str(len(a["runs"]))]
+                                       + [fmt_stats(a[k], fmt, varies) for k, _, fmt, varies in fl]) + " |")
+    return lines + ["", "Wall seconds are the training loop (steps, evaluations, checkpoints; setup and compilation "
+                        "excluded), runs executed replicate-major so machine load falls on every arm alike. tokens/s "
+                        "and MFU are medians over logging intervals (MFU: model FLOPs only, against the measured "
+                        "matmul peak on CPU). The dropped-token fraction is the mean over logged training steps."]
+
+
+def _ranking_table(arms: dict, key: str, kind: str) -> list[str]:
+    lines = ["", f"### Ranking by {key.replace('_', ' ')} ({kind} budget; {100 * stats.LEVEL:.0f}% t intervals)", "",
+             "| rank | arm | mean | interval of the mean | runs | difference vs " + next(iter(arms), "") +
+             " | interval of the difference |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(ranking(arms, key), 1):
+        mean = "n/a" if r["mean"] is None else f"{r['mean']:.4f}"
+        ci = (f"[{r['mean'] - r['ci_half']:.4f}, {r['mean'] + r['ci_half']:.4f}]" if r.get("ci_half") is not None
+              else "n/a")
+        d = r["diff"]
+        if d is None:
+            dd, di = "(reference)", ""
+        else:
+            dd = "n/a" if d["diff"] is None else f"{d['diff']:+.4f}"
+            di = ("n/a" if d["lo"] is None else
+                  f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ({'paired' if d['paired'] else 'Welch'}, df {d['df']:.1f})")
+        lines.append(f"| {i} | {r['arm']} | {mean} | {ci} | {r['n']} | {dd} | {di} |")
+    return lines
+
+
+def _budget_section(planned: dict, kind: str, arms: dict, selected: dict, split: str, key: str) -> list[str]:
+    """One budget's part of the report: its plan, learning rates, results, ranking, verdicts and routing."""
+    lines = ["", f"## Budget: {kind}", ""] + budget_table(planned, kind)
+    if selected.get(kind):
+        lines += _lr_table(kind, selected[kind])
+    lines += _results_table(arms, split, kind) + _ranking_table(arms, key, kind)
+    lines += ["", f"### Verdicts ({kind} budget)", "",
+              f"Rule: with fewer than {stats.MIN_RUNS} runs per arm, no verdict; otherwise an arm is better when "
+              f"the {100 * stats.LEVEL:.0f}% t interval of the difference excludes 0 (paired over shared "
+              "replicates, Welch otherwise).", ""]
+    lines += [f"- {v['text']}" for v in verdicts(arms, key)]
+    routing = routing_lines(arms)
+    if routing:
+        lines += ["", f"### Routing per MoE layer ({kind} budget; mean over logged training steps and replicates)",
+                  ""] + routing
+    return lines
+
+
+def _results(study, planned: dict, records: list[dict], selected: dict, tables: dict, command: str, env: dict,
+             name: str, split: str, key: str) -> dict:
+    """The results.json content."""
     results = {"command": command, "environment": env, "study": name, "split": split, "metric": key,
                "kinds": planned["kinds"], "budgets": planned["budgets"],
                "formulas": {k: budget_lib.FORMULAS[k] for k in planned["kinds"]},
@@ -356,6 +359,35 @@ def write(workdir: str, study, planned: dict, records: list[dict], selected: dic
     results["budget_flops"] = planned["budgets"][planned["kinds"][0]]
     results["plan"] = results["plans"][planned["kinds"][0]]
     results["arms"] = results["tables"][planned["kinds"][0]]
+    return results
+
+
+def write(workdir: str, study, planned: dict, records: list[dict], selected: dict, command: str,
+          env: dict | None = None) -> dict:
+    """report.md (tables, verdicts, links to the plots of plots.py) and results.json in `workdir`. Returns the
+    results dict."""
+    split = planned["report_split"]
+    key = metric_key(split)
+    env = env or environment()
+    name = str(study.get("name", "") or "study")
+    lines = _header(study, planned, split, env, command, name)
+    tables: dict = {}
+    for kind in planned["kinds"]:
+        tables[kind] = aggregate([r for r in records if r["kind"] == kind], split)
+        lines += _budget_section(planned, kind, tables[kind], selected, split, key)
+    lines += routing_section(workdir, planned, records)
+    lines += ["", "## Plots", ""]
+    for path in plots_lib.plot(workdir, planned, records, tables, key, study):
+        rel = os.path.relpath(path, workdir)
+        lines += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
+    conclusions = study.get("conclusions", "")
+    if conclusions:
+        lines += ["## What this supports and what it does not", "", str(conclusions).strip(), ""]
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, REPORT_FILE) + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(os.path.join(workdir, REPORT_FILE) + ".tmp", os.path.join(workdir, REPORT_FILE))
+    results = _results(study, planned, records, selected, tables, command, env, name, split, key)
     metrics_lib.write_json(workdir, RESULTS_FILE, results)
     return results
 
@@ -429,117 +461,3 @@ def environment() -> dict:
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
             "jax": jax.__version__, "cpu_count": os.cpu_count()}
-
-
-CORRELATION_FEATURES = (("model.d_model", "d_model"), ("model.n_layers", "layers"), ("moe.num_experts", "experts"),
-                        ("moe.top_k", "top_k"), ("model.dropout", "dropout"), ("optim.muon_lr", "muon lr"),
-                        ("train.batch_size", "batch"), ("train.seq_len", "seq_len"))
-
-
-def correlation(tables: dict, planned: dict, key: str) -> tuple[list[str], np.ndarray]:
-    """Pearson correlations over the arms of the first budget between their settings (those that vary), size,
-    steps and outcomes (mean loss, mean wall seconds, tokens/s). NaN where a column is constant."""
-    arms = tables[planned["kinds"][0]]
-    cols: dict[str, list] = {}
-    for path, label in CORRELATION_FEATURES:
-        section, k = path.split(".")
-        vals = [float(a["runs"][0]["lr"]) if path == planned["lr_field"] and a["runs"][0]["lr"] is not None
-                else float(planned["arms"][n][section][k]) for n, a in arms.items()]
-        if len(set(vals)) > 1:
-            cols[label] = vals
-    cols["parameters"] = [a["params_total"]["mean"] for a in arms.values()]
-    cols["steps"] = [a["steps"]["mean"] for a in arms.values()]
-    cols[key.replace("_", " ")] = [a[key]["mean"] for a in arms.values()]
-    cols["wall seconds"] = [a["wall_time"]["mean"] for a in arms.values()]
-    names = list(cols)
-    m = np.full((len(names), len(names)), np.nan)
-    for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            r = stats.pearson(cols[a], cols[b])
-            m[i, j] = np.nan if r is None else r
-    return names, m
-
-
-def plot(workdir: str, planned: dict, records: list[dict], tables: dict, key: str, study) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = os.path.join(workdir, "plots")
-    os.makedirs(out, exist_ok=True)
-    written = []
-    multi = len(planned["kinds"]) > 1
-    for kind in planned["kinds"]:
-        prefix = f"{kind}_" if multi else ""
-        recs = [r for r in records if r["kind"] == kind and r["selected"]]
-        arms = list(dict.fromkeys(r["arm"] for r in recs))
-        colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
-        for x, label, fname in (("model_flops", "model FLOPs", "val_loss_vs_flops.png"),
-                                ("executed_flops", "executed FLOPs", "val_loss_vs_executed_flops.png"),
-                                ("wall_time", "wall seconds", "val_loss_vs_wall_time.png")):
-            fig, ax = plt.subplots(figsize=(7.5, 4.5))
-            for a in arms:
-                for i, r in enumerate(q for q in recs if q["arm"] == a):
-                    ax.plot([p[x] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], marker="o",
-                            ms=3, color=colors[a], alpha=0.7, label=a if i == 0 else None)
-            ax.set_xlabel(label)
-            ax.set_ylabel("validation loss")
-            ax.set_title(f"validation loss vs {label} ({kind} budget; one line per replicate)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = os.path.join(out, prefix + fname)
-            fig.savefig(path, dpi=90)
-            plt.close(fig)
-            written.append(path)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, a in enumerate(arms):
-            vals = [r["tokens_per_s"] for r in recs if r["arm"] == a and r["tokens_per_s"]]
-            if vals:
-                ax.bar(i, statistics.fmean(vals), color=colors[a], alpha=0.6,
-                       yerr=statistics.stdev(vals) if len(vals) > 1 else 0, capsize=4)
-                ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
-        ax.set_xticks(range(len(arms)), arms, rotation=30, fontsize=8)
-        ax.set_ylabel("training tokens / s")
-        ax.set_title("throughput per arm (bar: mean ± std; dots: runs)")
-        fig.tight_layout()
-        path = os.path.join(out, prefix + "throughput.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-        lrs = sorted({r["lr"] for r in records if r["kind"] == kind and r["lr"] is not None})
-        if lrs:  # seed 000's comparison figure: at each learning rate, every arm's validation curve
-            fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), sharey=True, squeeze=False)
-            for ax, lr in zip(axes[0], lrs):
-                for a in arms:
-                    for i, r in enumerate(q for q in records if q["kind"] == kind and q["arm"] == a
-                                          and q["lr"] == lr):
-                        ax.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]],
-                                color=colors[a], alpha=0.7, label=a if i == 0 else None)
-                ax.set_title(f"{planned['lr_field']} = {lr:g}")
-                ax.set_xlabel("training tokens")
-                ax.grid(alpha=0.3)
-            axes[0][0].set_ylabel("validation loss")
-            axes[0][0].legend(fontsize=7)
-            fig.tight_layout()
-            path = os.path.join(out, prefix + "val_loss_per_lr.png")
-            fig.savefig(path, dpi=90)
-            plt.close(fig)
-            written.append(path)
-    if study.get("correlation", False):
-        names, m = correlation(tables, planned, key)
-        fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.55 * len(names)))
-        im = ax.imshow(np.nan_to_num(m), cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, "" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        ax.set_title(f"Pearson correlation over arms ({planned['kinds'][0]} budget)")
-        fig.tight_layout()
-        path = os.path.join(out, "correlation.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written

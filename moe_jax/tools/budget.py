@@ -32,8 +32,11 @@ within half a step of C (tested within 5%).
 Devices: one unless --hours is given, then ceil(device-hours / hours) devices on a data-parallel mesh. The micro-batch
 per device is chosen from a memory estimate (parameters + gradients + optimizer state ~20 bytes per parameter, bf16
 activations ~(34 + 5 heads seq / d_model) bytes per token, layer and d_model, Korthikanti et al. 2022) against 70% of
-the device's memory; the rest of the global batch is gradient accumulation. It is an estimate: check the compiled
-memory the trainer prints before step 1.
+the device's memory; the rest of the global batch is gradient accumulation. It is an estimate; with --write, when the
+compilers of requirements-aot.txt are installed, the config is compiled for those devices (moe_jax.aot: the trainer's
+steps, the real XLA compiler, no device attached) and, if it does not fit, model.remat=True and then halved
+micro-batches with doubled accumulation are tried in that order and the first that fits is written (--nocheck skips
+it; without the compilers one line says it was skipped).
 
 Flags, errors and exit codes follow moe_jax/cli.py: a bad flag or value is one `error:` line naming it, status 2.
 """
@@ -288,6 +291,56 @@ def plan(o: Options) -> Plan:
                 usd=hours * device.usd_per_hour)
 
 
+def _remedies(config, devices: int):
+    """(what changed, config) in the order tried: as planned; model.remat=True; then train.batch_size halved with
+    train.grad_accum doubled (the tokens per step stay equal) while every device keeps whole rows."""
+    yield "as planned", config
+    c = config.copy_and_resolve_references()
+    if not c.model.remat:
+        c.model.remat = True
+        yield "model.remat=True", c
+    while c.train.batch_size % 2 == 0 and (c.train.batch_size // 2) % devices == 0:
+        c = c.copy_and_resolve_references()
+        c.train.batch_size //= 2
+        c.train.grad_accum *= 2
+        yield (f"model.remat=True, train.batch_size={c.train.batch_size} with train.grad_accum={c.train.grad_accum}",
+               c)
+
+
+def compile_check(p: Plan, out=print) -> Plan:
+    """The config compiled for p.devices devices of p.device by moe_jax.aot (the trainer's own steps, the real XLA
+    compiler, nothing attached): reports fits or not and the peak per device; if it does not fit, tries _remedies in
+    order and returns the plan with the first that fits (the plan as is when none does, or when the check cannot
+    run: the compiler package is absent or no target matches, said in one line)."""
+    from moe_jax.tools import aot, targets
+    try:
+        name, slices = targets.for_devices(p.device.name, p.devices)
+        targets.check_compiler(targets.get(name))
+    except targets.TargetError as e:
+        out(f"compile check skipped: {e}")
+        return p
+    where = f"{name}{f' x {slices} slices' if slices > 1 else ''}"
+    for change, config in _remedies(p.config, p.devices):
+        try:
+            result = aot.run(config, aot.Request(target=name, slices=slices))
+        except aot.AotError as e:
+            out(f"compile check on {where}, {change}: {e}")
+            if "does not fit" not in str(e):
+                return p
+            continue
+        peak = max(q["memory"]["peak"] for q in result["programs"].values())
+        device_gib = result["programs"]["train"]["device_memory"] / aot.GIB
+        out(f"compile check on {where}, {change}: peak {peak / aot.GIB:.2f} GiB per device of {device_gib:.1f} GiB: "
+            f"{'fits' if result['fits'] else f'does not fit (limit {aot.MEMORY_LIMIT:.0%})'}")
+        if result["fits"]:
+            if change != "as planned":
+                out(f"compile check: writing the config with {change}")
+            return dataclasses.replace(p, config=config)
+    out("compile check: no remedy fits; the config is written as planned: shard the model (mesh.shape) or use more "
+        "devices (--hours)")
+    return p
+
+
 def _ceil_cents(usd: float) -> float:
     """Round up to 2 significant digits (so the stated minimum is enough)."""
     if usd <= 0:
@@ -417,12 +470,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size (the tokenizer's).")
     flags.DEFINE_integer("seq", 1024, "Sequence length.")
     flags.DEFINE_string("write", None, "Write the picked config to this .py file.")
+    flags.DEFINE_bool("check", True, "With --write: compile the config for the devices first (moe_jax.aot; needs "
+                      "requirements-aot.txt) and write the first of remat / a smaller micro-batch that fits.")
     flags.mark_flags_as_required(["usd", "device"])
 
 
 def command(usd: float, device: str, *, moe: bool = False, experts: int | None = None, top_k: int | None = None,
             hours: float | None = None, mfu: float | None = None, vocab: int = 8192, seq: int = 1024,
-            write: str | None = None, argv: list[str] | None = None) -> Plan:
+            write: str | None = None, check: bool = True, argv: list[str] | None = None) -> Plan:
     """The command: plan, print the report, write the config. Bad input raises cli.UsageError naming the flag."""
     from moe_jax import cli
     if not moe and (experts is not None or top_k is not None):
@@ -436,6 +491,8 @@ def command(usd: float, device: str, *, moe: bool = False, experts: int | None =
     except (BudgetError, ValueError, config_lib.ConfigError) as e:
         raise cli.UsageError(str(e)) from None
     print(report(p))
+    if write and check:
+        p = compile_check(p)
     if write:
         os.makedirs(os.path.dirname(os.path.abspath(write)), exist_ok=True)
         with open(write, "w") as f:
@@ -451,7 +508,7 @@ def main(argv) -> None:
     cli.no_arguments(argv)
     f = flags.FLAGS
     command(f.usd, f.device, moe=f.moe, experts=f.experts, top_k=f.top_k, hours=f.hours, mfu=f.mfu, vocab=f.vocab,
-            seq=f.seq, write=f.write, argv=sys.argv[1:])
+            seq=f.seq, write=f.write, check=f.check, argv=sys.argv[1:])
 
 
 if __name__ == "__main__":

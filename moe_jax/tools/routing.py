@@ -4,12 +4,13 @@
 
 Restores the checkpoint (latest or --step) on one device, runs the model over the validation windows (or over
 --text, tokenized with the run's tokenizer and cut into windows of train.seq_len) in batches of train.batch_size
-rows, and captures the input of every MoE feed-forward (the normalised hidden state [B, S, M]) by wrapping each MoE
-block's call for the duration of the trace: model.py and moe.py are used as they are. The model is run twice, once
-at the eval capacity (moe.eval_capacity_factor, what evaluation uses) and once at the train capacity
-(moe.capacity_factor, train=True without dropout or router noise), so the later layers see what each setting gives
-them. From each captured input the router is re-applied exactly as MoEBlock does (float32 logits [G, T, E] over
-routing groups of T tokens, moe.route for top-k and capacity), and per layer:
+rows, and reads every MoE layer's routes and routing metrics from the model's own forward pass (`routes=True`:
+moe.route_record and moe.routing_metrics with detail; no router is re-applied here), with padding passed as the
+token_mask exactly as the train and eval steps pass it. The model is run twice, once at the eval capacity
+(moe.eval_capacity_factor, what evaluation uses) and once at the train capacity (moe.capacity_factor, train=True
+without dropout or router noise), so the later layers see what each setting gives them. Routes are the float32 router
+logits [G, T, E] over routing groups of T tokens (dropless: one group of all tokens, nothing dropped), the top-k
+choices and which of them got a capacity slot; per layer:
 
   tokens_per_expert_demanded [E]  top-k assignments made to each expert, before capacity
   tokens_per_expert_kept     [E]  assignments that got a slot (the rest are dropped)
@@ -19,7 +20,7 @@ routing groups of T tokens, moe.route for top-k and capacity), and per layer:
   top1_prob, topk_prob            mean probability of the first choice, and of the k choices together (before the
                                   renormalisation of the gates)
   noise_flip_fraction             fraction of tokens whose set of k experts changes when N(0, noise_std^2) noise is
-                                  added to the logits (one draw per token; default noise_std 1e-2)
+                                  added to the model's logits (one draw per token; default noise_std 1e-2)
 
 Specialisation (eval-capacity pass, demanded assignments, i.e. the router's choices): for each layer and expert the
 token ids it is sent most often relative to their frequency in the analysed text, lift(e, v) = P(v | e) / P(v) =
@@ -45,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.model import transformer as model_lib
-from moe_jax.model import moe as moe_lib
 from moe_jax.train.restore import load_for_inference
 
 OUT_DIR = "routing"
@@ -54,7 +54,7 @@ MODES = ("eval", "train")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Capture: the input of each MoE feed-forward
+# The routes and metrics the model reports
 
 
 def moe_layers(model) -> list[int]:
@@ -62,71 +62,41 @@ def moe_layers(model) -> list[int]:
     return [i for i, b in enumerate(model.blocks) if b.is_moe]
 
 
-def capture_moe_inputs(graphdef, params, inputs, positions=None, segment_ids=None, *, train: bool):
-    """Run the model and return [x_l [B, S, M] for each MoE layer l] (the normalised hidden state the MoE block
-    receives), plus the router weights [M, E] of each. train=True uses the train capacity; no rng: no dropout or
-    router noise. Call under jit: the wrapper records tracers of this trace."""
-    from flax import nnx
-
-    model = nnx.merge(graphdef, params)
-    seen, routers = [], []
-    for i in moe_layers(model):
-        block = model.blocks[i]
-        inner = block.ffn
-        routers.append(inner.w_router[...])
-
-        def recording(x, *, _inner=inner, **kwargs):
-            seen.append(x)
-            return _inner(x, **kwargs)
-
-        block.ffn = recording
-    model(inputs, positions=positions, segment_ids=segment_ids, train=train)
-    return seen, routers
+def forward_routes(graphdef, params, batch: dict, *, train: bool) -> dict:
+    """The model's forward pass over `batch` ('inputs' [B, S]; optional 'weights' (0 = padding: passed as the
+    token_mask, as the train and eval steps do), 'positions', 'segment_ids') with routes=True, no rng (no dropout,
+    no router noise); train=True uses the train capacity. Returns the model's aux: the routing metrics (detail
+    included) stacked over MoE layers and aux['routes'] (moe.route_record per layer, stacked)."""
+    weights = batch.get("weights")
+    _, aux, _ = model_lib.apply(graphdef, params, batch["inputs"], positions=batch.get("positions"),
+                                segment_ids=batch.get("segment_ids"), train=train,
+                                token_mask=None if weights is None else weights > 0, routes=True)
+    return aux
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pure analysis of one layer's routing
-
-
-def router_logits(x: jax.Array, w_router: jax.Array, config) -> jax.Array:
-    """x [B, S, M] -> logits [G, T, E] float32, grouped and cast as MoEBlock does."""
-    b, s, m = x.shape
-    t = moe_lib.group_size_for(b * s, config.moe.group_size)
-    from moe_jax.model.layers import dtype_of
-    xg = x.reshape(b * s // t, t, m).astype(dtype_of(config.model.dtype)).astype(jnp.float32)
-    return jnp.einsum("gtm,me->gte", xg, w_router.astype(jnp.float32))
-
-
-def layer_sums(logits: jax.Array, tokens: jax.Array, weights: jax.Array, config, capacity: int,
+def layer_sums(metrics: dict, routes: dict, tokens: jax.Array, vocab_size: int,
                noise: jax.Array | None = None) -> dict:
-    """Accumulable statistics of one layer over one batch. logits [G, T, E]; tokens, weights [G, T] (weight 0 = not
-    counted, e.g. padding); capacity C slots per expert and group; noise [G, T, E] standard normals (scaled by the
-    caller) for the flip count, or None. Returns sums (see the module docstring); token_expert [E, V] counts the
-    demanded assignments of each token id to each expert, token_freq [V] the id counts."""
-    e, k, v = config.moe.num_experts, config.moe.top_k, config.model.vocab_size
-    _, _, info = moe_lib.route(logits, k, capacity, config.moe.renormalize)
-    probs, idx, kept = info["probs"], info["expert_index"], info["kept"]
-    w = weights.astype(jnp.float32)
-    onehot = jax.nn.one_hot(idx, e, dtype=jnp.float32) * w[..., None, None]  # [G, T, K, E]
-    demanded = jnp.sum(onehot, axis=(0, 1, 2))
-    kept_e = jnp.sum(onehot * kept[..., None], axis=(0, 1, 2))
-    fully_dropped = jnp.sum(w * jnp.all(~kept, axis=-1))
-    logp = jnp.log(jnp.maximum(probs, 1e-30))
-    entropy = -jnp.sum(probs * logp, axis=-1)
-    top_probs = jnp.take_along_axis(probs, idx, axis=-1)  # [G, T, K], descending
+    """Accumulable statistics of one layer over one batch, from what the model reported: metrics (its
+    moe.routing_metrics, detail included; means over real tokens, turned back into sums), routes (moe.route_record:
+    logits [G, T, E], expert_index [G, T, K], mask [G, T]), tokens [G, T] ids; noise [G, T, E] (scaled normals added
+    to the model's logits for the flip count, or None). token_expert [E, V] counts the demanded assignments of each
+    token id to each expert, token_freq [V] the id counts (real tokens only)."""
+    idx, w = routes["expert_index"], routes["mask"].astype(jnp.float32)
+    e, k = routes["logits"].shape[-1], idx.shape[-1]
+    n = metrics["real_tokens"]
     flips = jnp.zeros((), jnp.float32)
     if noise is not None:
-        _, noisy_idx = jax.lax.top_k(logits + noise, k)
+        _, noisy_idx = jax.lax.top_k(routes["logits"] + noise, k)
         changed = jnp.any(jnp.sort(noisy_idx, axis=-1) != jnp.sort(idx, axis=-1), axis=-1)
         flips = jnp.sum(w * changed)
-    flat = (idx * v + tokens[..., None]).reshape(-1)
-    token_expert = jnp.zeros((e * v,), jnp.float32).at[flat].add(
-        jnp.broadcast_to(w[..., None], idx.shape).reshape(-1)).reshape(e, v)
-    token_freq = jnp.zeros((v,), jnp.float32).at[tokens.reshape(-1)].add(w.reshape(-1))
-    return dict(tokens=jnp.sum(w), demanded=demanded, kept=kept_e, fully_dropped=fully_dropped,
-                entropy=jnp.sum(w * entropy), top1=jnp.sum(w * top_probs[..., 0]),
-                topk=jnp.sum(w * jnp.sum(top_probs, axis=-1)), flips=flips, token_expert=token_expert,
-                token_freq=token_freq)
+    flat = (idx * vocab_size + tokens[..., None]).reshape(-1)
+    token_expert = jnp.zeros((e * vocab_size,), jnp.float32).at[flat].add(
+        jnp.broadcast_to(w[..., None], idx.shape).reshape(-1)).reshape(e, vocab_size)
+    token_freq = jnp.zeros((vocab_size,), jnp.float32).at[tokens.reshape(-1)].add(w.reshape(-1))
+    return dict(tokens=n, demanded=metrics["tokens_per_expert_demand"], kept=metrics["tokens_per_expert"],
+                fully_dropped=n * metrics["tokens_fully_dropped_fraction"], entropy=n * metrics["router_entropy"],
+                top1=n * metrics["router_confidence"], topk=n * metrics["router_topk_prob"], flips=flips,
+                token_expert=token_expert, token_freq=token_freq)
 
 
 def summarize_layer(sums: dict, num_experts: int) -> dict:
@@ -185,24 +155,20 @@ def specialisation(token_expert: np.ndarray, token_freq: np.ndarray, min_count: 
 
 def make_batch_fn(config, graphdef):
     """jit-compiled (params, batch, key, noise_std) -> {mode: [layer sums]} for both capacities."""
-    cfg = config.model
+    vocab_size = config.model.vocab_size
 
     def fn(params, batch, key, noise_std):
         out = {}
-        tokens_bs = batch["inputs"]
-        weights_bs = batch.get("weights", jnp.ones(tokens_bs.shape, jnp.float32))
         for mode in MODES:
-            train = mode == "train"
-            xs, routers = capture_moe_inputs(graphdef, params, tokens_bs, batch.get("positions"),
-                                             batch.get("segment_ids"), train=train)
+            aux = forward_routes(graphdef, params, batch, train=mode == "train")
             layers = []
-            for li, (x, w_router) in enumerate(zip(xs, routers)):
-                logits = router_logits(x, w_router, config)
-                g, t, _ = logits.shape
-                cap = moe_lib.capacity(cfg, t, train)
-                noise = noise_std * jax.random.normal(jax.random.fold_in(key, li), logits.shape, jnp.float32)
-                sums = layer_sums(logits, tokens_bs.reshape(g, t), weights_bs.reshape(g, t), config, cap, noise)
-                sums["capacity"] = jnp.asarray(cap, jnp.float32)
+            for li in range(aux["capacity"].shape[0]):
+                metrics = {name: v[li] for name, v in aux.items() if name not in ("moe_loss", "routes")}
+                routes = {name: v[li] for name, v in aux["routes"].items()}
+                g, t, e = routes["logits"].shape
+                noise = noise_std * jax.random.normal(jax.random.fold_in(key, li), (g, t, e), jnp.float32)
+                sums = layer_sums(metrics, routes, batch["inputs"].reshape(g, t), vocab_size, noise)
+                sums["capacity"] = metrics["capacity"]
                 sums["group_size"] = jnp.asarray(t, jnp.float32)
                 layers.append(sums)
             out[mode] = layers
@@ -217,9 +183,6 @@ def analyse(config, graphdef, params, batches: list[dict], *, noise_std: float =
     'positions', 'segment_ids'). Returns the routing.json content (without run metadata)."""
     if not config.moe.num_experts:
         raise ValueError("the model is dense (moe.num_experts=0): it has no router to analyse")
-    if config.model.remat:  # the capture wrapper must run in the model's own trace, not inside nnx.remat
-        config = config.replace(model={"remat": False})
-        graphdef, _ = model_lib.abstract(config.model)
     fn = make_batch_fn(config, graphdef)
     totals = None
     key = jax.random.key(seed)
@@ -320,7 +283,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     with open(paths[0], "w") as f:
         json.dump(result, f, indent=1)
     layers = result["layers"]
-    names = [str(layer["layer"]) for layer in layers]
+    names = [f"layer {layer['layer']}" for layer in layers]  # transformer index, as the training plots name them
     e = result["num_experts"]
 
     share = np.array([100 * np.asarray(layer["eval"]["tokens_per_expert_demanded"], np.float64)
@@ -330,7 +293,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     ax.set_xticks(range(e))
     ax.set_yticks(range(len(layers)), names)
     ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("transformer layer (MoE)")
     for (i, j), val in np.ndenumerate(share):
         dark = val < (share.min() + share.max()) / 2
         ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w" if dark else "k", fontsize=7)
@@ -347,7 +310,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
         ax.bar(x + off, [100 * layer[m]["dropped_fraction"] for layer in layers], width=0.4,
                label=f"{m} capacity (factor {cf:g}, C={layers[0][m]['capacity']})")
     ax.set_xticks(x, names)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("transformer layer (MoE)")
     ax.set_ylabel("dropped assignments (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -360,7 +323,7 @@ def write_outputs(result: dict, out_dir: str, tokenizer=None) -> list[str]:
     ax.plot(x, [layer["eval"]["topk_prob"] for layer in layers], "^-", label=f"mean top-{result['top_k']} prob")
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("transformer layer (MoE)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(paths[3])

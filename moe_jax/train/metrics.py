@@ -104,6 +104,96 @@ def _series(records: Iterable[dict], kind: str, key: str, x: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def moe_layer_names(workdir: str, n: int) -> list[str]:
+    """Names of the run's `n` MoE layers by their transformer layer index ('layer 1', 'layer 3', ...), as the routing
+    tool names them; 'MoE layer j' when the run's config cannot be read or does not match."""
+    from moe_jax.train import checkpoint as ckpt_lib
+
+    try:
+        model = ckpt_lib.load_run(workdir, warn=lambda _: None).model
+        ids = [i for i in range(model.n_layers) if model.is_moe_layer(i)]
+    except Exception:  # plotting never fails a run: fall back to MoE-relative names
+        ids = []
+    return [f"layer {i}" for i in ids] if len(ids) == n else [f"MoE layer {j}" for j in range(n)]
+
+
+def _token_axis(ax) -> None:
+    """Engineering notation (1.2M) and at most 5 ticks on the x axis, so token counts never run together."""
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
+
+
+def _step_axis(ax) -> None:
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+def loss_figure(plt, records):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, x, label in zip(axes, ("step", "tokens", "wall_time"), ("optimizer step", "tokens", "wall time (s)")):
+        ax.plot(*_series(records, "train", "loss", x), label="train", alpha=0.8)
+        xs, ys = _series(records, "eval", "val_loss", x)
+        if xs:
+            ax.plot(xs, ys, "o-", label="validation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if x == "tokens":
+            _token_axis(ax)
+        elif x == "step":
+            _step_axis(ax)
+    fig.suptitle("loss")
+    return fig
+
+
+def throughput_figure(plt, records):
+    """Two panels, each labelled with its legend: tokens/s and MFU against wall time."""
+    from matplotlib import ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    xs, ys = _series(records, "train", "tokens_per_s", "wall_time")
+    axes[0].plot(xs, ys, color="tab:blue", label="tokens / s (train)")
+    axes[0].set_ylabel("tokens / s")
+    axes[0].yaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+    xs, ys = _series(records, "train", "mfu", "wall_time")
+    axes[1].plot(xs, [100 * y for y in ys], color="tab:orange", label="MFU (model FLOPs / peak)")
+    axes[1].set_ylabel("MFU (%)")
+    for ax, title in zip(axes, ("tokens per second", "model FLOPs utilisation")):
+        ax.set_xlabel("wall time (s)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("throughput")
+    return fig
+
+
+def expert_load_figure(plt, load, names):
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    steps = [r["step"] for r in load]
+    cv = np.asarray([r["moe/load_cv"] for r in load])  # [records, layers]
+    for j in range(cv.shape[1]):
+        axes[0].plot(steps, cv[:, j], label=names[j])
+    axes[0].set_xlabel("optimizer step")
+    _step_axis(axes[0])
+    axes[0].set_ylabel("expert load CV (carried)")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    last = np.asarray(load[-1]["moe/tokens_per_expert"], dtype=float)  # [layers, experts]
+    frac = last / last.sum(axis=1, keepdims=True)
+    im = axes[1].imshow(frac, aspect="auto", cmap="viridis")
+    axes[1].set_xticks(range(frac.shape[1]))
+    axes[1].set_yticks(range(frac.shape[0]), names)
+    axes[1].set_xlabel("expert")
+    axes[1].set_ylabel("transformer layer (MoE)")
+    axes[1].set_title(f"fraction of carried assignments per expert (step {steps[-1]})")
+    fig.colorbar(im, ax=axes[1])
+    return fig
+
+
 def plot(workdir: str) -> list[str]:
     """Write loss (vs steps, tokens, wall time), throughput and expert-load plots; returns the files written."""
     import matplotlib
@@ -115,60 +205,15 @@ def plot(workdir: str) -> list[str]:
         return []
     out_dir = os.path.join(workdir, PLOTS_DIR)
     os.makedirs(out_dir, exist_ok=True)
-    written = []
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, x, label in zip(axes, ("step", "tokens", "wall_time"), ("optimizer step", "tokens", "wall time (s)")):
-        ax.plot(*_series(records, "train", "loss", x), label="train", alpha=0.8)
-        xs, ys = _series(records, "eval", "val_loss", x)
-        if xs:
-            ax.plot(xs, ys, "o-", label="validation")
-        ax.set_xlabel(label)
-        ax.set_ylabel("cross-entropy (nats)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("loss")
-    fig.tight_layout()
-    written.append(os.path.join(out_dir, "loss.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(*_series(records, "train", "tokens_per_s", "wall_time"))
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("tokens / s")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    xs, ys = _series(records, "train", "mfu", "wall_time")
-    if xs:
-        ax2.plot(xs, [100 * y for y in ys], color="tab:orange", alpha=0.6)
-        ax2.set_ylabel("MFU (%)", color="tab:orange")
-    fig.suptitle("throughput")
-    fig.tight_layout()
-    written.append(os.path.join(out_dir, "throughput.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
+    figures = [("loss.png", loss_figure(plt, records)), ("throughput.png", throughput_figure(plt, records))]
     load = [r for r in records if r.get("kind") == "train" and "moe/tokens_per_expert" in r]
     if load:
-        fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-        steps = [r["step"] for r in load]
-        cv = np.asarray([r["moe/load_cv"] for r in load])  # [records, layers]
-        for layer in range(cv.shape[1]):
-            axes[0].plot(steps, cv[:, layer], label=f"MoE layer {layer}")
-        axes[0].set_xlabel("optimizer step")
-        axes[0].set_ylabel("expert load CV (carried)")
-        axes[0].legend(fontsize=7)
-        axes[0].grid(alpha=0.3)
-        last = np.asarray(load[-1]["moe/tokens_per_expert"], dtype=float)  # [layers, experts]
-        frac = last / last.sum(axis=1, keepdims=True)
-        im = axes[1].imshow(frac, aspect="auto", cmap="viridis")
-        axes[1].set_xlabel("expert")
-        axes[1].set_ylabel("MoE layer")
-        axes[1].set_title(f"fraction of carried assignments per expert (step {steps[-1]})")
-        fig.colorbar(im, ax=axes[1])
+        names = moe_layer_names(workdir, len(load[-1]["moe/tokens_per_expert"]))
+        figures.append(("expert_load.png", expert_load_figure(plt, load, names)))
+    written = []
+    for name, fig in figures:
         fig.tight_layout()
-        written.append(os.path.join(out_dir, "expert_load.png"))
+        written.append(os.path.join(out_dir, name))
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written

@@ -48,10 +48,10 @@ def restore_train_state(workdir: str, run, mesh, step: int | None = None, log=_n
     return graphdef, state, step
 
 
-def load_for_inference(workdir: str, step: int | None = None, mesh=None):
+def load_for_inference(workdir: str, step: int | None = None, mesh=None, run=None):
     """(run, graphdef, params, tokenizer, step) from a run directory, for evaluation and generation (run: its
-    config.json parsed, checkpoint.load_run)."""
-    run = ckpt_lib.load_run(workdir)
+    config.json parsed, checkpoint.load_run, unless the caller has already parsed it)."""
+    run = ckpt_lib.load_run(workdir) if run is None else run
     mesh = inference_mesh(run.mesh) if mesh is None else mesh
     graphdef, state, step = restore_train_state(workdir, run, mesh, step)
     tokenizer = data.load_tokenizer(os.path.join(workdir, ckpt_lib.TOKENIZER_FILE))
