@@ -428,7 +428,7 @@ def test_invalid_config_json_resumes_from_the_history_else_one_line(reference, t
     path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
     text = open(path).read()
     open(path, "w").write(text[:len(text) // 2])
-    summary = trainer.train(smoke_config(cache_dir, **dict(REF, steps=9)), workdir)
+    summary = trainer.train(smoke_run_config(cache_dir, **dict(REF, steps=9)), workdir)
     assert summary["step"] == 9
     warnings = [x for x in capsys.readouterr().err.splitlines() if "not valid JSON" in x]
     assert len(warnings) == 1 and "config_history.jsonl" in warnings[0]
@@ -436,7 +436,7 @@ def test_invalid_config_json_resumes_from_the_history_else_one_line(reference, t
     open(path, "w").write(text[:len(text) // 2])
     os.remove(os.path.join(workdir, ckpt_lib.CONFIG_HISTORY_FILE))
     with pytest.raises(config_lib.ConfigError, match="config.json is not valid JSON"):
-        trainer.train(smoke_config(cache_dir, **dict(REF, steps=10)), workdir)
+        trainer.train(smoke_run_config(cache_dir, **dict(REF, steps=10)), workdir)
     p = _run("moe_jax.eval", ["--workdir", workdir], cache_dir)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2 and err.strip().splitlines() == [err.strip()], err
