@@ -68,7 +68,7 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path):
     smoke = os.path.join(ROOT, "configs", "smoke.py")
     for args, words in (([], "--config: --mode step needs a config file"),
                         (["--config", smoke, "--config.moe.nope=3"],
-                         "--config.moe.nope: moe.nope is not a config field"),
+                         "--config.moe.nope: moe has no field 'nope'"),
                         (["--config", smoke, "--baseline", smoke, "--baseline.nope=1"], "--baseline.nope"),
                         (["--mode", "decode", "--config", smoke, "--steps", "3", "--rows", "8"],
                          "--rows, --steps: not read by --mode decode, which reads --config, --batch"),

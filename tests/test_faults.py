@@ -406,8 +406,8 @@ def _run(module, args, cache_dir, **kw):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--config", "configs/smoke.py", "--config.model.nope=1"], "--config.model.nope: model.nope is not a config"),
-    (["--config", "configs/smoke.py", "--config.nope.x=1"], "--config.nope.x: nope.x is not a config field"),
+    (["--config", "configs/smoke.py", "--config.model.nope=1"], "--config.model.nope: model has no field 'nope'"),
+    (["--config", "configs/smoke.py", "--config.nope.x=1"], "--config.nope.x: the --config file has no field 'nope'"),
     (["--config", "configs/missing.py"], "--config configs/missing.py: no such file"),
     (["--config", "configs/smoke.py", "--config.optim.muon_lr=inf"], "config.optim.muon_lr: must be a finite"),
     (["--config", "configs/smoke.py", "--workdir", "README.md"], "--workdir README.md: is a file"),
