@@ -143,7 +143,7 @@ def test_routes_are_reported_per_moe_layer_only_when_asked(remat):
     """routes=True adds aux['routes'] (each MoE layer's route record, stacked) and the detail metrics, the same with
     rematerialisation; the logits and every other aux entry are unchanged."""
     c = tiny_config("moe", remat=remat)
-    graphdef, params = model.init_params(c)
+    graphdef, params = model.init_params(c.model, c.seed)
     tokens = random_tokens(seed=3)
     f = jax.jit(lambda p, routes: model.apply(graphdef, p, tokens, routes=routes), static_argnums=1)
     (logits, aux, _), (logits_r, aux_r, _) = f(params, False), f(params, True)
@@ -157,8 +157,8 @@ def test_routes_are_reported_per_moe_layer_only_when_asked(remat):
         np.testing.assert_array_equal(np.bincount(np.asarray(aux_r["routes"]["expert_index"][li]).ravel(),
                                                   minlength=e), aux["tokens_per_expert_demand"][li])
     if remat:
-        _, plain, _ = jax.jit(lambda p: model.apply(model.init_params(tiny_config("moe"))[0], p, tokens,
-                                                    routes=True))(params)
+        plain_graphdef, _ = model.abstract(tiny_config("moe").model)
+        _, plain, _ = jax.jit(lambda p: model.apply(plain_graphdef, p, tokens, routes=True))(params)
         jax.tree.map(np.testing.assert_array_equal, aux_r["routes"], plain["routes"])
 
 
