@@ -25,7 +25,8 @@ import sys
 from absl import flags, logging
 
 from moe_jax import cli
-from moe_jax.config import typed
+from moe_jax.config import runs, typed
+from moe_jax.train import preemption
 
 FLAGS = flags.FLAGS
 
@@ -66,12 +67,16 @@ def distributed_args(distributed: bool, coordinator_address: str | None, num_pro
 
 
 def main(argv):
+    preemption.SignalWatcher().start()  # from here on a signal ends the run with EXIT_PREEMPTED and one line
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     config = cli.config_value()
     if FLAGS.restore_step is not None and FLAGS.restore_step < 0:
         cli.fail(f"--restore_step: must be a checkpoint step >= 0, got {FLAGS.restore_step}")
+    if FLAGS.workdir is not None and not FLAGS.workdir.strip():
+        cli.fail("--workdir: empty; give a directory (created if missing), or leave the flag out for "
+                 f"runs/{config.name}")
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     if "://" in workdir:
         cli.fail(f"--workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
@@ -84,8 +89,11 @@ def main(argv):
         cli.fail(str(e))
     if init_args is not None:  # before anything asks JAX for its backend (parse does, to resolve 'auto')
         import jax
+        preemption.set_phase("connecting to the other processes")
         jax.distributed.initialize(**init_args)
+    preemption.set_phase("checking the config")
     run = typed.parse(config)  # the one validation; a ConfigError exits with status 2 (cli.run)
+    runs.check_allow(FLAGS.allow_config_change, run)
     from moe_jax.train import checkpoint as ckpt_lib
     from moe_jax.train import loop as trainer  # heavy imports only after the config is known to be good
     try:
@@ -96,7 +104,7 @@ def main(argv):
     except (ckpt_lib.CheckpointError, trainer.NonFiniteError) as e:
         cli.fail(str(e), cli.EXIT_ERROR)
     print(f"done: step {summary['step']}, workdir {workdir}, "
-          f"val_loss {summary.get('val_loss', float('nan')):.4f}")
+          f"val_loss {summary.get('val_loss', float('nan')):.4f}; {trainer.tensorboard_hint(workdir)}")
     if summary.get("stop_reason") and not summary["finished"]:
         sys.exit(trainer.EXIT_PREEMPTED)  # stopped by a signal/maintenance event after saving: resubmit to resume
 
