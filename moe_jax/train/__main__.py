@@ -10,7 +10,9 @@ newer steps are moved to checkpoints_set_aside/). Only safe config changes are a
 
 Exit status: 0 finished (or stopped by --config.train.steps being reached); 2 bad input (a config field, flag,
 workdir, a changed config on resume, a workdir held by another trainer); 3 stopped by SIGTERM/SIGINT before
-train.steps, after saving (resubmit the same command to resume); 1 anything else (a non-finite step, a failed save,
+train.steps, after saving, or by a signal before the train loop began (nothing to save; resubmit the same command
+to resume); 4 another process of a several-process job was lost (killed, out of memory: no heartbeat for 30 s;
+resubmit the whole job); 1 anything else (a non-finite step, a failed save,
 no usable checkpoint: one `error:` line; other failures with their traceback).
 
 Several processes (one per host, or per GPU): run the same command everywhere with --distributed (Cloud TPU, SLURM
@@ -91,6 +93,7 @@ def main(argv):
         import jax
         preemption.set_phase("connecting to the other processes")
         jax.distributed.initialize(**init_args)
+        watchdog = preemption.PeerWatchdog().start()  # a lost process ends the others in one line (EXIT_PEER_LOST)
     preemption.set_phase("checking the config")
     run = typed.parse(config)  # the one validation; a ConfigError exits with status 2 (cli.run)
     runs.check_allow(FLAGS.allow_config_change, run)
@@ -103,6 +106,10 @@ def main(argv):
         cli.fail(str(e))
     except (ckpt_lib.CheckpointError, trainer.NonFiniteError) as e:
         cli.fail(str(e), cli.EXIT_ERROR)
+    except Exception:
+        if init_args is not None:  # a collective failing because a peer died: the watchdog names it and exits
+            watchdog.settle()
+        raise
     print(f"done: step {summary['step']}, workdir {workdir}, "
           f"val_loss {summary.get('val_loss', float('nan')):.4f}; {trainer.tensorboard_hint(workdir)}")
     if summary.get("stop_reason") and not summary["finished"]:

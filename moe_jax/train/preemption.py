@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import urllib.request
 
 # The exit status of `python -m moe_jax.train` when a signal or maintenance event stopped it before train.steps
@@ -182,6 +183,70 @@ class AgreedStop:
         if requests:
             self.reason = "; ".join(f"process {k.rsplit('/', 1)[-1]}: {v}" for k, v in requests)
         return bool(requests)
+
+
+# The exit status of a process whose peer process stopped answering (killed, out of memory, host down): the job's
+# other processes cannot go on without it; resubmitting the whole job resumes from the newest checkpoint.
+EXIT_PEER_LOST = 4
+HEARTBEAT_EVERY_S = 2.0
+PEER_TIMEOUT_S = 30.0  # well before the runtime's own failure (~75 s, then a 61-line dump of its state)
+
+
+class PeerWatchdog:
+    """With several processes: a daemon thread that beats a counter of this process in the coordination service's
+    key-value store every `every_s` and reads everyone's; a process whose counter has not moved for `timeout_s`
+    (or a coordinator that has not answered for as long) is lost: one `error:` line on stderr names it and this
+    process ends with EXIT_PEER_LOST (os._exit: the main thread may be waiting in a collective that never returns).
+    jax.distributed has no callback for a missed heartbeat; without this, the survivors hung until the runtime
+    aborted with a dump of its state. The counters need the GIL only for microseconds every `every_s`."""
+
+    PREFIX = "moe_jax/heartbeat/"
+
+    def __init__(self, every_s: float = HEARTBEAT_EVERY_S, timeout_s: float = PEER_TIMEOUT_S):
+        import jax
+
+        self.every_s, self.timeout_s = every_s, timeout_s
+        self.index, self.count = jax.process_index(), jax.process_count()
+
+    def start(self) -> "PeerWatchdog":
+        threading.Thread(target=self._run, args=(_client(),), name="peer-watchdog", daemon=True).start()
+        return self
+
+    def _run(self, client) -> None:
+        start = last_answer = time.monotonic()
+        seen = {i: (None, start) for i in range(self.count) if i != self.index}  # process -> (counter, when it moved)
+        while True:
+            now = time.monotonic()
+            try:
+                client.key_value_increment(f"{self.PREFIX}{self.index}", 1)
+                beats = dict(client.key_value_dir_get(self.PREFIX))
+            except Exception as e:  # the coordination service (in process 0) does not answer
+                if now - last_answer > self.timeout_s:
+                    self.lost(0, f"the coordinator did not answer for {now - last_answer:.0f} s: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                time.sleep(self.every_s)
+                continue
+            last_answer = now
+            for i, (value, since) in seen.items():
+                beat = beats.get(f"{self.PREFIX}{i}")
+                if beat != value:
+                    seen[i] = (beat, now)
+                elif now - since > self.timeout_s:
+                    self.lost(i, f"no heartbeat for {now - since:.0f} s")
+            time.sleep(self.every_s)
+
+    def settle(self) -> None:
+        """Wait long enough for the watchdog to judge the peers (call it on an error that a lost peer may have
+        caused, e.g. a collective's 'connection reset by peer'): returns if every peer is still alive; ends the
+        process with EXIT_PEER_LOST and the one line otherwise."""
+        time.sleep(self.timeout_s + 2 * self.every_s)
+
+    def lost(self, process: int, why: str) -> None:
+        sys.stdout.flush()
+        print(f"error: process {process} of {self.count} was lost ({why}: killed, out of memory or its host is "
+              f"down); process {self.index} stops too with exit status {EXIT_PEER_LOST}: resubmit the whole job to "
+              "resume from the newest checkpoint", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
 
 
 MAINTENANCE_URL = "http://metadata.google.internal/computeMetadata/v1/instance/maintenance-event"
