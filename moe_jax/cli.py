@@ -10,7 +10,8 @@ exit codes.
 - Errors: one line `error: <what is wrong, naming the flag or field, and the fix>` on stderr (`fail`).
 - Exit codes: 0 success; 2 bad input or usage (a bad flag or flag value, a config that does not validate, a missing
   input the user named); 1 anything else (an uncaught exception, with its traceback). moe_jax.train adds 3: stopped
-  by a signal before train.steps, after saving (trainer.EXIT_PREEMPTED; README "Resuming, faults and exit codes").
+  by a signal before train.steps (trainer.EXIT_PREEMPTED), 4 another process of the job was lost
+  (preemption.EXIT_PEER_LOST; README "Resuming, faults and exit codes").
 """
 
 from __future__ import annotations

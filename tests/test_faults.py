@@ -399,8 +399,9 @@ def test_nonfinite_config_floats_are_refused():
             run_config("smoke", **{field: value})
 
 
-def _run(module, args, cache_dir, **kw):
-    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def _run(module, args, cache_dir, extra_env=None, **kw):
+    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               **(extra_env or {}))
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
@@ -411,9 +412,16 @@ def _run(module, args, cache_dir, **kw):
     (["--config", "configs/missing.py"], "--config configs/missing.py: no such file"),
     (["--config", "configs/smoke.py", "--config.optim.muon_lr=inf"], "config.optim.muon_lr: must be a finite"),
     (["--config", "configs/smoke.py", "--workdir", "README.md"], "--workdir README.md: is a file"),
+    (["--config", "configs/smoke.py", "--workdir="], "--workdir: empty; give a directory"),
+    (["--config", "configs/smoke.py", "--allow_config_change=optim.muon_lrr"],
+     "--allow_config_change: 'optim.muon_lrr' is not a config field or section; did you mean 'optim.muon_lr'?"),
+    (["--config", "configs/smoke.py", "--allow_config_change=optim,trian"], "did you mean 'train'?"),
+    # the compiled step needs ~2.3 TB (XLA's memory analysis): refused before step 1, not killed by the OOM killer
+    (["--config", "configs/smoke.py", "--config.train.batch_size=1048576"],
+     "GiB per device but the host's available memory"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, cache_dir, args, needle):
-    if "--workdir" not in args:
+    if not any(a.startswith("--workdir") for a in args):
         args = args + ["--workdir", str(tmp_path / "w")]
     p = _run("moe_jax.train", args, cache_dir)
     out, err = p.communicate(timeout=300)
@@ -451,6 +459,89 @@ def test_eval_negative_batches_is_one_line_and_status_2(tmp_path, cache_dir):
 
 # ---------------------------------------------------------------------------------------------------------------
 # One writer per workdir; a signal exits with status 3; kill -9 in a loop resumes exactly
+
+
+def test_memory_check_refuses_a_step_over_the_limit_in_one_line(tmp_path, cache_dir, monkeypatch):
+    """The compiled memory (arguments + outputs - aliased + temporaries) against a faked device limit."""
+    from moe_jax.train import step as step_lib
+    limits = []
+    monkeypatch.setattr(step_lib, "device_memory_limit", lambda device: (limits[-1], "the test's limit"))
+    run = smoke_run_config(cache_dir, steps=1)
+    memory = {"argument_size_in_bytes": 3 << 20, "output_size_in_bytes": 2 << 20, "alias_size_in_bytes": 2 << 20,
+              "temp_size_in_bytes": 5 << 20, "generated_code_size_in_bytes": 1}
+    assert step_lib.memory_needed(memory) == 8 << 20
+    limits.append(8 << 20)
+    step_lib.check_memory(memory, jax.devices()[0])  # exactly fits
+    limits.append((8 << 20) - 1)
+    with pytest.raises(config_lib.ConfigError) as e:
+        step_lib.check_memory(memory, jax.devices()[0])
+    message = str(e.value)
+    assert message.splitlines() == [message] and "needs 8.0 MiB per device but the test's limit is 8.0 MiB" in message
+    assert "config.train.batch_size" in message and "config.model.remat=True" in message
+    limits.append(1 << 20)  # the trainer checks its real compiled step before touching the state
+    with pytest.raises(config_lib.ConfigError, match="compiled train step needs .* but the test's limit is 1.0 MiB:"):
+        trainer.train(run, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / ckpt_lib.CONFIG_FILE)  # refused before anything was written
+
+
+def test_host_memory_limit_is_the_available_memory():
+    from moe_jax.train import step as step_lib
+    limit, what = step_lib.device_memory_limit(jax.local_devices()[0])
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < limit * jax.local_device_count() <= total and "available memory" in what
+
+
+def _run_until(args, cache_dir, line_start, extra_env=None):
+    """Start `python -m moe_jax.train args`; return (process, stdout lines read) once a line starts with line_start."""
+    p = _run("moe_jax.train", args, cache_dir, extra_env)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(line_start):
+            return p, lines
+    raise AssertionError(f"no line {line_start!r}: " + "".join(lines) + p.communicate()[1][-2000:])
+
+
+def test_sigterm_while_compiling_exits_3_in_one_line(tmp_path, cache_dir):
+    """Compiling is the long phase a preemption hits on real hardware: status 3 (resubmit), one line, at once."""
+    workdir = str(tmp_path / "w")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.progress_bar=False"]
+    # without the persistent compilation cache the tests share, so the compile takes its real time
+    p, lines = _run_until(args, cache_dir, "compiling the train step ...", {"JAX_ENABLE_COMPILATION_CACHE": "false"})
+    try:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == trainer.EXIT_PREEMPTED == 3, err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted by SIGTERM while compiling the train step: nothing was being saved (the newest checkpoint, if "
+        "any, is intact); exit status 3: run the same command to resume"), err
+    assert "interrupted" not in out and not os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+@pytest.mark.slow  # a training subprocess with ~3 s steps
+def test_sigint_during_a_long_step_is_acknowledged_before_it_ends(tmp_path, cache_dir):
+    workdir = str(tmp_path / "w")
+    args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.progress_bar=False",
+            "--config.train.log_every=1", "--config.train.batch_size=64", "--config.train.seq_len=256",
+            "--config.train.steps=1000", "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000"]
+    p, lines = _run_until(args, cache_dir, "step 2:")
+    try:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 3, err
+    out = out.splitlines()
+    ack = [i for i, x in enumerate(out) if x.startswith("stop requested (SIGINT): saving after step ")]
+    assert len(ack) == 1, out
+    n = int(out[ack[0]].split("saving after step ")[1].split(",")[0])
+    logged = [i for i, x in enumerate(out) if x.startswith(f"step {n}:")]
+    assert logged and ack[0] < logged[0], out  # acknowledged while step n was still running
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).latest_step() == n
 
 
 def _wait_for_steps(p, workdir, n, timeout=300):

@@ -186,3 +186,38 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, cache_dir):
     a, b = train_losses(workdir), train_losses(runs[2])
     assert sorted(a) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([a[s] for s in range(1, STEPS + 1)], [b[s] for s in range(1, STEPS + 1)], rtol=2e-5)
+
+
+@pytest.mark.slow  # a 2-process training run and a 30 s heartbeat timeout
+def test_kill_9_of_one_process_ends_the_other_in_one_line(tmp_path, cache_dir):
+    """The survivor's collective fails (or hangs); its peer watchdog names the lost process within
+    preemption.PEER_TIMEOUT_S and exits with EXIT_PEER_LOST, instead of a traceback or the runtime's abort ~75 s later
+    with a dump of its state. (A lost process 0 takes the coordination service with it: the runtime aborts the
+    survivors at once from C++, which no Python code can intercept: docs/reliability.md.)"""
+    from moe_jax.train import preemption
+    workdir = str(tmp_path / "killed")
+    procs = launch(2, workdir, cache_dir, ["--config.train.steps=100000", "--config.train.eval_every=100000",
+                                           "--config.train.checkpoint_every=100000"])
+    try:
+        deadline = time.time() + 240
+        metrics = os.path.join(workdir, metrics_lib.METRICS_FILE)
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if os.path.exists(metrics) and len(metrics_lib.read(workdir)) >= 2:
+                break
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in procs), logs(workdir, 2)
+        procs[1].kill()
+        killed = time.time()
+        code = procs[0].wait(timeout=preemption.PEER_TIMEOUT_S + 60)
+        took = time.time() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log = open(f"{workdir}.p0.log").read()
+    assert code == preemption.EXIT_PEER_LOST == 4, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        "error: process 1 of 2 was lost (no heartbeat for 30 s: killed, out of memory or its host is down); process 0 "
+        "stops too with exit status 4: resubmit the whole job to resume from the newest checkpoint"), log[-3000:]
+    assert "Traceback" not in log and "Check failure" not in log, log[-3000:]
+    assert took < preemption.PEER_TIMEOUT_S + 20, took

@@ -67,3 +67,57 @@ def test_maintenance_watcher_without_a_metadata_server_does_nothing():
     watcher = preemption.MaintenanceWatcher(local, url="http://127.0.0.1:9/none", timeout_s=2).start()
     watcher.thread.join(timeout=10)
     assert not watcher.thread.is_alive() and watcher.error and local.reason is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SignalWatcher: a signal is acted on while the main thread is blocked (in a subprocess: it installs process-wide
+# handlers and may end the process)
+
+_WATCHED = """
+import sys, time
+from moe_jax.train import preemption
+preemption.SignalWatcher().start()
+if sys.argv[1] == "loop":
+    with preemption.LocalStop() as local:
+        local.next_check = 7
+        print("ready", flush=True)
+        time.sleep(4)  # the main thread is busy (a Python handler would run only after this call)
+        print("woke", local.reason, flush=True)
+else:
+    preemption.set_phase("compiling the train step")
+    print("ready", flush=True)
+    time.sleep(30)
+    print("not interrupted", flush=True)
+"""
+
+
+def _watched(mode, sig):
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", _WATCHED, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline() == "ready\n"
+    sent = time.time()
+    p.send_signal(sig)
+    first = p.stdout.readline()
+    acted = time.time() - sent
+    out, err = p.communicate(timeout=60)
+    return p.returncode, first + out, err, acted
+
+
+def test_a_signal_outside_the_loop_exits_3_at_once_naming_the_phase():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        rc, out, err, acted = _watched("phase", sig)
+        assert rc == preemption.EXIT_PREEMPTED == 3, err
+        assert out == "" and acted < 10, (out, acted)  # long before the 30 s sleep ends
+        assert err.splitlines() == [
+            f"interrupted by {sig.name} while compiling the train step: nothing was being saved (the newest "
+            "checkpoint, if any, is intact); exit status 3: run the same command to resume"], err
+
+
+def test_a_signal_in_the_loop_is_acknowledged_while_the_main_thread_is_busy():
+    rc, out, err, acted = _watched("loop", signal.SIGINT)
+    assert rc == 0, err
+    assert out.splitlines() == ["stop requested (SIGINT): saving after step 7, then exiting with status 3",
+                                "woke signal SIGINT"], out
+    assert acted < 3, acted  # the acknowledgement came before the 4 s call returned

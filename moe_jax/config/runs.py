@@ -64,6 +64,21 @@ def allowed(field: str, allow) -> bool:
     return any(field == a or field.startswith(a + ".") for a in allow)
 
 
+def check_allow(allow, config) -> None:
+    """Every name in `allow` (--allow_config_change) must be a field ('optim.muon_lr') or a section ('optim') of
+    `config` (any form `comparable` takes): raise ConfigError naming the first that is not, and the nearest real one."""
+    import difflib
+
+    fields = set(comparable(config))
+    names = sorted(fields | {f.split(".", 1)[0] for f in fields if "." in f})
+    for a in allow:
+        if a not in names:
+            near = difflib.get_close_matches(a, names, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"--allow_config_change: {a!r} is not a config field or section; {hint}name fields as "
+                              "section.field (e.g. optim.muon_lr) or whole sections (e.g. optim)")
+
+
 def check_resume(saved, config, allow=(), log=print) -> list[str]:
     """Compare the config of a resumed run with the run's saved one. Safe changes (SAFE_FIELDS) and those named in
     `allow` (fields or whole sections, e.g. ('optim.muon_lr', 'optim.adamw_lr') or ('optim',)) are printed through

@@ -10,7 +10,9 @@ newer steps are moved to checkpoints_set_aside/). Only safe config changes are a
 
 Exit status: 0 finished (or stopped by --config.train.steps being reached); 2 bad input (a config field, flag,
 workdir, a changed config on resume, a workdir held by another trainer); 3 stopped by SIGTERM/SIGINT before
-train.steps, after saving (resubmit the same command to resume); 1 anything else (a non-finite step, a failed save,
+train.steps, after saving, or by a signal before the train loop began (nothing to save; resubmit the same command
+to resume); 4 another process of a several-process job was lost (killed, out of memory: no heartbeat for 30 s;
+resubmit the whole job); 1 anything else (a non-finite step, a failed save,
 no usable checkpoint: one `error:` line; other failures with their traceback).
 
 Several processes (one per host, or per GPU): run the same command everywhere with --distributed (Cloud TPU, SLURM
@@ -25,7 +27,8 @@ import sys
 from absl import flags, logging
 
 from moe_jax import cli
-from moe_jax.config import typed
+from moe_jax.config import runs, typed
+from moe_jax.train import preemption
 
 FLAGS = flags.FLAGS
 
@@ -66,12 +69,16 @@ def distributed_args(distributed: bool, coordinator_address: str | None, num_pro
 
 
 def main(argv):
+    preemption.SignalWatcher().start()  # from here on a signal ends the run with EXIT_PREEMPTED and one line
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     config = cli.config_value()
     if FLAGS.restore_step is not None and FLAGS.restore_step < 0:
         cli.fail(f"--restore_step: must be a checkpoint step >= 0, got {FLAGS.restore_step}")
+    if FLAGS.workdir is not None and not FLAGS.workdir.strip():
+        cli.fail("--workdir: empty; give a directory (created if missing), or leave the flag out for "
+                 f"runs/{config.name}")
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     if "://" in workdir:
         cli.fail(f"--workdir {workdir}: must be a local or mounted directory (config, metrics, plots and the "
@@ -84,8 +91,12 @@ def main(argv):
         cli.fail(str(e))
     if init_args is not None:  # before anything asks JAX for its backend (parse does, to resolve 'auto')
         import jax
+        preemption.set_phase("connecting to the other processes")
         jax.distributed.initialize(**init_args)
+        watchdog = preemption.PeerWatchdog().start()  # a lost process ends the others in one line (EXIT_PEER_LOST)
+    preemption.set_phase("checking the config")
     run = typed.parse(config)  # the one validation; a ConfigError exits with status 2 (cli.run)
+    runs.check_allow(FLAGS.allow_config_change, run)
     from moe_jax.train import checkpoint as ckpt_lib
     from moe_jax.train import loop as trainer  # heavy imports only after the config is known to be good
     try:
@@ -95,8 +106,12 @@ def main(argv):
         cli.fail(str(e))
     except (ckpt_lib.CheckpointError, trainer.NonFiniteError) as e:
         cli.fail(str(e), cli.EXIT_ERROR)
+    except Exception:
+        if init_args is not None:  # a collective failing because a peer died: the watchdog names it and exits
+            watchdog.settle()
+        raise
     print(f"done: step {summary['step']}, workdir {workdir}, "
-          f"val_loss {summary.get('val_loss', float('nan')):.4f}")
+          f"val_loss {summary.get('val_loss', float('nan')):.4f}; {trainer.tensorboard_hint(workdir)}")
     if summary.get("stop_reason") and not summary["finished"]:
         sys.exit(trainer.EXIT_PREEMPTED)  # stopped by a signal/maintenance event after saving: resubmit to resume
 

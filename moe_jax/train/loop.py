@@ -64,6 +64,27 @@ def log(msg: str) -> None:
         sys.stdout.flush()
 
 
+def begin(phase: str) -> None:
+    """Say what the trainer starts doing now (a phase that may take minutes), in the log and for the message of a
+    signal arriving during it (preemption.SignalWatcher)."""
+    preemption.set_phase(phase)
+    log(f"{phase} ...")
+
+
+def describe_config(run) -> str:
+    """The resolved config, one line per section ('model: d_model=64, n_layers=2, ...'; top-level fields first): the
+    values config.json records, in a form that fits a terminal."""
+    d = run.to_dict()
+    top = ", ".join(f"{k}={v!r}" for k, v in d.items() if not isinstance(v, dict))
+    lines = [f"config: {top}"] + [f"  {k}: " + ", ".join(f"{f}={x!r}" for f, x in v.items())
+                                   for k, v in d.items() if isinstance(v, dict)]
+    return "\n".join(lines)
+
+
+def tensorboard_hint(workdir: str) -> str:
+    return f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')}"
+
+
 def check_batch_fits_mesh(train, mesh) -> None:
     """train.batch_size (a TrainConfig's) must split over the mesh's batch shards (data x expert)."""
     shards = mesh.shape["data"] * mesh.shape["expert"]
@@ -171,6 +192,7 @@ def _train(run, workdir, checkpointer, max_steps_this_run, devices, restore_step
     finally:
         if setup.writer is not None:
             setup.writer.close()
+    preemption.set_phase(f"writing the summary (step {progress.step} is saved)")
     return _summary(setup, progress)
 
 
@@ -180,12 +202,14 @@ def _setup(run, workdir, checkpointer, devices, allow) -> tuple[Setup, dict]:
     mesh = sharding_lib.build_mesh(run.mesh, devices)
     check_batch_fits_mesh(run.train, mesh)
     t = run.train
+    log(describe_config(run))
     log(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)")
     log(resolve_lib.describe(run.precision()))  # config.json records the resolved values
     if checkpointer.all_steps() and os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
         # the resolved config against the run's (also resolved): before anything is written to the workdir
         workdir_lib.check_resume_config(ckpt_lib.load_config(workdir), run, allow, log)
 
+    begin("preparing data")
     ds = data.build(run)
     if ds.tokenizer.vocab_size != run.model.vocab_size:
         raise config_lib.ConfigError(f"config.model.vocab_size: {run.model.vocab_size} differs from the "
@@ -197,10 +221,13 @@ def _setup(run, workdir, checkpointer, devices, allow) -> tuple[Setup, dict]:
     example = next(iter(ds.val_batches(t.batch_size)))
     train_like = step_lib.batch_like(example, t.rows_per_step)
     eval_like = step_lib.batch_like(example, t.batch_size)
+    begin("compiling the train step")
     compiled = step_lib.compile_steps(t, graphdef, abstract_state, opt, mesh, train_like, eval_like)
     if compiled.memory:
-        log("compiled train step memory per device: " + ", ".join(
-            f"{k.replace('_size_in_bytes', '')} {v / 2**20:.1f} MiB" for k, v in compiled.memory.items()))
+        log(f"compiled train step memory per device: {step_lib.format_bytes(step_lib.memory_needed(compiled.memory))}"
+            " (" + ", ".join(f"{k.replace('_size_in_bytes', '')} {step_lib.format_bytes(v)}"
+                             for k, v in compiled.memory.items()) + ")")
+    step_lib.check_memory(compiled.memory, next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
     val_batches = list(ds.val_batches(t.batch_size))
     if t.eval_batches:
         val_batches = val_batches[:t.eval_batches]
@@ -218,6 +245,7 @@ def _restore_or_init(setup: Setup, opt, restore_step) -> tuple[dict, dict, int]:
     run, workdir, mesh, compiled = setup.run, setup.workdir, setup.mesh, setup.compiled
     meta: dict = {}
     if setup.checkpointer.latest_step() is not None:
+        preemption.set_phase(f"restoring step {setup.checkpointer.latest_step()}")
         with jax.set_mesh(mesh):
             state, meta, start = ckpt_lib.restore_verified(
                 setup.checkpointer, compiled.abstract_state, restore_step,
@@ -226,6 +254,7 @@ def _restore_or_init(setup: Setup, opt, restore_step) -> tuple[dict, dict, int]:
             metrics_lib.truncate_after(workdir, start)
         log(f"resumed from step {start} of {run.train.steps}")
     else:
+        preemption.set_phase("initialising the parameters")
         with jax.set_mesh(mesh):
             state = step_lib.init_sharded_state(run.model, run.seed, opt, compiled.state_sharding)
         start = 0
@@ -243,6 +272,7 @@ def _start(setup: Setup, state, meta: dict, start: int, max_steps_this_run) -> P
     log(f"params: total {setup.counts['total']:,}, active {setup.counts['active']:,}; training FLOPs/token "
         f"{setup.flops_per_token:.4g}; peak {setup.peak:.3g} TFLOP/s ({peak_source})")
     setup.writer = metrics_lib.MetricsWriter(setup.workdir, enabled=setup.is_main)
+    log(tensorboard_hint(setup.workdir))
     stop_at = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
     return Progress(state=state, step=start, stop_at=stop_at, wall0=float(meta.get("wall_time", 0.0)),
                     best=float(meta.get("best_val_loss", float("inf"))))
@@ -258,6 +288,7 @@ def _loop(setup: Setup, p: Progress) -> None:
             stop = preemption.AgreedStop(local, every=STOP_CHECK_EVERY,
                                          run_key=f"{os.path.abspath(setup.workdir)}@{p.step}")
             watch_maintenance_events(local)
+            local.next_check = stop.next_check(p.step)
             stopping = False
             while p.step < p.stop_at and not stopping:
                 batch = step_lib.to_global(next(setup.ds.train_iter), compiled.batch_sharding)
@@ -269,6 +300,7 @@ def _loop(setup: Setup, p: Progress) -> None:
                     _fetch(setup, p, bar, inflight=m)
                 p.pending = (p.step, m)
                 stopping = stop.check(p.step)
+                local.next_check = stop.next_check(p.step)
                 _cadence(setup, p, bar, stopping)
             if p.pending is not None:
                 _fetch(setup, p, bar)

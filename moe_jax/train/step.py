@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -26,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe_jax.config import schema as config_lib
 from moe_jax.model import transformer as model_lib
 from moe_jax import sharding as sharding_lib
 
@@ -193,6 +195,61 @@ def _memory(compiled) -> dict:
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
               "generated_code_size_in_bytes")
     return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
+
+
+def format_bytes(n: float) -> str:
+    """'17.2 MiB', '2.30 GiB'."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def memory_needed(memory: dict) -> int:
+    """Bytes one device needs to run a compiled step, from its memory analysis (`Compiled.memory`): arguments +
+    outputs - aliased (the donated state's buffers are reused for the new state) + temporaries."""
+    return (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
+            - memory.get("alias_size_in_bytes", 0) + memory.get("temp_size_in_bytes", 0))
+
+
+def _host_available_bytes() -> int | None:
+    """The host's available memory: MemAvailable of /proc/meminfo (Linux), else free pages (os.sysconf)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_memory_limit(device) -> tuple[int | None, str]:
+    """(bytes one device may use, what they are): on GPU/TPU the device's memory_stats()['bytes_limit']; on CPU the
+    host's available memory shared by the process's CPU devices. (None, ...) when unknown."""
+    if device.platform != "cpu":
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except Exception:  # a backend without memory statistics
+            limit = None
+        return (int(limit) if limit else None), f"{device.platform} device {device.id}'s memory"
+    available = _host_available_bytes()
+    n = max(1, len([d for d in jax.local_devices() if d.platform == "cpu"]))
+    share = "" if n == 1 else f" shared by {n} CPU devices"
+    return (None if available is None else available // n), f"the host's available memory{share}"
+
+
+def check_memory(memory: dict, device) -> None:
+    """Refuse (ConfigError: one line naming the fields to change) a compiled step (`Compiled.memory`) needing more
+    than `device_memory_limit(device)`."""
+    needed = memory_needed(memory) if memory else 0
+    available, what = device_memory_limit(device)
+    if available is None or needed <= available:
+        return
+    raise config_lib.ConfigError(
+        f"the compiled train step needs {format_bytes(needed)} per device but {what} is {format_bytes(available)}: "
+        "lower config.train.batch_size (raise train.grad_accum to keep the tokens per step), set "
+        "config.model.remat=True, or use a machine with more memory")
 
 
 def fresh_state(model, seed: int, optimizer) -> dict:
