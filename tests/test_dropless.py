@@ -263,6 +263,7 @@ def loss_and_grads(config, mesh_shape, devices):
     return float(loss), jax.device_get(aux), jax.device_get(grads), compiled.as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (2, 2, 2)])
 def test_expert_parallel_equals_one_device_and_exchanges_with_all_to_all(mesh_shape):
     c = ep_config()

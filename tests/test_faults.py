@@ -65,6 +65,7 @@ def _copy(reference, tmp_path, name="run"):
 # Nothing non-finite is ever saved
 
 
+@pytest.mark.slow
 def test_nan_gradients_with_finite_loss_are_never_saved(tmp_path, cache_dir):
     """The table's first row: a finite loss with NaN gradients, a checkpoint every step."""
     workdir = str(tmp_path / "nan")
@@ -79,6 +80,7 @@ def test_nan_gradients_with_finite_loss_are_never_saved(tmp_path, cache_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((state["params"], state["opt_state"])))
 
 
+@pytest.mark.slow
 def test_skip_drops_the_nonfinite_update_and_goes_on(tmp_path, cache_dir):
     workdir = str(tmp_path / "skip")
     c = smoke_run_config(cache_dir, steps=5, checkpoint_every=100, eval_every=100, log_every=1, inject_nan_at_step=3,
@@ -94,6 +96,7 @@ def test_skip_drops_the_nonfinite_update_and_goes_on(tmp_path, cache_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path, cache_dir):
     workdir = str(tmp_path / "skip_in_a_row")
     c = smoke_run_config(cache_dir, steps=8, checkpoint_every=2, eval_every=100, log_every=1, inject_nan_at_step=4,
@@ -153,6 +156,7 @@ def _delete_state(step_dir):
     (_truncate, "bytes"), (_overwrite_4k, "sha256"), (_delete_metadata, "state/_METADATA is missing"),
     (_delete_state, "is missing"),
 ])
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp_path, cache_dir, capsys, damage,
                                                                   reason):
     workdir = _copy(reference, tmp_path)
@@ -177,6 +181,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(reference, tmp
     assert ckpt_lib.check_fingerprint(step_dir) is None  # step 8 saved again, intact
 
 
+@pytest.mark.slow
 def test_restore_step_picks_an_older_step_and_sets_newer_ones_aside(reference, tmp_path, cache_dir):
     workdir = _copy(reference, tmp_path)
     trainer.train(smoke_run_config(cache_dir, **REF), workdir, restore_step=4)
@@ -260,6 +265,7 @@ def test_changed_d_model_is_refused_and_the_run_still_evaluates(reference, cache
     assert eval_lib.evaluate_workdir(workdir, write=False)["step"] == 8
 
 
+@pytest.mark.slow
 def test_learning_rate_change_needs_the_flag(reference, tmp_path, cache_dir, capsys):
     workdir = _copy(reference, tmp_path)
     c = run_config(smoke_config(cache_dir, **dict(REF, steps=9)), **{"optim.muon_lr": 0.02})
@@ -300,6 +306,7 @@ def test_safe_changes_pass_and_are_listed():
 # Failed saves, bad input, read-only run directories
 
 
+@pytest.mark.slow
 def test_failed_async_save_is_reported_at_the_next_step(tmp_path, cache_dir, monkeypatch):
     """A save whose background write fails (disk full) is reported by the next step's poll, naming the step."""
     failing = {"step": None}

@@ -62,6 +62,7 @@ def test_cli_empty_prompt_and_step_and_truncation(workdir):
     assert re.search(r"left-truncated by \d+ tokens", r.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value", [
     ("temperature", "-0.5"),
     ("top_p", "0"),

@@ -179,6 +179,7 @@ def counts(routes: dict, e: int, kept: bool) -> np.ndarray:
     return np.stack([np.bincount(idx[li][w[li]].ravel(), minlength=e) for li in range(idx.shape[0])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
 def test_tool_routes_are_the_train_steps_routes_in_bfloat16(dispatch, monkeypatch):
     """The routes the tool reads (top-k experts and kept flags per layer) are the ones the compiled train step takes,
@@ -251,6 +252,7 @@ def test_cli_writes_every_file(workdir):
     assert "layer 1" in table and "'\u2581" in table  # token ids shown as their sentencepiece pieces ('▁the')
 
 
+@pytest.mark.slow
 def test_text_file(workdir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("In the beginning God created the heaven and the earth. " * 30)
@@ -283,6 +285,7 @@ def test_bad_workdir_and_unknown_flag_exit_2(tmp_path):
     assert r.returncode == 2 and "error: Unknown command line flag 'layers'" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_remat_run_is_analysed_like_its_plain_twin():
     config = hand_config()
     graphdef, params = hand_params(config)
