@@ -193,11 +193,11 @@ def _setup(run, workdir, checkpointer, devices, allow) -> tuple[Setup, dict]:
     log(f"data: {ds.stats}")
 
     graphdef, abstract_state = model_lib.abstract(run.model)
-    opt = optimizer_lib.build(run.optim, t.steps)
+    opt = optimizer_lib.build(run.optim, t.steps, distributed_muon=run.mesh.fsdp)
     example = next(iter(ds.val_batches(t.batch_size)))
     train_like = step_lib.batch_like(example, t.rows_per_step)
     eval_like = step_lib.batch_like(example, t.batch_size)
-    compiled = step_lib.compile_steps(t, graphdef, abstract_state, opt, mesh, train_like, eval_like)
+    compiled = step_lib.compile_steps(t, graphdef, abstract_state, opt, mesh, train_like, eval_like, run.mesh.fsdp)
     if compiled.memory:
         log("compiled train step memory per device: " + ", ".join(
             f"{k.replace('_size_in_bytes', '')} {v / 2**20:.1f} MiB" for k, v in compiled.memory.items()))
