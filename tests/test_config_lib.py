@@ -50,7 +50,6 @@ REJECTED = [
     ({"model.rope_layout": "interleaved"}, "model.rope_layout", "adjacent"),
     ({"model.norm_eps": 0.0}, "model.norm_eps", "FLOAT32_EPS"),
     ({"model.norm_eps": -1e-6}, "model.norm_eps", "(0, 1)"),
-    ({"mesh.fsdp": "yes"}, "mesh.fsdp", "True or False"),
     ({"mesh.fsdp": True, "optim.muon_impl": "optax"}, "mesh.fsdp", "muon_impl='batched'"),
 ]
 
