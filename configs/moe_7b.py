@@ -2,13 +2,13 @@
 experts of d_ff 4096 in every layer, top-2, vocabulary 49152 (tied), sequence 2048, bfloat16 compute.
 
     python -m moe_jax.aot --config configs/moe_7b.py --target h100-8 --mesh 4,2,1
-    python -m moe_jax.aot --config configs/moe_7b.py --target v5p-64 --mesh 16,2,1
+    python -m moe_jax.aot --config configs/moe_7b.py --target v5p-64 --mesh 32,1,1
     (add --config.mesh.fsdp=False to see it not fit)
 
 Parameters (moe_jax/model/flops.py param_counts): ~6.8 B in total, ~1.2 B active per token (2 of 16 experts).
-Float32 state without FSDP: parameters, Muon momentum and gradients are ~27 GB each, more than one H100 (80 GB)
-or v5p chip (95 GB) holds with the activations; with FSDP each device holds 1/N of them. docs/benchmarks.md has the
-compiled memory per device.
+Float32 state without FSDP: parameters, Muon momentum and gradients are ~27 GB each, more than one H100 (80 GB; mesh
+4,2,1: 95% of it) or v5p chip (95 GB; mesh 32,1,1: the compiler's 98 GB of temporaries) holds with the activations;
+with FSDP each device holds 1/N of them: peak 22.5 GiB on h100-8, 8.7 GiB on v5p-64 (docs/benchmarks.md).
 """
 
 from moe_jax.config import schema as config_lib
