@@ -9,6 +9,13 @@ Mesh axes are ('data', 'expert', 'model'):
   model  - tensor parallelism over attention heads, MLP width and vocabulary.
 The MoE dispatch einsum turns `[groups, tokens, d_model]` sharded over ('data', 'expert') into
 `[experts, groups, capacity, d_model]` sharded over 'expert' (experts) and 'data' (groups): XLA emits the all-to-all.
+
+FSDP (config.mesh.fsdp, ZeRO-3): PARAMETERS are laid out by the table with FSDP_PARAM_RULES' rows in place of
+LOGICAL_RULES' (`rules(fsdp=True)`): the dimensions that are otherwise replicated ('embed', 'norm') are split over
+the data-parallel devices ('data', 'expert'), so every parameter, its gradient and its optimizer state is held 1/N
+per device. Activations keep LOGICAL_RULES (batch-sharded), so GSPMD gathers each weight where a layer uses it and
+reduce-scatters its gradient. Distributed Muon: optim/muon.py stacks the matrices it orthogonalises and pins the
+stack axis to the logical axis 'ns_stack' (every device), each device running Newton-Schulz on its own matrices.
 """
 
 from __future__ import annotations
@@ -40,8 +47,22 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_group", "data"),  # routing groups after dispatch (experts now hold the 'expert' axis)
     ("capacity", None),
     ("cache_length", None),
+    ("ns_stack", ("data", "expert", "model")),  # distributed Muon: a stack of whole matrices, split over every device
 )
 _RULES = dict(LOGICAL_RULES)
+
+# config.mesh.fsdp: these rows replace LOGICAL_RULES' for parameters (param_specs(..., fsdp=True)), never for
+# activations. A mesh axis is used once per array, so an expert weight ('expert', 'embed', 'mlp') keeps 'expert' on
+# its experts and splits 'embed' over 'data' only.
+FSDP_PARAM_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("embed", ("data", "expert")),
+    ("norm", ("data", "expert")),
+)
+
+
+def rules(fsdp: bool = False) -> dict:
+    """The rules table as a dict: LOGICAL_RULES, with FSDP_PARAM_RULES' rows for parameters under FSDP."""
+    return {**_RULES, **dict(FSDP_PARAM_RULES)} if fsdp else _RULES
 
 # Mesh axes that may span the slow links between TPU slices or GPU nodes (DCN, ~10x less bandwidth than ICI/NVLink),
 # i.e. config.mesh.dcn_shape may be > 1 only on these. 'data' only: its one gradient all-reduce per step tolerates
@@ -52,19 +73,21 @@ DCN_MESH_AXES: tuple[str, ...] = ("data",)
 
 
 def logical_to_spec(axes: Sequence[str | None], mesh_axis_names: Sequence[str] | None = None,
-                    shape: Sequence[int] | None = None, mesh_shape: dict | None = None) -> P:
+                    shape: Sequence[int] | None = None, mesh_shape: dict | None = None, fsdp: bool = False) -> P:
     """PartitionSpec for logical `axes`. A mesh axis is used at most once (first dimension wins); mesh axes not in
     `mesh_axis_names` are dropped; with `shape` and `mesh_shape`, mesh axes that don't divide the dimension are dropped
-    (so odd sizes, e.g. a vocab of 8191, stay correct, just less sharded)."""
+    (so odd sizes, e.g. a vocab of 8191, stay correct, just less sharded). `fsdp`: a parameter's spec under
+    config.mesh.fsdp (`rules`)."""
+    table = rules(fsdp)
     used: set[str] = set()
     out = []
     for i, name in enumerate(axes):
         if name is None:
             out.append(None)
             continue
-        if name not in _RULES:
+        if name not in table:
             raise KeyError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
-        target = _RULES[name]
+        target = table[name]
         targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         kept = []
         size = 1
@@ -90,6 +113,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def logical_size(name: str) -> int:
+    """How many ways logical axis `name` is split under the current mesh (1 without a mesh): the product of the
+    sizes of the mesh axes its rule names."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    target = _RULES[name]
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    return math.prod(dict(mesh.shape).get(t, 1) for t in targets)
+
+
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -104,17 +138,18 @@ def logical_axes_tree(state: nnx.State):
     return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=_is_var))
 
 
-def param_specs(state: nnx.State, mesh: Mesh):
-    """Pure-dict tree of PartitionSpecs for the parameters in `state` (abstract or concrete) on `mesh`."""
+def param_specs(state: nnx.State, mesh: Mesh, fsdp: bool = False):
+    """Pure-dict tree of PartitionSpecs for the parameters in `state` (abstract or concrete) on `mesh`; `fsdp`:
+    config.mesh.fsdp (FSDP_PARAM_RULES)."""
     shapes = nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.shape), state, is_leaf=_is_var))
     axes = logical_axes_tree(state)
     mesh_shape = dict(mesh.shape)
-    return jax.tree.map(lambda a, s: logical_to_spec(a, mesh.axis_names, s, mesh_shape), axes, shapes,
+    return jax.tree.map(lambda a, s: logical_to_spec(a, mesh.axis_names, s, mesh_shape, fsdp), axes, shapes,
                         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, (str, type(None))) for i in x))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh),
+def param_shardings(state: nnx.State, mesh: Mesh, fsdp: bool = False):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh, fsdp),
                         is_leaf=lambda x: isinstance(x, P))
 
 

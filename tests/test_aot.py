@@ -339,3 +339,10 @@ def test_shape_bytes():
     assert hlo.shape_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == [2048]
     assert hlo.shape_bytes("((bf16[2,4]{1,0}), f32[3]{0})") == [16, 12]
     assert np.isclose(sum(hlo.shape_bytes("(s32[], u32[2])")), 12)
+
+
+def test_v5p_64_is_32_megacore_chips():
+    """Cloud's v5p-64 counts TensorCores: 32 chips (one device each in megacore mode) in a 4x4x2 block, no torus."""
+    t = targets.get("v5p-64")
+    assert t.chips == 32 and t.topology == "v5:4x4x2" and t.chip_config == "megacore" and not any(t.wrap)
+    assert targets.for_devices("v5p", 32) == ("v5p-64", 1)

@@ -208,3 +208,20 @@ def test_write_check_tries_remat_then_smaller_micro_batches(capsys, monkeypatch)
     out = capsys.readouterr().out
     assert len(_lines(out, "compile check on h100-1")) == 4 and "does not fit" in out
     assert f"writing the config with model.remat=True, train.batch_size={rows // 4}" in out
+
+
+def test_a_model_whose_state_does_not_fit_one_device_gets_fsdp(tmp_path):
+    """$20,000 of H100s in 24 h picks an ~8 B model on 335 devices: its ~20 bytes/parameter of state (~160 GB) do not
+    fit one 80 GB device, so the written config shards it (mesh.fsdp=True) and the per-device estimate is 1/335 of
+    it; $2,000 (a 2.7 B model, ~54 GB, under 70% of 80 GB) stays replicated, and so does the $50 single-device pick."""
+    big = budget.plan(budget.Options(usd=20000, device="h100", hours=24))
+    memory = budget.MEMORY_FRACTION * big.device.memory_gib * 2 ** 30
+    assert big.devices > 1 and budget.BYTES_PER_PARAM * big.pick.params > memory
+    assert big.config.mesh.fsdp is True
+    path = tmp_path / "big.py"
+    path.write_text(budget.config_source(big))
+    assert _load(str(path)).mesh.fsdp is True and parse(_load(str(path))).mesh.fsdp is True
+    small = budget.plan(budget.Options(usd=2000, device="h100", hours=24))
+    assert budget.BYTES_PER_PARAM * small.pick.params < memory and small.config.mesh.fsdp is False
+    assert "mesh.fsdp" not in budget.config_source(small)
+    assert budget.plan(budget.Options(usd=50, device="h100")).config.mesh.fsdp is False

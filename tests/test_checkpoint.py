@@ -73,3 +73,47 @@ def test_a_json_array_as_config_is_invalid_too(tmp_path):
     _write_run(tmp_path, "[1, 2]", [])
     with pytest.raises(config_lib.ConfigError, match="not an object"):
         ckpt_lib.load_config(str(tmp_path))
+
+
+def _state_on(run, mesh, fsdp: bool):
+    """(abstract state with shardings, fresh state in it) of `run` on `mesh`, parameters FSDP or replicated."""
+    import jax
+    from moe_jax.model import transformer as model
+    from moe_jax.optim import chain
+    from moe_jax.train import step as step_lib
+    tx = chain.build(run.optim, run.train.steps, distributed_muon=fsdp)
+    abstract = step_lib.abstract_train_state(model.abstract(run.model)[1], tx, mesh, fsdp)
+    state = step_lib.init_sharded_state(run.model, run.seed, tx, jax.tree.map(lambda s: s.sharding, abstract))
+    return abstract, state
+
+
+def test_checkpoint_restores_across_fsdp_and_device_counts(tmp_path):
+    """A train state saved with FSDP on 8 devices restores into one device's replicated layout and back, value for
+    value (orbax reads each array into the target's sharding): config.mesh.fsdp is a layout, not a format."""
+    import jax
+    import numpy as np
+    from moe_jax import sharding
+    from smoke_helpers import run_config
+    run = run_config("smoke", **{"mesh.shape": (4, 2, 1), "mesh.fsdp": True})
+    eight = sharding.build_mesh(run.mesh)
+    one = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    abstract8, state8 = _state_on(run, eight, True)
+    state8["opt_state"] = jax.tree.map(lambda x: x + 0.5 if np.issubdtype(x.dtype, np.floating) else x,
+                                       state8["opt_state"])  # non-zero moments
+    saver = ckpt_lib.Checkpointer(str(tmp_path / "a"), async_save=False)
+    saver.save(1, state8)
+    abstract1, _ = _state_on(run, one, False)
+    restored1, _, step = ckpt_lib.restore_verified(saver, abstract1, log=lambda m: None)
+    assert step == 1
+    for a, b, target in zip(jax.tree.leaves(state8), jax.tree.leaves(restored1), jax.tree.leaves(abstract1)):
+        assert b.sharding == target.sharding and len(b.sharding.device_set) == 1
+        np.testing.assert_array_equal(np.asarray(jax.device_get(b)), np.asarray(jax.device_get(a)))
+    back = ckpt_lib.Checkpointer(str(tmp_path / "b"), async_save=False)
+    back.save(2, restored1)
+    restored8, _, _ = ckpt_lib.restore_verified(back, abstract8, log=lambda m: None)
+    w_in = restored8["params"]["blocks"][0]["ffn"]["w_in"]
+    assert w_in.sharding.spec == jax.sharding.PartitionSpec("expert", "data", "model")  # model axis: size 1
+    assert w_in.addressable_shards[0].data.size * 8 == w_in.size
+    for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(restored8)):
+        assert b.sharding == a.sharding
+        np.testing.assert_array_equal(np.asarray(jax.device_get(b)), np.asarray(jax.device_get(a)))

@@ -50,6 +50,7 @@ REJECTED = [
     ({"model.rope_layout": "interleaved"}, "model.rope_layout", "adjacent"),
     ({"model.norm_eps": 0.0}, "model.norm_eps", "FLOAT32_EPS"),
     ({"model.norm_eps": -1e-6}, "model.norm_eps", "(0, 1)"),
+    ({"mesh.fsdp": True, "optim.muon_impl": "optax"}, "mesh.fsdp", "muon_impl='batched'"),
 ]
 
 
@@ -150,3 +151,10 @@ def test_seed_configs_validate_with_the_seeds_values(name):
 def test_default_numerics_unchanged():
     m = config_lib.base_config().model
     assert (m.mlp, m.rope_layout, m.embed_scale, m.norm_eps) == ("gelu", "halves", False, 1e-6)
+
+
+def test_mesh_fsdp_reaches_the_typed_mesh_config():
+    c = load_config_file(CONFIGS / "smoke.py")
+    assert parse(c).mesh.fsdp is False  # the default: replicated parameters
+    c.mesh.fsdp = True
+    assert parse(c).mesh.fsdp is True and parse(c).to_dict()["mesh"]["fsdp"] is True

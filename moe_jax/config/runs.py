@@ -21,6 +21,7 @@ SAFE_FIELDS = (
     "train.inject_nan_at_step", "train.inject_nan_mode", "train.on_nonfinite", "train.max_skipped_steps",
     "data.cache_dir", "data.worker_count", "data.max_val_windows", "mesh.shape", "model.remat", "model.attention",
     "model.attention_block", "optim.ns_stack",  # stacking Newton-Schulz chains changes rounding only (tested 1e-6)
+    "mesh.fsdp",  # a layout: the checkpoint restores into either (tests/test_checkpoint.py)
 )
 # Fields that change the shapes or structure of the saved state: no flag can allow them (the restore cannot work).
 STRUCTURAL_FIELDS = (

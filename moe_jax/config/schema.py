@@ -11,7 +11,7 @@ Sections:
   optim  - Muon + AdamW (or plain AdamW), schedules, clipping.
   train  - steps (optimizer steps, not micro-batches), batch (global micro-batch), accumulation, cadence.
   data   - source, tokenizer, packing.
-  mesh   - device mesh shape over axes ('data', 'expert', 'model'); one -1 fills the remaining devices.
+  mesh   - device mesh shape over axes ('data', 'expert', 'model'); one -1 fills the remaining devices; fsdp.
 """
 
 from __future__ import annotations
@@ -175,6 +175,9 @@ def mesh_section() -> ml_collections.ConfigDict:
     s.dcn_shape = (1, 1, 1)  # slices/hosts per axis over the slow links (DCN); mesh = shape * dcn_shape per
     #   axis, shape then being one slice's (ICI) shape. Only 'data' may be > 1 (sharding.DCN_MESH_AXES)
     s.axes = MESH_AXES
+    s.fsdp = False  # fully sharded data parallelism (ZeRO-3): every parameter and its optimizer state split over
+    #   the data-parallel devices ('data' x 'expert'; sharding.FSDP_PARAM_RULES), weights gathered per layer, and
+    #   Muon's Newton-Schulz spread over the devices (each orthogonalises 1/N of the matrices whole)
     return s
 
 

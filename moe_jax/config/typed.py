@@ -167,10 +167,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """`config.mesh`: ICI shape (one -1 fills the devices), DCN shape, axis names."""
+    """`config.mesh`: ICI shape (one -1 fills the devices), DCN shape, axis names, FSDP (sharding.py)."""
     shape: tuple
     dcn_shape: tuple
     axes: tuple
+    fsdp: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,5 +261,5 @@ def parse(config, backend: str | None = None, check_backend: bool = True) -> Run
         seed=int(config.seed), name=str(config.name), model=model, optim=_piece(OptimConfig, config.optim, ns=ns),
         train=_piece(TrainConfig, config.train), data=_piece(DataConfig, config.data),
         mesh=MeshConfig(shape=_frozen(mesh.shape), dcn_shape=_frozen(mesh.get("dcn_shape", (1, 1, 1))),
-                        axes=_frozen(mesh.axes)),
+                        axes=_frozen(mesh.axes), fsdp=bool(mesh.get("fsdp", False))),
         backend=info["backend"], requested=tuple((k, v[0], v[1]) for k, v in info.items() if k != "backend"))

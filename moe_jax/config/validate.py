@@ -170,6 +170,9 @@ def check_mesh(mh, moe) -> None:
     dcn = tuple(mh.get("dcn_shape", (1, 1, 1)))
     _check(len(dcn) == 3 and all(isinstance(s, int) and s >= 1 for s in dcn), "mesh.dcn_shape",
            f"needs one size >= 1 per axis {MESH_AXES} (slices/hosts over DCN; no -1), got {dcn}")
+    _check(isinstance(mh.get("fsdp", False), bool), "mesh.fsdp",
+           f"must be True or False (shard parameters and optimizer state over the data devices), got "
+           f"{mh.get('fsdp')!r}")
     if moe.num_experts > 0 and shape[1] > 1:
         _check(moe.num_experts % shape[1] == 0, "mesh.shape",
                f"the 'expert' axis ({shape[1]}) must divide moe.num_experts={moe.num_experts}")
@@ -184,4 +187,7 @@ def validate(config) -> ml_collections.ConfigDict:
     check_train(config.train, config.optim)
     check_data(config.data, config.train)
     check_mesh(config.mesh, config.moe)
+    _check(not (config.mesh.get("fsdp", False) and config.optim.name == "muon" and config.optim.muon_impl == "optax"),
+           "mesh.fsdp", "distributed Muon needs optim.muon_impl='batched' (optax.contrib.muon would orthogonalise "
+           "every matrix on every device); set muon_impl='batched' or fsdp=False")
     return config

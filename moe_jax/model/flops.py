@@ -179,13 +179,21 @@ def muon_matrices(model: ModelConfig, optim) -> list[tuple[int, int, int]]:
     return out
 
 
-def optimizer_flops_per_step(model: ModelConfig, optim) -> float:
+def optimizer_flops_per_step(model: ModelConfig, optim, devices: int = 1) -> float:
     """Newton-Schulz FLOPs of one optimizer step (optim: a config.typed.OptimConfig): sum over `muon_matrices` of
     count x newton_schulz_flops(rows, cols, optim.ns_steps, optim.ns.method) (5 steps by default; the method as
     resolved for the backend, 'standard' for muon_impl='optax'). Once per optimizer step, whatever train.grad_accum
-    is. Momentum, AdamW and clipping are elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'."""
+    is. Momentum, AdamW and clipping are elementwise (O(parameters)) and not counted; 0 for optim.name='adamw'.
+
+    `devices` > 1: the FLOPs ONE device runs under distributed Muon (config.mesh.fsdp; muon.distributed_orthogonalize)
+    over that many devices: the matrices of one oriented shape [min, max] form one stack, padded to a multiple of
+    `devices`, so each device runs ceil(count / devices) of them. devices=1: every device runs them all (replicated)."""
     it = int(optim.ns_steps)
-    return float(sum(c * newton_schulz_flops(r, k, it, optim.ns.method) for c, r, k in muon_matrices(model, optim)))
+    stacks: dict = {}
+    for c, r, k in muon_matrices(model, optim):
+        stacks[(min(r, k), max(r, k))] = stacks.get((min(r, k), max(r, k)), 0) + c
+    return float(sum(-(-c // devices) * newton_schulz_flops(r, k, it, optim.ns.method)
+                     for (r, k), c in stacks.items()))
 
 
 def executed_flops_per_step(run) -> float:

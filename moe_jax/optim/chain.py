@@ -230,7 +230,7 @@ def ns_group_key(ns):
     return muon_group_key if ns.stack == "layers" else path_str
 
 
-def _muon(optim, steps: int) -> optax.GradientTransformation:
+def _muon(optim, steps: int, distributed: bool = False) -> optax.GradientTransformation:
     o = optim
     kwargs = dict(
         learning_rate=schedule(o, steps, o.muon_lr),
@@ -250,12 +250,15 @@ def _muon(optim, steps: int) -> optax.GradientTransformation:
     )
     if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); validation rejects ns_dtype='bfloat16'
         return optax.contrib.muon(**kwargs)
-    return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(o.ns), group_key=ns_group_key(o.ns), ns_method=o.ns.method)
+    return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(o.ns), group_key=ns_group_key(o.ns), ns_method=o.ns.method,
+                         distributed=distributed)
 
 
-def build(optim, steps: int) -> optax.GradientTransformation:
+def build(optim, steps: int, distributed_muon: bool = False) -> optax.GradientTransformation:
     """clip_by_global_norm(optim.clip_norm) (if > 0), then Muon + AdamW (optim.name='muon') or AdamW alone, for a run
-    of `steps` optimizer steps (the schedules' length; optim: a config.typed.OptimConfig).
+    of `steps` optimizer steps (the schedules' length; optim: a config.typed.OptimConfig). `distributed_muon`
+    (config.mesh.fsdp): each device runs Newton-Schulz on 1/N of the matrices (muon.distributed_orthogonalize);
+    same state, same update.
 
     One call of `update` is one optimizer step: the trainer averages the gradients of its `train.grad_accum`
     micro-batches (a scan) before calling it, so schedules and moment counts advance per optimizer step.
@@ -264,7 +267,7 @@ def build(optim, steps: int) -> optax.GradientTransformation:
     if optim.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.clip_norm))
     if optim.name == "muon":
-        parts.append(optax.partition({MUON: _muon(optim, steps), ADAMW: _adamw(optim, steps)},
+        parts.append(optax.partition({MUON: _muon(optim, steps, distributed_muon), ADAMW: _adamw(optim, steps)},
                                      lambda p: labels_tree(p, optim)))
     else:
         parts.append(_adamw(optim, steps))

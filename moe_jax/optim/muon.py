@@ -30,6 +30,12 @@ products' accumulation, the sums and the returned update stay in the input dtype
 `ns_method`: 'standard' (optax's X-space iteration for every matrix) or 'gram' (`newton_schulz_gram`, float32, for
 matrices at least GRAM_MIN_ASPECT times as wide as tall, e.g. 384 x 1536 FFN and expert weights; the others as
 'standard'). Same function, different rounding: not equal to optax to 1e-6, tested against a float64 reference.
+
+`distributed=True` (distributed Muon, for FSDP: config.mesh.fsdp): every matrix of one oriented shape [m, n] (all
+layers, all experts, wq/wk/wv/wo alike; `group_key` is not used) is concatenated into one stack [S, m, n], padded
+with zero matrices to a multiple of the devices, and the stack axis is pinned to the logical axis 'ns_stack'
+(sharding.py: every device), so each device orthogonalises S/N whole matrices and XLA moves the matrices between
+the parameters' shards and the stack's (distributed_orthogonalize). The per-matrix result is the same.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, MuonState
 
+from moe_jax import sharding
 from moe_jax.config.schema import NS_METHODS, choices_text
 
 METHODS = tuple(m for m in NS_METHODS if m != "auto")  # what `orthogonalize` runs: 'standard' | 'gram'
@@ -151,15 +158,52 @@ def newton_schulz_gram(x: jax.Array, coeffs: jax.Array, steps: int, eps: float) 
     return jnp.matmul(r, x, precision=hi)
 
 
+def _run(stack: jax.Array, coeffs, steps: int, eps: float, ns_dtype, method: str) -> jax.Array:
+    """Newton-Schulz of a stack [..., m, n] (m <= n) by `method` (see orthogonalize)."""
+    if method == "gram" and stack.shape[-1] >= GRAM_MIN_ASPECT * stack.shape[-2]:
+        return newton_schulz_gram(stack, coeffs, steps, eps)
+    return newton_schulz(stack, coeffs, steps, eps, ns_dtype)
+
+
+def distributed_orthogonalize(mats: list, coeffs: jax.Array, steps: int, eps: float, ns_dtype=None,
+                              method: str = "standard") -> list:
+    """Newton-Schulz of every matrix in `mats` (each [B, fan_in, fan_out]) spread over the devices: the matrices of
+    one oriented shape [m, n] (m <= n; [n, m] ones transposed) are concatenated into [S, m, n], padded with zero
+    matrices (they stay zero) to a multiple of sharding.logical_size('ns_stack') = N, and pinned to
+    ('ns_stack', None, None) before and after the iteration: each device holds S/N whole matrices and runs only
+    those. Returns the results in `mats`' shapes. Without a mesh N = 1 and this is one batched chain per shape."""
+    n_dev = sharding.logical_size("ns_stack")
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((min(m.shape[-2:]), max(m.shape[-2:]), m.dtype), []).append(i)
+    out = [None] * len(mats)
+    for (rows, cols, dtype), members in groups.items():
+        parts = [jnp.swapaxes(mats[i], -1, -2) if mats[i].shape[-2] > mats[i].shape[-1] else mats[i]
+                 for i in members]
+        total = sum(p.shape[0] for p in parts)
+        pad = -total % n_dev
+        stack = jnp.concatenate(parts + ([jnp.zeros((pad, rows, cols), dtype)] if pad else []))
+        stack = sharding.constrain(stack, ("ns_stack", None, None))
+        res = sharding.constrain(_run(stack, coeffs, steps, eps, ns_dtype, method), ("ns_stack", None, None))
+        start = 0
+        for i, p in zip(members, parts):
+            r = res[start:start + p.shape[0]]
+            out[i] = jnp.swapaxes(r, -1, -2) if mats[i].shape[-2] > mats[i].shape[-1] else r
+            start += p.shape[0]
+    return out
+
+
 def orthogonalize(tree, dims_tree, coeffs: jax.Array, steps: int, eps: float, ns_dtype=None,
-                  group_key: Callable[[tuple], Hashable] = lambda path: None, method: str = "standard"):
+                  group_key: Callable[[tuple], Hashable] = lambda path: None, method: str = "standard",
+                  distributed: bool = False):
     """NS applied to every leaf of `tree` (with its MuonDimensionNumbers from `dims_tree`, a tree of the same
     structure), one chain per group (group_key(key path), B, fan_in, fan_out, dtype). A leaf's matrices are
     [B, fan_in, fan_out] (B = experts, or 1); a group of L leaves runs as one chain on [L, B, m, n], with the
     size-1 axes dropped: a lone 2-D weight is a plain [m, n] chain and L stacked 2-D weights are [L, m, n] (XLA:CPU
     runs a batched dot with a size-1 batch axis ~1.5x slower than the plain one). Stacking adds a new leading axis and
     never reshapes the existing ones, so a sharded B (experts) stays sharded the same way. method='gram': groups with
-    n >= GRAM_MIN_ASPECT m run `newton_schulz_gram` (in the input dtype; `ns_dtype` applies to the other groups)."""
+    n >= GRAM_MIN_ASPECT m run `newton_schulz_gram` (in the input dtype; `ns_dtype` applies to the other groups).
+    `distributed`: distributed_orthogonalize's grouping and placement instead (`group_key` unused)."""
     if method not in METHODS:
         raise ValueError(f"muon: unknown Newton-Schulz method {method!r}; choose {choices_text(METHODS)}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -172,18 +216,19 @@ def orthogonalize(tree, dims_tree, coeffs: jax.Array, steps: int, eps: float, ns
                                  f"MuonDimensionNumbers; only 2-D arrays default to (0 -> 1)")
             d = MuonDimensionNumbers()
         m = to_matrices(x, d)  # [B, fan_in, fan_out]
-        mats.append((m[0] if m.shape[0] == 1 else m, d))  # [fan_in, fan_out] when B == 1
+        mats.append((m if distributed else m[0] if m.shape[0] == 1 else m, d))  # [fan_in, fan_out] when B == 1
         groups.setdefault((group_key(path), m.shape, m.dtype), []).append(i)
+    if distributed:
+        res = distributed_orthogonalize([m for m, _ in mats], coeffs, steps, eps, ns_dtype, method)
+        return jax.tree_util.tree_unflatten(treedef, [from_matrices(r, d, x.shape)
+                                                      for r, (_, d), (_, x) in zip(res, mats, flat)])
     out = [None] * len(flat)
     for members in groups.values():
         stack = mats[members[0]][0] if len(members) == 1 else jnp.stack([mats[i][0] for i in members])
         transposed = stack.shape[-2] > stack.shape[-1]
         if transposed:  # smaller side first: the Gram matrix X X^T is min(fan_in, fan_out) square
             stack = jnp.swapaxes(stack, -1, -2)
-        if method == "gram" and stack.shape[-1] >= GRAM_MIN_ASPECT * stack.shape[-2]:
-            res = newton_schulz_gram(stack, coeffs, steps, eps)
-        else:
-            res = newton_schulz(stack, coeffs, steps, eps, ns_dtype)
+        res = _run(stack, coeffs, steps, eps, ns_dtype, method)
         if transposed:
             res = jnp.swapaxes(res, -1, -2)
         for j, i in enumerate(members):
@@ -199,9 +244,10 @@ def _resolve(dims, updates):
 def scale_by_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, mu_dtype=None, *, nesterov: bool = True,
                   weight_dimension_numbers=None, ns_dtype=None,
                   group_key: Callable[[tuple], Hashable] = lambda path: None,
-                  ns_method: str = "standard") -> optax.GradientTransformation:
+                  ns_method: str = "standard", distributed: bool = False) -> optax.GradientTransformation:
     """optax.contrib.scale_by_muon (standard coefficients, frobenius preconditioning, not adaptive) with the
-    batched Newton-Schulz of `orthogonalize`. State: optax.contrib.MuonState(count, mu, ns_coeffs)."""
+    batched Newton-Schulz of `orthogonalize` (`distributed`: spread over the devices). State:
+    optax.contrib.MuonState(count, mu, ns_coeffs)."""
     def init_fn(params):
         return MuonState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype),
                          ns_coeffs=jnp.asarray(NS_COEFFS))
@@ -219,8 +265,9 @@ def scale_by_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, mu_d
                                   optax.tree.bias_correction(updates, beta, count_inc))
         else:
             mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
-        new = orthogonalize(mu_hat, _resolve(weight_dimension_numbers, updates), state.ns_coeffs, ns_steps, eps,
-                            ns_dtype, group_key, ns_method)
+        with jax.named_scope("distributed_muon" if distributed else "muon"):  # names its collectives in the HLO
+            new = orthogonalize(mu_hat, _resolve(weight_dimension_numbers, updates), state.ns_coeffs, ns_steps, eps,
+                                ns_dtype, group_key, ns_method, distributed)
         return new, MuonState(count=count_inc, mu=optax.tree.cast(mu, mu_dtype), ns_coeffs=state.ns_coeffs)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -247,10 +294,10 @@ def muon(learning_rate, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8
          adam_b2: float = 0.999, adam_eps_root: float = 0.0, adam_weight_decay: float = 0.0,
          adam_learning_rate=None, muon_weight_dimension_numbers=None, consistent_rms: float | None = None,
          ns_dtype=None, group_key: Callable[[tuple], Hashable] = lambda path: None,
-         ns_method: str = "standard") -> optax.GradientTransformation:
+         ns_method: str = "standard", distributed: bool = False) -> optax.GradientTransformation:
     """optax.contrib.muon (optax 0.2.8, same arguments, standard coefficients, frobenius preconditioning), built the
-    same way so its state has the same tree, with batched Newton-Schulz (`ns_dtype`, `group_key`, `ns_method`: see
-    module doc).
+    same way so its state has the same tree, with batched Newton-Schulz (`ns_dtype`, `group_key`, `ns_method`,
+    `distributed`: see module doc).
     `muon_weight_dimension_numbers` is required (a tree of MuonDimensionNumbers / None, or a callable)."""
     if muon_weight_dimension_numbers is None:
         raise ValueError("muon: pass muon_weight_dimension_numbers explicitly (optax's default sends every 2-D "
@@ -276,7 +323,8 @@ def muon(learning_rate, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8
         transforms={
             "muon": optax.chain(
                 scale_by_muon(ns_steps, beta, eps, mu_dtype, nesterov=nesterov, weight_dimension_numbers=dims_fn,
-                              ns_dtype=ns_dtype, group_key=group_key, ns_method=ns_method),
+                              ns_dtype=ns_dtype, group_key=group_key, ns_method=ns_method,
+                              distributed=distributed),
                 scale_by_shape(dims_fn, consistent_rms),
                 optax.add_decayed_weights(weight_decay, weight_decay_mask),
                 optax.scale_by_learning_rate(learning_rate),

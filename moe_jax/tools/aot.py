@@ -146,10 +146,10 @@ def compile_programs(run, mesh, request: Request) -> dict:
     t = run.train
     loop_lib.check_batch_fits_mesh(t, mesh)
     graphdef, abstract_nnx = model_lib.abstract(run.model)
-    opt = optimizer_lib.build(run.optim, t.steps)
+    opt = optimizer_lib.build(run.optim, t.steps, distributed_muon=run.mesh.fsdp)
     out = {}
     t0 = time.process_time()
-    abs_state = step_lib.abstract_train_state(abstract_nnx, opt, mesh)
+    abs_state = step_lib.abstract_train_state(abstract_nnx, opt, mesh, run.mesh.fsdp)
     out["train"] = (step_lib.compile_train_step(t, graphdef, opt, abs_state, mesh,
                                                 _batch_like(run, t.batch_size * t.grad_accum))[0],
                     time.process_time() - t0)

@@ -32,7 +32,9 @@ within half a step of C (tested within 5%).
 Devices: one unless --hours is given, then ceil(device-hours / hours) devices on a data-parallel mesh. The micro-batch
 per device is chosen from a memory estimate (parameters + gradients + optimizer state ~20 bytes per parameter, bf16
 activations ~(34 + 5 heads seq / d_model) bytes per token, layer and d_model, Korthikanti et al. 2022) against 70% of
-the device's memory; the rest of the global batch is gradient accumulation. It is an estimate; with --write, when the
+the device's memory; the rest of the global batch is gradient accumulation. When the parameters and optimizer state
+alone do not fit one device (with one row of activations) and there are several devices, the config gets
+mesh.fsdp=True (FSDP: that state split over the devices; moe_jax/sharding.py). It is an estimate; with --write, when the
 compilers of requirements-aot.txt are installed, the config is compiled for those devices (moe_jax.aot: the trainer's
 steps, the real XLA compiler, no device attached) and, if it does not fit, model.remat=True and then halved
 micro-batches with doubled accumulation are tried in that order and the first that fits is written (--nocheck skips
@@ -232,15 +234,20 @@ def _activation_bytes_per_row(c) -> float:
     return per_token_layer * c.train.seq_len * m.n_layers + 4 * c.train.seq_len * m.vocab_size * 2  # + logits f32
 
 
-def _micro_rows(c, device: hardware.Device, rows_per_device: int) -> tuple[int, bool]:
-    """(micro-batch rows per device, fits) from the memory estimate in the module docstring."""
+def _micro_rows(c, device: hardware.Device, rows_per_device: int, devices: int = 1) -> tuple[int, bool, bool]:
+    """(micro-batch rows per device, fits, fsdp) from the memory estimate in the module docstring. fsdp: the
+    replicated state with one row does not fit one device but does split over the `devices` (config.mesh.fsdp:
+    parameters and optimizer state sharded over the data-parallel devices, 1/devices of it each)."""
     memory = MEMORY_FRACTION * device.memory_gib * 2 ** 30
     fixed = BYTES_PER_PARAM * flops.param_counts(typed.parse(c).model)["total"]
     per_row = _activation_bytes_per_row(c)
+    fsdp = devices > 1 and fixed + per_row > memory
+    if fsdp:
+        fixed /= devices
     rows = rows_per_device
     while rows > 1 and fixed + rows * per_row > memory:
         rows //= 2
-    return rows, fixed + rows * per_row <= memory
+    return rows, fixed + rows * per_row <= memory, fsdp
 
 
 def plan(o: Options) -> Plan:
@@ -277,8 +284,9 @@ def plan(o: Options) -> Plan:
         raise BudgetError(f"--usd {o.usd:g}: buys only {steps} step(s) of one sequence of {o.seq} tokens per device; "
                           f"lower --seq or raise --usd")
     probe = make_config(pick.shape, o, global_rows, 1, steps)
-    micro, fits = _micro_rows(probe, device, rows_per_device)
+    micro, fits, fsdp = _micro_rows(probe, device, rows_per_device, devices)
     config = make_config(pick.shape, o, micro * devices, rows_per_device // micro, steps)
+    config.mesh.fsdp = fsdp
     if not fits:
         config.model.remat = True
     config.name = f"budget_{device.name}_{o.usd:g}usd{'_moe' if o.moe else ''}".replace(".", "p")
@@ -434,6 +442,8 @@ def config_source(p: Plan, argv: list[str] | None = None, path: str = "<this fil
         ("train.log_every", c.train.log_every), ("train.eval_every", c.train.eval_every),
         ("train.checkpoint_every", c.train.checkpoint_every),
     ]
+    if c.mesh.fsdp:  # the replicated state does not fit one device (_micro_rows)
+        fields.append(("mesh.fsdp", True))
     body = "\n".join(f"    c.{k} = {v!r}" for k, v in fields)
     d = p.device
     return f'''"""Written by `{cmd.strip()}` on {datetime.date.today().isoformat()}.

@@ -80,6 +80,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _tpu("v5e-16", "v5e", "v5e:4x4"),
     _tpu("v5e-256", "v5e", "v5e:16x16", wrap=(True, True, False)),
     _tpu("v5p-8", "v5p", "v5:2x2x1", "megacore"),
+    _tpu("v5p-64", "v5p", "v5:4x4x2", "megacore"),  # 32 chips (64 TensorCores); not a full cube: no wraparound
     _tpu("v5p-128", "v5p", "v5:4x4x4", "megacore", (True, True, True)),
     _tpu("v6e-8", "v6e", "v6e:2x4"),
     _tpu("v6e-256", "v6e", "v6e:16x16", wrap=(True, True, False)),

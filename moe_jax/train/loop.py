@@ -217,12 +217,12 @@ def _setup(run, workdir, checkpointer, devices, allow) -> tuple[Setup, dict]:
     log(f"data: {ds.stats}")
 
     graphdef, abstract_state = model_lib.abstract(run.model)
-    opt = optimizer_lib.build(run.optim, t.steps)
+    opt = optimizer_lib.build(run.optim, t.steps, distributed_muon=run.mesh.fsdp)
     example = next(iter(ds.val_batches(t.batch_size)))
     train_like = step_lib.batch_like(example, t.rows_per_step)
     eval_like = step_lib.batch_like(example, t.batch_size)
     begin("compiling the train step")
-    compiled = step_lib.compile_steps(t, graphdef, abstract_state, opt, mesh, train_like, eval_like)
+    compiled = step_lib.compile_steps(t, graphdef, abstract_state, opt, mesh, train_like, eval_like, run.mesh.fsdp)
     if compiled.memory:
         log(f"compiled train step memory per device: {step_lib.format_bytes(step_lib.memory_needed(compiled.memory))}"
             " (" + ", ".join(f"{k.replace('_size_in_bytes', '')} {step_lib.format_bytes(v)}"

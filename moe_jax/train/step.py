@@ -56,11 +56,12 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(train, graphdef, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(train, graphdef, optimizer: optax.GradientTransformation, param_sharding=None) -> Callable:
     """(state, batch) -> (new state, metrics) for a config.typed.TrainConfig `train`. metrics['finite'] (bool [])
     says whether the loss, the gradient norm and the updated params and optimizer state are all finite; with
     train.on_nonfinite='skip' a non-finite step keeps the previous params and optimizer state (the step counter still
-    advances)."""
+    advances). `param_sharding` (the params' tree of shardings): each micro-batch's gradients and their sum are
+    pinned to it, so under FSDP they are reduce-scattered to the parameter's shards, not all-reduced."""
     accum = train.grad_accum
     nan_step = train.inject_nan_at_step
     nan_mode = train.inject_nan_mode
@@ -82,6 +83,8 @@ def make_train_step(train, graphdef, optimizer: optax.GradientTransformation) ->
             micro, idx = xs
             micro = {k: sharding_lib.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in micro.items()}
             (_, (ce, correct, weight, aux)), grads = grad_fn(state["params"], micro, jax.random.fold_in(base, idx))
+            if param_sharding is not None:
+                grads = jax.lax.with_sharding_constraint(grads, param_sharding)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             sums = jax.tree.map(jnp.add, sums, {"ce": ce, "correct": correct, "weight": weight, "aux": aux})
             return (grads_acc, sums), None
@@ -142,10 +145,10 @@ def _spec_by_suffix(param_specs: dict, leaf_path: tuple, shape: tuple) -> P:
     return P()
 
 
-def state_shardings(abstract_state: dict, abstract_nnx_state, mesh) -> dict:
-    """NamedShardings for the whole train state: params by their logical axes, optimizer moments like their
-    parameter, scalars replicated."""
-    pspecs = sharding_lib.param_specs(abstract_nnx_state, mesh)
+def state_shardings(abstract_state: dict, abstract_nnx_state, mesh, fsdp: bool = False) -> dict:
+    """NamedShardings for the whole train state: params by their logical axes (`fsdp`: config.mesh.fsdp's rules),
+    optimizer moments like their parameter, scalars replicated."""
+    pspecs = sharding_lib.param_specs(abstract_nnx_state, mesh, fsdp)
     flat = {}
     for path, spec in jax.tree_util.tree_flatten_with_path(pspecs, is_leaf=lambda x: isinstance(x, P))[0]:
         keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
@@ -166,11 +169,12 @@ def batch_shardings(batch_like: dict, mesh) -> dict:
     return {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in batch_like.items()}
 
 
-def abstract_train_state(abstract_nnx_state, optimizer, mesh) -> dict:
-    """The train state as ShapeDtypeStructs carrying their NamedShardings on `mesh` (no memory allocated)."""
+def abstract_train_state(abstract_nnx_state, optimizer, mesh, fsdp: bool = False) -> dict:
+    """The train state as ShapeDtypeStructs carrying their NamedShardings on `mesh` (no memory allocated; `fsdp`:
+    config.mesh.fsdp, parameters and optimizer state split over the data-parallel devices)."""
     params_abs = nnx.to_pure_dict(abstract_nnx_state)
     state_abs = jax.eval_shape(lambda p: init_state(0, p, optimizer), params_abs)  # shapes: any seed
-    shardings = state_shardings(state_abs, abstract_nnx_state, mesh)
+    shardings = state_shardings(state_abs, abstract_nnx_state, mesh, fsdp)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, shardings)
 
 
@@ -275,8 +279,9 @@ def compile_train_step(train, graphdef, optimizer, abstract_state, mesh, batch_l
     s_shard = jax.tree.map(lambda s: s.sharding, abstract_state)
     b_shard = batch_shardings(batch_like, mesh)
     with jax.set_mesh(mesh):
-        train = jax.jit(make_train_step(train, graphdef, optimizer), in_shardings=(s_shard, b_shard),
-                        out_shardings=(s_shard, NamedSharding(mesh, P())), donate_argnums=(0,))
+        step_fn = make_train_step(train, graphdef, optimizer, s_shard["params"])
+        train = jax.jit(step_fn, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, NamedSharding(mesh, P())),
+                        donate_argnums=(0,))
         return train.lower(abstract_state, _abstract_batch(batch_like, b_shard)).compile(), b_shard
 
 
@@ -295,9 +300,10 @@ def compile_eval_step(graphdef, abstract_params, mesh, eval_batch_like: dict):
 
 
 def compile_steps(train, graphdef, abstract_nnx_state, optimizer, mesh, batch_like: dict,
-                  eval_batch_like: dict) -> Compiled:
-    """Lower and compile both steps ahead of time (so an out-of-memory config fails before step 1, with numbers)."""
-    abs_in = abstract_train_state(abstract_nnx_state, optimizer, mesh)
+                  eval_batch_like: dict, fsdp: bool = False) -> Compiled:
+    """Lower and compile both steps ahead of time (so an out-of-memory config fails before step 1, with numbers);
+    `fsdp`: config.mesh.fsdp (abstract_train_state)."""
+    abs_in = abstract_train_state(abstract_nnx_state, optimizer, mesh, fsdp)
     s_shard = jax.tree.map(lambda s: s.sharding, abs_in)
     train_c, b_shard = compile_train_step(train, graphdef, optimizer, abs_in, mesh, batch_like)
     eval_c, _ = compile_eval_step(graphdef, abs_in["params"], mesh, eval_batch_like)

@@ -76,13 +76,13 @@ class Bench:
             raise config_lib.ConfigError(f"--batch {t.batch_size} is not divisible by the {shards} batch shards of "
                                          f"mesh {dict(self.mesh.shape)}")
         graphdef, abstract_nnx = model_lib.abstract(config.model)
-        opt = optimizer_lib.build(config.optim, t.steps)
+        opt = optimizer_lib.build(config.optim, t.steps, distributed_muon=config.mesh.fsdp)
         rows = t.batch_size * t.grad_accum
         rng = np.random.default_rng(1)
         batch = {"inputs": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
                  "targets": rng.integers(0, config.model.vocab_size, (rows, t.seq_len), dtype=np.int32),
                  "weights": np.ones((rows, t.seq_len), np.float32)}
-        abs_state = step_lib.abstract_train_state(abstract_nnx, opt, self.mesh)
+        abs_state = step_lib.abstract_train_state(abstract_nnx, opt, self.mesh, config.mesh.fsdp)
         t0 = time.perf_counter()
         self.step, b_shard = step_lib.compile_train_step(t, graphdef, opt, abs_state, self.mesh, batch)
         with jax.set_mesh(self.mesh):
