@@ -203,7 +203,7 @@ def first_update_tolerance(before, after, path):
     c = equivalence_config()
     u, n_terms, term_bound = 2.0 ** -24, 2 * 8 * 64, c.optim.clip_norm
     dg = np.sqrt(n_terms) * u * term_bound
-    lr0 = c.optim.adamw_lr / max(config_lib.warmup_steps(c), 1)
+    lr0 = c.optim.adamw_lr / max(parse(c).warmup_steps, 1)
     eps = c.optim.eps
     before, after = before.astype(np.float64), after.astype(np.float64)
     adamw_leaf = after.ndim < 2 or any(k in path for k in ("embed", "head", "router"))  # optim/chain.py's table
