@@ -346,3 +346,22 @@ def test_v5p_64_is_32_megacore_chips():
     t = targets.get("v5p-64")
     assert t.chips == 32 and t.topology == "v5:4x4x2" and t.chip_config == "megacore" and not any(t.wrap)
     assert targets.for_devices("v5p", 32) == ("v5p-64", 1)
+
+
+def test_a_compiler_failure_is_one_line_and_a_table_row(tmp_path, monkeypatch):
+    """An XLA internal error while compiling for a target (seen: B200 Triton tiling on configs/moe.py) is an AotError
+    naming the target, so the command prints one line and the table records the row instead of stopping."""
+    def boom(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.640\nmore")
+    monkeypatch.setattr(targets, "check_compiler", lambda target: None)
+    monkeypatch.setattr(aot, "prepare_config", lambda config, target, request: (config, []))
+    monkeypatch.setattr(aot, "build_mesh", lambda mesh, target, slices: None)
+    monkeypatch.setattr(aot, "compile_programs", boom)
+    config = cli.load_config_file(os.path.join(ROOT, "configs", "smoke.py"))
+    with pytest.raises(aot.AotError, match=r"the XLA compiler for b200-8 failed on this program \(INTERNAL: "
+                                           r"Couldn't find output tile sizes that satisfy hlo: %dot.640\)"):
+        aot.run(config, aot.Request(target="b200-8"))
+    rows = aot_table.compute([os.path.join(ROOT, "configs", "smoke.py")], ["b200-8"], str(tmp_path / "t.json"),
+                             out=lambda *_: None)
+    (row,) = rows.values()
+    assert row["error"].startswith("the XLA compiler for b200-8 failed") and row["target"] == "b200-8"

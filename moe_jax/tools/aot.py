@@ -283,6 +283,10 @@ def run(config, request: Request) -> dict:
     except Exception as e:  # XLA's out-of-memory is a runtime error type that jaxlib does not export stably
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
             raise _oom_error(e, target, "train") from None
+        if isinstance(e, jax.errors.JaxRuntimeError):  # the compiler itself failed: a finding about this target
+            first = str(e).strip().splitlines()[0][:300]
+            raise AotError(f"the XLA compiler for {target.name} failed on this program ({first}); this is the "
+                           "compiler's limit or bug for that target, not a memory verdict") from None
         raise
     programs = {name: analyse(name, c, s, parsed, target, mesh) for name, (c, s) in compiled.items()}
     return {"config": parsed.name, "target": target.name, "platform": target.platform,
