@@ -365,3 +365,13 @@ def test_a_compiler_failure_is_one_line_and_a_table_row(tmp_path, monkeypatch):
                              out=lambda *_: None)
     (row,) = rows.values()
     assert row["error"].startswith("the XLA compiler for b200-8 failed") and row["target"] == "b200-8"
+
+
+def test_slow_links_join_tpu_slices_and_gpu_nodes_only():
+    """The hosts of one TPU slice share its ICI (a one-slice topology's devices carry no slice_index: the v5e-8 and
+    v4-8 topologies have two hosts each); across slices, or between GPU nodes (one process each), is DCN."""
+    from types import SimpleNamespace as D
+    assert targets.slice_of(D(platform="tpu", process_index=1, slice_index=None)) == 0
+    assert targets.slice_of(D(platform="tpu", process_index=1)) == 0
+    assert targets.slice_of(D(platform="tpu", process_index=3, slice_index=1)) == 1
+    assert targets.slice_of(D(platform="gpu", process_index=2)) == 2

@@ -183,7 +183,7 @@ def topology_devices(target: Target, slices: int = 1) -> list:
 
 def slice_of(device) -> int:
     """Which slice (TPU) or node (GPU) a device is in: what a collective crosses the slow links between."""
-    index = getattr(device, "slice_index", None)
-    if index is not None and device.platform == "tpu":
-        return int(index)
+    if device.platform == "tpu":  # the hosts of one slice share its ICI: only slices are joined by DCN
+        index = getattr(device, "slice_index", None)
+        return 0 if index is None else int(index)  # a one-slice topology's devices carry no slice_index
     return int(device.process_index)
