@@ -6,7 +6,7 @@
 
 Restores the parameters of the latest checkpoint (or --step) of a run directory written by `moe_jax.train`, with
 the run's saved config.json and tokenizer.model, then decodes --num_samples continuations of the prompt at once
-(one batch) with a KV cache: see moe_jax/decode.py and docs/generation.md.
+(one batch) with a KV cache: see moe_jax/model/decode.py and docs/generation.md.
 
 - The prompt is conditioned as the start of a document: its ids are [EOS] + encode(prompt). The training pipeline
   appends EOS to every document and adds no BOS, so EOS is the token every document follows in training; BOS is

@@ -1,4 +1,4 @@
-"""Tests for moe_jax/budget.py and moe_jax/hardware.py: the written config spends the budget (training FLOPs x steps
+"""Tests for moe_jax/budget.py and moe_jax/tools/hardware.py: the written config spends the budget (training FLOPs x steps
 within 5% of usd / price x 3600 x peak x MFU, worked out here from the table, not from the module), the pick sits
 at ~20 tokens per (active) parameter, the written file loads, validates and trains, and bad budgets, devices and
 flags exit 2 with one line naming the problem."""

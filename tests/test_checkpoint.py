@@ -1,4 +1,4 @@
-"""Tests for moe_jax/checkpoint.py's run files (save/restore itself is exercised end to end in test_trainer.py)."""
+"""Tests for moe_jax/train/checkpoint.py's run files (save/restore itself is exercised end to end in test_trainer.py)."""
 
 import json
 

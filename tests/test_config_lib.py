@@ -1,4 +1,4 @@
-"""Tests for moe_jax/config_lib.py and configs/*.py: every rejected field gets a message naming it; the seed configs
+"""Tests for moe_jax/config/schema.py and configs/*.py: every rejected field gets a message naming it; the seed configs
 validate and carry the seed exp5 values."""
 
 import pathlib

@@ -1,4 +1,4 @@
-"""Tests for moe_jax/dropless.py and the dropless dispatch of moe.MoEBlock (moe.dispatch='dropless'), and for the
+"""Tests for moe_jax/model/dropless.py and the dropless dispatch of moe.MoEBlock (moe.dispatch='dropless'), and for the
 padding-aware routing of both dispatch modes (token_mask).
 
 Claims: dropless equals the capacity path when capacity drops nothing (outputs, auxiliary losses, gradients of every

@@ -1,4 +1,4 @@
-"""Tests for moe_jax/flops.py: parameter and FLOP counts worked out by hand (the arithmetic is written out below, from
+"""Tests for moe_jax/model/flops.py: parameter and FLOP counts worked out by hand (the arithmetic is written out below, from
 the shapes, not from the module's helpers), the counts against the real parameter trees of model.init_params, the
 device peak table, and MFU.
 

@@ -1,4 +1,4 @@
-"""Tests for moe_jax/layers.py: RoPE, attention (masking, blocked vs reference), dropout, RMSNorm, the dense MLP."""
+"""Tests for moe_jax/model/layers.py: RoPE, attention (masking, blocked vs reference), dropout, RMSNorm, the dense MLP."""
 
 import math
 import pathlib

@@ -1,4 +1,4 @@
-"""Tests for moe_jax/model.py: causality, segments, layer placement, head tying, dtypes, dropout, KV cache, loss,
+"""Tests for moe_jax/model/transformer.py: causality, segments, layer placement, head tying, dtypes, dropout, KV cache, loss,
 rematerialisation. Tiny configs (smoke: 2 layers, width 64, vocab 512) so each compile takes a second or two."""
 
 import functools

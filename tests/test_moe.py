@@ -1,4 +1,4 @@
-"""Tests for moe_jax/moe.py against a naive per-token, per-expert numpy reference.
+"""Tests for moe_jax/model/moe.py against a naive per-token, per-expert numpy reference.
 
 The reference is written from the formulas in moe.py's module docstring, not from its code: softmax over all experts,
 top-k, renormalise the k weights, capacity C = max(ceil(K*T*cf/E), min_capacity) capped at T, priority "all first

@@ -1,4 +1,4 @@
-"""moe_jax/muon.py's Newton-Schulz chains on their own (tests/test_optimizer.py tests the whole transformation against
+"""moe_jax/optim/muon.py's Newton-Schulz chains on their own (tests/test_optimizer.py tests the whole transformation against
 optax.contrib.muon): the bfloat16 chain's arithmetic, and the Gram-space chain against a float64 X-space reference
 on well- and ill-conditioned matrices, wide and tall, one at a time and stacked."""
 

@@ -1,4 +1,4 @@
-"""Tests for moe_jax/optimizer.py: which parameter gets Muon or AdamW, the Newton-Schulz band of Muon's updates (per
+"""Tests for moe_jax/optim/chain.py: which parameter gets Muon or AdamW, the Newton-Schulz band of Muon's updates (per
 expert for stacked expert weights), the warmup + cosine schedules, the plain-AdamW switch, global-norm clipping and
 the weight-decay mask.
 
@@ -481,7 +481,7 @@ def test_clip_matches_hand_built_chain(params):
 
 
 # ------------------------------------------------------------------------------------------------ batched Muon
-# optim.muon_impl='batched' (moe_jax/muon.py, the default) against optim.muon_impl='optax' (optax.contrib.muon
+# optim.muon_impl='batched' (moe_jax/optim/muon.py, the default) against optim.muon_impl='optax' (optax.contrib.muon
 # itself): same updates for every parameter over several steps, same state tree, states interchangeable.
 
 

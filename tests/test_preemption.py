@@ -1,4 +1,4 @@
-"""Tests for moe_jax/preemption.py in one process: signals become a stop request, a Cloud TPU maintenance event (from a
+"""Tests for moe_jax/train/preemption.py in one process: signals become a stop request, a Cloud TPU maintenance event (from a
 local stand-in for the GCE metadata server) does too, and a single process's agreed stop is its own request. The
 several-process agreement is tested in tests/test_multihost.py."""
 

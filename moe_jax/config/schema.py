@@ -78,7 +78,7 @@ def moe_section() -> ml_collections.ConfigDict:
     s.every = 1  # layer i is MoE when i % every == every - 1 (every=1: all; every=2: layers 1, 3, 5)
     s.d_ff = 1536  # hidden width of each expert
     s.dispatch = "capacity"  # 'capacity' (einsum dispatch into C slots per expert; drops) | 'dropless' (sorted
-    #   assignments, grouped matmuls: moe_jax/dropless.py). Same parameters: switching is a config change.
+    #   assignments, grouped matmuls: moe_jax/model/dropless.py). Same parameters: switching is a config change.
     s.grouped_matmul = "ragged_dot"  # dropless only: 'ragged_dot' (jax.lax.ragged_dot) | 'megablox' (Pallas TPU)
     s.capacity_factor = 1.25
     s.eval_capacity_factor = 2.0
@@ -101,7 +101,7 @@ def optim_section() -> ml_collections.ConfigDict:
     s.momentum = 0.95
     s.nesterov = True
     s.ns_steps = 5
-    s.muon_impl = "batched"  # 'batched' (moe_jax/muon.py: one Newton-Schulz per shape group) | 'optax'
+    s.muon_impl = "batched"  # 'batched' (moe_jax/optim/muon.py: one Newton-Schulz per shape group) | 'optax'
     s.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (resolve.NS_DTYPE per backend) | 'float32' | 'bfloat16'
     s.ns_stack = "auto"  # 'layers' (one chain per weight across layers) | 'none' (one per parameter) | 'auto'
     s.ns_method = "auto"  # 'gram' (float32 Gram-space NS for wide matrices) | 'standard' | 'auto' (per backend)

@@ -1,7 +1,7 @@
 """The sparse Mixture-of-Experts feed-forward: router, capacity-based dispatch and combine by einsum, experts.
 
 Two dispatch modes share the router, the parameters and the metrics (moe.dispatch): 'capacity' (below) and
-'dropless' (moe_jax/dropless.py: assignments sorted by expert, grouped matmuls, no capacity and no drops).
+'dropless' (moe_jax/model/dropless.py: assignments sorted by expert, grouped matmuls, no capacity and no drops).
 
 Shapes: B batch, S length, M d_model, F expert d_ff, E experts, K top-k, G routing groups, T tokens per group
 (B*S = G*T), C capacity (token slots per expert per group).
@@ -283,7 +283,7 @@ class MoEBlock(nnx.Module):
 
     def _dropless(self, x, logits, mask, routes=False):
         """x [N, M], logits [N, E], mask [N] or None -> (y [N, M], metrics (with the routes if `routes`)). See
-        moe_jax/dropless.py."""
+        moe_jax/model/dropless.py."""
         from moe_jax.model import dropless  # dropless imports layers only; kept local so the two modules read apart
         n, d = x.shape
         probs, gates, expert_index = top_k_routing(logits, self.top_k, self.cfg.moe.renormalize)

@@ -114,7 +114,7 @@ def _rule(path: str, ndim: int, optim) -> tuple[str, MuonDimensionNumbers | None
         dims = _EXPERTS
     else:
         raise ValueError(f"optimizer: no rule for parameter {path!r} of rank {ndim}; add one to "
-                         f"moe_jax/optimizer.py:_rule (Muon dimension numbers, or AdamW with/without weight decay)")
+                         f"moe_jax/optim/chain.py:_rule (Muon dimension numbers, or AdamW with/without weight decay)")
     if muon:
         return MUON, dims, False
     return ADAMW, None, True

@@ -18,7 +18,7 @@ What is the same as optax.contrib.muon (optax 0.2.8; tests/test_optimizer.py che
 
 What differs: the matrices of one group are orthogonalised by one chain of batched matmuls instead of one chain per
 parameter. A group is (group_key(path), B, fan_in, fan_out, dtype): the caller's key decides which parameters may
-share a stack. moe_jax/optimizer.py (`optim.ns_stack`) keys either by the parameter's name with the layer index
+share a stack. moe_jax/optim/chain.py (`optim.ns_stack`) keys either by the parameter's name with the layer index
 dropped ('blocks/*/attn/wq': 'layers', so one weight's copies across layers are stacked on a new leading axis into
 [L, B, m, n]; they have the same logical axes, hence the same sharding, and stacking them on a new replicated axis
 needs no communication) or by the whole path ('none': one chain per parameter, as optax; experts stay one [E, m, n]

@@ -4,7 +4,7 @@
                              [--vocab 8192] [--seq 1024] [--write configs/x.py]
 
 Budget in FLOPs: C = usd / price ($ per device-hour) x 3600 x peak (dense bf16 FLOP/s per device) x MFU. Prices, peaks
-and measured MFUs are the table in moe_jax/hardware.py (sources and dates there); MFU defaults to
+and measured MFUs are the table in moe_jax/tools/hardware.py (sources and dates there); MFU defaults to
 hardware.DEFAULT_MFU where none was measured, and --mfu overrides it.
 
 Sizing rule: Chinchilla (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 1-3 and
