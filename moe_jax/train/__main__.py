@@ -69,7 +69,7 @@ def distributed_args(distributed: bool, coordinator_address: str | None, num_pro
 
 
 def main(argv):
-    preemption.SignalWatcher().start()  # from here on a signal ends the run with EXIT_PREEMPTED and one line
+    watcher = preemption.SignalWatcher().start()  # from here on a signal ends the run with EXIT_PREEMPTED, one line
     cli.no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
@@ -93,6 +93,7 @@ def main(argv):
         import jax
         preemption.set_phase("connecting to the other processes")
         jax.distributed.initialize(**init_args)
+        watcher.install()  # initialize replaced the SIGTERM handler with its coordination client's own
         watchdog = preemption.PeerWatchdog().start()  # a lost process ends the others in one line (EXIT_PEER_LOST)
     preemption.set_phase("checking the config")
     run = typed.parse(config)  # the one validation; a ConfigError exits with status 2 (cli.run)

@@ -101,12 +101,18 @@ class SignalWatcher:
     def start(self) -> "SignalWatcher":
         """Install the handlers (main thread only) and start the watching thread; becomes the process's watcher."""
         global _watcher
-        for sig in SIGNALS:
-            signal.signal(sig, lambda signum, frame: None)  # the work is done by the thread, from the wakeup fd
-        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self.install()
         threading.Thread(target=self._run, name="signal-watcher", daemon=True).start()
         _watcher = self
         return self
+
+    def install(self) -> None:
+        """(Re)install the handlers and the wakeup fd. Call again after anything that installs its own: the
+        coordination client of jax.distributed.initialize puts a C++ SIGTERM handler (its preemption notifier) in
+        place of Python's, after which a SIGTERM would no longer reach this watcher."""
+        for sig in SIGNALS:
+            signal.signal(sig, lambda signum, frame: None)  # the work is done by the thread, from the wakeup fd
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
 
     def _run(self) -> None:
         while True:
