@@ -63,6 +63,7 @@ def test_step_mode_prints_and_returns_throughput_of_moe_and_dense(tmp_path, load
     assert "peak re-measured after the runs" in p.stdout
 
 
+@pytest.mark.slow  # seven subprocesses, ~12 s
 def test_bad_flags_exit_2_naming_the_flag(tmp_path):
     """Bad input exits with status 2 and one `error:` line naming the flag (moe_jax/cli.py), from any directory."""
     smoke = os.path.join(ROOT, "configs", "smoke.py")

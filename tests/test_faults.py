@@ -424,8 +424,8 @@ def _run(module, args, cache_dir, extra_env=None, **kw):
      "--allow_config_change: 'optim.muon_lrr' is not a config field or section; did you mean 'optim.muon_lr'?"),
     (["--config", "configs/smoke.py", "--allow_config_change=optim,trian"], "did you mean 'train'?"),
     # the compiled step needs ~2.3 TB (XLA's memory analysis): refused before step 1, not killed by the OOM killer
-    (["--config", "configs/smoke.py", "--config.train.batch_size=1048576"],
-     "GiB per device but the host's available memory"),
+    pytest.param(["--config", "configs/smoke.py", "--config.train.batch_size=1048576"],
+                 "GiB per device but the host's available memory", marks=pytest.mark.slow),  # compiles the step
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, cache_dir, args, needle):
     if not any(a.startswith("--workdir") for a in args):
