@@ -509,18 +509,23 @@ def _run_until(args, cache_dir, line_start, extra_env=None):
     raise AssertionError(f"no line {line_start!r}: " + "".join(lines) + p.communicate()[1][-2000:])
 
 
+def _signal_and_wait(p, signum, timeout):
+    """Send `signum` to the training subprocess and collect (stdout, stderr); kill it if it outlives `timeout`."""
+    try:
+        p.send_signal(signum)
+        return p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_sigterm_while_compiling_exits_3_in_one_line(tmp_path, cache_dir):
     """Compiling is the long phase a preemption hits on real hardware: status 3 (resubmit), one line, at once."""
     workdir = str(tmp_path / "w")
     args = ["--config", "configs/smoke.py", "--workdir", workdir, "--config.train.progress_bar=False"]
     # without the persistent compilation cache the tests share, so the compile takes its real time
     p, lines = _run_until(args, cache_dir, "compiling the train step ...", {"JAX_ENABLE_COMPILATION_CACHE": "false"})
-    try:
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    out, err = _signal_and_wait(p, signal.SIGTERM, timeout=60)
     assert p.returncode == trainer.EXIT_PREEMPTED == 3, err
     assert err.strip().splitlines()[-1] == (
         "interrupted by SIGTERM while compiling the train step: nothing was being saved (the newest checkpoint, if "
@@ -535,12 +540,7 @@ def test_sigint_during_a_long_step_is_acknowledged_before_it_ends(tmp_path, cach
             "--config.train.log_every=1", "--config.train.batch_size=64", "--config.train.seq_len=256",
             "--config.train.steps=1000", "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000"]
     p, lines = _run_until(args, cache_dir, "step 2:")
-    try:
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    out, err = _signal_and_wait(p, signal.SIGINT, timeout=300)
     assert p.returncode == 3, err
     out = out.splitlines()
     ack = [i for i, x in enumerate(out) if x.startswith("stop requested (SIGINT): saving after step ")]

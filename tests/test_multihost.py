@@ -160,6 +160,18 @@ def test_checkpoints_move_between_process_counts(runs, cache_dir):
         assert out.stdout.strip()
 
 
+def wait_until_training(procs, workdir, records: int = 2, timeout: float = 240) -> None:
+    """Wait until the run has written `records` metrics records (so every process is past compiling), asserting that
+    no process has exited meanwhile."""
+    deadline = time.time() + timeout
+    metrics = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(metrics) and len(metrics_lib.read(workdir)) >= records:
+            break
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in procs), logs(workdir, 2)
+
+
 @pytest.mark.slow  # two 2-process training runs
 def test_sigterm_to_one_process_stops_both_at_one_step(runs, cache_dir):
     """Also on a hybrid mesh with the processes as DCN granules: dcn_shape (2, 1, 1) x ICI (4, 1, 1) lays the devices
@@ -167,13 +179,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, cache_dir):
     workdir = str(runs["base"] / "preempted")
     hybrid = ["--config.mesh.shape=(-1,1,1)", "--config.mesh.dcn_shape=(2,1,1)"]
     procs = launch(2, workdir, cache_dir, hybrid)
-    deadline = time.time() + 240
-    metrics = os.path.join(workdir, metrics_lib.METRICS_FILE)
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if os.path.exists(metrics) and len(metrics_lib.read(workdir)) >= 2:
-            break
-        time.sleep(0.2)
-    assert all(p.poll() is None for p in procs), logs(workdir, 2)
+    wait_until_training(procs, workdir)
     procs[1].send_signal(signal.SIGTERM)
     assert finish(procs, workdir) == [trainer.EXIT_PREEMPTED] * 2, logs(workdir, 2)
     saved = ckpt_lib.Checkpointer(workdir, read_only=True).all_steps()
@@ -199,13 +205,7 @@ def test_kill_9_of_one_process_ends_the_other_in_one_line(tmp_path, cache_dir):
     procs = launch(2, workdir, cache_dir, ["--config.train.steps=100000", "--config.train.eval_every=100000",
                                            "--config.train.checkpoint_every=100000"])
     try:
-        deadline = time.time() + 240
-        metrics = os.path.join(workdir, metrics_lib.METRICS_FILE)
-        while time.time() < deadline and all(p.poll() is None for p in procs):
-            if os.path.exists(metrics) and len(metrics_lib.read(workdir)) >= 2:
-                break
-            time.sleep(0.2)
-        assert all(p.poll() is None for p in procs), logs(workdir, 2)
+        wait_until_training(procs, workdir)
         procs[1].kill()
         killed = time.time()
         code = procs[0].wait(timeout=preemption.PEER_TIMEOUT_S + 60)
