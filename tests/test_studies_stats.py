@@ -80,3 +80,129 @@ def test_pearson():
     assert stats.pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) == pytest.approx(np.corrcoef([1, 2, 3, 4],
                                                                                    [2, 4, 6, 8.5])[0, 1])
     assert stats.pearson([1, 1, 1], [1, 2, 3]) is None and stats.pearson([1, 2], [1, 2]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Holm's adjustment, the bootstrap over documents, and intervals that combine both sources of variance
+
+
+def test_holm_matches_a_hand_computed_example():
+    # m = 4; sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005 = 0.02, 3 x 0.01 = 0.03, 2 x 0.03 = 0.06,
+    # max(0.06, 1 x 0.04) = 0.06; back in the given order:
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # at alpha 0.05 Holm rejects the first two in sorted order and stops at 0.03 (2 x 0.03 > 0.05); Bonferroni
+    # (4 x p) would reject only 0.005 and 0.01 as well, but unadjusted all four are < 0.05
+    assert stats.holm([0.2, None, 0.6]) == [0.4, None, 0.6]  # None is outside the family (m = 2)
+    assert stats.holm([0.03]) == [0.03] and stats.holm([0.5, 0.9, 0.8]) == [1.0, 1.0, 1.0]
+
+
+def test_adjust_redoes_the_decisions_of_a_family_with_holm():
+    keys = [f"seed{i}" for i in range(5)]
+    base = dict(zip(keys, [3.00, 3.01, 3.02, 3.00, 3.01]))
+    gaps = {"a": 0.05, "b": 0.004, "c": 0.0}  # a clear gap, a marginal one, none
+    rng = np.random.default_rng(3)
+    vs = [stats.verdict(n, {k: v - g + rng.normal(0, 0.003) for k, v in base.items()}, "ref", base)
+          for n, g in gaps.items()]
+    raw = [v["p"] for v in vs]
+    stats.adjust(vs)
+    assert [v["p_holm"] for v in vs] == pytest.approx(stats.holm(raw)) and all(v["family"] == 3 for v in vs)
+    assert vs[0]["decision"] == "a" and "Holm-adjusted p" in vs[0]["text"] and "(3 comparisons)" in vs[0]["text"]
+    for v in vs:
+        assert (v["decision"] != "none") == (v["p_holm"] < 0.05)
+    withheld = stats.verdict("a", base, "ref", base, withheld="learning rate at its grid's edge")
+    few = stats.verdict("a", {"s0": 1.0}, "ref", {"s0": 2.0})
+    stats.adjust([withheld, few])
+    assert withheld["decision"] == "withheld" and "verdict withheld" in withheld["text"] and withheld["p_holm"] is None
+    assert few["decision"] == "no verdict"
+
+
+def test_resamples_are_seeded_and_draw_every_document_count_once_per_resample():
+    a = stats.resample_counts(7, samples=50, seed=1)
+    assert a.shape == (50, 7) and np.all(a.sum(axis=1) == 7) and a.dtype.kind == "i"
+    np.testing.assert_array_equal(a, stats.resample_counts(7, samples=50, seed=1))
+    assert not np.array_equal(a, stats.resample_counts(7, samples=50, seed=2))
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        stats.resample_counts(1)
+
+
+def test_document_bootstrap_variance_of_a_mean_is_the_sample_variance_over_d():
+    """Equal token counts: the token-weighted loss is the mean of the document losses, whose bootstrap variance is
+    the population variance (ddof 0) of the document losses / D (sampling error of 2000 resamples: ~3%)."""
+    rng = np.random.default_rng(0)
+    per_doc = rng.normal(4.0, 0.5, 40)
+    docs = {"s0": {"tokens": np.full(40, 100), "loss_sum": 100 * per_doc, "doc_ids": np.arange(40)}}
+    v = stats.document_variance(stats.documents(docs), None, stats.resample_counts(40))
+    assert v == pytest.approx(np.var(per_doc) / 40, rel=0.08)
+
+
+def test_documents_must_be_the_same_for_every_run():
+    one = {"tokens": [3, 4], "loss_sum": [1.0, 2.0], "doc_ids": [0, 1]}
+    assert stats.documents({"a": one, "b": None}) is None
+    with pytest.raises(ValueError, match="different documents"):
+        stats.documents({"a": one, "b": dict(one, doc_ids=[0, 2])})
+    with pytest.raises(ValueError, match="different documents"):
+        stats.documents({"a": one, "b": dict(one, tokens=[3, 5])})
+
+
+def synthetic_study(rng, n_docs, n_reps, delta, doc_sd, seed_sd):
+    """Two arms scored on the same n_docs documents drawn from a population, n_reps paired replicates. Per-token
+    loss of arm x on document j in replicate r: a_j + c_r + u_xr + e; arm y: a_j + delta_j + c_r + u_yr + e, with
+    document difficulty a_j ~ N(4, 0.5) and shared replicate effect c_r ~ N(0, 0.2) (both cancel in the paired
+    difference), document effect delta_j ~ N(delta, doc_sd), arm-specific replicate effects u ~ N(0, seed_sd),
+    per-document noise e of sd 1/sqrt(tokens). The population difference x - y is -delta."""
+    tokens = rng.integers(200, 1500, n_docs)
+    a = rng.normal(4.0, 0.5, n_docs)
+    dj = rng.normal(delta, doc_sd, n_docs)
+    c = rng.normal(0, 0.2, n_reps)
+    out = {}
+    for arm, shift in (("x", 0.0), ("y", 1.0)):
+        u = rng.normal(0, seed_sd, n_reps)
+        runs = {}
+        for r in range(n_reps):
+            per_token = a + shift * dj + c[r] + u[r] + rng.normal(0, 1, n_docs) / np.sqrt(tokens)
+            runs[f"seed{r}"] = {"tokens": tokens, "loss_sum": per_token * tokens, "doc_ids": np.arange(n_docs)}
+        out[arm] = runs
+    return out
+
+
+def loss_of(run):
+    return float(np.sum(run["loss_sum"]) / np.sum(run["tokens"]))
+
+
+@pytest.mark.parametrize("doc_sd, seed_sd", [(0.05, 0.002), (0.003, 0.01), (0.02, 0.01)],
+                         ids=["documents dominate", "replicates dominate", "both"])
+def test_combined_interval_covers_the_population_difference_at_its_level(doc_sd, seed_sd):
+    """400 synthetic studies of 5 replicates x 50 test documents: the 95% interval (replicate + document bootstrap
+    variance) contains the population difference in 95% of them (binomial sd 1.1%: accept 92-98%); the replicate-
+    only interval does not where the document sample dominates."""
+    rng = np.random.default_rng(2024)
+    counts = stats.resample_counts(50, samples=500, seed=7)
+    hit = hit_rep = 0
+    trials = 400
+    for _ in range(trials):
+        s = synthetic_study(rng, 50, 5, 0.03, doc_sd, seed_sd)
+        x = {k: loss_of(v) for k, v in s["x"].items()}
+        y = {k: loss_of(v) for k, v in s["y"].items()}
+        d = stats.difference(x, y, x_docs=s["x"], y_docs=s["y"], counts=counts)
+        rep = stats.difference(x, y)
+        assert d["documents"] and d["paired"] and d["se"] >= rep["se"]
+        hit += d["lo"] <= -0.03 <= d["hi"]
+        hit_rep += rep["lo"] <= -0.03 <= rep["hi"]
+    assert 0.92 <= hit / trials <= 0.98, hit / trials
+    if doc_sd > 10 * seed_sd:
+        assert hit_rep / trials < 0.8, hit_rep / trials
+
+
+def test_paired_document_bootstrap_cancels_what_the_arms_share():
+    """Document difficulty (sd 0.5) moves both arms alike: the document part of the difference's se is far below
+    that of either arm's mean, and the arm's own interval includes it."""
+    s = synthetic_study(np.random.default_rng(5), 50, 5, 0.03, 0.003, 0.01)
+    counts = stats.resample_counts(50)
+    x = {k: loss_of(v) for k, v in s["x"].items()}
+    y = {k: loss_of(v) for k, v in s["y"].items()}
+    d = stats.difference(x, y, x_docs=s["x"], y_docs=s["y"], counts=counts)
+    m = stats.mean_interval(x, x_docs=s["x"], counts=counts)
+    assert m["documents"] and m["diff"] == pytest.approx(np.mean(list(x.values())))
+    assert d["se_doc"] < m["se_doc"] / 10
+    assert m["se"] ** 2 == pytest.approx(m["se_doc"] ** 2 + np.var(list(x.values()), ddof=1) / 5)
+    assert m["lo"] < m["diff"] < m["hi"] and m["df"] > 4
