@@ -155,8 +155,8 @@ def test_replicates_pair_or_cross_seed_and_data_order():
 
 
 def test_plan_validates_each_config_once(monkeypatch):
-    """Each arm, each learning-rate variant and each run is one ConfigDict parsed (and so validated) once: the arm's
-    own RunConfig serves its base-LR variant, and no config is validated again (2 arms + 2 grid points + 3 runs)."""
+    """Each arm and each run is one ConfigDict parsed (and so validated) once: a step's cost is the arm's (a learning
+    rate changes none), and no config is validated again (2 arms + 2 x 3 runs)."""
     from moe_jax.config import typed
     seen = []
     real = typed.validate
@@ -166,7 +166,7 @@ def test_plan_validates_each_config_once(monkeypatch):
     s.budget.kinds = ("tokens", "model_flops")  # a second convention parses nothing more
     p = plan_lib.plan(s, "/w")
     assert len(p["runs"]) == 2 * 3
-    assert len(seen) == len({id(c) for c in seen}) == 2 + 2 + 2 * 3
+    assert len(seen) == len({id(c) for c in seen}) == 2 + 2 * 3
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -337,3 +337,153 @@ def test_data_build_serves_a_test_split_only_when_configured(cache_dir):
     c.data.test_fraction = 0.0
     with pytest.raises(DataError, match="there is no test split"):
         data.build(parse(c), 0, 1).eval_batches(4, "test")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning rates bracketed per arm (no training: records made up from a known loss curve in the learning rate)
+
+
+def made_up_records(planned, optimum: float) -> list[dict]:
+    """One record per planned run whose final validation loss is (ln lr - ln optimum)^2 (+ a replicate offset)."""
+    out = []
+    for run in planned["runs"]:
+        lr = run.lr if run.lr is not None else 0.02
+        out.append({"kind": run.kind, "arm": run.arm, "lr": run.lr, "label": run.label, "replicate": run.replicate,
+                    "run_dir": run.run_dir, "steps": run.steps, "selected": True,
+                    "val_loss": 3.0 + (np.log(lr) - np.log(optimum)) ** 2 + 0.001 * run.seed})
+    return out
+
+
+def bracketing_study():
+    s = tiny_study("/nonexistent")
+    s.seeds = (0, 1, 2)
+    s.lr_grid = ml_collections.ConfigDict({"moe_short": (0.04, 0.01, 0.02)})
+    s.lr_extend = 1
+    s.lr_select_replicates = 1
+    s.lr_tied = (("optim.adamw_lr", 0.15),)
+    return s
+
+
+def test_selection_replicates_run_the_grid_and_the_others_only_the_chosen_rate():
+    s = bracketing_study()
+    p = plan_lib.plan(s, "/w")
+    moe = {(r.replicate, r.lr) for r in p["runs"] if r.arm == "moe_short"}
+    assert moe == {("seed0", 0.01), ("seed0", 0.02), ("seed0", 0.04)}  # seeds 1, 2 wait for the choice
+    assert all(r.config.optim.adamw_lr == pytest.approx(0.15 * r.config.optim.muon_lr) for r in p["runs"]
+               if r.arm == "moe_short")  # AdamW tied to the swept Muon rate
+    p = plan_lib.plan(s, "/w", chosen={"tokens": {"moe_short": 0.02}})
+    moe = {(r.replicate, r.lr) for r in p["runs"] if r.arm == "moe_short"}
+    assert moe == {("seed0", 0.01), ("seed0", 0.02), ("seed0", 0.04), ("seed1", 0.02), ("seed2", 0.02)}
+    assert len([r for r in p["runs"] if r.arm == "dense_long"]) == 3  # no grid: every replicate at its own rate
+    # the selection ignores the non-selection replicates, so their runs cannot move the choice
+    recs = made_up_records(p, 0.018)
+    for r in recs:
+        if r["replicate"] != "seed0":
+            r["val_loss"] = -1.0
+    from moe_jax.studies import report as report_lib
+    sel = report_lib.select_lrs(p, recs)["tokens"]["moe_short"]
+    assert (sel["lr"], sel["status"], sel["grid"]["0.02"]["n"]) == (0.02, "bracketed", 1)
+
+
+@pytest.mark.parametrize("optimum, first, grown, final, status", [
+    (0.025, 0.02, None, 0.02, "bracketed"),  # inside the grid: nothing to extend
+    (0.045, 0.04, 0.08, 0.04, "bracketed"),  # top edge: 0.08 is added and is worse, so 0.04 is now bracketed
+    (0.001, 0.01, 0.005, 0.005, "edge"),  # bottom edge, still on it after the one allowed extension
+])
+def test_a_choice_on_the_grid_edge_extends_the_grid_or_is_marked_edge(optimum, first, grown, final, status):
+    from moe_jax.studies import report as report_lib
+
+    s = bracketing_study()
+    p = plan_lib.plan(s, "/w")
+    sel = report_lib.select_lrs(p, made_up_records(p, optimum))
+    assert sel["tokens"]["moe_short"]["lr"] == first
+    grids = plan_lib.grow_grids(p, sel)
+    if grown is None:
+        assert grids is None and sel["tokens"]["moe_short"]["status"] == "bracketed"
+        return
+    assert grids["tokens"]["moe_short"] == sorted([0.01, 0.02, 0.04, grown])
+    p = plan_lib.plan(s, "/w", grids=grids)
+    assert {(r.replicate, r.lr) for r in p["runs"] if r.arm == "moe_short"} == {
+        ("seed0", lr) for lr in grids["tokens"]["moe_short"]}
+    sel = report_lib.select_lrs(p, made_up_records(p, optimum))
+    s_arm = sel["tokens"]["moe_short"]
+    assert (s_arm["lr"], s_arm["status"], s_arm["extensions"]) == (final, status, 1)
+    assert plan_lib.grow_grids(p, sel) is None  # lr_extend = 1: no second extension
+    held = report_lib.withheld_arms(sel["tokens"])
+    assert ("moe_short" in held) == (status == "edge")
+    if status == "edge":
+        assert "on the edge of its grid" in held["moe_short"] and "after 1 extension" in held["moe_short"]
+        v = report_lib.verdicts({"moe_short": {"runs": []}, "dense_long": {"runs": []}}, "val_loss",
+                                [("moe_short", "dense_long")], withheld=held)
+        assert v[0]["decision"] == "no verdict"  # no runs at all; with runs the edge arm's verdict is withheld
+
+
+def test_lr_from_runs_the_source_arms_choice_and_arm_kinds_sets_its_steps():
+    """The seed's SmallBatch as the seed defined it: the reference arm's learning rate and as many micro-batches
+    as the reference arm (so, at twice the accumulation, half the optimizer steps and tokens)."""
+    s = bracketing_study()
+    s.arms.moe_seedlike = ml_collections.ConfigDict({"train": {"batch_size": 2, "grad_accum": 2}})
+    s.arm_names = "moe_short,dense_long,moe_seedlike"
+    s.lr_from = ml_collections.ConfigDict({"moe_seedlike": "moe_short"})
+    s.budget.arm_kinds = ml_collections.ConfigDict({"moe_seedlike": "micro_batches"})
+    p = plan_lib.plan(s, "/w")
+    assert not [r for r in p["runs"] if r.arm == "moe_seedlike"]  # waits for moe_short's choice
+    p = plan_lib.plan(s, "/w", chosen={"tokens": {"moe_short": 0.02}})
+    seedlike = [r for r in p["runs"] if r.arm == "moe_seedlike"]
+    ref = next(r for r in p["runs"] if r.arm == "moe_short")
+    assert [r.lr for r in seedlike] == [0.02] * 3 and ref.steps == 6
+    assert all(r.steps == 3 and r.costs["tokens"] == ref.costs["tokens"] // 2 for r in seedlike)
+    assert all(r.costs["micro_batches"] == ref.costs["micro_batches"] for r in seedlike)
+    from moe_jax.studies import report as report_lib
+    sel = report_lib.select_lrs(p, made_up_records(p, 0.025))["tokens"]
+    assert sel["moe_seedlike"]["from"] == "moe_short" and sel["moe_seedlike"]["lr"] == sel["moe_short"]["lr"]
+    s.lr_from.moe_seedlike = "dense_long"
+    with pytest.raises(config_lib.ConfigError, match="config.lr_from.moe_seedlike"):
+        plan_lib.plan(s, "/w")
+
+
+def test_train_and_select_trains_the_extension_then_the_other_replicates(tmp_path, monkeypatch):
+    """The runner's loop with a made-up trainer (validation loss (ln lr - ln 0.045)^2): grid 0.01-0.04 on seed 0,
+    then 0.08 (top edge), then seeds 1 and 2 at the chosen 0.04; a second call trains nothing new."""
+    s = bracketing_study()
+    trained = []
+
+    def fake_run_one(config, rdir, devices=None):
+        rel = os.path.relpath(rdir, tmp_path)
+        skipped = rel in trained  # finished before: the real run_one skips it
+        trained.extend([] if skipped else [rel])
+        lr = config.optim.muon_lr
+        return {"step": config.train.steps, "tokens": 0, "finished": True, "skipped": skipped,
+                "val_loss": 3.0 + (np.log(lr) - np.log(0.045)) ** 2 + 0.001 * config.seed}
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    p, records, sel = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
+    assert sel["tokens"]["moe_short"]["lr"] == 0.04 and sel["tokens"]["moe_short"]["status"] == "bracketed"
+    moe = [t for t in trained if t.startswith("moe_short")]
+    first = {f"moe_short/lr{lr:g}/seed0" for lr in (0.01, 0.02, 0.04)}
+    assert set(moe[:3]) == first and moe[3] == "moe_short/lr0.08/seed0"  # the extension, once the grid is done
+    assert set(moe[4:]) - first - {moe[3]} == {"moe_short/lr0.04/seed1", "moe_short/lr0.04/seed2"}
+    assert [r["selected"] for r in records if r["arm"] == "moe_short"] == [
+        r["lr"] == 0.04 for r in records if r["arm"] == "moe_short"]
+    assert len(records) == len(p["runs"]) == 4 + 2 + 3
+    again = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
+    assert len(trained) == 4 + 2 + 3 and again[2] == sel  # a re-run retraces the same decisions, trains nothing
+
+
+def test_two_processes_share_a_study_through_run_claims(tmp_path):
+    """A run claimed by another process is skipped, the others done, and it is taken up once the claim is gone."""
+    import fcntl
+    import threading
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    os.makedirs(a)
+    fd = os.open(os.path.join(a, runner.CLAIM_FILE), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "the other process" holds run a
+    threading.Timer(0.3, os.close, (fd,)).start()
+    order, waits = [], []
+    out = runner.each_claimed([a, b], lambda d: d, lambda d: order.append(d) or len(order), waits.append, poll=0.1)
+    assert order == [b, a] and out == {b: 1, a: 2} and waits
+    with runner.claim(a) as mine:
+        assert mine
+        with runner.claim(a) as other:
+            assert not other

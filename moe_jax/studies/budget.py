@@ -1,7 +1,7 @@
 """Budget conventions: what one optimizer step of a config costs, and how many steps a budget buys.
 
-Four conventions (`KINDS`); every study table shows a run's cost under all four, and names the one its steps were
-set by:
+Five conventions (`KINDS`); every study table shows a run's cost under the FLOP and token ones, and names the one its
+steps were set by:
 
     model_flops     flops.flops_per_step: training FLOPs/token (3 x forward, k active experts, causal attention,
                     router) x tokens/step. Capacity padding, dispatch/combine and the optimizer are not counted.
@@ -10,6 +10,9 @@ set by:
                     FLOPs (flops.optimizer_flops_per_step: ns_steps iterations of 4 m^2 n + 2 m^3 per Muon matrix).
     tokens          train.batch_size x train.grad_accum x train.seq_len per step.
     wall_seconds    measured seconds per training step of the arm (a calibration run, `runner.calibrate`).
+    micro_batches   train.grad_accum per step: the seeds counted their "steps" in micro-batches, so an arm with more
+                    accumulation got fewer optimizer steps and tokens (a study's budget.arm_kinds reproduces that for
+                    one arm: plan.arm_steps).
 
 steps(arm) = max(1, round(budget / cost_per_step(arm))), so |steps x cost - budget| <= cost / 2: any two arms
 differ by at most one step's cost. The budget is `budget.amount`, or when it is 0 `budget.reference_steps` steps of
@@ -20,9 +23,9 @@ from __future__ import annotations
 
 from moe_jax.model import flops
 
-KINDS = ("model_flops", "executed_flops", "tokens", "wall_seconds")
+KINDS = ("model_flops", "executed_flops", "tokens", "wall_seconds", "micro_batches")
 UNITS = {"model_flops": "model FLOPs", "executed_flops": "executed FLOPs", "tokens": "tokens",
-         "wall_seconds": "wall seconds"}
+         "wall_seconds": "wall seconds", "micro_batches": "micro-batches"}
 FORMULAS = {
     "model_flops": "model FLOPs/step = training FLOPs/token x batch_size x grad_accum x seq_len; training FLOPs/"
                    "token = 3 x forward; forward = 2 x (attention + dense FFN + k active experts + output head "
@@ -36,6 +39,7 @@ FORMULAS = {
     "tokens": "tokens/step = batch_size x grad_accum x seq_len",
     "wall_seconds": "seconds/step measured by a calibration run per arm (median over its logging intervals after "
                     "the first, so compilation and warm-up are excluded)",
+    "micro_batches": "micro-batches/step = grad_accum",
 }
 
 
@@ -52,6 +56,8 @@ def cost_per_step(config, kind: str, seconds_per_step: float | None = None) -> f
         return flops.executed_flops_per_step(config)
     if kind == "tokens":
         return float(tokens_per_step(config))
+    if kind == "micro_batches":
+        return float(config.train.grad_accum)
     if kind == "wall_seconds":
         if not seconds_per_step or seconds_per_step <= 0:
             raise ValueError("wall_seconds needs a measured seconds_per_step (runner.calibrate)")
@@ -70,4 +76,4 @@ def costs(config, steps: int) -> dict:
             "executed_flops": steps * flops.executed_flops_per_step(config),
             "optimizer_flops": steps * flops.optimizer_flops_per_step(config.model, config.optim),
             "padding_flops": steps * tokens_per_step(config) * fpt["dispatch_overhead_training"],
-            "tokens": steps * tokens_per_step(config)}
+            "tokens": steps * tokens_per_step(config), "micro_batches": steps * config.train.grad_accum}

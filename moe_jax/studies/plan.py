@@ -169,19 +169,69 @@ def check_same_data(arms: dict) -> None:
 
 
 def lr_grid(study, arm: str) -> list[float] | None:
-    """The arm's learning-rate grid (values of study.lr_field, default optim.muon_lr), or None (base value)."""
+    """The arm's initial learning-rate grid (values of study.lr_field, default optim.muon_lr), or None (base value)."""
     grids = study.get("lr_grid") or {}
     grid = grids.get(arm, grids.get("all"))
-    if grid is None:
+    if grid is None or arm in (study.get("lr_from") or {}):
         return None
     grid = [float(v) for v in grid]
     if not grid or any(not (v > 0 and math.isfinite(v)) for v in grid) or len(set(grid)) != len(grid):
         raise config_lib.ConfigError(f"config.lr_grid.{arm}: give distinct learning rates > 0, got {grid}")
-    return grid
+    return sorted(grid)
 
 
 def lr_field(study) -> str:
     return str(study.get("lr_field", "optim.muon_lr"))
+
+
+def lr_settings(study, arms) -> dict:
+    """The learning-rate protocol, validated (moe_jax/studies/__init__.py):
+        extend  - study.lr_extend: grid steps an arm's grid may grow by when its best rate sits on the grid's edge
+                  (one geometric step of lr_step beyond that edge each time); 0: an edge choice is marked 'edge';
+        step    - study.lr_step (> 1, default 2): the factor of one extension;
+        select  - study.lr_select_replicates: the first k replicates run every grid value and choose the rate
+                  (0: all); the other replicates run only the chosen one;
+        tied    - study.lr_tied: ((field, ratio), ...): fields set to ratio x the swept rate in every run;
+        from    - study.lr_from: {arm: source arm}: the arm runs the rate chosen for the source arm (no grid)."""
+    extend, step = int(study.get("lr_extend", 0) or 0), float(study.get("lr_step", 2.0) or 2.0)
+    select = int(study.get("lr_select_replicates", 0) or 0)
+    if extend < 0 or not step > 1 or select < 0:
+        raise config_lib.ConfigError(f"config.lr_extend/lr_step/lr_select_replicates: give lr_extend >= 0, "
+                                     f"lr_step > 1, lr_select_replicates >= 0 (got {extend}, {step}, {select})")
+    tied = [(str(f), float(r)) for f, r in (study.get("lr_tied") or ())]
+    base = study.base
+    for f, r in tied:
+        section, _, key = f.partition(".")
+        if section not in base or key not in base[section] or not r > 0 or f == lr_field(study):
+            raise config_lib.ConfigError(f"config.lr_tied: ({f!r}, {r}) must name another config field "
+                                         "(section.key) and a ratio > 0")
+    sources = {str(a): str(s) for a, s in (study.get("lr_from") or {}).items()}
+    for a, s in sources.items():
+        if a not in arms or s not in arms or lr_grid(study, s) is None:
+            raise config_lib.ConfigError(f"config.lr_from.{a}: {a!r} and its source {s!r} must be arms of the "
+                                         "study, the source with a learning-rate grid")
+    return {"extend": extend, "step": step, "select": select, "tied": tied, "from": sources}
+
+
+def with_lr(c: ml_collections.ConfigDict, field: str, lr: float, tied) -> ml_collections.ConfigDict:
+    """A copy of `c` with `field` = lr and every tied field = its ratio x lr."""
+    v = copy_config(c)
+    for f, ratio in [(field, 1.0)] + list(tied):
+        section, key = f.split(".")
+        if key not in v[section]:
+            raise config_lib.ConfigError(f"config.lr_field: {f!r} is not a config field")
+        v[section][key] = lr * ratio
+    return v
+
+
+def extended(grid: list[float], best: float, step: float) -> float | None:
+    """The next learning rate beyond the edge of `grid` where `best` sits (None when it is inside): best x step at
+    the top, best / step at the bottom (6 significant digits). A one-value grid extends upwards."""
+    if best == max(grid):
+        return float(f"{best * step:.6g}")
+    if best == min(grid):
+        return float(f"{best / step:.6g}")
+    return None
 
 
 def replicates(study) -> list[tuple[int, int]]:
@@ -248,65 +298,80 @@ def run_dir(workdir: str, kinds: list[str], kind: str, arm: str, lr: float | Non
     return os.path.join(*parts, replicate)
 
 
-def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict:
-    """Resolve the study into runs. `seconds_per_step` {arm label: seconds} is needed for a wall_seconds budget
-    (runner.calibrate measures it). Returns {kinds, budgets {kind: amount}, per_step {kind: {label: cost}},
-    arms {name: config}, grids {name: [lr] | None}, replicates [(seed, order)], runs [Run], report_split}."""
-    parsed = parsed_arms(study)
-    arms = {name: c for name, (c, _) in parsed.items()}
-    kinds = budget_kinds(study)
-    reps = replicates(study)
-    field = lr_field(study)
-    section, key = field.split(".")
-    variants = {}  # label -> (arm, lr, config without steps)
-    variant_runs = {}  # label -> its RunConfig (the arm's own, or the arm with the grid value, parsed once)
-    grids = {}
-    for name, (c, arm_run) in parsed.items():
-        grids[name] = lr_grid(study, name)
-        for lr in grids[name] or [None]:
-            v = copy_config(c)
-            if lr is not None:
-                if key not in v[section]:
-                    raise config_lib.ConfigError(f"config.lr_field: {field!r} is not a config field")
-                v[section][key] = lr
-            variants[arm_label(name, lr)] = (name, lr, v)
-            variant_runs[arm_label(name, lr)] = arm_run if lr is None else typed.parse(v)
+def grow_grids(planned: dict, selected: dict) -> dict | None:
+    """planned's grids ({kind: {arm: [lr]}}) with one more value (plan.extended) for every arm whose chosen rate
+    sits on its grid's edge and that has extensions left (lr_extend); None when no grid grows."""
+    grids = {k: dict(v) for k, v in planned["kind_grids"].items()}
+    grew = False
+    for kind, per in selected.items():
+        for arm, s in per.items():
+            if s["from"] or s["status"] != "edge" or s["extensions"] >= planned["lr"]["extend"]:
+                continue
+            grids[kind][arm] = sorted(grids[kind][arm] + [extended(grids[kind][arm], s["lr"], planned["lr"]["step"])])
+            grew = True
+    return grids if grew else None
+
+
+def initial_grids(study, kinds: list[str], arms) -> dict:
+    """{kind: {arm: sorted initial grid | None}}: every budget starts from the configured grids."""
+    return {k: {a: lr_grid(study, a) for a in arms} for k in kinds}
+
+
+def run_lrs(kind: str, arm: str, i: int, grids: dict, chosen: dict, lrs: dict, n_select: int) -> list:
+    """The learning rates replicate number `i` of `arm` runs under budget `kind`: every grid value for the
+    selection replicates (i < n_select), else the chosen value once known (nothing before); an lr_from arm runs its
+    source's chosen value once known; an arm without a grid runs its own (None)."""
+    grid = grids[kind].get(arm)
+    if grid:
+        if i < n_select:
+            return list(grid)
+        c = chosen.get(kind, {}).get(arm)
+        return [] if c is None else [c]
+    src = lrs["from"].get(arm)
+    if src is not None:
+        c = chosen.get(kind, {}).get(src)
+        return [] if c is None else [c]
+    return [None]
+
+
+def _budgets(study, kinds, parsed, seconds_per_step) -> tuple[dict, dict]:
+    """({kind: {arm: cost per step}}, {kind: budget per run}); a learning rate changes no step's cost."""
     b = study.budget
-    per_step: dict[str, dict[str, float]] = {}
+    per_arm: dict[str, dict[str, float]] = {}
     budgets: dict[str, float] = {}
     for kind in kinds:
         if kind == "wall_seconds" and seconds_per_step is None:
             raise config_lib.ConfigError("config.budget.kinds: a wall_seconds budget needs measured seconds per "
                                          "step; run the study through moe_jax.studies.runner (it calibrates first)")
-        per_step[kind] = {lab: budget_lib.cost_per_step(variant_runs[lab], kind, (seconds_per_step or {}).get(lab))
-                          for lab in variants}
+        per_arm[kind] = {a: budget_lib.cost_per_step(rc, kind, (seconds_per_step or {}).get(a))
+                         for a, (_, rc) in parsed.items()}
         amount = float(b.get("amount", 0.0) or 0.0)
         if amount <= 0:
             ref = b.get("reference_arm")
-            if ref not in arms:
-                raise config_lib.ConfigError(f"config.budget.reference_arm: {ref!r} is not one of {list(arms)}")
+            if ref not in parsed:
+                raise config_lib.ConfigError(f"config.budget.reference_arm: {ref!r} is not one of {list(parsed)}")
             if int(b.get("reference_steps", 0)) < 1:
                 raise config_lib.ConfigError("config.budget: set amount > 0 or reference_steps >= 1")
-            ref_labels = [lab for lab, (a, _, _) in variants.items() if a == ref]
-            # with a grid the reference is its middle learning rate (the LR does not change a step's FLOPs or tokens)
-            amount = per_step[kind][ref_labels[len(ref_labels) // 2]] * int(b.reference_steps)
+            amount = per_arm[kind][ref] * int(b.reference_steps)
         budgets[kind] = amount
-    num_evals = int(study.get("num_evals", 0) or 0)
-    runs = []
-    for kind in kinds:
-        for seed, order in reps:
-            rep = replicate_key(study, seed, order)
-            for lab, (name, lr, v) in variants.items():
-                steps = budget_lib.steps_for(budgets[kind], per_step[kind][lab])
-                c = copy_config(v)
-                c.train.steps = steps
-                if num_evals > 0:
-                    c.train.eval_every = max(1, math.ceil(steps / num_evals))
-                c.seed = seed
-                c.data.shuffle_seed = order
-                rc = typed.parse(c)  # the run's one parse: the runner trains it as is
-                runs.append(Run(kind, name, lr, seed, order, rep, run_dir(workdir, kinds, kind, name, lr, rep), rc,
-                                steps, budget_lib.costs(rc, steps)))
+    return per_arm, budgets
+
+
+def arm_steps(study, parsed, kind: str, per_arm: dict, budgets: dict) -> dict:
+    """{arm: steps} under budget `kind`. An arm named in budget.arm_kinds ({arm: convention}) instead spends what
+    the reference arm's runs spend under that convention (e.g. 'micro_batches': as many micro-batches)."""
+    steps = {a: budget_lib.steps_for(budgets[kind], per_arm[kind][a]) for a in parsed}
+    for arm, other in (study.budget.get("arm_kinds") or {}).items():
+        ref = study.budget.get("reference_arm")
+        if arm not in parsed or other not in budget_lib.KINDS or other == "wall_seconds" or ref not in parsed:
+            raise config_lib.ConfigError(f"config.budget.arm_kinds.{arm}: {other!r} needs an arm of the study, a "
+                                         "convention known before running and budget.reference_arm")
+        amount = steps[ref] * budget_lib.cost_per_step(parsed[ref][1], other)
+        steps[arm] = budget_lib.steps_for(amount, budget_lib.cost_per_step(parsed[arm][1], other))
+    return steps
+
+
+def _report_split(study, grids) -> str:
     split = str(study.get("report_split", "auto"))
     test = float(study.base.data.test_fraction) > 0
     if split == "auto":
@@ -315,9 +380,51 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None) -> dict
         raise config_lib.ConfigError(f"config.report_split: 'auto', 'test' or 'validation', got {split!r}")
     if split == "test" and not test:
         raise config_lib.ConfigError("config.report_split='test' needs base.data.test_fraction > 0")
-    if split == "validation" and any(g for g in grids.values()):
+    if split == "validation" and any(g for per in grids.values() for g in per.values()):
         raise config_lib.ConfigError("config.lr_grid: a learning rate chosen on the validation split must be "
                                      "reported on a test split; set base.data.test_fraction > 0 (e.g. 0.05)")
-    return {"kinds": kinds, "budgets": budgets, "per_step": per_step, "arms": arms, "grids": grids,
-            "replicates": reps, "runs": runs, "report_split": split, "lr_field": field,
-            "variants": {lab: {"arm": a, "lr": lr} for lab, (a, lr, _) in variants.items()}}
+    return split
+
+
+def plan(study, workdir: str = "", seconds_per_step: dict | None = None, grids: dict | None = None,
+         chosen: dict | None = None) -> dict:
+    """Resolve the study into runs. `seconds_per_step` {arm: seconds} is needed for a wall_seconds budget
+    (runner.calibrate measures it). `grids` {kind: {arm: [lr]}} replace the initial grids (the runner extends
+    them, lr_settings); `chosen` {kind: {arm: lr}} adds the runs of the replicates that only run the chosen rate.
+    Returns {kinds, budgets {kind: amount}, per_step {kind: {label: cost}}, arms {name: config}, grids (initial)
+    {name: [lr] | None}, kind_grids, chosen, lr {lr_settings}, replicates [(seed, order)], select_replicates,
+    runs [Run] (replicate-major), report_split, lr_field, variants {label: {arm, lr}}, steps_by {arm: kind}}."""
+    parsed = parsed_arms(study)
+    kinds, reps, field = budget_kinds(study), replicates(study), lr_field(study)
+    lrs = lr_settings(study, parsed)
+    grids = grids or initial_grids(study, kinds, parsed)
+    chosen = chosen or {}
+    n_select = lrs["select"] or len(reps)
+    per_arm, budgets = _budgets(study, kinds, parsed, seconds_per_step)
+    num_evals = int(study.get("num_evals", 0) or 0)
+    runs, variant_cfgs, variants = [], {}, {}
+    for kind in kinds:
+        steps = arm_steps(study, parsed, kind, per_arm, budgets)
+        for i, (seed, order) in enumerate(reps):
+            rep = replicate_key(study, seed, order)
+            for name, (c, _) in parsed.items():
+                for lr in run_lrs(kind, name, i, grids, chosen, lrs, n_select):
+                    label = arm_label(name, lr)
+                    if label not in variant_cfgs:
+                        variant_cfgs[label] = c if lr is None else with_lr(c, field, lr, lrs["tied"])
+                        variants[label] = {"arm": name, "lr": lr}
+                    v = copy_config(variant_cfgs[label])
+                    v.train.steps = steps[name]
+                    if num_evals > 0:
+                        v.train.eval_every = max(1, math.ceil(steps[name] / num_evals))
+                    v.seed, v.data.shuffle_seed = seed, order
+                    rc = typed.parse(v)  # the run's one parse: the runner trains it as is
+                    runs.append(Run(kind, name, lr, seed, order, rep, run_dir(workdir, kinds, kind, name, lr, rep),
+                                    rc, steps[name], budget_lib.costs(rc, steps[name])))
+    return {"kinds": kinds, "budgets": budgets, "arms": {n: c for n, (c, _) in parsed.items()},
+            "per_step": {k: {lab: per_arm[k][v["arm"]] for lab, v in variants.items()} for k in kinds},
+            "grids": {a: lr_grid(study, a) for a in parsed}, "kind_grids": grids, "chosen": chosen, "lr": lrs,
+            "replicates": reps, "replicate_keys": [replicate_key(study, s, o) for s, o in reps],
+            "select_replicates": n_select, "runs": runs, "report_split": _report_split(study, grids),
+            "lr_field": field, "variants": variants,
+            "steps_by": {a: k for a, k in (study.budget.get("arm_kinds") or {}).items()}}

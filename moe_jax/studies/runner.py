@@ -10,19 +10,71 @@ whose summary says finished at its planned step is never trained again; an inter
 checkpoint; a run dir started with a different config is refused. A test evaluation is written once, as
 eval_test_step<N>.json in the run dir, and read back afterwards. A wall_seconds budget's calibration is written to
 <workdir>/calibration.json and reused, so a re-run plans the same steps.
+
+Learning rates. The selection replicates run every value of each arm's grid; the rate of lowest mean validation loss
+is chosen; a choice on the grid's edge grows the grid by one geometric step beyond it (plan.grow_grids, up to
+lr_extend steps) and the new runs are trained before choosing again; then the other replicates run the chosen rate.
+Everything is decided from finished runs' files, so a re-run of the command retraces the same decisions.
+
+Two processes, one study. The same command may run twice on one workdir (e.g. one per core, `taskset -c 0` and
+`taskset -c 1`): each run dir is claimed (an flock on <run dir>/study.claim) by the process that trains or evaluates
+it; the other process takes the next unclaimed run and waits where it needs a run the first is still on (before
+choosing learning rates and before the report). Both write the same report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
+import time
 
 from moe_jax.config import runs
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.studies import plan as plan_lib
 
 CALIBRATION_FILE = "calibration.json"
+CLAIM_FILE = "study.claim"
+POLL_SECONDS = 20.0
+
+
+@contextlib.contextmanager
+def claim(rdir: str):
+    """Yields True while this process holds the run dir's claim (a non-blocking flock on <rdir>/study.claim),
+    False at once when another process holds it. Released on exit, and by the kernel if the process dies."""
+    os.makedirs(rdir, exist_ok=True)
+    fd = os.open(os.path.join(rdir, CLAIM_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def each_claimed(items, rdir_of, work, log=print, poll: float = POLL_SECONDS) -> dict:
+    """work(item) for every item, in order, each under its run dir's claim; items another process holds are taken
+    up again after the rest (waiting `poll` seconds when nothing else is left) until every one is done here or
+    found done. Returns {run dir: work's result}."""
+    pending, out = list(items), {}
+    while pending:
+        waiting = []
+        for item in pending:
+            with claim(rdir_of(item)) as mine:
+                if mine:
+                    out[rdir_of(item)] = work(item)
+                else:
+                    waiting.append(item)
+        if waiting and len(waiting) == len(pending):
+            log(f"waiting for {len(waiting)} run(s) held by another process of this study ...")
+            time.sleep(poll)
+        pending = waiting
+    return out
 
 
 def check_run_dir(config, rdir: str) -> None:
@@ -80,28 +132,32 @@ def evaluate_test(rdir: str, step: int, devices=None) -> dict:
 
 
 def calibrate(study, workdir: str, devices=None) -> dict:
-    """Seconds per training step of every arm variant, from a short run of budget.calibration_steps steps each
-    (median over its logging intervals after the first), kept in <workdir>/calibration.json and reused."""
+    """Seconds per training step of every arm (a learning rate changes no step's cost), from a short run of
+    budget.calibration_steps steps each (median over its logging intervals after the first), kept in
+    <workdir>/calibration.json and reused. One process calibrates; another of the same study waits for the file."""
     from moe_jax.train import loop as trainer
 
     path = os.path.join(workdir, CALIBRATION_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    steps = int(study.budget.get("calibration_steps", 30))
-    tokens_study = plan_lib.copy_config(study)  # the same variants, planned under a token budget for their configs
-    tokens_study.budget.kinds = ("tokens",)
-    p = plan_lib.plan(tokens_study, workdir)
-    measured = {}
-    for lab in p["variants"]:
-        run = next(r for r in p["runs"] if r.label == lab)
-        c = run.config.replace(train=dict(steps=steps, log_every=max(1, steps // 6), eval_every=steps,
-                                          checkpoint_every=steps, plots=False))
-        s = trainer.train(c, os.path.join(workdir, "calibration", lab), devices=devices)
-        measured[lab] = plan_lib.budget_lib.tokens_per_step(c) / s["tokens_per_s"]
-    os.makedirs(workdir, exist_ok=True)
-    metrics_lib.write_json(workdir, CALIBRATION_FILE, measured)
-    return measured
+    while not os.path.exists(path):
+        with claim(os.path.join(workdir, "calibration")) as mine:
+            if not mine:
+                time.sleep(POLL_SECONDS)
+                continue
+            steps = int(study.budget.get("calibration_steps", 30))
+            tokens_study = plan_lib.copy_config(study)  # the same arms, planned under a token budget
+            tokens_study.budget.kinds = ("tokens",)
+            tokens_study.budget.arm_kinds = {}
+            p = plan_lib.plan(tokens_study, workdir)
+            measured = {}
+            for arm in p["arms"]:
+                run = next(r for r in p["runs"] if r.arm == arm)
+                c = run.config.replace(train=dict(steps=steps, log_every=max(1, steps // 6), eval_every=steps,
+                                                  checkpoint_every=steps, plots=False))
+                s = trainer.train(c, os.path.join(workdir, "calibration", arm), devices=devices)
+                measured[arm] = plan_lib.budget_lib.tokens_per_step(c) / s["tokens_per_s"]
+            metrics_lib.write_json(workdir, CALIBRATION_FILE, measured)
+    with open(path) as f:
+        return json.load(f)
 
 
 def plan_study(study, workdir: str, devices=None, calibrate_now: bool = True) -> dict:
@@ -112,27 +168,89 @@ def plan_study(study, workdir: str, devices=None, calibrate_now: bool = True) ->
     return plan_lib.plan(study, workdir, seconds_per_step=seconds)
 
 
+def train_and_select(study, workdir: str, planned: dict, devices=None, log=print) -> tuple[dict, list, dict]:
+    """Train the planned runs, choose learning rates, grow grids whose choice sits on an edge and train the new
+    values, then add and train the other replicates' runs of the chosen rates (runner docstring). Returns the final
+    (planned, records, selected)."""
+    from moe_jax.studies import report as report_lib
+
+    seconds = None
+    if "wall_seconds" in planned["kinds"]:
+        seconds = calibrate(study, workdir, devices)
+
+    trained = set()  # run dirs trained by this call (a record's 'skipped' is False for them)
+
+    def train(run):
+        summary = run_one(run.config, run.run_dir, devices=devices)
+        if not summary["skipped"]:
+            trained.add(run.run_dir)
+        log(f"{run.kind} {run.label} {run.replicate}: {'skipped (finished)' if summary['skipped'] else 'trained'}; "
+            f"val_loss {summary.get('val_loss')}")
+        return summary
+
+    while True:
+        summaries = each_claimed(planned["runs"], lambda r: r.run_dir, train, log)
+        records = [report_lib.record(run, summaries[run.run_dir] | {"skipped": run.run_dir not in trained})
+                   for run in planned["runs"]]
+        selected = report_lib.select_lrs(planned, records)
+        grids = plan_lib.grow_grids(planned, selected)
+        chosen = {k: {a: s["lr"] for a, s in per.items()} for k, per in selected.items() if per}
+        if grids is None and chosen == planned["chosen"]:
+            return planned, records, selected
+        if grids is not None:
+            log("learning rate on a grid's edge: grids now " + "; ".join(
+                f"{k} {a} {g}" for k, per in grids.items() for a, g in per.items() if g))
+        planned = plan_lib.plan(study, workdir, seconds, grids or planned["kind_grids"], None if grids else chosen)
+
+
+def as_lists(x):
+    """numpy arrays (and scalars) inside dicts and lists -> lists and Python numbers, for results.json."""
+    if isinstance(x, dict):
+        return {k: as_lists(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [as_lists(v) for v in x]
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+def evaluation_sources():
+    """(document_losses(rdir, split), baselines.evaluate(config, split)) of the whole-split evaluation, or None for
+    either where this checkout does not have it: the report then says that it has no per-document losses (intervals
+    from replicates only) or no baselines (and gives no ranking)."""
+    try:
+        from moe_jax.studies import baselines as baselines_lib
+        base = baselines_lib.evaluate
+    except ImportError:
+        base = None
+    return getattr(sys.modules[__name__], "document_losses", None), base
+
+
 def run_study(study, workdir: str, command: str = "", devices=None, log=print) -> dict:
-    """Plan, train every run (replicate-major), select learning rates on validation, evaluate the selected runs on
-    test once, and write report.md, results.json and plots/ into `workdir`. Returns the results dict."""
+    """Plan, train every run (replicate-major; learning rates chosen and bracketed on validation), evaluate the
+    selected runs on test once (with their per-document losses), score the baselines on the same split, and write
+    report.md, results.json and plots/ into `workdir`. Returns the results dict."""
     from moe_jax.studies import report as report_lib
 
     planned = plan_study(study, workdir, devices)
     for line in report_lib.describe_plan(planned):
         log(line)
-    records = []
-    for run in planned["runs"]:
-        summary = run_one(run.config, run.run_dir, devices=devices)
-        log(f"{run.kind} {run.label} {run.replicate}: {'skipped (finished)' if summary['skipped'] else 'trained'}; "
-            f"val_loss {summary.get('val_loss')}")
-        records.append(report_lib.record(run, summary))
-    selected = report_lib.select_lrs(planned, records)
-    if planned["report_split"] == "test":
-        for rec in records:
-            if rec["selected"]:
-                ev = evaluate_test(rec["run_dir"], rec["steps"], devices=devices)
-                rec.update(test_loss=ev["val_loss"], test_accuracy=ev["val_accuracy"],
-                           test_perplexity=ev["val_perplexity"])
-    results = report_lib.write(workdir, study, planned, records, selected, command or " ".join(sys.argv))
+    planned, records, selected = train_and_select(study, workdir, planned, devices, log)
+    docs_of, baselines_of = evaluation_sources()
+    split = planned["report_split"]
+    if split == "test":
+        def evaluate(rec):
+            ev = evaluate_test(rec["run_dir"], rec["steps"], devices=devices)
+            rec.update(test_loss=ev["val_loss"], test_accuracy=ev["val_accuracy"],
+                       test_perplexity=ev["val_perplexity"])
+            if docs_of is not None:
+                rec["test_documents"] = as_lists(docs_of(rec["run_dir"], "test"))
+            return rec
+
+        each_claimed([r for r in records if r["selected"]], lambda r: r["run_dir"], evaluate, log)
+    baselines = None
+    if baselines_of is not None:
+        first = next(r.config for r in planned["runs"])
+        baselines = as_lists(baselines_of(first, split))
+    results = report_lib.write(workdir, study, planned, records, selected, command or " ".join(sys.argv),
+                               baselines=baselines)
     log(f"report: {os.path.join(workdir, report_lib.REPORT_FILE)}")
     return results
