@@ -97,21 +97,32 @@ def record(run: plan_lib.Run, summary: dict) -> dict:
 
 
 def select_lrs(planned: dict, records: list[dict]) -> dict:
-    """Per budget and arm with a grid: the learning rate of lowest mean final validation loss; marks the records of
-    every other learning rate as not selected. Returns {kind: {arm: {lr, grid: {lr: summary}}}}."""
+    """Per budget and arm with a grid: the learning rate of lowest mean final validation loss over the selection
+    replicates (plan's select_replicates; the other replicates run only the chosen rate, so they cannot move the
+    choice) and its status: 'bracketed' (grid values on both sides) or 'edge' (the lowest or highest value: the
+    runner extends the grid while lr_extend allows, plan.extended; one left at the edge has its verdicts withheld).
+    An lr_from arm takes its source's choice and status. Marks the records of every other rate as not selected.
+    Returns {kind: {arm: {lr, status, grid: {lr: summary}, initial, extensions, from}}}."""
+    sel_keys = set(planned["replicate_keys"][:planned["select_replicates"]])
     out: dict = {}
     for kind in planned["kinds"]:
         out[kind] = {}
-        for arm, grid in planned["grids"].items():
+        for arm, grid in planned["kind_grids"][kind].items():
             if not grid:
                 continue
-            table = {lr: stats.summary(r["val_loss"] for r in records
-                                       if r["kind"] == kind and r["arm"] == arm and r["lr"] == lr) for lr in grid}
+            table = {lr: stats.summary(r["val_loss"] for r in records if r["kind"] == kind and r["arm"] == arm
+                                       and r["lr"] == lr and r["replicate"] in sel_keys) for lr in grid}
             best = min(grid, key=lambda lr: (table[lr]["mean"] if table[lr]["mean"] is not None else math.inf))
-            out[kind][arm] = {"lr": best, "grid": {f"{lr:g}": table[lr] for lr in grid}}
-            for r in records:
-                if r["kind"] == kind and r["arm"] == arm:
-                    r["selected"] = r["lr"] == best
+            inside = min(grid) < best < max(grid)
+            out[kind][arm] = {"lr": best, "status": "bracketed" if inside else "edge",
+                              "grid": {f"{lr:g}": table[lr] for lr in grid}, "initial": planned["grids"][arm],
+                              "extensions": len(grid) - len(planned["grids"][arm]), "from": None}
+        for arm, src in planned["lr"]["from"].items():
+            if src in out[kind]:
+                out[kind][arm] = {**out[kind][src], "grid": {}, "from": src}
+        for r in records:
+            if r["kind"] == kind and r["arm"] in out[kind]:
+                r["selected"] = r["lr"] == out[kind][r["arm"]]["lr"]
     return out
 
 
@@ -141,22 +152,88 @@ def by_replicate(arm: dict, key: str) -> dict:
     return {r["replicate"]: r.get(key) for r in arm["runs"] if r.get(key) is not None}
 
 
-def verdicts(arms: dict, key: str) -> list[dict]:
-    names = list(arms)
-    return [stats.verdict(a, by_replicate(arms[a], key), b, by_replicate(arms[b], key), key.replace("_", " "))
-            for i, a in enumerate(names) for b in names[i + 1:]]
+def docs_key(key: str) -> str:
+    """The record field of a metric's per-document losses: test_loss -> test_documents."""
+    return key.replace("_loss", "_documents")
 
 
-def ranking(arms: dict, key: str) -> list[dict]:
-    """Arms by mean `key` (lower first), each with its t interval and its difference from the first arm listed."""
+def resamples(records: list[dict], key: str, seed: int = stats.BOOTSTRAP_SEED):
+    """The study's document resamples (stats.resample_counts) for the split of `key`, drawn once and shared by
+    every interval of the study; None when no run has per-document losses."""
+    docs = next((r[docs_key(key)] for r in records if r.get(docs_key(key))), None)
+    return None if docs is None else stats.resample_counts(len(docs["doc_ids"]), seed=seed)
+
+
+def comparisons(study, names: list[str]) -> list[tuple[str, str]]:
+    """The comparisons a study draws (study.comparisons): 'pairwise' (default: every pair, in arm order) or
+    'reference' (every arm against the first: planned comparisons, a smaller family)."""
+    mode = str(study.get("comparisons", "pairwise"))
+    if mode == "pairwise":
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    if mode == "reference":
+        return [(n, names[0]) for n in names[1:]]
+    raise plan_lib.config_lib.ConfigError(f"config.comparisons: 'pairwise' or 'reference', got {mode!r}")
+
+
+def withheld_arms(selected: dict) -> dict:
+    """{arm: reason} for the arms of one budget whose learning rate stayed on its grid's edge."""
+    out = {}
+    for arm, s in selected.items():
+        if s["status"] == "edge":
+            grid = ", ".join(s["grid"]) or ", ".join(f"{v:g}" for v in s["initial"] or ())
+            out[arm] = (f"{arm}'s learning rate {s['lr']:g} is on the edge of its grid" +
+                        (f" ({s['from']}'s, whose rate it runs)" if s["from"] else f" {{{grid}}}") +
+                        f" after {s['extensions']} extension(s)")
+    return out
+
+
+def verdicts(arms: dict, key: str, pairs, counts=None, withheld: dict | None = None) -> list[dict]:
+    """One stats.verdict per comparison (x - y) whose arms both ran, with the per-document bootstrap when the runs
+    carry per-document losses; not yet Holm-adjusted (the family is the whole study: `write`)."""
+    dk, withheld = docs_key(key), withheld or {}
+    return [stats.verdict(a, by_replicate(arms[a], key), b, by_replicate(arms[b], key), key.replace("_", " "),
+                          withheld=withheld.get(a) or withheld.get(b), x_docs=by_replicate(arms[a], dk),
+                          y_docs=by_replicate(arms[b], dk), counts=counts)
+            for a, b in pairs if a in arms and b in arms]
+
+
+def ranking(arms: dict, key: str, counts=None) -> list[dict]:
+    """Arms by mean `key` (lower first), each with the interval of its mean and its difference from the first arm
+    listed (stats.mean_interval, stats.difference: replicate + document variance where known)."""
     names = list(arms)
-    ref = names[0]
+    ref, dk = names[0], docs_key(key)
     rows = []
     for n in names:
-        s = arms[n][key]
-        d = stats.difference(by_replicate(arms[n], key), by_replicate(arms[ref], key)) if n != ref else None
-        rows.append({"arm": n, **s, "vs": ref, "diff": d})
+        x, x_docs = by_replicate(arms[n], key), by_replicate(arms[n], dk)
+        d = (stats.difference(x, by_replicate(arms[ref], key), x_docs=x_docs, y_docs=by_replicate(arms[ref], dk),
+                              counts=counts) if n != ref else None)
+        rows.append({"arm": n, **arms[n][key], "interval": stats.mean_interval(x, x_docs=x_docs, counts=counts),
+                     "vs": ref, "diff": d})
     return sorted(rows, key=lambda r: (r["mean"] is None, r["mean"] if r["mean"] is not None else 0.0))
+
+
+BASELINES = ("unigram", "bigram")
+
+
+def versus_baselines(arms: dict, key: str, baselines: dict | None, counts=None) -> dict:
+    """{arm: {baseline: stats.difference(arm - baseline)}}: the baseline's loss and per-document losses stand for
+    every replicate (it has no seed), so the difference is paired and its variance is the arm's replicate variance
+    plus the document bootstrap of (arm - baseline). Empty without baselines."""
+    if not baselines:
+        return {}
+    dk = docs_key(key)
+    out = {}
+    for n, a in arms.items():
+        x, x_docs = by_replicate(a, key), by_replicate(a, dk)
+        out[n] = {b: stats.difference(x, {k: baselines[b]["loss"] for k in x}, x_docs=x_docs,
+                                      y_docs={k: baselines[b].get("documents") for k in x}, counts=counts)
+                  for b in BASELINES}
+    return out
+
+
+def beats_bigram(rows: dict) -> dict:
+    """{arm: whether the upper end of its interval of (arm - bigram) is below 0}."""
+    return {n: v["bigram"]["hi"] is not None and v["bigram"]["hi"] < 0 for n, v in rows.items()}
 
 
 def _arm_shape(c) -> str:
@@ -225,8 +302,12 @@ def describe_plan(planned: dict) -> list[str]:
             lines.append(f"  {lab}: {cost:.6e} per step -> {run.steps:,} steps; model FLOPs "
                          f"{run.costs['model_flops']:.4e}, executed FLOPs {run.costs['executed_flops']:.4e}, tokens "
                          f"{run.costs['tokens']:,}")
-    lines.append(f"runs: {len(planned['runs'])} ({len(planned['replicates'])} replicates); report split: "
-                 f"{planned['report_split']}")
+    later = sum(1 for _ in planned["kinds"] for a, g in planned["grids"].items() if g) * (
+        len(planned["replicates"]) - planned["select_replicates"])
+    later += len(planned["kinds"]) * len(planned["lr"]["from"]) * len(planned["replicates"])
+    lines.append(f"runs: {len(planned['runs'])} planned now ({len(planned['replicates'])} replicates, "
+                 f"{planned['select_replicates']} choosing the learning rate); {later} more once the rates are chosen, "
+                 f"and one more per grid extension; report split: {planned['report_split']}")
     return lines
 
 
@@ -277,15 +358,25 @@ def _header(study, planned: dict, split: str, env: dict, command: str, name: str
     return lines
 
 
-def _lr_table(kind: str, selected: dict) -> list[str]:
-    """The learning-rate grid of each arm on the validation split, the chosen one marked."""
+def _lr_table(kind: str, selected: dict, planned: dict) -> list[str]:
+    """The learning-rate grid of each arm on the validation split, the chosen one marked, with its status."""
+    n_sel = planned["select_replicates"]
+    tied = "; ".join(f"{f} = {r:g} x {planned['lr_field']}" for f, r in planned["lr"]["tied"])
     lines = ["", f"### Learning rate chosen on the validation split ({kind})", "",
-             "| arm | " + " | ".join(["lr", "val loss (mean ± std [min, max])", "runs", "chosen"]) + " |",
-             "|---|---|---|---|---|"]
+             f"Each arm's {planned['lr_field']} is the grid value of lowest mean validation loss over the first "
+             f"{n_sel} replicate(s) (the others run only the chosen value). A choice on the grid's edge extends the "
+             f"grid by a factor {planned['lr']['step']:g} beyond it, at most {planned['lr']['extend']} time(s); an "
+             "arm still on the edge is marked **edge** and its verdicts are withheld. "
+             + (f"Tied to the swept rate: {tied}." if tied else "No other learning rate is tied to it or swept."), "",
+             "| arm | lr | val loss (mean ± std [min, max]) | runs | chosen | status |", "|---|---|---|---|---|---|"]
     for arm, sel in selected.items():
+        if sel["from"]:
+            lines.append(f"| {arm} | {sel['lr']:g} | (runs {sel['from']}'s choice) | | **yes** | {sel['status']} |")
+            continue
+        status = f"{sel['status']} ({sel['extensions']} extension(s))"
         for lr, s in sel["grid"].items():
             lines.append(f"| {arm} | {lr} | {fmt_stats(s, '{:.4f}')} | {s['n']} | "
-                         f"{'**yes**' if float(lr) == sel['lr'] else ''} |")
+                         f"{'**yes**' if float(lr) == sel['lr'] else ''} | {status if float(lr) == sel['lr'] else ''} |")
     return lines
 
 
@@ -304,36 +395,83 @@ def _results_table(arms: dict, split: str, kind: str) -> list[str]:
                         "matmul peak on CPU). The dropped-token fraction is the mean over logged training steps."]
 
 
-def _ranking_table(arms: dict, key: str, kind: str) -> list[str]:
-    lines = ["", f"### Ranking by {key.replace('_', ' ')} ({kind} budget; {100 * stats.LEVEL:.0f}% t intervals)", "",
-             "| rank | arm | mean | interval of the mean | runs | difference vs " + next(iter(arms), "") +
-             " | interval of the difference |", "|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(ranking(arms, key), 1):
+def _interval_text(d: dict | None) -> str:
+    if d is None or d["lo"] is None:
+        return "n/a"
+    return f"[{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
+def _baselines_table(rows: dict, baselines: dict | None, split: str, kind: str) -> list[str]:
+    """Each arm against the unigram and bigram baselines on the same tokens."""
+    if not baselines:
+        return ["", f"### Against the baselines ({kind} budget)", "",
+                f"No unigram or bigram baseline was scored on the {split} split of this study."]
+    lines = ["", f"### Against the baselines ({kind} budget; the same {baselines['bigram']['tokens']:,} {split} "
+                 "tokens)", "",
+             f"Unigram {baselines['unigram']['loss']:.4f}, interpolated bigram {baselines['bigram']['loss']:.4f} "
+             "nats/token, both fitted on the training split. Differences arm - baseline with 95% intervals "
+             "(replicate variance + document bootstrap); an arm **beats** a baseline when the interval's upper end "
+             "is below 0.", "",
+             "| arm | - unigram | interval | - bigram | interval | beats the bigram |", "|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        u, b = r["unigram"], r["bigram"]
+        beats = b["hi"] is not None and b["hi"] < 0
+        lines.append(f"| {n} | {u['diff']:+.4f} | {_interval_text(u)} | {b['diff']:+.4f} | {_interval_text(b)} | "
+                     f"{'yes' if beats else '**no**'} |")
+    return lines
+
+
+def _ranking_table(arms: dict, key: str, kind: str, counts, given: bool) -> list[str]:
+    head = ["", f"### Ranking by {key.replace('_', ' ')} ({kind} budget; {100 * stats.LEVEL:.0f}% intervals: "
+                "replicate variance + document bootstrap where per-document losses exist)", ""]
+    if not given:
+        return head + ["Ranking withheld: not every arm beats the interpolated bigram on this split (or no baseline "
+                       "was scored), so an order of the arms would describe models that have not learned more than "
+                       "bigram statistics."]
+    lines = head + ["| rank | arm | mean | interval of the mean | runs | difference vs " + next(iter(arms), "") +
+                    " | interval of the difference |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(ranking(arms, key, counts), 1):
         mean = "n/a" if r["mean"] is None else f"{r['mean']:.4f}"
-        ci = (f"[{r['mean'] - r['ci_half']:.4f}, {r['mean'] + r['ci_half']:.4f}]" if r.get("ci_half") is not None
-              else "n/a")
+        m = r["interval"]
+        ci = f"[{m['lo']:.4f}, {m['hi']:.4f}]" if m["lo"] is not None else "n/a"
         d = r["diff"]
         if d is None:
             dd, di = "(reference)", ""
         else:
             dd = "n/a" if d["diff"] is None else f"{d['diff']:+.4f}"
             di = ("n/a" if d["lo"] is None else
-                  f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ({'paired' if d['paired'] else 'Welch'}, df {d['df']:.1f})")
+                  f"{_interval_text(d)} ({'paired' if d['paired'] else 'Welch'}, df {d['df']:.1f})")
         lines.append(f"| {i} | {r['arm']} | {mean} | {ci} | {r['n']} | {dd} | {di} |")
     return lines
 
 
-def _budget_section(planned: dict, kind: str, arms: dict, selected: dict, split: str, key: str) -> list[str]:
-    """One budget's part of the report: its plan, learning rates, results, ranking, verdicts and routing."""
+def family_text(analysis: dict, planned: dict) -> str:
+    """The verdict rule and the family it is applied over, in words."""
+    m = sum(v["family"] is not None for vs in analysis["verdicts"].values() for v in vs)
+    counts = analysis["counts"]
+    boot = (f"{counts.shape[0]} resamples of the {counts.shape[1]} test documents, the same resamples for every "
+            f"arm (seed {analysis['bootstrap_seed']})" if counts is not None else "no per-document losses: "
+            "replicate variance only")
+    return (f"Rule: with fewer than {stats.MIN_RUNS} runs per arm, no verdict; an arm whose learning rate stayed on "
+            f"its grid's edge, verdict withheld. The family is every verdict drawn in this study: {m} comparisons "
+            f"({analysis['comparisons']}, under every budget: {', '.join(planned['kinds'])}); their p-values are "
+            f"Holm-adjusted over it and an arm is better where its adjusted p < {stats.ALPHA:.2f}. Intervals are "
+            "the unadjusted 95% ones: se^2 = replicate variance of the difference / n + variance of the difference "
+            f"over document resamples ({boot}), t with Satterthwaite degrees of freedom.")
+
+
+def _budget_section(planned: dict, kind: str, analysis: dict, selected: dict, split: str, key: str,
+                    baselines: dict | None) -> list[str]:
+    """One budget's part of the report: its plan, learning rates, results, baselines, ranking, verdicts, routing."""
+    arms = analysis["tables"][kind]
     lines = ["", f"## Budget: {kind}", ""] + budget_table(planned, kind)
     if selected.get(kind):
-        lines += _lr_table(kind, selected[kind])
-    lines += _results_table(arms, split, kind) + _ranking_table(arms, key, kind)
-    lines += ["", f"### Verdicts ({kind} budget)", "",
-              f"Rule: with fewer than {stats.MIN_RUNS} runs per arm, no verdict; otherwise an arm is better when "
-              f"the {100 * stats.LEVEL:.0f}% t interval of the difference excludes 0 (paired over shared "
-              "replicates, Welch otherwise).", ""]
-    lines += [f"- {v['text']}" for v in verdicts(arms, key)]
+        lines += _lr_table(kind, selected[kind], planned)
+    lines += _results_table(arms, split, kind)
+    lines += _baselines_table(analysis["baselines"][kind], baselines, split, kind)
+    lines += _ranking_table(arms, key, kind, analysis["counts"], analysis["ranked"][kind])
+    lines += ["", f"### Verdicts ({kind} budget)", "", family_text(analysis, planned), ""]
+    lines += [f"- {v['text']}" for v in analysis["verdicts"][kind]]
     routing = routing_lines(arms)
     if routing:
         lines += ["", f"### Routing per MoE layer ({kind} budget; mean over logged training steps and replicates)",
@@ -341,20 +479,82 @@ def _budget_section(planned: dict, kind: str, arms: dict, selected: dict, split:
     return lines
 
 
-def _results(study, planned: dict, records: list[dict], selected: dict, tables: dict, command: str, env: dict,
-             name: str, split: str, key: str) -> dict:
+def analyse(study, planned: dict, records: list[dict], selected: dict, key: str, baselines: dict | None) -> dict:
+    """What the report states, computed once: per budget the arm table, each arm against the baselines, the
+    verdicts (Holm-adjusted over the whole study's family) and whether a ranking may be given (every arm beats
+    the bigram)."""
+    seed = int(study.get("bootstrap_seed", stats.BOOTSTRAP_SEED))
+    out = {"counts": resamples(records, key, seed), "bootstrap_seed": seed,
+           "comparisons": str(study.get("comparisons", "pairwise")), "tables": {}, "baselines": {}, "verdicts": {},
+           "withheld": {}, "ranked": {}}
+    pairs = comparisons(study, list(planned["arms"]))
+    for kind in planned["kinds"]:
+        t = out["tables"][kind] = aggregate([r for r in records if r["kind"] == kind], planned["report_split"])
+        out["baselines"][kind] = versus_baselines(t, key, baselines, out["counts"])
+        out["withheld"][kind] = withheld_arms(selected.get(kind, {}))
+        out["verdicts"][kind] = verdicts(t, key, pairs, out["counts"], out["withheld"][kind])
+        out["ranked"][kind] = bool(baselines) and all(beats_bigram(out["baselines"][kind]).values())
+    stats.adjust([v for vs in out["verdicts"].values() for v in vs])
+    return out
+
+
+def headline(analysis: dict, baselines: dict | None, split: str) -> list[str]:
+    """The report's first section: per budget, whether every arm beats the interpolated bigram (if not, it says so
+    and gives no ranking), then the verdicts resolved after Holm, those not resolved and those withheld."""
+    lines = ["## Headline", ""]
+    for kind, rows in analysis["baselines"].items():
+        if not baselines:
+            lines.append(f"- **{kind}**: no unigram/bigram baseline was scored on the {split} split, so whether the "
+                         "arms learned more than n-gram statistics is unknown: **no ranking is given**.")
+            continue
+        big = baselines["bigram"]["loss"]
+        beats = beats_bigram(rows)
+        if not all(beats.values()):
+            lagging = ", ".join(f"{n} {rows[n]['bigram']['diff']:+.4f} {_interval_text(rows[n]['bigram'])}"
+                                for n, ok in beats.items() if not ok)
+            lines.append(f"- **{kind}**: **{sum(not ok for ok in beats.values())} of {len(beats)} arms do not beat "
+                         f"the interpolated bigram** ({big:.4f} nats/token on the {split} split; arm - bigram: "
+                         f"{lagging}): **no ranking is given**.")
+            continue
+        margins = sorted(-r["bigram"]["diff"] for r in rows.values())
+        lines.append(f"- **{kind}**: every arm beats the interpolated bigram ({big:.4f} nats/token on the {split} "
+                     f"split) by {margins[0]:.3f} to {margins[-1]:.3f} nats/token (95% intervals below it).")
+        vs = analysis["verdicts"][kind]
+        won = [v for v in vs if v["decision"] in (v["x"], v["y"])]
+        lines += [f"  - **{v['decision']} is better** than {v['y'] if v['decision'] == v['x'] else v['x']}: "
+                  f"{v['x']} - {v['y']} = {v['diff']:+.4f} {_interval_text(v)}, Holm-adjusted p = "
+                  f"{v['p_holm']:.2g}." for v in won]
+        rest = [f"{v['x']} vs {v['y']}" for v in vs if v["decision"] == "none"]
+        if rest:
+            lines.append(f"  - No resolved difference: {', '.join(rest)}.")
+        held = [f"{v['x']} vs {v['y']}" for v in vs if v["decision"] in ("withheld", "no verdict")]
+        if held:
+            lines.append(f"  - Withheld or no verdict: {', '.join(held)} (see the verdicts).")
+    return lines + [""]
+
+
+def _results(study, planned: dict, records: list[dict], selected: dict, analysis: dict, command: str, env: dict,
+             name: str, split: str, key: str, baselines: dict | None, head: list[str]) -> dict:
     """The results.json content."""
+    counts = analysis["counts"]
     results = {"command": command, "environment": env, "study": name, "split": split, "metric": key,
                "kinds": planned["kinds"], "budgets": planned["budgets"],
                "formulas": {k: budget_lib.FORMULAS[k] for k in planned["kinds"]},
                "seeds": [int(s) for s in study.seeds], "data_orders": _orders(study),
                "replicates": [list(r) for r in planned["replicates"]], "lr_field": planned["lr_field"],
+               "lr_protocol": {"select_replicates": planned["select_replicates"], "extend": planned["lr"]["extend"],
+                               "step": planned["lr"]["step"], "tied": planned["lr"]["tied"],
+                               "from": planned["lr"]["from"]},
                "selected_lrs": selected,
                "plans": {k: plan_summary(planned, k) for k in planned["kinds"]},
                "runs": records,
                "tables": {k: {n: {f: v for f, v in a.items() if f != "runs"} for n, a in t.items()}
-                          for k, t in tables.items()},
-               "verdicts": {k: verdicts(t, key) for k, t in tables.items()}}
+                          for k, t in analysis["tables"].items()},
+               "comparisons": analysis["comparisons"],
+               "bootstrap": None if counts is None else {"samples": int(counts.shape[0]), "documents":
+                                                          int(counts.shape[1]), "seed": analysis["bootstrap_seed"]},
+               "baselines": baselines, "versus_baselines": analysis["baselines"], "ranking_given": analysis["ranked"],
+               "verdicts": analysis["verdicts"], "headline": head}
     # the first budget's plan and table under the names moe_jax.compare has always used
     results["budget_flops"] = planned["budgets"][planned["kinds"][0]]
     results["plan"] = results["plans"][planned["kinds"][0]]
@@ -363,21 +563,23 @@ def _results(study, planned: dict, records: list[dict], selected: dict, tables: 
 
 
 def write(workdir: str, study, planned: dict, records: list[dict], selected: dict, command: str,
-          env: dict | None = None) -> dict:
-    """report.md (tables, verdicts, links to the plots of plots.py) and results.json in `workdir`. Returns the
-    results dict."""
+          env: dict | None = None, baselines: dict | None = None) -> dict:
+    """report.md (headline, tables, verdicts, links to the plots of plots.py) and results.json in `workdir`.
+    `baselines`: {'unigram', 'bigram': {'loss', 'tokens', 'documents': {'tokens', 'loss_sum', 'doc_ids'}}} on the
+    report split (studies.baselines), or None. Returns the results dict."""
     split = planned["report_split"]
     key = metric_key(split)
     env = env or environment()
     name = str(study.get("name", "") or "study")
+    analysis = analyse(study, planned, records, selected, key, baselines)
+    head = headline(analysis, baselines, split)
     lines = _header(study, planned, split, env, command, name)
-    tables: dict = {}
+    lines = lines[:2] + head + lines[2:]
     for kind in planned["kinds"]:
-        tables[kind] = aggregate([r for r in records if r["kind"] == kind], split)
-        lines += _budget_section(planned, kind, tables[kind], selected, split, key)
+        lines += _budget_section(planned, kind, analysis, selected, split, key, baselines)
     lines += routing_section(workdir, planned, records)
     lines += ["", "## Plots", ""]
-    for path in plots_lib.plot(workdir, planned, records, tables, key, study):
+    for path in plots_lib.plot(workdir, planned, records, analysis["tables"], key, study):
         rel = os.path.relpath(path, workdir)
         lines += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
     conclusions = study.get("conclusions", "")
@@ -387,7 +589,7 @@ def write(workdir: str, study, planned: dict, records: list[dict], selected: dic
     with open(os.path.join(workdir, REPORT_FILE) + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(os.path.join(workdir, REPORT_FILE) + ".tmp", os.path.join(workdir, REPORT_FILE))
-    results = _results(study, planned, records, selected, tables, command, env, name, split, key)
+    results = _results(study, planned, records, selected, analysis, command, env, name, split, key, baselines, head)
     metrics_lib.write_json(workdir, RESULTS_FILE, results)
     return results
 
