@@ -246,12 +246,12 @@ def verdict(name_x: str, x: dict, name_y: str, y: dict, metric: str = "loss", le
         d.update(decision="no verdict", text=f"{name_x} vs {name_y}: no runs to compare: no verdict.")
         return d
     head = f"{name_x} - {name_y} = {d['diff']:+.4f} {metric}"
-    if withheld:
-        d.update(decision="withheld", text=f"{head}: **verdict withheld** ({withheld}).")
-        return d
     if min(nx, ny) < MIN_RUNS:
         d.update(decision="no verdict", text=f"{head} ({nx} and {ny} runs): fewer than {MIN_RUNS} runs in an arm, "
                                              "so the run-to-run spread is not known well enough: **no verdict**.")
+        return d
+    if withheld:
+        d.update(decision="withheld", text=f"{head}: **verdict withheld** ({withheld}).")
         return d
     return _decide(d, d["p"], 1, 1 - level)
 
