@@ -437,6 +437,9 @@ def test_lr_from_runs_the_source_arms_choice_and_arm_kinds_sets_its_steps():
     from moe_jax.studies import report as report_lib
     sel = report_lib.select_lrs(p, made_up_records(p, 0.025))["tokens"]
     assert sel["moe_seedlike"]["from"] == "moe_short" and sel["moe_seedlike"]["lr"] == sel["moe_short"]["lr"]
+    table = "\n".join(report_lib.budget_table(p, "tokens"))
+    assert "| moe_seedlike | moe_short's choice |" in table
+    assert "moe_seedlike: steps set by the micro_batches convention" in table and "-50.0% of the budget" in table
     s.lr_from.moe_seedlike = "dense_long"
     with pytest.raises(config_lib.ConfigError, match="config.lr_from.moe_seedlike"):
         plan_lib.plan(s, "/w")

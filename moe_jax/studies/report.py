@@ -318,22 +318,26 @@ def budget_table(planned: dict, kind: str) -> list[str]:
              "| arm | lr | tokens/step | training FLOPs/token | padding+dispatch FLOPs/token | optimizer FLOPs/step "
              "| model FLOPs/step | executed FLOPs/step | steps | model FLOPs | executed FLOPs | tokens | vs budget |",
              "|" + "---|" * 13]
-    seen = set()
+    seen, notes = set(), []
     for run in planned["runs"]:
         if run.kind != kind or run.arm in seen:
             continue
         seen.add(run.arm)
         c = run.config
         fpt = flops.run_flops_per_token(c)
-        grid = planned["grids"][run.arm]
-        lr = "grid " + ", ".join(f"{v:g}" for v in grid) if grid else f"{_lr_of(c, planned['lr_field']):g}"
+        grid, src = planned["grids"][run.arm], planned["lr"]["from"].get(run.arm)
+        lr = ("grid " + ", ".join(f"{v:g}" for v in grid) if grid else f"{src}'s choice" if src else
+              f"{_lr_of(c, planned['lr_field']):g}")
         used = planned["per_step"][kind][run.label] * run.steps
+        by = planned["steps_by"].get(run.arm)
+        notes += [f"{run.arm}: steps set by the {by} convention, as many {budget_lib.UNITS[by]} as the reference "
+                  f"arm ({run.costs[by]:,.0f}), so it spends {used / budget - 1:+.1%} of the budget."] if by else []
         lines.append(f"| {run.arm} | {lr} | {budget_lib.tokens_per_step(c):,} | {fpt['training']:.6e} | "
                      f"{fpt['dispatch_overhead_training']:.4e} | {flops.optimizer_flops_per_step(c.model, c.optim):.4e} | "
                      f"{flops.flops_per_step(c):.6e} | {flops.executed_flops_per_step(c):.6e} | {run.steps:,} | "
                      f"{run.costs['model_flops']:.6e} | {run.costs['executed_flops']:.6e} | {run.costs['tokens']:,} | "
                      f"{used / budget - 1:+.3%} |")
-    return lines
+    return lines + ([""] + notes if notes else [])
 
 
 def _lr_of(c, field: str) -> float:
