@@ -399,7 +399,7 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None, grids: 
     lrs = lr_settings(study, parsed)
     grids = grids or initial_grids(study, kinds, parsed)
     chosen = chosen or {}
-    n_select = lrs["select"] or len(reps)
+    n_select = min(lrs["select"] or len(reps), len(reps))
     per_arm, budgets = _budgets(study, kinds, parsed, seconds_per_step)
     num_evals = int(study.get("num_evals", 0) or 0)
     runs, variant_cfgs, variants = [], {}, {}
