@@ -1,15 +1,20 @@
-"""Shared pieces of the study configs (configs/studies/*.py): the data and evaluation setup every study uses, and the
-two scales each study config offers.
+"""Shared pieces of the study configs (configs/studies/*.py): the data and evaluation setup every study uses, the
+learning-rate and replicate protocol, and the two scales each study config offers.
 
     python -m moe_jax.studies --config configs/studies/<name>.py --workdir runs/studies/<name>        # 'cpu' scale
     python -m moe_jax.studies --config configs/studies/<name>.py:tiny --workdir runs/studies/<name>_tiny
 
-'cpu': the CPU comparison's model (d_model 128, 4 layers, vocab 4096) on short budgets (16-50% of an epoch of the
-shipped corpus) so that all three studies run in about 1.5 hours on the 2-core CPU, one study per core; each
-config's reference_steps raises it (--config.budget.reference_steps=N);
-'tiny': d_model 64, 2 layers, vocab 1024, a few dozen steps: small enough to run every study on a loaded 2-core CPU
-in tens of minutes. Its numbers say how the engine behaves and how large the run-to-run spread is at that size;
-they say little about the seeds' models.
+'cpu' (the default): d_model 128, 4 layers, vocabulary 2,048, sequence 128, budgets of one to two epochs of the
+shipped corpus (1.08 M training tokens at this vocabulary), chosen so that every arm has trained long enough to beat
+an interpolated bigram on test by a clear margin (a dense arm at one epoch: validation 3.50 against the bigram's 3.86
+nats/token) and each study fits in about three hours of the 2-core CPU with one process per core (the arithmetic is
+in docs/studies/README.md, "Scale"). 'tiny': d_model 64, 2 layers, vocabulary 1,024, a few dozen steps: the engine's
+behaviour and the run-to-run spread at that size; its numbers say nothing about the seeds' models.
+
+Protocol (moe_jax/studies/__init__.py): 5 replicates (seed k = initialisation and data order, paired across arms);
+every arm's Muon learning rate chosen on validation from its own grid (factor 2 apart), on the first replicate, the
+grid extended by one factor-2 step beyond an edge it is chosen on (at most twice; still on the edge: 'edge', no
+verdict); the AdamW rate tied to it at the base's ratio (0.15); the other four replicates run the chosen rate.
 """
 
 import ml_collections
@@ -17,6 +22,8 @@ import ml_collections
 from moe_jax.config import schema as config_lib
 
 SCALES = ("cpu", "tiny")
+SEEDS = (0, 1, 2, 3, 4)
+ADAMW_RATIO = 0.15  # AdamW lr / Muon lr (3e-3 / 0.02, the CPU comparison's pair), kept for every swept Muon rate
 
 
 def scale_of(arg) -> str:
@@ -29,27 +36,26 @@ def scale_of(arg) -> str:
 
 def base(scale: str) -> ml_collections.ConfigDict:
     """The shared base: Muon + AdamW, warmup + cosine, the shipped corpus with a 5% validation and a 5% test split
-    (whole documents), scored on windows spread evenly over the split: 128 ('cpu') or 48 ('tiny')."""
+    (whole documents). Final losses are scored on the whole splits; the curves during training on windows spread
+    evenly over validation: 64 ('cpu') or 48 ('tiny')."""
     b = config_lib.base_config()
     m = b.model
     if scale == "cpu":
-        m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 4096, 128, 4, 4, 512
+        m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 2048, 128, 4, 4, 512
         b.train.batch_size, b.train.seq_len = 16, 128
-        b.data.max_val_windows = 128
-        b.data.val_window_sampling = "even"
-        b.train.log_every, b.train.checkpoint_every = 20, 100
+        b.data.max_val_windows = 64
+        b.train.log_every, b.train.checkpoint_every = 25, 100
     else:
         m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 1024, 64, 2, 4, 256
         b.train.batch_size, b.train.seq_len = 8, 64
         b.data.max_val_windows = 48
-        b.data.val_window_sampling = "even"
         b.train.log_every, b.train.checkpoint_every = 10, 100
+    b.data.val_window_sampling = "even"
     m.dropout = 0.0
     b.moe.group_size = 256
-    b.optim.muon_lr = 0.02
-    b.optim.adamw_lr = 3e-3
-    # the committed results ran float32 X-space Newton-Schulz (what 'auto' meant on CPU before issue 19's changes)
-    b.optim.ns_dtype, b.optim.ns_method = "float32", "standard"
+    b.optim.muon_lr = 0.04
+    b.optim.adamw_lr = ADAMW_RATIO * b.optim.muon_lr
+    b.optim.ns_dtype, b.optim.ns_method = "float32", "standard"  # float32 X-space Newton-Schulz, as counted
     b.train.grad_accum = 1
     b.train.eval_batches = 0
     b.train.progress_bar = False
@@ -59,10 +65,18 @@ def base(scale: str) -> ml_collections.ConfigDict:
 
 
 def study(name: str, scale: str) -> ml_collections.ConfigDict:
+    """A study with the shared base and protocol; the caller sets arms, arm_names, lr_grid, budget, conclusions."""
     s = ml_collections.ConfigDict()
     s.name = f"{name} ({scale} scale)"
     s.base = base(scale)
-    s.seeds = (0, 1, 2)
+    s.seeds = SEEDS
     s.num_evals = 4
     s.correlation = False
+    s.comparisons = "pairwise"
+    s.lr_select_replicates = 1
+    s.lr_extend = 2
+    s.lr_step = 2.0
+    s.lr_tied = (("optim.adamw_lr", ADAMW_RATIO),)
+    s.lr_from = ml_collections.ConfigDict()
+    s.bootstrap_seed = 0
     return s
