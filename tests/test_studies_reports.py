@@ -24,7 +24,7 @@ from moe_jax.studies import stats
 from study_helpers import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDIES = ("dense_vs_moe", "batch_vs_seqlen", "architecture")
+STUDIES = ("dense_vs_moe", "batch_vs_seqlen", "architecture", "smallbatch")
 
 
 
