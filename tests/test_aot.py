@@ -352,7 +352,8 @@ ENTRY %main (a: f32[8]) -> f32[32] {
 def test_traffic_counts_each_result_once_written_once_read_and_kernels_by_target():
     """traffic_bytes: every top-level result 2x its bytes, loop bodies times their trip count, fusion internals not
     at all, and an asynchronous op by its `-done` output (its `-start` tuple also carries the whole operand: counting
-    it made a v6e program's 'traffic' half slice-start tuples). custom_calls: kernel targets per run."""
+    it made a v6e program's 'traffic' half slice-start tuples), and a result in on-chip memory (layout `S(1)`) not at
+    all. custom_calls: kernel targets per run."""
     text = """HloModule m
 
 %fused (p: f32[64]) -> f32[64] {
@@ -370,6 +371,7 @@ def test_traffic_counts_each_result_once_written_once_read_and_kernels_by_target
 ENTRY %main (a: f32[64]) -> f32[16] {
   %a = f32[64]{0} parameter(0)
   %f = f32[64]{0} fusion(%a), kind=kLoop, calls=%fused
+  %v = f32[64]{0:T(256)S(1)} copy(%f)
   %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %ss = ((f32[64]{0}), f32[16]{0}, s32[]) slice-start(%f), slice={[0:16]}
   ROOT %sd = f32[16]{0} slice-done(%ss)
@@ -380,9 +382,9 @@ ENTRY %main (a: f32[64]) -> f32[16] {
     assert hlo.custom_calls(text) == {"tpu_custom_call": 3}
 
 
-def test_roofline_ceiling_uses_the_least_traffic_and_the_estimate_the_compilers():
+def test_roofline_ceiling_uses_the_least_traffic_and_the_estimate_the_programs():
     """The MFU ceiling is an upper bound (memory term from the arguments read once and outputs written once); the
-    estimate uses the compiler's byte count; the interval runs from the former's step time to the sum of terms."""
+    estimate uses the program's byte count; the interval runs from the former's step time to the sum of terms."""
     device = targets.get("h100-8").hardware
     work = {"flops": device.peak_tflops * 1e12 * 0.010, "bytes": device.hbm_bytes_per_s * 0.030}  # 10 ms, 30 ms
     mem = {"argument": device.hbm_bytes_per_s * 0.002, "output": device.hbm_bytes_per_s * 0.002}  # 4 ms in all

@@ -12,18 +12,18 @@ the trainer builds it on that hardware (jax.make_mesh / create_hybrid_device_mes
 the programs are the trainer's own (moe_jax/train/step.py): the train step, the eval step, and with --decode the
 prefill of moe_jax/model/decode.py. `compile_programs` is the one place that calls the trainer's code.
 
-Printed per device and written with --json: the compiled memory (arguments, outputs, temporaries, generated code;
-peak = arguments + outputs - aliased + temporaries + code) against the device's memory, refused (exit 2) above
-MEMORY_LIMIT of it; FLOPs and bytes accessed (the compiler's cost analysis where it gives one, which the TPU compiler
-does and the compile-only GPU compiler does not: then FLOPs from moe_jax/model/flops.py and bytes from the HLO,
-tools/hlo.traffic_bytes); every collective in the optimized HLO (tools/hlo.py) with its count and bytes per step, and
-with --slices those that cross the slow links between slices or nodes; the kernels XLA did not write (custom calls:
-Mosaic, Triton, cuDNN); and a roofline (`roofline`): compute (FLOPs / peak), memory (bytes / HBM bandwidth) and
-communication (bytes sent / ICI or DCN bandwidth); the step estimate is the longest of the three, the MFU estimate the
-model FLOPs (flops.flops_per_step) over peak x that time, and the MFU ceiling the same with the least memory traffic
-any schedule needs (an upper bound; the compilers' byte counts can include on-chip traffic). The figures and their
-sources are tools/hardware.py's. These are compile-time predictions; nothing here has been measured on an
-accelerator.
+Printed per device and written with --json: the compiled memory (arguments, outputs, temporaries, generated code; peak
+= arguments + outputs - aliased + temporaries + code) against the device's memory, refused (exit 2) above MEMORY_LIMIT
+of it; FLOPs (the compiler's cost analysis where it gives one, which the TPU compiler does and the compile-only GPU
+compiler does not: then moe_jax/model/flops.py's) and device-memory bytes (counted from the optimized HLO,
+tools/hlo.traffic_bytes; the TPU compiler's 'bytes accessed' beside them); every collective in the optimized HLO
+(tools/hlo.py) with its count and bytes per step, and with --slices those that cross the slow links between slices or
+nodes; the kernels XLA did not write (custom calls: Mosaic, Triton, cuDNN); and a roofline (`roofline`): compute
+(FLOPs / peak), memory (bytes / HBM bandwidth) and communication (bytes sent / ICI or DCN bandwidth); the step
+estimate is the longest of the three, the MFU estimate the model FLOPs (flops.flops_per_step) over peak x that time,
+and the MFU ceiling the same with the least memory traffic any schedule needs (an upper bound; the HLO's byte count is
+rough). The figures and their sources are tools/hardware.py's. These are compile-time predictions; nothing here has
+been measured on an accelerator.
 
 Errors are one `error:` line and exit status 2: a program that does not fit the device's memory (fix: a smaller
 train.batch_size with more train.grad_accum, model.remat, a mesh with more model/expert sharding), a mesh the
@@ -217,11 +217,16 @@ def collectives(compiled, mesh) -> dict:
 
 
 def _flops_bytes(compiled, program: str, run, n_devices: int) -> dict:
-    """Executed FLOPs and bytes accessed per device per run, with their source."""
+    """Executed FLOPs and device-memory bytes per device per run, with their sources. Bytes are counted from the
+    optimized HLO on every platform (tools/hlo.traffic_bytes: it skips what the compiler placed on chip); the TPU
+    compiler's own 'bytes accessed' is kept beside it: on a v6e-8 program of configs/moe.py it was 35 GB against the
+    HLO's 7.5 GB in device memory, 12 GB of results sitting in on-chip memory (docs/benchmarks.md)."""
     cost = _cost(compiled)
+    traffic = {"bytes": hlo.traffic_bytes(compiled.as_text()),
+               "bytes_source": "optimized HLO: results in device memory written and read once (tools/hlo.traffic_bytes)",
+               "xla_bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None}
     if cost.get("flops"):
-        return {"flops": float(cost["flops"]), "flops_source": "XLA cost analysis",
-                "bytes": float(cost.get("bytes accessed", 0.0)), "bytes_source": "XLA cost analysis"}
+        return {"flops": float(cost["flops"]), "flops_source": "XLA cost analysis", **traffic}
     t = run.train
     if program == "train":
         f = flops.executed_flops_per_step(run)
@@ -229,17 +234,15 @@ def _flops_bytes(compiled, program: str, run, n_devices: int) -> dict:
         rows = t.batch_size if program == "eval" else 1
         f = flops.run_flops_per_token(run)["training"] / 3 * rows * t.seq_len
     return {"flops": f / n_devices, "flops_source": "moe_jax/model/flops.py (the compiler gave no cost analysis)",
-            "bytes": hlo.traffic_bytes(compiled.as_text()),
-            "bytes_source": "optimized HLO: top-level results written and read once (tools/hlo.traffic_bytes)"}
+            **traffic}
 
 
 def roofline(work: dict, colls: dict, device, model_flops: float, n_devices: int, memory: dict) -> dict:
     """Step-time bounds (seconds) and MFU from per-device work, collectives, compiled memory and the device's figures.
 
     Terms: compute = FLOPs / peak; HBM = bytes / bandwidth, twice: `least_memory_s` from the least traffic any
-    schedule needs (the arguments read once, the outputs written once), `memory_s` from the compiler's byte count
-    (work["bytes"]: XLA's cost analysis on TPU, tools/hlo.traffic_bytes on GPU), which may count traffic that stays
-    on chip; communication = ICI + DCN wire bytes / their bandwidths. The step takes at least max(compute,
+    schedule needs (the arguments read once, the outputs written once), `memory_s` from the program's count
+    (work["bytes"], tools/hlo.traffic_bytes), rough both ways (a result read by several ops counts one read); communication = ICI + DCN wire bytes / their bandwidths. The step takes at least max(compute,
     least_memory, communication) (-> `mfu_ceiling`, an upper bound), about max(compute, memory, communication) (->
     `step_s_estimate`, `mfu_estimate`, `bound`), at most the sum of the terms with the compiler's bytes."""
     by = colls["by_kind"]
