@@ -256,6 +256,11 @@ def test_whole_split_evaluation_per_document_equals_the_summed_eval_step(tiny_tr
         summed = step_lib.evaluate(eval_fn, state["params"], batches, shardings)
     assert summed["val_tokens"] == ev["val_tokens"]
     np.testing.assert_allclose(summed["val_loss"], ev["val_loss"], rtol=1e-5)  # float32 sums on the device
+    # on 4 devices (one row each) the per-token outputs are gathered whole: the same tokens and documents
+    four, four_docs = eval_lib.evaluate_run(rdir, devices=jax.devices()[:4], split="test", whole_split=True)
+    assert four["devices"] == 4 and four["val_tokens"] == ev["val_tokens"]
+    np.testing.assert_array_equal(four_docs["tokens"], docs["tokens"])
+    np.testing.assert_allclose(four_docs["loss_sum"], docs["loss_sum"], rtol=1e-5)
     monkeypatch.setattr(eval_lib, "evaluate_workdir", lambda *a, **k: pytest.fail("evaluated twice"))
     assert runner.evaluate_split(rdir, 2, "test")["skipped"]
 
