@@ -22,8 +22,9 @@ A study config (configs/studies/*.py) has
   correlation - True: a heatmap of correlations between arm settings and outcomes;
   conclusions - text appended to the report (what it supports and what it does not).
 
-Modules: plan.py (config -> runs), budget.py (conventions), runner.py (train, resume, test evaluation),
-report.py (selection, tables, report.md, results.json), plots.py (figures), stats.py (t intervals, verdict rule).
+Modules: plan.py (config -> runs), budget.py (conventions), runner.py (train, resume, whole-split evaluation,
+per-document losses), baselines.py (unigram and bigram on the same tokens), report.py (selection, tables, report.md,
+results.json), plots.py (figures), stats.py (t intervals, verdict rule).
 Layout: <workdir>/[<budget kind>/]<arm>/[lr<lr>/]seed<k>[_order<o>]/ (ordinary moe_jax.train run dirs), plus
 report.md, results.json, plots/ and (wall_seconds) calibration.json.
 """
