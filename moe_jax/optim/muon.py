@@ -143,14 +143,19 @@ def newton_schulz_every_op(x: jax.Array, coeffs: jax.Array, steps: int, eps: flo
     seeds 002/004, float16 in exp5), X / (||X|| + eps) with the norm rounded to ns_dtype, then A = X X^T,
     B = b A + (c A) A, X = a X + B X with EVERY product, scaled copy and sum rounded to ns_dtype (torch computes each
     op in float32 and rounds its result; the coefficients stay float32). Emulated in x's dtype (float32) with
-    `jax.lax.reduce_precision` after each op, which XLA never fuses away, and matmuls at Precision.HIGHEST: products of
+    `jax.lax.reduce_precision` after each op (which XLA never simplifies away, unlike a convert pair; ns_dtype's
+    subnormals, which it flushes, rounded by hand), and matmuls at Precision.HIGHEST: products of
     bfloat16 / float16 values are exact in float32, so each matmul is 'ns_dtype operands, float32 accumulation,
     result rounded', as torch's. Returns x's dtype holding ns_dtype values. (Compiled with torch.compile, the seeds'
     fused elementwise kernels round less often; the difference is of the order of one ns_dtype rounding.)"""
     info = jnp.finfo(ns_dtype)
+    sub = float(info.smallest_subnormal)  # float16's subnormal spacing 2^-24 (bfloat16 has float32's exponent range)
 
     def r(v):
-        return jax.lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+        low = jax.lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+        if info.nexp >= jnp.finfo(v.dtype).nexp:
+            return low
+        return jnp.where(jnp.abs(v) < float(info.smallest_normal), jnp.round(v / sub) * sub, low)  # flushed there
 
     def mm(p, q):
         return r(jnp.matmul(p, q, precision=jax.lax.Precision.HIGHEST))
