@@ -111,7 +111,7 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, steps: int, eps: float, ns_dt
     the last iterate is returned unrounded. On the 2-core AVX512-BF16 CPU, XLA's bfloat16 x bfloat16 -> float32 dot is
     about 2x its float32 dot (353 vs 189 GFLOP/s at 384 x 1536 x 384) while bfloat16 -> bfloat16 is not (172 GFLOP/s);
     on GPUs and TPUs the product accumulates in float32 either way. Rounding only the operands also cuts the error of
-    rounding every result to bfloat16 too (the seeds' torch iteration) by 1.5-1.9x (python -m moe_jax.bench --mode
+    rounding every result to bfloat16 too (the seeds' torch iteration) by 1.3-1.7x (python -m moe_jax.bench --mode
     newton-schulz). rounding='every_op' with a narrower ns_dtype is that torch iteration: `newton_schulz_every_op`."""
     dtype = x.dtype
     if rounding == "every_op" and ns_dtype is not None and jnp.dtype(ns_dtype) != dtype:
