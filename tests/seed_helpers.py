@@ -1,6 +1,6 @@
-"""Helpers common to the seed-fidelity tests (tests/test_seed_fidelity.py: forward functions; tests/test_seed_training.py:
-training steps): a configs/seeds/*.py config shrunk to a fixture's shape, and the seeds' named PyTorch weights as
-moe_jax's parameter dict (`to_params`) and back (`seed_layout`)."""
+"""Helpers common to the seed-fidelity tests (tests/test_seed_fidelity.py: forward functions;
+tests/test_seed_training.py: training steps): a configs/seeds/*.py config shrunk to a fixture's shape, and the
+seeds' named PyTorch weights as moe_jax's parameter dict (`to_params`) and back (`seed_layout`)."""
 
 from __future__ import annotations
 

@@ -174,7 +174,7 @@ def test_mesh_fsdp_reaches_the_typed_mesh_config():
 
 
 # The seeds' training semantics (docs/decisions.md, "Seed fidelity"): the value each seed config sets, against
-# moe_jax's default (tests/test_seed_training.py shows each one reproduces the seed and that turning it off breaks that).
+# moe_jax's default (tests/test_seed_training.py shows that each reproduces the seed and turning it off breaks that).
 SEED_TRAINING = {  # field: (seed configs, default)
     "optim.muon_fused_qkv": (True, False),
     "optim.muon_bias_correction": (False, True),

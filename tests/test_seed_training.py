@@ -115,8 +115,8 @@ def mismatch(fx: dict, data: dict, config) -> dict:
     ratios = update_ratios(fx, data, config, after)
     worst = max(ratios, key=ratios.get)
     dloss = float(np.max(np.abs(losses - data["losses"])))
-    return {"loss": dloss / LOSS_ATOL, "update1": math.inf if u1 else 0.0, "update2": ratios[worst], "worst_param": worst,
-            "loss_diff": dloss, "update1_absmax": u1}
+    return {"loss": dloss / LOSS_ATOL, "update1": math.inf if u1 else 0.0, "update2": ratios[worst],
+            "worst_param": worst, "loss_diff": dloss, "update1_absmax": u1}
 
 
 QUICK = "exp5_moe"  # the quick tier trains one seed (the one with the most options); the full suite all four
