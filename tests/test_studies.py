@@ -100,6 +100,9 @@ def test_optimizer_flops_hand_count_and_the_optimizers_own_muon_leaves():
     assert total == hand
     c.optim.router_muon = True
     assert ns_flops(c) == hand + 2 * 5 * (4 * 4 * 4 * 64 + 2 * 4 ** 3)
+    c.optim.muon_fused_qkv = True  # per layer one [64, 192] instead of three [64, 64]
+    fused = 2 * 5 * (4 * 64 * 64 * 192 + 2 * 64 ** 3) - 6 * 5 * (4 * 64 ** 3 + 2 * 64 ** 3)
+    assert ns_flops(c) == hand + 2 * 5 * (4 * 4 * 4 * 64 + 2 * 4 ** 3) + fused
     c.optim.name = "adamw"
     assert ns_flops(c) == 0
 
