@@ -15,6 +15,8 @@ not stop the others; steps that would overrun the time budget are skipped):
              factors 1.0 / 1.25 / 2.0 and dropless, and each config's forward / forward+backward / update times with
              the update's share of the step;
   profile    a jax.profiler trace of MoE steps, summarised as the top ops by time (device ops on GPU/TPU);
+  prediction moe_jax.aot's compile-time prediction of the bench configs for this GPU (docs/aot_table.json: roofline
+             step time, compiled peak memory) beside what the bench measured (CPU: skipped, no prediction row);
   update     the optimizer update alone at the bench configs under each named variant (`--mode update`,
              moe_jax/tools/bench/common.py VARIANTS: optim.muon_impl optax / batched, optim.ns_dtype float32 /
              bfloat16, optim.ns_stack layers / none, optim.ns_method standard / gram), 5 interleaved rounds: the
@@ -362,6 +364,34 @@ def train_cmd(args, workdir: str) -> list[str]:
             + [f"--config.{k}={v}" for k, v in over.items()])
 
 
+def step_prediction(check: Check, args) -> dict:
+    """moe_jax.aot's compile-time prediction for this GPU (docs/aot_table.json, computed on a CPU host) beside the
+    bench's measurement of the same configs: step time against the roofline's estimate and interval, compiled peak
+    memory against the predicted peak."""
+    from moe_jax.tools import aot_table
+    bench = check.result["steps"].get("bench", {})
+    if bench.get("status") != "ok":
+        return {"_status": "skipped", "why": "the bench step did not measure"}
+    kind = next(iter(check.result["steps"].get("env", {}).get("devices", [])), "")
+    target = aot_table.device_target(kind)
+    rows = aot_table.load(os.path.join(ROOT, "docs", "aot_table.json"))
+    out = {"target": target, "table": "docs/aot_table.json", "configs": {}}
+    for label, config in (("dense (configs/gpu_dense.py)", "configs/gpu_dense.py"),
+                          ("moe (configs/gpu_moe.py)", "configs/gpu_moe.py")):
+        row = rows.get(f"{config}|{target}|slices=1|mesh=config")
+        measured = bench.get("configs", {}).get(label)
+        if row and not row.get("error") and measured:
+            out["configs"][config] = aot_table.against_measurement(row, measured["step_time_s"],
+                                                                   measured.get("memory_bytes", {}))
+            check.log(f"{config} on {target}: {out['configs'][config]}")
+    if not out["configs"]:
+        return {"_status": "skipped", "why": f"no prediction row for {kind!r} ({target}) in docs/aot_table.json",
+                **out}
+    out["note"] = ("predictions compiled XLA attention (no cuDNN in a compile-only GPU client); the bench measured "
+                   "the config's attention")
+    return out
+
+
 def step_train(check: Check, args) -> dict:
     workdir = os.path.join(check.work, "train")
     cmd = train_cmd(args, workdir)
@@ -534,6 +564,7 @@ def main(argv=None) -> int:
              ("attention", lambda: step_attention(check, (2, 256, 4, 64) if not args.cpu else (2, 64, 2, 16)), 10),
              ("bench", lambda: step_bench(check, args, keep), 60),
              ("profile", lambda: step_profile(check, keep, args.profile_steps), 10),
+             ("prediction", lambda: step_prediction(check, args), 0),
              ("update", lambda: step_update(check, args), 40 if not args.cpu else 10),
              ("train", lambda: step_train(check, args), 60 if not args.cpu else 30),
              ("tests", lambda: step_tests(check, args), 60 if not args.cpu else 10),

@@ -172,7 +172,8 @@ def test_expert_parallel_program_has_all_to_all(request, which):
     assert colls["all-to-all"]["count"] > 0 and colls["all-to-all"]["bytes"] > 0
     assert result["fits"]
     r = result["programs"]["train"]["roofline"]
-    assert r["step_s_min"] <= r["step_s_max"] and 0 < r["mfu_ceiling"] <= 1
+    assert r["step_s_min"] <= r["step_s_estimate"] <= r["step_s_max"]
+    assert 0 < r["mfu_estimate"] <= r["mfu_ceiling"] <= 1
 
 
 def test_gpu_attention_falls_back_and_says_so(gpu_result):
@@ -188,7 +189,8 @@ def test_json_has_the_printed_fields(gpu_command):
         assert key in train["memory"]
     for key in ("flops", "bytes", "collectives", "roofline", "fits", "device_memory", "compile_cpu_s"):
         assert key in train
-    for key in ("compute_s", "memory_s", "ici_s", "dcn_s", "step_s_min", "mfu_ceiling", "figures"):
+    for key in ("compute_s", "memory_s", "least_memory_s", "ici_s", "dcn_s", "step_s_min", "step_s_estimate",
+                "mfu_ceiling", "mfu_estimate", "figures"):
         assert key in train["roofline"]
     assert f"{100 * train['roofline']['mfu_ceiling']:.1f}%" in text
     assert "all-to-all" in text and "peak" in text and result["target"] in text
@@ -241,14 +243,26 @@ def test_dropless_expert_parallel_lowers_to_all_to_all_on_tpu():
         assert colls["all-to-all"]["count"] >= 2 * forward_and_back, (name, colls)
 
 
-def test_megablox_is_refused_for_a_gpu_and_noted_for_a_tpu():
+def test_megablox_is_refused_for_a_gpu_and_for_narrow_tpu_matmuls():
     megablox = {"moe.dispatch": "dropless", "moe.grouped_matmul": "megablox"}
     with pytest.raises(aot.AotError, match=r"grouped_matmul=ragged_dot for a GPU"):
         aot.prepare_config(smoke(megablox), targets.get("h100-8"), aot.Request("h100-8"))
-    _, notes = aot.prepare_config(smoke(megablox), targets.get("v4-8"), aot.Request("v4-8", mesh=(2, 2, 1)))
-    assert any("interpret mode" in n for n in notes)
+    with pytest.raises(aot.AotError, match=r"multiples of 128, got model.d_model = 64"):
+        aot.prepare_config(smoke(megablox), targets.get("v4-8"), aot.Request("v4-8", mesh=(2, 2, 1)))
     _, notes = aot.prepare_config(smoke({"moe.dispatch": "dropless"}), targets.get("v4-8"), aot.Request("v4-8"))
-    assert not any("interpret mode" in n for n in notes)
+    assert not any("megablox" in n for n in notes)
+
+
+@needs("tpu")
+def test_megablox_compiles_to_the_mosaic_kernel_for_a_tpu():
+    """On this CPU host the kernel is chosen from the mesh's devices (TPU), not the attached ones: the compiled TPU
+    program calls the Mosaic kernel (tpu_custom_call) instead of Pallas' interpret-mode loops."""
+    wide = {"moe.dispatch": "dropless", "moe.grouped_matmul": "megablox", "model.d_model": 128, "moe.d_ff": 256,
+            "model.d_ff": 256}
+    result = aot.run(smoke(wide), aot.Request("v4-8", mesh=(2, 2, 1)))
+    assert any("Mosaic kernel" in n for n in result["notes"])
+    for name in ("train", "eval"):
+        assert result["programs"][name]["custom_calls"].get("tpu_custom_call", 0) >= 2, result["programs"][name]
 
 
 def test_missing_compiler_is_one_line_with_the_install_command(monkeypatch):
@@ -333,6 +347,68 @@ ENTRY %main (a: f32[8]) -> f32[32] {
     s = hlo.summary(list(colls.values()), lambda i: i // 2)  # slices {0,1} and {2,3}
     assert s["by_kind"]["all-reduce"]["cross_slice_count"] == 0
     assert s["by_kind"]["all-gather"]["cross_slice_count"] == 1
+
+
+def test_traffic_counts_each_result_once_written_once_read_and_kernels_by_target():
+    """traffic_bytes: every top-level result 2x its bytes, loop bodies times their trip count, fusion internals not
+    at all, and an asynchronous op by its `-done` output (its `-start` tuple also carries the whole operand: counting
+    it made a v6e program's 'traffic' half slice-start tuples), and a result in on-chip memory (layout `S(1)`) not at
+    all. custom_calls: kernel targets per run."""
+    text = """HloModule m
+
+%fused (p: f32[64]) -> f32[64] {
+  %p = f32[64]{0} parameter(0)
+  ROOT %n = f32[64]{0} negate(%p)
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %k = f32[8]{0} custom-call(%x), custom_call_target="tpu_custom_call"
+  ROOT %t = (s32[], f32[8]) tuple(%i, %k)
+}
+
+ENTRY %main (a: f32[64]) -> f32[16] {
+  %a = f32[64]{0} parameter(0)
+  %f = f32[64]{0} fusion(%a), kind=kLoop, calls=%fused
+  %v = f32[64]{0:T(256)S(1)} copy(%f)
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ss = ((f32[64]{0}), f32[16]{0}, s32[]) slice-start(%f), slice={[0:16]}
+  ROOT %sd = f32[16]{0} slice-done(%ss)
+}
+"""
+    # fusion result 256 B, 3 custom-call results of 32 B, the slice 64 B: each written and read
+    assert hlo.traffic_bytes(text) == 2 * (256 + 3 * 32 + 64)
+    assert hlo.custom_calls(text) == {"tpu_custom_call": 3}
+
+
+def test_roofline_ceiling_uses_the_least_traffic_and_the_estimate_the_programs():
+    """The MFU ceiling is an upper bound (memory term from the arguments read once and outputs written once); the
+    estimate uses the program's byte count; the interval runs from the former's step time to the sum of terms."""
+    device = targets.get("h100-8").hardware
+    work = {"flops": device.peak_tflops * 1e12 * 0.010, "bytes": device.hbm_bytes_per_s * 0.030}  # 10 ms, 30 ms
+    mem = {"argument": device.hbm_bytes_per_s * 0.002, "output": device.hbm_bytes_per_s * 0.002}  # 4 ms in all
+    colls = {"by_kind": {"all-reduce": {"wire_bytes": device.ici_bytes_per_s * 0.005, "cross_slice_wire_bytes": 0}}}
+    r = aot.roofline(work, colls, device, model_flops=8 * device.peak_tflops * 1e12 * 0.008, n_devices=8, memory=mem)
+    assert np.isclose(r["step_s_min"], 0.010) and np.isclose(r["step_s_estimate"], 0.030)
+    assert np.isclose(r["step_s_max"], 0.045) and r["bound"] == "memory"
+    assert np.isclose(r["mfu_ceiling"], 0.8) and np.isclose(r["mfu_estimate"], 0.008 / 0.030)
+
+
+def test_prediction_beside_a_measurement():
+    """The device check's comparison: a table row (step ms low / about / high, peak GiB) against a measured step
+    time and the device's compiled memory analysis."""
+    assert aot_table.device_target("NVIDIA H100 80GB HBM3") == "h100-1"
+    assert aot_table.device_target("NVIDIA H200") == "h200-1" and aot_table.device_target("cpu") is None
+    row = {"target": "h100-1", "step_ms": (10.0, 20.0, 40.0), "mfu_estimate": 0.2, "mfu_ceiling": 0.5,
+           "peak_gib": 4.0}
+    gib = 2 ** 30
+    memory = {"argument_size_in_bytes": 2 * gib, "output_size_in_bytes": 2 * gib, "alias_size_in_bytes": 2 * gib,
+              "temp_size_in_bytes": 3 * gib, "generated_code_size_in_bytes": 0}
+    c = aot_table.against_measurement(row, 0.030, memory)
+    assert c["step_within_range"] and np.isclose(c["measured_over_predicted_step"], 1.5)
+    assert np.isclose(c["measured_peak_gib"], 5.0) and np.isclose(c["measured_over_predicted_peak"], 1.25)
+    assert not aot_table.against_measurement(row, 0.050, {})["step_within_range"]
 
 
 def test_shape_bytes():

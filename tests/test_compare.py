@@ -19,7 +19,7 @@ from moe_jax.config import schema as config_lib
 from moe_jax.model import flops
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.train import loop as trainer
-from moe_jax.studies import stats
+from moe_jax.studies import runner, stats
 from moe_jax.config.typed import parse
 from study_helpers import markdown_table, tiny_base
 
@@ -201,7 +201,13 @@ def test_tiny_comparison_writes_report_results_and_plots(tiny_run):
         assert [q["step"] for q in r["curve"]][-1] == p["steps"] and len(r["curve"]) == 2
         assert (r["dropped_fraction"] == 0) == (r["arm"] == "dense")
         summary = json.load(open(os.path.join(r["run_dir"], "summary.json")))
-        assert summary["finished"] and summary["val_loss"] == r["val_loss"]
+        assert summary["finished"]  # its val_loss is the first 2 batches'; the table reads the whole split's:
+        ev = json.load(open(runner.eval_path(r["run_dir"], r["steps"], "validation")))
+        assert ev["whole_split"] and (ev["val_loss"], ev["val_tokens"]) == (r["val_loss"], r["val_tokens"])
+    assert len({r["val_tokens"] for r in on_disk["runs"]}) == 1 and on_disk["scored_tokens"] == {
+        "validation": on_disk["runs"][0]["val_tokens"]}
+    assert on_disk["baselines"]["split"] == "validation" and on_disk["baselines"]["tokens"] == on_disk["runs"][0][
+        "val_tokens"]
     assert results["plan"]["moe"]["steps"] == 8 and results["plan"]["dense"]["steps"] > 8
     # the interrupted run was resumed from its checkpoint (not restarted), the others trained from scratch
     assert {c["run_dir"]: c["latest_step_before"] for c in calls} == {

@@ -51,6 +51,19 @@ REJECTED = [
     ({"model.norm_eps": 0.0}, "model.norm_eps", "FLOAT32_EPS"),
     ({"model.norm_eps": -1e-6}, "model.norm_eps", "(0, 1)"),
     ({"mesh.fsdp": True, "optim.muon_impl": "optax"}, "mesh.fsdp", "muon_impl='batched'"),
+    ({"optim.ns_rounding": "always"}, "optim.ns_rounding", "every_op"),
+    ({"optim.ns_rounding": "every_op", "optim.ns_method": "gram"}, "optim.ns_method", "standard"),
+    ({"optim.ns_eps": 0.0}, "optim.ns_eps", "(0, 1)"),
+    ({"optim.momentum_warmup_steps": 10}, "optim.momentum_warmup_steps", "muon_bias_correction=False"),
+    ({"optim.momentum_warmup_steps": -1, "optim.muon_bias_correction": False}, "optim.momentum_warmup_steps",
+     ">= 0"),
+    ({"optim.muon_fused_qkv": True, "optim.muon_impl": "optax"}, "optim.muon_fused_qkv", "muon_impl='batched'"),
+    ({"optim.muon_bias_correction": False, "optim.muon_impl": "optax"}, "optim.muon_bias_correction",
+     "muon_impl='batched'"),
+    ({"optim.schedule_steps": 10}, "optim.schedule_steps", "shorter than train.steps"),  # smoke: 60 steps
+    ({"optim.schedule_steps": 100, "optim.warmup_steps": 100}, "optim.warmup_steps", "schedule_steps=100"),
+    ({"moe.load_balance_form": "entropy"}, "moe.load_balance_form", "prob_squares"),
+    ({"optim.ns_dtype": "float16", "optim.muon_impl": "optax"}, "optim.ns_dtype", "muon_impl='batched'"),
 ]
 
 
@@ -158,3 +171,47 @@ def test_mesh_fsdp_reaches_the_typed_mesh_config():
     assert parse(c).mesh.fsdp is False  # the default: replicated parameters
     c.mesh.fsdp = True
     assert parse(c).mesh.fsdp is True and parse(c).to_dict()["mesh"]["fsdp"] is True
+
+
+# The seeds' training semantics (docs/decisions.md, "Seed fidelity"): the value each seed config sets, against
+# moe_jax's default (tests/test_seed_training.py shows that each reproduces the seed and turning it off breaks that).
+SEED_TRAINING = {  # field: (seed configs, default)
+    "optim.muon_fused_qkv": (True, False),
+    "optim.muon_bias_correction": (False, True),
+    "optim.decay_norms": (True, False),
+    "optim.ns_rounding": ("every_op", "operands"),
+    "optim.ns_eps": (1e-7, 1e-8),
+    "optim.warmup_from_zero": (True, False),
+}
+SEED_SPECIFIC = {  # name: (ns_dtype, schedule_steps = the seed's max_steps in micro-batches, momentum warmup, aux form)
+    "exp5_moe": ("float16", 20000, 0, "prob_squares"),
+    "seed002_dense": ("bfloat16", 2122, 0, "switch"),
+    "seed002_moe": ("bfloat16", 1724, 0, "switch"),
+    "seed004_baseline": ("bfloat16", 300, 300, "switch"),
+}
+
+
+def get(config, path: str):
+    section, field = path.split(".")
+    return config[section][field]
+
+
+@pytest.mark.parametrize("name", sorted(SEED_SPECIFIC))
+def test_seed_configs_turn_on_the_seeds_training_semantics(name):
+    c = config_lib.validate(load_config_file(CONFIGS / "seeds" / f"{name}.py"))
+    for field, (seed_value, _) in SEED_TRAINING.items():
+        assert get(c, field) == seed_value, field
+    ns_dtype, schedule, momentum_warmup, form = SEED_SPECIFIC[name]
+    o = c.optim
+    assert (o.ns_dtype, o.ns_method, o.schedule_steps, o.momentum_warmup_steps, c.moe.load_balance_form) == (
+        ns_dtype, "standard", schedule, momentum_warmup, form)
+    assert o.schedule_steps >= c.train.steps * c.train.grad_accum  # the seed ran a quarter (half) of its schedule
+    run = parse(c)  # the seed's LambdaLR: 5% of its micro-batches as warmup, floor(N / 20) in the seed's code
+    assert run.warmup_steps == schedule // 20
+
+
+def test_moe_config_keeps_the_corrected_semantics():
+    c = config_lib.validate(load_config_file(CONFIGS / "moe.py"))
+    for field, (_, default) in SEED_TRAINING.items():
+        assert get(c, field) == default, field
+    assert (c.optim.schedule_steps, c.optim.momentum_warmup_steps, c.moe.load_balance_form) == (0, 0, "switch")

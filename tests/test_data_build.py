@@ -62,7 +62,7 @@ def test_batches_have_the_trainer_format(bible, cache_dir):
     assert s["segment_ids"].dtype == np.int32 and s["positions"].dtype == np.int32
     eos = s["inputs"] == seg.tokenizer.eos_id
     assert (s["weights"][eos] == 0).all()  # the token after an EOS starts another document: not scored
-    assert set(seg.val_batches(BATCH)[0]) == set(s)
+    assert set(seg.val_batches(BATCH)[0]) == set(s) | {"doc_index"}  # and each target's document
 
 
 def test_tokenizer_and_stats(bible):
@@ -178,6 +178,26 @@ def test_val_batches_fixed_finite_padded(bible):
     odd = bible.val_batches(6)  # 40 = 6 * 6 + 4: the last batch is padded with weight-0 rows
     assert len(odd) == 7 and odd[-1]["inputs"].shape == (6, S)
     assert odd[-1]["weights"][4:].sum() == 0 and odd[-1]["weights"][:4].sum() > 0
+
+
+@pytest.mark.parametrize("packing", ["concat", "segments"])
+def test_whole_split_windows_score_every_validation_token_once_at_any_seq_len(bible, cache_dir, packing):
+    """max_val_windows 0: the windows of every sequence length score the same tokens, each document's own once:
+    its tokens + EOS, less the split's first token (concat) or each document's first token (segments); in all
+    stats' tokens_val less 1 or less the document count."""
+    src, tok = bible.source, bible.tokenizer
+    lengths = np.array([len(tok.encode(src.text(src.val[k]))) + 1 for k in range(len(src.val))])
+    want = lengths - 1 if packing == "segments" else lengths - np.eye(len(lengths), dtype=np.int64)[0]
+    for seq_len in (32, 100):
+        ds = data.build(make_config(cache_dir, packing=packing, max_val_windows=0, train=dict(seq_len=seq_len)),
+                        process_index=0, process_count=1)
+        win = ds.eval_windows("validation")
+        scored = win["weights"] > 0
+        np.testing.assert_array_equal(np.bincount(win["doc_index"][scored], minlength=len(lengths)), want)
+        assert int(scored.sum()) == ds.stats["tokens_val"] - (1 if packing == "concat" else len(lengths))
+        np.testing.assert_array_equal(ds.doc_ids("validation"), ds.source.split.val_indices)
+    with pytest.raises(data.DataError, match="there is no test split"):
+        ds.doc_ids("test")
 
 
 def test_error_seq_len_longer_than_validation(tmp_path):

@@ -216,9 +216,11 @@ def test_val_windows_fixed_and_val_batches_dealt_per_process():
     again = pipeline.val_windows(docs, tokenize=None, seq_len=S, packing="concat", max_windows=0)
     assert _same([win], [again])
     n = len(win["inputs"])
-    assert sorted(t for i in range(n) for t in real_tokens({k: v[i] for k, v in win.items()})) == all_doc_tokens(docs)
+    assert sorted(win["targets"][win["weights"] > 0].tolist()) == all_doc_tokens(docs)[1:]  # every target once
     limited = pipeline.val_windows(docs, tokenize=None, seq_len=S, packing="concat", max_windows=5)
-    assert len(limited["inputs"]) == 5 and np.array_equal(limited["inputs"], win["inputs"][:5])
+    assert all(np.array_equal(v, win[k][:5]) for k, v in limited.items())  # 'first': the first windows of the tiling
+    even = pipeline.val_windows(docs, tokenize=None, seq_len=S, packing="concat", max_windows=5, sampling="even")
+    assert all(np.array_equal(v, win[k][pipeline.even_indices(n, 5)]) for k, v in even.items())
 
     per_process = [pipeline.val_batches(win, 4, process_index=p, process_count=2) for p in range(2)]
     assert len(per_process[0]) == len(per_process[1]) == -(-n // 4)
@@ -235,6 +237,48 @@ def test_val_windows_fixed_and_val_batches_dealt_per_process():
     assert rows == collections.Counter(real_rows)  # disjoint shares covering every window once
     with pytest.raises(data.DataError, match="train.batch_size"):
         pipeline.val_batches(win, 3, process_index=0, process_count=2)
+
+
+def stream_of(docs):
+    """(tokens, document ordinal) of `docs` in order: the stream the evaluation windows tile."""
+    return (np.concatenate([d["tokens"] for d in docs]),
+            np.concatenate([np.full(len(d["tokens"]), i) for i, d in enumerate(docs)]))
+
+
+@pytest.mark.parametrize("packing", ["concat", "segments"])
+@pytest.mark.parametrize("seq_len", [1, 5, 16, 64, 500])
+def test_eval_windows_score_every_target_token_exactly_once_at_any_seq_len(packing, seq_len):
+    """Conservation: the scored targets are the stream's tokens minus its first (concat) or minus every document's
+    first (segments), each exactly once, with the token before it in the stream as its input, whatever S is."""
+    docs = make_docs(random_lengths(40, seed=seq_len))
+    tokens, doc = stream_of(docs)
+    win = pipeline.tile_windows(tokens, doc, seq_len=seq_len, packing=packing, pad_id=0)
+    assert len(win["inputs"]) == -(-(len(tokens) - 1) // seq_len) and win["inputs"].shape[1] == seq_len
+    firsts = {int(d["tokens"][0]) for d in docs}
+    want = sorted(int(t) for t in tokens[1:] if packing == "concat" or int(t) not in firsts)
+    scored = win["weights"] > 0
+    assert sorted(win["targets"][scored].tolist()) == want
+    assert int(scored.sum()) == pipeline.scored_targets(doc, packing).sum() == len(want)
+    previous = dict(zip(tokens[1:].tolist(), tokens[:-1].tolist()))
+    assert all(previous[t] == i for t, i in zip(win["targets"][scored].tolist(), win["inputs"][scored].tolist()))
+    assert (win["doc_index"][scored] == win["targets"][scored] // 1000).all()  # document i's tokens are 1000 i + k
+    np.testing.assert_array_equal(win["inputs"][1:, 0], win["targets"][:-1, -1])  # windows share one token
+    assert not win["weights"][~(win["doc_index"] >= 0)].any()  # padding is never scored
+
+
+@pytest.mark.parametrize("packing", ["concat", "segments"])
+def test_eval_windows_match_the_training_packing(packing):
+    """The first evaluation window is exactly the first packed training-style window (grain's ConcatThenSplit, in
+    order): the same inputs, targets, weights and, with segments, segment ids and positions; so is a short stream's
+    single padded window."""
+    for lengths in (random_lengths(30, seed=3), [4, 1, 3]):
+        docs = make_docs(lengths)
+        tokens, doc = stream_of(docs)
+        win = pipeline.tile_windows(tokens, doc, seq_len=S, packing=packing, pad_id=0)
+        first = windows(docs, packing, seed=None)[0]
+        assert set(win) == set(first) | {"doc_index"}
+        for k, v in first.items():
+            np.testing.assert_array_equal(win[k][0], v, err_msg=k)
 
 
 def test_too_few_documents_for_processes():

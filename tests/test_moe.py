@@ -407,6 +407,24 @@ def test_load_balance_loss_balanced_assignment_and_by_hand():
     assert_allclose(moe.load_balance_loss(probs, idx), want, rtol=1e-6)
 
 
+def test_prob_squares_loss_is_exp5s_and_ignores_the_assignments():
+    """moe.load_balance_form='prob_squares' (seed exp5): E * sum_e P_e^2, 1 for uniform probabilities whatever the
+    choices, masked tokens left out; routing_metrics reports it as load_balance_loss."""
+    e = 4
+    uniform = jnp.full((2, 8, e), 1.0 / e)
+    assert_allclose(moe.prob_squares_loss(uniform), 1.0, rtol=1e-6)
+    probs = jnp.asarray([[0.7, 0.1, 0.1, 0.1], [0.1, 0.5, 0.2, 0.2], [0.0, 0.0, 0.0, 1.0]])
+    mask = jnp.asarray([True, True, False])
+    p_mean = np.array([0.4, 0.3, 0.15, 0.15])
+    assert_allclose(moe.prob_squares_loss(probs, mask), e * np.sum(p_mean ** 2), rtol=1e-6)
+    idx = jnp.asarray([[0, 1], [0, 0], [3, 2]])
+    info = dict(probs=probs, expert_index=idx, kept=jnp.ones(idx.shape, bool), mask=mask)
+    m = moe.routing_metrics(info, jnp.log(probs + 1e-9), balance_form="prob_squares")
+    assert_allclose(m["load_balance_loss"], e * np.sum(p_mean ** 2), rtol=1e-6)
+    assert_allclose(moe.routing_metrics(info, jnp.log(probs + 1e-9))["load_balance_loss"],
+                    moe.load_balance_loss(probs, idx, mask), rtol=1e-6)  # the default: Switch
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_load_balance_loss_grows_with_imbalance(top_k):
     e, t = 4, 32

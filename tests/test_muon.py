@@ -1,5 +1,5 @@
 """moe_jax/optim/muon.py's Newton-Schulz chains on their own (tests/test_optimizer.py tests the whole transformation against
-optax.contrib.muon): the bfloat16 chain's arithmetic, and the Gram-space chain against a float64 X-space reference
+optax.contrib.muon): the bfloat16 chain's arithmetic, the seeds' every-op rounding, and the Gram-space chain against a float64 X-space reference
 on well- and ill-conditioned matrices, wide and tall, one at a time and stacked."""
 
 import jax
@@ -40,6 +40,25 @@ SPECTRA = {  # name -> singular values of a 32 x 128 matrix
     "logspace 1 .. 1e-4": lambda: np.logspace(0, -4, 32),
     "rank 4 + 1e-3": lambda: np.concatenate([np.ones(4), np.full(28, 1e-3)]),
 }
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_every_op_chain_rounds_every_result_to_ns_dtype(dtype):
+    """rounding='every_op' (the seeds' torch arithmetic; tests/test_seed_training.py matches their bfloat16 output bit
+    for bit): the result lies on ns_dtype's grid and is further from the float64 chain than rounding only the operands;
+    float16's subnormals are kept (a matrix of entries ~5e-6, all subnormal in float16, still gives the chain to a few
+    percent, where flushing them to zero gives 0 / 0); in float32 it is the plain chain."""
+    rng = np.random.default_rng(0)
+    x = with_spectrum(rng, 32, 128, np.linspace(0.2, 1.0, 32))
+    ref = ns_float64(x)
+    every = np.asarray(muon.newton_schulz(jnp.asarray(x), COEFFS, 5, 1e-7, dtype, "every_op"))
+    operands = np.asarray(muon.newton_schulz(jnp.asarray(x), COEFFS, 5, 1e-7, dtype))
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(every).astype(dtype).astype(jnp.float32)), every)
+    assert rel_frobenius(operands, ref) < rel_frobenius(every, ref) < 0.1
+    tiny = np.asarray(muon.newton_schulz(jnp.asarray(1e-4 * x), COEFFS, 5, 1e-7, dtype, "every_op"))
+    assert np.all(np.isfinite(tiny)) and rel_frobenius(tiny, ref) < 0.1
+    np.testing.assert_array_equal(muon.newton_schulz(jnp.asarray(x), COEFFS, 5, 1e-7, jnp.float32, "every_op"),
+                                  muon.newton_schulz(jnp.asarray(x), COEFFS, 5, 1e-7))
 
 
 def test_bfloat16_chain_multiplies_bfloat16_into_float32():

@@ -365,6 +365,97 @@ def test_muon_state_holds_only_muon_leaves(config, params):
     assert sizes == [0, sum(v == "adamw" for v in EXPECTED_LABELS.values())]  # Muon's inner Adam: empty
 
 
+# ------------------------------------------------------------------------------------------------ the seeds' Muon
+# (each option against first principles here; tests/test_seed_training.py against the seeds' own PyTorch runs)
+
+
+def two_muon_updates(params, grads1, grads2, **optim):
+    """The updates of steps 1 and 2 (clipping off, so the gradients reach Muon as they are)."""
+    cfg = make_config(clip_norm=0.0, **optim)
+    tx = build(cfg)
+    state = tx.init(params)
+    u1, state = jax.jit(tx.update)(grads1, state, params)
+    u2, state = jax.jit(tx.update)(grads2, state, params)
+    return cfg, flat(u1), flat(u2), state
+
+
+def test_fused_qkv_is_one_matrix_scaled_sqrt3(params):
+    """optim.muon_fused_qkv: q, k, v [M, H, D] orthogonalised as ONE [M, 3HD] matrix (the seeds' qkv Linear, outputs
+    (3, H, D)) with Keller's sqrt(max(1, 3HD / M)) = sqrt(3); the momentum stays per parameter (same state tree)."""
+    cfg = make_config(muon_fused_qkv=True)
+    grads = well_conditioned_grads(params, cfg)
+    tx = build(cfg)
+    state = tx.init(params)
+    u, _ = jax.jit(tx.update)(grads, state, params)
+    g, u = flat(grads), flat(u)
+    lr0 = cfg.optim.muon_lr / WARMUP
+    for i in (0, 1):
+        names = [f"blocks/{i}/attn/{w}" for w in ("wq", "wk", "wv")]
+        fused = np.stack([np.asarray(g[n]) for n in names], axis=1).reshape(64, -1)  # [M, 3, H, D] -> [M, 3HD]
+        want = (-lr0 * math.sqrt(3) * ns5_reference(fused)).reshape(64, 3, *g[names[0]].shape[1:])
+        for j, n in enumerate(names):
+            np.testing.assert_allclose(u[n], want[:, j], atol=2e-3 * lr0 * math.sqrt(3), err_msg=n)
+            assert not np.allclose(u[n], -lr0 * ns5_reference(np.asarray(g[n]).reshape(64, -1)).reshape(
+                u[n].shape), atol=0.1 * lr0)  # the per-matrix update is another one
+    assert jax.tree.structure(state) == jax.tree.structure(build(make_config()).init(params))
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_momentum_without_bias_correction_is_the_seeds(params, warmup):
+    """optim.muon_bias_correction=False (torch Muon: buf <- b buf + (1 - b) g; update NS(b buf + (1 - b) g), never
+    divided by 1 - b^t), with optim.momentum_warmup_steps (seed 004: b_t from 0.85 to momentum over `warmup` steps)."""
+    grads1, grads2 = random_grads(params, seed=3), random_grads(params, seed=4)
+    cfg, _, u2, _ = two_muon_updates(params, grads1, grads2, muon_bias_correction=False,
+                                     momentum_warmup_steps=warmup)
+    _, _, u2_corrected, _ = two_muon_updates(params, grads1, grads2)
+    beta = [0.85 + 0.1 * t / warmup if warmup else 0.95 for t in (0, 1)]
+    lr1 = learning_rates(cfg, 1)["muon_lr"]
+    path = "blocks/0/ffn/w_in"  # [64, 128]: Keller scale sqrt(2)
+    g1, g2 = (np.asarray(flat(x)[path], np.float64) for x in (grads1, grads2))
+    buf = beta[1] * (1 - beta[0]) * g1 + (1 - beta[1]) * g2
+    want = -lr1 * math.sqrt(2) * ns5_reference(beta[1] * buf + (1 - beta[1]) * g2)
+    np.testing.assert_allclose(u2[path], want, atol=2e-3 * lr1)
+    assert np.max(np.abs(u2[path] - u2_corrected[path])) > 0.02 * lr1  # optax's corrected form: another direction
+    if warmup:
+        momentum = optimizer.momentum(cfg.optim)
+        assert [float(momentum(t)) for t in (0, 5, 10, 20)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+
+
+def test_decay_norms_decays_every_adamw_parameter(config, params):
+    """optim.decay_norms (the seeds' AdamW): weight decay on norm scales (and biases) too, i.e. on every AdamW leaf."""
+    cfg = make_config(decay_norms=True)
+    mask = flat(optimizer.decay_mask(params, cfg.optim))
+    assert {k for k, v in mask.items() if v} == {k for k, v in EXPECTED_LABELS.items() if v == "adamw"}
+    grads = random_grads(params, seed=5)
+    u, _ = jax.jit(build(cfg).update)(grads, build(cfg).init(params), params)
+    for path in ("final_norm/scale", "blocks/0/attn_norm/scale"):
+        g, p = flat(grads)[path], flat(params)[path]
+        np.testing.assert_allclose(flat(u)[path], first_adamw_update(g, p, grads, cfg, True), rtol=1e-4, atol=1e-9)
+
+
+def seed_lambda(step: int, schedule_steps: int) -> float:
+    """The seeds' LambdaLR lambda (llm-same-flops-data.py, exp5's and seed 004's create_lr_schedule), W = N // 20."""
+    w = schedule_steps // 20
+    if step < w:
+        return step / w
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / (schedule_steps - w)))
+
+
+@pytest.mark.parametrize("steps, schedule_steps", [(20, 80), (530, 2122), (150, 300)])
+def test_seed_schedule_is_the_seeds_lambda_lr(steps, schedule_steps):
+    """optim.schedule_steps (the seeds' max_steps in micro-batches, stepped per optimizer step) with
+    optim.warmup_from_zero: every optimizer step's lr is the seeds' LambdaLR, the first at 0."""
+    c = load_config_file(SMOKE)
+    c.train.steps, c.optim.schedule_steps, c.optim.warmup_from_zero = steps, schedule_steps, True
+    c.optim.muon_lr, c.optim.adamw_lr = 0.01, 1e-3
+    run = parse(c)
+    for s in range(steps):
+        lrs = learning_rates(run, s)
+        assert lrs["muon_lr"] == pytest.approx(0.01 * seed_lambda(s, schedule_steps), rel=1e-5, abs=1e-12), s
+        assert lrs["adamw_lr"] == pytest.approx(1e-3 * seed_lambda(s, schedule_steps), rel=1e-5, abs=1e-12), s
+    assert learning_rates(run, 0)["muon_lr"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ schedules
 
 
@@ -607,7 +698,7 @@ def test_bfloat16_newton_schulz_keeps_momentum_float32(params):
 
 def test_ns_dtype_and_impl_are_validated():
     with pytest.raises(config_lib.ConfigError, match="optim.ns_dtype"):
-        make_config(ns_dtype="float16")
+        make_config(ns_dtype="float64")
     with pytest.raises(config_lib.ConfigError, match="optim.muon_impl"):
         make_config(muon_impl="fast")
     with pytest.raises(config_lib.ConfigError, match="optim.ns_dtype"):

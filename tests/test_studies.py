@@ -23,6 +23,7 @@ from moe_jax.train import loop as trainer
 from moe_jax import eval as eval_lib
 from moe_jax.data import pipeline, split as split_lib
 from moe_jax.studies import plan as plan_lib
+from moe_jax.studies import report as report_lib
 from moe_jax.studies import runner
 from study_helpers import tiny_base
 
@@ -99,6 +100,9 @@ def test_optimizer_flops_hand_count_and_the_optimizers_own_muon_leaves():
     assert total == hand
     c.optim.router_muon = True
     assert ns_flops(c) == hand + 2 * 5 * (4 * 4 * 4 * 64 + 2 * 4 ** 3)
+    c.optim.muon_fused_qkv = True  # per layer one [64, 192] instead of three [64, 64]
+    fused = 2 * 5 * (4 * 64 * 64 * 192 + 2 * 64 ** 3) - 6 * 5 * (4 * 64 ** 3 + 2 * 64 ** 3)
+    assert ns_flops(c) == hand + 2 * 5 * (4 * 4 * 4 * 64 + 2 * 4 ** 3) + fused
     c.optim.name = "adamw"
     assert ns_flops(c) == 0
 
@@ -207,6 +211,104 @@ def test_even_windows_span_the_split():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Whole-split evaluation, per document
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory, cache_dir):
+    """A tiny MoE trained 2 steps on one device (checkpoint and evaluation at step 2) with a test split: (RunConfig,
+    run dir)."""
+    b = tiny_base(cache_dir)
+    b.train.steps, b.train.eval_every, b.train.checkpoint_every = 2, 2, 2
+    b.data.test_fraction = 0.05
+    c = parse(b)
+    rdir = str(tmp_path_factory.mktemp("tiny_trained") / "run")
+    trainer.train(c, rdir, devices=jax.devices()[:1])
+    return c, rdir
+
+
+def test_whole_split_evaluation_per_document_equals_the_summed_eval_step(tiny_trained, monkeypatch):
+    """evaluate_split scores every target token of the split once (the data's token count less the first token),
+    its loss equals the summed eval step's on the same windows, the per-document arrays sum to it, and it is
+    computed once (a file of sampled windows is computed again)."""
+    from moe_jax import data
+    from moe_jax.train import restore as inference
+    from moe_jax.train import step as step_lib
+
+    c, rdir = tiny_trained
+    one = jax.devices()[:1]
+    sampled = eval_lib.evaluate_workdir(rdir, devices=one)  # the run's own 16 windows (data.max_val_windows)
+    assert not sampled["whole_split"] and sampled["val_tokens"] <= 16 * 32
+    for split in ("validation", "test"):
+        ev = runner.evaluate_split(rdir, 2, split, devices=one)
+        assert ev["whole_split"] and not ev["skipped"] and ev["split"] == split
+        ds = data.build(c.replace(data={"max_val_windows": 0}), 0, 1)
+        assert ev["val_tokens"] == ds.stats["tokens_val" if split == "validation" else "tokens_test"] - 1
+        docs = runner.document_losses(rdir, split)
+        np.testing.assert_array_equal(docs["doc_ids"], ds.doc_ids(split))
+        assert docs["tokens"].dtype == np.int64 and docs["loss_sum"].dtype == np.float64
+        assert docs["tokens"].sum() == ev["val_tokens"] and (docs["tokens"] > 0).all()
+        assert docs["loss_sum"].sum() / docs["tokens"].sum() == pytest.approx(ev["val_loss"], rel=1e-12)
+    # the summed eval step (the training loop's) on the same whole-split windows gives the same loss
+    mesh = inference.inference_mesh(c.mesh, one)
+    graphdef, state, _ = inference.restore_train_state(rdir, c, mesh, 2, log=lambda m: None)
+    batches = ds.eval_batches(c.train.batch_size, "test")
+    eval_fn, shardings = step_lib.compile_eval_step(graphdef, state["params"], mesh,
+                                                    step_lib.batch_like(batches[0], c.train.batch_size))
+    with jax.set_mesh(mesh):
+        summed = step_lib.evaluate(eval_fn, state["params"], batches, shardings)
+    assert summed["val_tokens"] == ev["val_tokens"]
+    np.testing.assert_allclose(summed["val_loss"], ev["val_loss"], rtol=1e-5)  # float32 sums on the device
+    # on 4 devices (one row each) the per-token outputs are gathered whole: the same tokens and documents
+    four, four_docs = eval_lib.evaluate_run(rdir, devices=jax.devices()[:4], split="test", whole_split=True)
+    assert four["devices"] == 4 and four["val_tokens"] == ev["val_tokens"]
+    np.testing.assert_array_equal(four_docs["tokens"], docs["tokens"])
+    np.testing.assert_allclose(four_docs["loss_sum"], docs["loss_sum"], rtol=1e-5)
+    monkeypatch.setattr(eval_lib, "evaluate_workdir", lambda *a, **k: pytest.fail("evaluated twice"))
+    assert runner.evaluate_split(rdir, 2, "test")["skipped"]
+
+
+def records_with(tokens: dict) -> list[dict]:
+    return [{"run_dir": d, "label": d, "selected": sel, "val_tokens": v, **({"test_tokens": t} if sel else {})}
+            for d, (sel, v, t) in tokens.items()]
+
+
+def test_scored_tokens_must_be_equal_across_runs():
+    ok = records_with({"a": (True, 100, 50), "b": (False, 100, None), "c": (True, 100, 50)})
+    assert report_lib.scored_tokens(ok) == {"validation": 100, "test": 50}
+    assert report_lib.scored_tokens([{"run_dir": "a", "selected": True}]) == {}  # results from before the counts
+    for bad, split in ((records_with({"a": (True, 100, 50), "b": (True, 101, 50)}), "validation"),
+                       (records_with({"a": (True, 100, 50), "b": (True, 100, 49)}), "test"),
+                       (records_with({"a": (True, 100, 50), "b": (True, None, 50)}), "validation")):
+        with pytest.raises(ValueError, match=f"the runs were scored on different {split} tokens"):
+            report_lib.scored_tokens(bad)
+    with pytest.raises(ValueError, match="the baselines scored 49 test tokens, the runs 50"):
+        report_lib.check_baselines({"split": "test", "tokens": 49}, {"test": 50})
+
+
+def test_environment_records_the_code_commit_versions_and_cpu(monkeypatch):
+    import subprocess
+
+    import flax
+    import jaxlib
+    import optax
+
+    env = report_lib.environment()
+    assert (env["jax"], env["jaxlib"], env["flax"], env["optax"]) == (jax.__version__, jaxlib.__version__,
+                                                                     flax.__version__, optax.__version__)
+    assert env["cpu"] and env["cpu_count"] == os.cpu_count() and env["device_kind"] == jax.devices()[0].device_kind
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert env["commit"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    assert f"code commit {env['commit']}" in report_lib.machine(env)
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert report_lib.code_commit() == ("unknown", False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # A tiny study end to end, killed mid-study and resumed
 
 
@@ -278,9 +380,25 @@ def test_lr_is_chosen_on_validation_and_the_report_reads_test_once(tiny_run, mon
             assert "test_loss" not in r
     table = results["arms"]
     assert table["moe_short"]["test_loss"]["mean"] == best["test_loss"]
+    # every run scored the whole validation split, every selected run the whole test split: the same tokens for
+    # the arm at seq 32 and the arm at seq 64, as many as the baselines, per document in the same order
+    selected = [r for r in results["runs"] if r["selected"]]
+    seq_len = {r["arm"]: json.load(open(runner.test_eval_path(r["run_dir"], r["steps"])))["seq_len"] for r in selected}
+    assert seq_len == {"moe_short": 32, "dense_long": 64}
+    assert len({r["val_tokens"] for r in results["runs"]}) == len({r["test_tokens"] for r in selected}) == 1
+    assert results["scored_tokens"] == {"validation": selected[0]["val_tokens"], "test": selected[0]["test_tokens"]}
+    assert results["baselines"]["tokens"] == selected[0]["test_tokens"] and results["baselines"]["split"] == "test"
+    docs = [runner.document_losses(r["run_dir"], "test") for r in selected]
+    for r, d in zip(selected, docs):
+        np.testing.assert_array_equal(d["doc_ids"], docs[0]["doc_ids"])
+        np.testing.assert_array_equal(d["tokens"], docs[0]["tokens"])
+        assert d["loss_sum"].sum() / d["tokens"].sum() == pytest.approx(r["test_loss"], rel=1e-12)
+    assert results["environment"]["commit"] and "jaxlib" in results["environment"]
     report = open(os.path.join(workdir, "report.md")).read()
     for text in ("## Budget: tokens", "Learning rate chosen on the validation split", "| test loss |",
-                 "**test** split", "16 windows spread evenly over the split", "no verdict",
+                 "**test** split", "the curves during training read 16 windows spread evenly over the split",
+                 f"{selected[0]['test_tokens']:,} test tokens, the same for every arm", "interpolated bigram",
+                 "no verdict",
                  "model initialisation **and** the training-document order", "Routing per MoE layer"):
         assert text in report, text
     assert "dropout" not in report.split("## Arms")[0]  # dropout is 0: the header does not claim seeds vary it
@@ -446,20 +564,25 @@ def test_lr_from_runs_the_source_arms_choice_and_arm_kinds_sets_its_steps():
 
 
 def test_train_and_select_trains_the_extension_then_the_other_replicates(tmp_path, monkeypatch):
-    """The runner's loop with a made-up trainer (validation loss (ln lr - ln 0.045)^2): grid 0.01-0.04 on seed 0,
-    then 0.08 (top edge), then seeds 1 and 2 at the chosen 0.04; a second call trains nothing new."""
+    """The runner's loop with a made-up trainer and evaluation (whole-split validation loss (ln lr - ln 0.045)^2):
+    grid 0.01-0.04 on seed 0, then 0.08 (top edge), then seeds 1 and 2 at the chosen 0.04; a second call trains
+    nothing new."""
     s = bracketing_study()
-    trained = []
+    trained, losses = [], {}
 
     def fake_run_one(config, rdir, devices=None):
         rel = os.path.relpath(rdir, tmp_path)
         skipped = rel in trained  # finished before: the real run_one skips it
         trained.extend([] if skipped else [rel])
-        lr = config.optim.muon_lr
-        return {"step": config.train.steps, "tokens": 0, "finished": True, "skipped": skipped,
-                "val_loss": 3.0 + (np.log(lr) - np.log(0.045)) ** 2 + 0.001 * config.seed}
+        losses[rdir] = 3.0 + (np.log(config.optim.muon_lr) - np.log(0.045)) ** 2 + 0.001 * config.seed
+        return {"step": config.train.steps, "tokens": 0, "finished": True, "skipped": skipped}
+
+    def fake_evaluate(rdir, step, split, devices=None):
+        assert split == "validation" and os.path.relpath(rdir, tmp_path) in trained
+        return {"val_loss": losses[rdir], "val_accuracy": 0.0, "val_perplexity": 1.0, "val_tokens": 100}
 
     monkeypatch.setattr(runner, "run_one", fake_run_one)
+    monkeypatch.setattr(runner, "evaluate_split", fake_evaluate)
     p, records, sel = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
     assert sel["tokens"]["moe_short"]["lr"] == 0.04 and sel["tokens"]["moe_short"]["status"] == "bracketed"
     moe = [t for t in trained if t.startswith("moe_short")]
@@ -468,7 +591,7 @@ def test_train_and_select_trains_the_extension_then_the_other_replicates(tmp_pat
     assert set(moe[4:]) - first - {moe[3]} == {"moe_short/lr0.04/seed1", "moe_short/lr0.04/seed2"}
     assert [r["selected"] for r in records if r["arm"] == "moe_short"] == [
         r["lr"] == 0.04 for r in records if r["arm"] == "moe_short"]
-    assert len(records) == len(p["runs"]) == 4 + 2 + 3
+    assert len(records) == len(p["runs"]) == 4 + 2 + 3 and {r["val_tokens"] for r in records} == {100}
     again = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
     assert len(trained) == 4 + 2 + 3 and again[2] == sel  # a re-run retraces the same decisions, trains nothing
 

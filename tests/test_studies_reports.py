@@ -130,9 +130,10 @@ def test_committed_report_follows_the_rules(name):
     report = open(os.path.join(docs, "report.md")).read()
     head = report.split("## Headline")[1].split("Command:")[0]
     base = results["baselines"]
-    assert base and base["bigram"]["loss"] < base["unigram"]["loss"]
+    assert base and base["bigram"] < base["unigram"] and base["split"] == "test"
     selected = [r for r in results["runs"] if r["selected"]]
-    assert {sum(r["test_documents"]["tokens"]) for r in selected} == {base["bigram"]["tokens"]}
+    assert {sum(r["test_documents"]["tokens"]) for r in selected} == {base["tokens"]} == {
+        sum(d["tokens"]) for d in base["documents"].values()}
     drawn = []
     for kind in results["kinds"]:
         rows = results["versus_baselines"][kind]
@@ -157,8 +158,8 @@ def test_committed_report_follows_the_rules(name):
 
 def made_up(bigram: float, n_docs: int = 30):
     """A two-arm study (A, B; 3 paired replicates, a test split) planned but not trained; records whose test
-    losses on n_docs documents are about 3.50 (A) and 3.60 (B) nats/token; baselines on the same documents:
-    unigram 5.0, bigram `bigram`."""
+    losses on n_docs documents are about 3.50 (A) and 3.60 (B) nats/token; baselines on the same documents
+    (report.baseline_summary, as the runner gives them): unigram 5.0, bigram `bigram`."""
     from study_helpers import tiny_base
     import ml_collections
     import numpy as np
@@ -184,12 +185,13 @@ def made_up(bigram: float, n_docs: int = 30):
         records.append({"kind": run.kind, "arm": run.arm, "lr": None, "label": run.label, "seed": run.seed,
                         "order": run.order, "replicate": run.replicate, "run_dir": run.run_dir, "steps": run.steps,
                         "selected": True, "curve": [], "routing": {}, "tokens_per_s": None,
-                        "test_loss": sum(d["loss_sum"]) / sum(d["tokens"]), "test_documents": d})
-    baselines = {name: {"loss": None, "tokens": int(tokens.sum()), "documents": docs(level, 0.0)}
-                 for name, level in (("unigram", 5.0), ("bigram", bigram))}
-    for v in baselines.values():
+                        "test_loss": sum(d["loss_sum"]) / sum(d["tokens"]), "test_documents": d,
+                        "test_tokens": int(tokens.sum())})
+    scored = {name: {"loss": None, "tokens": int(tokens.sum()), "documents": docs(level, 0.0)}
+              for name, level in (("unigram", 5.0), ("bigram", bigram))}
+    for v in scored.values():
         v["loss"] = sum(v["documents"]["loss_sum"]) / v["tokens"]
-    return s, planned, records, baselines
+    return s, planned, records, report_lib.baseline_summary(scored | {"lambda": 0.9, "smoothing": "made up"}, "test")
 
 
 def test_headline_says_when_arms_do_not_beat_the_bigram_and_gives_no_ranking(tmp_path):
@@ -232,7 +234,7 @@ def test_no_baselines_means_no_ranking(tmp_path):
 
 def test_baselines_scored_on_other_documents_are_refused(tmp_path):
     s, planned, records, baselines = made_up(bigram=3.9)
-    baselines["bigram"]["documents"]["doc_ids"][0] = 7
+    baselines["documents"]["bigram"]["doc_ids"][0] = 7
     with pytest.raises(ValueError, match="different documents"):
         report_lib.write(str(tmp_path), s, planned, records, {}, "made up", env=ENV, baselines=baselines)
 

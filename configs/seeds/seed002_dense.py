@@ -1,10 +1,12 @@
 """Seed 002's dense model (vukrosic/llm-moe @ 0987b88, llm-same-flops-data.py, `MinimalLLM`), set so moe_jax computes
 its function: d_model 384, 6 layers, 8 heads, FFN Linear-SiLU-Linear (d_ff 1536, not SwiGLU), RoPE on adjacent pairs
 (torchtune), embedding x sqrt(d_model), torch RMSNorm eps (float32 machine epsilon), head tied, dropout 0.1.
-Training: seq 512, batch 24 x 4; the seed's 2,122 "steps" were micro-batches, i.e. 530 optimizer steps (seed defect 3:
-here steps are optimizer steps and the schedule spans them); Muon 0.01 + AdamW 1e-3 (torch betas), wd 0.1, clip 1,
-5% warmup, cosine to 0.1x. Remaining differences: docs/decisions.md ("Seed fidelity"); tests/test_seed_fidelity.py
-matches this config's logits to the seed's own PyTorch code.
+Training as the seed trained it: seq 512, batch 24 x 4; the seed's 2,122 "steps" were micro-batches, i.e. 530
+optimizer steps, with its LambdaLR laid out over 2,122 (seed defect 3: optim.schedule_steps; 5% warmup = 106 optimizer
+steps from lr 0, cosine to 0.1x stopped at 0.905x); Muon 0.01 + AdamW 1e-3 (torch betas), wd 0.1 (norms included),
+clip 1; the seed's Muon: fused qkv, Nesterov without bias correction, bfloat16 Newton-Schulz rounded at every op,
+eps 1e-7. Remaining differences: docs/decisions.md ("Seed fidelity"); tests/test_seed_fidelity.py matches this config's
+logits and tests/test_seed_training.py its training steps to the seed's own PyTorch code.
 
     python -m moe_jax.train --config configs/seeds/seed002_dense.py --workdir runs/seed002_dense
 """
@@ -29,6 +31,13 @@ def get_config():
     o.muon_scale = "keller"
     o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 0.9, 0.999, 1e-8, 0.1, 1.0
     o.warmup_fraction, o.warmup_steps, o.min_lr_ratio = 0.05, -1, 0.1
+    # the seed's training semantics (docs/decisions.md, "Seed fidelity"; tests/test_seed_training.py)
+    o.muon_fused_qkv = True  # its qkv is one Linear [3M, M], orthogonalised whole, scaled sqrt(3)
+    o.muon_bias_correction = False  # torch Muon: buf.lerp_(g, 1 - b); g.lerp_(buf, b); no 1 / (1 - b^t)
+    o.decay_norms = True  # its AdamW decays every parameter it holds, norms included
+    o.ns_dtype, o.ns_rounding, o.ns_method, o.ns_eps = "bfloat16", "every_op", "standard", 1e-7  # its Newton-Schulz
+    o.schedule_steps = 2122  # its LambdaLR spans max_steps micro-batches, stepped once per optimizer step
+    o.warmup_from_zero = True  # LambdaLR: lr(s) = peak * s / W, the first optimizer step at lr 0
     t = c.train
     t.steps, t.batch_size, t.grad_accum, t.seq_len = 530, 24, 4, 512
     return c

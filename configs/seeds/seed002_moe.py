@@ -3,8 +3,10 @@ set so moe_jax computes its function: seed002_dense.py's model (SiLU FFN, adjace
 float32-eps RMSNorm, tied head) with MoE on layers 1, 3, 5: 8 experts of the full d_ff 1536 (Linear-SiLU-Linear),
 top-2, weights softmax over the top-2 logits (= renormalised top-2 probabilities), Gaussian router noise std 0.1 in
 training, Switch aux loss 0.01 * E * sum f_i P_i summed over MoE layers, no z-loss, no drops (capacity factor
-E/k = 4). Training: 1,724 seed micro-batches = 431 optimizer steps of 24 x 4 x 512 tokens; Muon 0.01 (router
-included) + AdamW 1e-3. Remaining differences: docs/decisions.md ("Seed fidelity").
+E/k = 4). Training as the seed trained it: 1,724 seed micro-batches = 431 optimizer steps of 24 x 4 x 512 tokens,
+the schedule laid out over 1,724 (optim.schedule_steps, warmup from lr 0); Muon 0.01 (router included) + AdamW 1e-3
+with the seed's Muon and AdamW semantics (seed002_dense.py). Remaining differences: docs/decisions.md ("Seed
+fidelity"); tests/test_seed_training.py matches its training steps to the seed's.
 
     python -m moe_jax.train --config configs/seeds/seed002_moe.py --workdir runs/seed002_moe
 """
@@ -36,6 +38,13 @@ def get_config():
     o.router_muon = True
     o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 0.9, 0.999, 1e-8, 0.1, 1.0
     o.warmup_fraction, o.warmup_steps, o.min_lr_ratio = 0.05, -1, 0.1
+    # the seed's training semantics (docs/decisions.md, "Seed fidelity"; tests/test_seed_training.py)
+    o.muon_fused_qkv = True  # its qkv is one Linear [3M, M], orthogonalised whole, scaled sqrt(3)
+    o.muon_bias_correction = False  # torch Muon: buf.lerp_(g, 1 - b); g.lerp_(buf, b); no 1 / (1 - b^t)
+    o.decay_norms = True  # its AdamW decays every parameter it holds, norms included
+    o.ns_dtype, o.ns_rounding, o.ns_method, o.ns_eps = "bfloat16", "every_op", "standard", 1e-7  # its Newton-Schulz
+    o.schedule_steps = 1724  # its LambdaLR spans max_steps micro-batches, stepped once per optimizer step
+    o.warmup_from_zero = True  # LambdaLR: lr(s) = peak * s / W, the first optimizer step at lr 0
     t = c.train
     t.steps, t.batch_size, t.grad_accum, t.seq_len = 431, 24, 4, 512
     return c

@@ -3,8 +3,10 @@
 16 heads, every layer MoE with 16 experts (Linear-SiLU-Linear, d_ff 2048) top-2, weights softmax over the top-2
 logits, router noise std 0.1 in training, RoPE on adjacent pairs (torchtune), embedding x sqrt(d_model), RMSNorm
 eps 1e-5 (its AdaptiveLayerNorm's default), head tied, dropout 0.1, Switch aux loss 0.01, no drops (capacity factor
-E/k = 8). Training: seq 256, batch 16 x 2; the seed's 300 "steps" were micro-batches, i.e. 150 optimizer steps; Muon
-0.01 (router included; the seed's momentum warmup 0.85 -> 0.95 is not reproduced) + AdamW 1e-3 (betas 0.9/0.999).
+E/k = 8). Training as the seed: seq 256, batch 16 x 2; the seed's 300 "steps" were micro-batches, i.e. 150 optimizer
+steps, its LambdaLR laid out over 300 (optim.schedule_steps); Muon 0.01 (router included; MuonWithWarmup: momentum
+0.85 -> 0.95 over max(300, 300 // 10) = 300 optimizer steps, so it ends at 0.90; fused qkv, Nesterov without bias
+correction, bfloat16 Newton-Schulz rounded at every op, eps 1e-7) + AdamW 1e-3 (betas 0.9/0.999, norms decayed).
 The seed ran this on an RTX 4090, where its AdaptiveLinear multiplies in bfloat16 (ops/matmul hopper kernel) and its
 output projections start at zero; both, and the rest, are in docs/decisions.md ("Seed fidelity").
 
@@ -38,6 +40,14 @@ def get_config():
     o.router_muon = True
     o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 0.9, 0.999, 1e-8, 0.1, 1.0
     o.warmup_fraction, o.warmup_steps, o.min_lr_ratio = 0.05, -1, 0.1
+    # the seed's training semantics (docs/decisions.md, "Seed fidelity"; tests/test_seed_training.py)
+    o.muon_fused_qkv = True  # its qkv is one Linear [3M, M], orthogonalised whole, scaled sqrt(3)
+    o.muon_bias_correction = False  # torch Muon: buf.lerp_(g, 1 - b); g.lerp_(buf, b); no 1 / (1 - b^t)
+    o.decay_norms = True  # its AdamW decays every parameter it holds, norms included
+    o.ns_dtype, o.ns_rounding, o.ns_method, o.ns_eps = "bfloat16", "every_op", "standard", 1e-7  # its Newton-Schulz
+    o.schedule_steps = 300  # its LambdaLR spans max_steps micro-batches, stepped once per optimizer step
+    o.warmup_from_zero = True  # LambdaLR: lr(s) = peak * s / W, the first optimizer step at lr 0
+    o.momentum_warmup_steps, o.momentum_warmup_start = 300, 0.85  # optimizers/factory.py: MuonWithWarmup
     t = c.train
     t.steps, t.batch_size, t.grad_accum, t.seq_len = 150, 16, 2, 256
     return c

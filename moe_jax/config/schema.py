@@ -29,12 +29,14 @@ DATA_SOURCES = ("bible", "tfds", "files")
 PACKING = ("concat", "segments")
 ATTENTION = ("auto", "blocked", "xla", "cudnn")  # auto: resolve.ATTENTION per backend
 MOE_DISPATCH = ("capacity", "dropless")
+LOAD_BALANCE_FORMS = ("switch", "prob_squares")  # E * sum f_e P_e (Switch) | E * sum P_e^2 (seed exp5)
 GROUPED_MATMULS = ("ragged_dot", "megablox")
 OPTIMIZERS = ("muon", "adamw")
 MUON_IMPLS = ("batched", "optax")  # 'batched': moe_jax/optim/muon.py; 'optax': optax.contrib.muon
 MUON_SCALES = ("keller", "moonlight")
 # Newton-Schulz settings; 'auto' resolves per backend (config/resolve.py). NS_METHODS[1:] is what muon.py runs.
-NS_DTYPES = ("auto", "float32", "bfloat16")
+NS_DTYPES = ("auto", "float32", "bfloat16", "float16")
+NS_ROUNDINGS = ("operands", "every_op")  # 'every_op': the seeds' torch arithmetic (optim/muon.py: newton_schulz)
 NS_STACKS = ("auto", "layers", "none")
 NS_METHODS = ("auto", "standard", "gram")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -87,6 +89,8 @@ def moe_section() -> ml_collections.ConfigDict:
     s.renormalize = True  # renormalise the k routing weights to sum to 1 (top_k > 1 only: at top_k = 1 the gate
     #   is the raw probability, as in Switch, so the router keeps its gradient from the LM loss)
     s.load_balance_weight = 0.01
+    s.load_balance_form = "switch"  # 'switch': E * sum_e f_e P_e (f: share of the top-k assignments, P: mean router
+    #   probability); 'prob_squares': E * sum_e P_e^2 (seed exp5: ignores the assignments)
     s.z_loss_weight = 0.001
     s.router_noise_std = 0.0  # Gaussian noise on router logits in training (seed 002 used 0.1)
     return s
@@ -105,16 +109,31 @@ def optim_section() -> ml_collections.ConfigDict:
     s.ns_dtype = "auto"  # Newton-Schulz dtype: 'auto' (resolve.NS_DTYPE per backend) | 'float32' | 'bfloat16'
     s.ns_stack = "auto"  # 'layers' (one chain per weight across layers) | 'none' (one per parameter) | 'auto'
     s.ns_method = "auto"  # 'gram' (float32 Gram-space NS for wide matrices) | 'standard' | 'auto' (per backend)
+    s.ns_rounding = "operands"  # 'operands': ns_dtype matmul operands, float32 accumulation and sums; 'every_op':
+    #   every product, sum and the norm rounded to ns_dtype (the seeds' torch arithmetic; ns_method 'standard')
+    s.ns_eps = 1e-8  # Newton-Schulz normalisation X / (||X||_F + ns_eps) (optax's default; the seeds' 1e-7)
+    s.muon_fused_qkv = False  # orthogonalise each layer's q, k, v as ONE [M, 3M] matrix (the seeds' fused qkv
+    #   Linear; Keller scale sqrt(3)) instead of three [M, M] ones
+    s.muon_bias_correction = True  # optax's bias-corrected (Nesterov) momentum; False: the seeds' buf = b buf +
+    #   (1 - b) g, update b buf + (1 - b) g (Nesterov) or buf, never divided by 1 - b^t
+    s.momentum_warmup_steps = 0  # > 0: Muon momentum rises linearly from momentum_warmup_start to optim.momentum
+    #   over this many optimizer steps (seed 004's MuonWithWarmup); needs muon_bias_correction=False
+    s.momentum_warmup_start = 0.85
     s.muon_scale = "keller"  # 'keller': sqrt(max(1, fan_out/fan_in)); 'moonlight': 0.2*sqrt(max(fan_in, fan_out))
     s.muon_weight_decay = 0.0
     s.b1 = 0.9
     s.b2 = 0.95
     s.eps = 1e-8
     s.weight_decay = 0.1
+    s.decay_norms = False  # AdamW weight decay on norm scales and biases too (the seeds' AdamW decays them)
     s.clip_norm = 1.0  # 0 disables clipping
     s.warmup_fraction = 0.05  # used when warmup_steps < 0
     s.warmup_steps = -1
     s.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
+    s.schedule_steps = 0  # length of the warmup + cosine schedule in optimizer steps; 0: train.steps. Larger: the
+    #   run stops early on it (the seeds laid their schedule over micro-batches, stepped once per optimizer step)
+    s.warmup_from_zero = False  # torch LambdaLR's count: step s at lr peak * s / W (the first step at lr 0) and the
+    #   cosine's floor at step N (never reached); default: (s + 1) / W and the floor at the last step
     s.router_muon = False  # route the MoE router through Muon instead of AdamW
     return s
 
@@ -210,6 +229,11 @@ def warmup_steps(warmup_steps_field: int, warmup_fraction: float, steps: int) ->
     if warmup_steps_field >= 0:
         return int(warmup_steps_field)
     return int(round(warmup_fraction * steps))
+
+
+def schedule_length(schedule_steps_field: int, steps: int) -> int:
+    """Optimizer steps the warmup + cosine schedule is laid out over: optim.schedule_steps, or train.steps when 0."""
+    return int(schedule_steps_field) if schedule_steps_field > 0 else int(steps)
 
 
 def choices_text(options: tuple) -> str:

@@ -19,7 +19,7 @@ import dataclasses
 import json
 
 from moe_jax.config import resolve as resolve_lib
-from moe_jax.config.schema import moe_layer, warmup_steps
+from moe_jax.config.schema import moe_layer, schedule_length, warmup_steps
 from moe_jax.config.validate import validate
 
 
@@ -38,6 +38,7 @@ class MoEConfig:
     group_size: int
     renormalize: bool
     load_balance_weight: float
+    load_balance_form: str  # 'switch' | 'prob_squares'
     z_loss_weight: float
     router_noise_std: float
 
@@ -96,21 +97,35 @@ class OptimConfig:
     ns_steps: int
     muon_impl: str
     ns: NewtonSchulz
+    ns_rounding: str  # 'operands' | 'every_op'
+    ns_eps: float
+    muon_fused_qkv: bool
+    muon_bias_correction: bool
+    momentum_warmup_steps: int
+    momentum_warmup_start: float
     muon_scale: str
     muon_weight_decay: float
     b1: float
     b2: float
     eps: float
     weight_decay: float
+    decay_norms: bool
     clip_norm: float
     warmup_fraction: float
     warmup_steps: int
     min_lr_ratio: float
+    schedule_steps: int
+    warmup_from_zero: bool
     router_muon: bool
 
+    def horizon(self, steps: int) -> int:
+        """Optimizer steps the schedule is laid out over, for a run of `steps` (schedule_steps, or the run)."""
+        return schedule_length(self.schedule_steps, steps)
+
     def warmup(self, steps: int) -> int:
-        """Warmup length of a run of `steps` optimizer steps (warmup_steps, or warmup_fraction of the run)."""
-        return warmup_steps(self.warmup_steps, self.warmup_fraction, steps)
+        """Warmup length for a run of `steps` optimizer steps (warmup_steps, or warmup_fraction of the schedule's
+        horizon)."""
+        return warmup_steps(self.warmup_steps, self.warmup_fraction, self.horizon(steps))
 
 
 @dataclasses.dataclass(frozen=True)

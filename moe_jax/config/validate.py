@@ -9,9 +9,10 @@ import math
 import ml_collections
 
 from moe_jax.config.schema import (ATTENTION, DATA_SOURCES, DTYPES, FLOAT32_EPS, GROUPED_MATMULS, INJECT_NAN_MODES,
-                                   MESH_AXES, MLP_TYPES, MOE_DISPATCH, MUON_IMPLS, MUON_SCALES, NONFINITE_ACTIONS,
-                                   NS_DTYPES, NS_METHODS, NS_STACKS, OPTIMIZERS, PACKING, ROPE_LAYOUTS,
-                                   VAL_WINDOW_SAMPLING, ConfigError, choices_text, warmup_steps)
+                                   LOAD_BALANCE_FORMS, MESH_AXES, MLP_TYPES, MOE_DISPATCH, MUON_IMPLS, MUON_SCALES,
+                                   NONFINITE_ACTIONS, NS_DTYPES, NS_METHODS, NS_ROUNDINGS, NS_STACKS, OPTIMIZERS,
+                                   PACKING, ROPE_LAYOUTS, VAL_WINDOW_SAMPLING, ConfigError, choices_text,
+                                   schedule_length, warmup_steps)
 
 
 def _err(field: str, msg: str) -> ConfigError:
@@ -83,6 +84,8 @@ def check_moe(moe, m) -> None:
         _check(moe.group_size <= 8192, "moe.group_size",
                f"group_size={moe.group_size}: the dispatch mask grows with its square; keep it <= 8192")
         _check(moe.load_balance_weight >= 0, "moe.load_balance_weight", "must be >= 0")
+        _check(moe.load_balance_form in LOAD_BALANCE_FORMS, "moe.load_balance_form",
+               f"unknown {moe.load_balance_form!r}; choose {choices_text(LOAD_BALANCE_FORMS)}")
         _check(moe.z_loss_weight >= 0, "moe.z_loss_weight", "must be >= 0")
         _check(moe.router_noise_std >= 0, "moe.router_noise_std", "must be >= 0")
 
@@ -109,16 +112,49 @@ def check_optim(o) -> None:
            f"unknown {o.ns_method!r}; choose {choices_text(NS_METHODS)}")
     _check(o.ns_stack in NS_STACKS, "optim.ns_stack",
            f"unknown {o.ns_stack!r}; choose {choices_text(NS_STACKS)}")
-    _check(o.muon_impl == "batched" or o.ns_dtype != "bfloat16", "optim.ns_dtype",
-           "bfloat16 Newton-Schulz needs optim.muon_impl='batched'; use ns_dtype='float32' with 'optax'")
+    _check(o.muon_impl == "batched" or o.ns_dtype in ("auto", "float32"), "optim.ns_dtype",
+           f"{o.ns_dtype} Newton-Schulz needs optim.muon_impl='batched'; use ns_dtype='float32' with 'optax'")
+    check_seed_semantics(o)
+
+
+def check_seed_semantics(o) -> None:
+    """The options that reproduce the seeds' optimizer and schedule (`config.optim`; docs/decisions.md, "Seed
+    fidelity"): Newton-Schulz rounding and eps, fused qkv, momentum without bias correction and its warmup, decay on
+    norms, the schedule's length and count."""
+    _check(o.ns_rounding in NS_ROUNDINGS, "optim.ns_rounding",
+           f"unknown {o.ns_rounding!r}; choose {choices_text(NS_ROUNDINGS)}")
+    _check(o.ns_rounding == "operands" or o.ns_method == "standard", "optim.ns_method",
+           "ns_rounding='every_op' is the seeds' X-space iteration; set ns_method='standard'")
+    _check(isinstance(o.ns_eps, float) and 0 < o.ns_eps < 1, "optim.ns_eps",
+           f"must be a float in (0, 1), got {o.ns_eps!r} (optax's default 1e-8; the seeds' 1e-7)")
+    for f in ("muon_fused_qkv", "muon_bias_correction", "decay_norms", "warmup_from_zero"):
+        _check(isinstance(o[f], bool), f"optim.{f}", f"must be True or False, got {o[f]!r}")
+    batched_only = {"ns_rounding": o.ns_rounding != "operands", "muon_fused_qkv": o.muon_fused_qkv,
+                    "muon_bias_correction": not o.muon_bias_correction, "momentum_warmup_steps":
+                    o.momentum_warmup_steps != 0}
+    for f, used in batched_only.items():
+        _check(not used or o.muon_impl == "batched", f"optim.{f}",
+               "optax.contrib.muon has no such option; set optim.muon_impl='batched'")
+    _check(isinstance(o.momentum_warmup_steps, int) and o.momentum_warmup_steps >= 0, "optim.momentum_warmup_steps",
+           f"must be an integer >= 0 (0 = constant momentum), got {o.momentum_warmup_steps!r}")
+    _check(0 <= o.momentum_warmup_start < 1, "optim.momentum_warmup_start",
+           f"must be in [0, 1), got {o.momentum_warmup_start}")
+    _check(o.momentum_warmup_steps == 0 or not o.muon_bias_correction, "optim.momentum_warmup_steps",
+           "a changing momentum has no bias correction; set optim.muon_bias_correction=False (as seed 004) or 0")
+    _check(isinstance(o.schedule_steps, int) and o.schedule_steps >= 0, "optim.schedule_steps",
+           f"must be an integer >= 0 (0 = train.steps), got {o.schedule_steps!r}")
 
 
 def check_train(t, o) -> None:
     """`config.train`; `o` is config.optim (the warmup must fit in the run)."""
-    warmup = warmup_steps(o.warmup_steps, o.warmup_fraction, t.steps)
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
-    _check(warmup < t.steps or t.steps == 1, "optim.warmup_steps",
-           f"warmup ({warmup} steps) must be shorter than train.steps={t.steps}")
+    _check(o.schedule_steps == 0 or o.schedule_steps >= t.steps, "optim.schedule_steps",
+           f"{o.schedule_steps} is shorter than train.steps={t.steps}; use 0 (the run's length) or more")
+    horizon = schedule_length(o.schedule_steps, t.steps)
+    warmup = warmup_steps(o.warmup_steps, o.warmup_fraction, horizon)
+    _check(warmup < horizon or horizon == 1, "optim.warmup_steps",
+           f"warmup ({warmup} steps) must be shorter than train.steps={t.steps}"
+           + (f" (optim.schedule_steps={horizon})" if o.schedule_steps else ""))
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")

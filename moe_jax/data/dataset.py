@@ -8,6 +8,9 @@
                           the rows of this process's data shards (config.data.shards, see pipeline.py)
     ds.val_batches(n)     fixed list of this process's shares of global validation batches of n rows
     ds.eval_batches(n, split)  the same for 'validation' or 'test' (data.test_fraction > 0; built on first use)
+    ds.eval_windows(split) all windows of a split ([W, S] arrays, pipeline.tile_windows: every target token of the
+                          split exactly once when data.max_val_windows = 0), doc_index: each target's document
+    ds.doc_ids(split)     the source's document indices of the split, in the order doc_index counts them
     ds.stats              {source, num_docs_train, num_docs_val, tokens_train, tokens_val, vocab_size, val_windows,
                            tokens_estimated}
 
@@ -28,7 +31,7 @@ import numpy as np
 from moe_jax.data import cache, pipeline
 from moe_jax.data.errors import DataError
 from moe_jax.data.sources import Source, open_source
-from moe_jax.data.split import split_tag
+from moe_jax.data.split import source_split_tag
 from moe_jax.data.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("moe_jax.data")
@@ -59,14 +62,14 @@ class Data:
         `batch_size` is global, like train.batch_size: each returned dict has batch_size // process_count rows; the
         last batch is padded with weight-0 rows; every process gets the same number of batches.
         """
-        return pipeline.val_batches(self._val_windows, batch_size, process_index=self.process_index,
-                                    process_count=self.process_count, pad_id=self.tokenizer.pad_id)
+        return self.eval_batches(batch_size, "validation")
 
-    def eval_batches(self, batch_size: int, split: str = "validation") -> list[dict[str, np.ndarray]]:
-        """Like val_batches, for split 'validation' or 'test' (data.test_fraction > 0; its windows are built on the
-        first call: the test split is read only when a caller asks for it)."""
+    def eval_windows(self, split: str = "validation") -> dict[str, np.ndarray]:
+        """All evaluation windows [W, S] of split 'validation' or 'test' (pipeline.val_windows; doc_index holds each
+        target's document as an ordinal into `doc_ids(split)`). The test windows are built on the first call (data.
+        test_fraction > 0): the test split is read only when a caller asks for it."""
         if split == "validation":
-            return self.val_batches(batch_size)
+            return self._val_windows
         if split != "test":
             raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         if self._test_windows is None:
@@ -74,8 +77,21 @@ class Data:
                             "> 0 (e.g. 0.05) for the runs that report on it.")
         if callable(self._test_windows):
             self._test_windows = self._test_windows()
-        return pipeline.val_batches(self._test_windows, batch_size, process_index=self.process_index,
+        return self._test_windows
+
+    def eval_batches(self, batch_size: int, split: str = "validation") -> list[dict[str, np.ndarray]]:
+        """Like val_batches, for split 'validation' or 'test' (`eval_windows`)."""
+        return pipeline.val_batches(self.eval_windows(split), batch_size, process_index=self.process_index,
                                     process_count=self.process_count, pad_id=self.tokenizer.pad_id)
+
+    def doc_ids(self, split: str = "validation") -> np.ndarray:
+        """int64 [n]: the source's index of every document of split 'validation' or 'test', in split order (the
+        order of the windows' doc_index ordinals; the same for every run on this data)."""
+        if split == "validation":
+            return self.source.val.doc_indices()
+        if split != "test" or self.source.test is None:
+            self.eval_windows(split)  # raises the one error for a bad split name or a missing test split
+        return self.source.test.doc_indices()
 
 
 def _count_tokens(tok: Tokenizer, part, text_of) -> tuple[int, bool]:
@@ -99,8 +115,7 @@ def _count_tokens(tok: Tokenizer, part, text_of) -> tuple[int, bool]:
 
 
 def _token_stats(config, source: Source, tok: Tokenizer) -> dict[str, Any]:
-    d = config.data
-    split = split_tag(d.val_fraction, d.test_fraction) if source.split is not None else f"val-{d.tfds_val_split}"
+    split = source_split_tag(config.data, source.split is not None)
     path = os.path.join(source.cache_dir, f"stats-{cache.file_sha256(tok.path)[:12]}-{split}.json")
     cached = cache.read_json(path)
     keys = ("tokens_train", "tokens_val", "tokens_estimated", "num_docs_train", "num_docs_val")

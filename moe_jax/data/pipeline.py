@@ -27,9 +27,12 @@ So a run's global batches depend on K, never on N: a 1-process run with K = 2 se
 run. The checkpointed data state is one JSON file per shard (`process_<k>-of-<K>.json`, grain's own name, so K = N
 is grain's layout), and a checkpoint restores under any process count that divides K.
 
-Validation (and test): the documents in their fixed order, packed the same way, all windows (max_val_windows 0; the
-last one padded) or `max_val_windows` of them, the first ones or spread evenly (data.val_window_sampling), computed
-once as arrays [W, S]; `val_batches` deals them out per process.
+Validation (and test): the documents in their fixed order as one token stream, tiled into windows of S + 1 tokens
+that overlap by one (`tile_windows`), so that every target token of the split is scored exactly once, with the token
+before it in its context, whatever S is: arms of different sequence lengths score the same tokens. All windows
+(max_val_windows 0; the last one padded) or `max_val_windows` of them, the first ones or spread evenly
+(data.val_window_sampling), computed once as arrays [W, S] (plus doc_index, each target's document); `val_batches`
+deals them out per process.
 
 Resume workaround: grain 0.2.18's ConcatThenSplit state holds `remainder_slices` as tuples; after the JSON round
 trip of a checkpoint they come back as lists, `[-1, -1] != (-1, -1)` makes `set_state` believe there is a remainder
@@ -186,31 +189,101 @@ def even_indices(total: int, count: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, total - 1, count)).astype(np.int64))
 
 
+def token_stream(docs, *, tokenize: Callable | None, read_threads: int = 2,
+                 max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`docs` in their order as one token stream: (tokens int32 [N], document int32 [N], the ordinal in `docs` of
+    each token's document). `tokenize` (None: the records already hold 'tokens') appends one EOS per document. With
+    max_tokens > 0 reading stops at the first document that brings the stream to max_tokens tokens or more."""
+    ds = grain.MapDataset.source(docs)
+    if tokenize is not None:
+        ds = ds.map(tokenize)
+    pieces, total = [], 0
+    for record in ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)):
+        pieces.append(np.asarray(record["tokens"], dtype=np.int32))
+        total += len(pieces[-1])
+        if max_tokens and total >= max_tokens:
+            break
+    if not pieces:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    doc = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
+    return np.concatenate(pieces), doc
+
+
+def scored_targets(doc: np.ndarray, packing: str) -> np.ndarray:
+    """bool [N]: the tokens of a stream (`doc`: each token's document) that are scored as targets, given the one
+    token before them: every token but the first (packing 'concat'), or every token but each document's first
+    ('segments': the model does not see across documents)."""
+    if packing not in PACKINGS:
+        raise DataError(f"config.data.packing={packing!r}: choose one of {PACKINGS}")
+    doc = np.asarray(doc)
+    out = np.zeros(len(doc), dtype=bool)
+    out[1:] = True if packing == "concat" else doc[1:] == doc[:-1]
+    return out
+
+
+def _pieces(win_doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per window row of document ordinals (-1: padding): segment ids 1, 2, ... per document piece (0: padding) and
+    positions restarting at 0 in each piece (0 in padding), as ConcatThenSplit numbers a packed window."""
+    rows, length = win_doc.shape
+    start = np.ones((rows, length), dtype=bool)
+    start[:, 1:] = win_doc[:, 1:] != win_doc[:, :-1]
+    seg = np.cumsum(start, axis=1)
+    ar = np.broadcast_to(np.arange(length), (rows, length))
+    pos = ar - np.maximum.accumulate(np.where(start, ar, 0), axis=1)
+    pad = win_doc < 0
+    return np.where(pad, 0, seg).astype(np.int32), np.where(pad, 0, pos).astype(np.int32)
+
+
+def tile_windows(tokens: np.ndarray, doc: np.ndarray, *, seq_len: int, packing: str,
+                 pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Evaluation windows [W, S] tiling a token stream so that every scored target (`scored_targets`) is scored
+    exactly once: window k holds stream tokens [kS, kS + S] (S + 1 tokens; consecutive windows share one), inputs
+    its first S and targets its last S, so target j (1 <= j < N) sits in window (j - 1) // S with the token before
+    it as its input. W = ceil((N - 1) / S); the last window is padded (pad id, weight 0, segment 0). Keys: inputs,
+    targets, weights (1 where the target is scored), with packing 'segments' segment_ids and positions (one segment
+    per document piece of the window, like the training windows), and doc_index (int32: the ordinal of each
+    target's document; -1 in padding)."""
+    n = len(tokens)
+    rows = max(1, -(-(n - 1) // seq_len))
+    length = rows * seq_len + 1
+    tok = np.full(length, pad_id, dtype=np.int32)
+    tok[:n] = tokens
+    dd = np.full(length, -1, dtype=np.int32)
+    dd[:n] = doc
+    score = np.zeros(length, dtype=bool)
+    score[:n] = scored_targets(doc, packing)
+    idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    win_tok, win_doc = tok[idx], dd[idx]
+    out = {"inputs": win_tok[:, :-1], "targets": win_tok[:, 1:], "weights": score[idx][:, 1:].astype(np.float32)}
+    if packing == "segments":
+        seg, pos = _pieces(win_doc)
+        out["segment_ids"], out["positions"] = seg[:, :-1], pos[:, :-1]
+    out["doc_index"] = win_doc[:, 1:]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
 def val_windows(docs, *, tokenize: Callable | None, seq_len: int, packing: str, pad_id: int = 0,
                 max_windows: int = 0, read_threads: int = 2, sampling: str = "first") -> dict[str, np.ndarray]:
-    """The fixed evaluation windows as arrays [W, S], documents in order: all of them (max_windows 0), or
-    `max_windows` of them: the first ones (sampling 'first') or ones spread evenly over the whole split ('even',
+    """The fixed evaluation windows of a split as arrays [W, S] (`tile_windows` of its documents in order): all of
+    them (max_windows 0: every target token of the split exactly once), or `max_windows` of them: the first ones
+    (sampling 'first'; reading stops after them) or ones spread evenly over the whole split ('even',
     `even_indices`)."""
     if sampling not in ("first", "even"):
         raise DataError(f"config.data.val_window_sampling={sampling!r}: choose 'first' or 'even'")
-    to_example = WindowToExample(packing, pad_id)
-    rows, real = [], 0
-    for window in packed_windows(docs, tokenize=tokenize, seq_len=seq_len, packing=None, seed=None, num_epochs=1,
-                                 read_threads=read_threads):
-        n = int(np.count_nonzero(window["tokens_segment_ids"]))
-        real += n
-        if n >= 2:  # a window with a single token has no target
-            rows.append(to_example.map(window))
-        if max_windows and sampling == "first" and len(rows) >= max_windows:
-            break
-    if not rows or (len(rows) == 1 and real < seq_len + 1):
+    first = max_windows and sampling == "first"
+    tokens, doc = token_stream(docs, tokenize=tokenize, read_threads=read_threads,
+                               max_tokens=max_windows * seq_len + 1 if first else 0)
+    if len(tokens) < seq_len + 1:
         raise DataError(
-            f"config.train.seq_len={seq_len}: the validation split has only {real} tokens ({len(docs)} "
+            f"config.train.seq_len={seq_len}: the validation split has only {len(tokens)} tokens ({len(docs)} "
             f"document(s)), fewer than one window of seq_len + 1 = {seq_len + 1}. Fix: lower train.seq_len or "
             "raise data.val_fraction (or use a larger source).")
-    if max_windows and sampling == "even":
-        rows = [rows[i] for i in even_indices(len(rows), max_windows)]
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    windows = tile_windows(tokens, doc, seq_len=seq_len, packing=packing, pad_id=pad_id)
+    if max_windows:
+        total = len(windows["inputs"])
+        keep = np.arange(min(max_windows, total)) if first else even_indices(total, max_windows)
+        windows = {k: v[keep] for k, v in windows.items()}
+    return windows
 
 
 def val_batches(windows: dict[str, np.ndarray], batch_size: int, *, process_index: int, process_count: int,

@@ -52,6 +52,13 @@ def split_tag(val_fraction: float, test_fraction: float = 0.0) -> str:
     return f"val{val_fraction:g}" + (f"-test{test_fraction:g}" if test_fraction else "")
 
 
+def source_split_tag(data_config, hash_split: bool) -> str:
+    """Names a source's split in cache file names: `split_tag` of the hash split, or 'val-<data.tfds_val_split>' when
+    validation is a separate TFDS split (hash_split False)."""
+    d = data_config
+    return split_tag(d.val_fraction, d.test_fraction) if hash_split else f"val-{d.tfds_val_split}"
+
+
 @dataclasses.dataclass(frozen=True)
 class DocSplit:
     """Which of `num_docs` documents are validation (sorted `val_indices`) and test (sorted `test_indices`, empty
@@ -157,6 +164,15 @@ class PartSource:
         if self.part == "train":
             return self.split.train_doc(k)
         return self.split.val_doc(k) if self.part == "validation" else self.split.test_doc(k)
+
+    def doc_indices(self) -> np.ndarray:
+        """int64 [len(self)]: `doc_index` of every document of this view, in order."""
+        if self.split is None:
+            return np.arange(len(self.source), dtype=np.int64)
+        if self.part == "train":
+            return self.split.train_indices().astype(np.int64)
+        return np.asarray(self.split.val_indices if self.part == "validation" else self.split.test_indices,
+                          dtype=np.int64)
 
     def __getitem__(self, k: int):
         return self.source[self.doc_index(int(k))]

@@ -25,7 +25,7 @@ import sentencepiece as spm
 
 from moe_jax.data import cache
 from moe_jax.data.errors import DataError
-from moe_jax.data.split import split_tag
+from moe_jax.data.split import source_split_tag
 
 log = logging.getLogger("moe_jax.data")
 
@@ -165,9 +165,7 @@ def _training_texts(source) -> Iterator[str]:
 
 
 def cache_name(config, source) -> str:
-    d = config.data
-    split = split_tag(d.val_fraction, d.test_fraction) if source.split is not None else f"val-{d.tfds_val_split}"
-    return f"tokenizer-bpe{config.model.vocab_size}-{split}"
+    return f"tokenizer-bpe{config.model.vocab_size}-{source_split_tag(config.data, source.split is not None)}"
 
 
 def get_tokenizer(config, source) -> Tokenizer:

@@ -30,7 +30,9 @@ Grouped matmul (`grouped_matmul`): `jax.lax.ragged_dot` (impl 'ragged_dot'). On 
 one dense dot of every row against all E groups with a mask (E times the active expert FLOPs); on TPU it is
 a native op.
 impl 'megablox' selects the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (TPU only; elsewhere it
-runs in Pallas interpret mode, which the tests use to check it and which is far too slow to train with).
+runs in Pallas interpret mode, which the tests use to check it and which is far too slow to train with). The platform
+is the one compiled for (the mesh in context), so a TPU program compiled ahead of time on a CPU host gets the Mosaic
+kernel; Mosaic needs the kernel's widths (d_model, d_ff / model shards) to be multiples of 128.
 """
 
 from __future__ import annotations
@@ -57,12 +59,19 @@ def sort_by_expert(expert_index: jax.Array, num_experts: int, mask: jax.Array | 
     return order, group_sizes, jnp.sum(group_sizes)
 
 
+def _compile_platform() -> str:
+    """The platform the program is being compiled for: the mesh in context's devices (under jax.set_mesh, as the
+    train step compiles; for `python -m moe_jax.aot` a TPU topology that is not attached), else the default device."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.devices()[0].platform
+
+
 def _megablox_gmm(x, w, group_sizes):
     from jax.experimental.pallas.ops.tpu.megablox import gmm  # TPU kernel; imported only when selected
     r, m = x.shape
     n = w.shape[-1]
     tiling = (min(128, r), min(128, m), min(128, n))
-    interpret = jax.devices()[0].platform != "tpu"
+    interpret = _compile_platform() != "tpu"
     return gmm(x, w, group_sizes, preferred_element_type=x.dtype, tiling=tiling, interpret=interpret)
 
 

@@ -161,15 +161,17 @@ def newton_schulz_flops(rows: int, cols: int, iterations: int, method: str = "st
 
 def muon_matrices(model: ModelConfig, optim) -> list[tuple[int, int, int]]:
     """(count, rows, cols) of the matrices Muon orthogonalises each step (optimizer.py's dimension numbers): per
-    layer wq, wk, wv as [M, H*D] and wo as [H*D, M]; a dense FFN's f matrices; an MoE layer's E*f expert matrices
-    (each expert on its own) and the router [M, E] when optim.router_muon. Empty when optim.name != 'muon'."""
+    layer wq, wk, wv as [M, H*D] (with optim.muon_fused_qkv one [M, 3*H*D]) and wo as [H*D, M]; a dense FFN's f
+    matrices; an MoE layer's E*f expert matrices (each expert on its own) and the router [M, E] when
+    optim.router_muon. Empty when optim.name != 'muon'."""
     if optim.name != "muon":
         return []
     m, moe = model, model.moe
     d, f = m.d_model, _mlp_mats(model)
     hd = m.n_heads * m.head_dim
     n_dense, n_moe = _layer_counts(model)
-    out = [(4 * m.n_layers, d, hd)]
+    qkv = [(m.n_layers, d, 3 * hd)] if optim.muon_fused_qkv else [(3 * m.n_layers, d, hd)]
+    out = qkv + [(m.n_layers, hd, d)]
     if n_dense:
         out.append((n_dense * f, d, m.d_ff))
     if n_moe:

@@ -27,7 +27,8 @@ Read top to bottom, one forward pass is:
     token in each slot (sum over T of combine; 0 for an empty slot): the same values, but the backward pass needs no
     einsum('GTM,EGCM->GTEC') for the gradient of combine (one [G, T, E, C, M]-sized contraction per layer fewer).
  5. Auxiliary losses: Switch load balance E * sum_e f_e * P_e, with f_e the fraction of the G*T*K top-k assignments
-    made to expert e (before capacity) and P_e the mean router probability of e (equals 1 when uniform); router z-loss
+    made to expert e (before capacity) and P_e the mean router probability of e (equals 1 when uniform), or seed
+    exp5's E * sum_e P_e^2 (moe.load_balance_form='prob_squares'); router z-loss
     mean(logsumexp(logits)^2). Metrics: both losses, dropped fraction of assignments, tokens per expert carried
     (after capacity) and demanded (top-k choices, `_demand`), their coefficient of variation and max/mean, router
     confidence (mean top-1 probability).
@@ -120,16 +121,33 @@ def _expert_counts(expert_index: jax.Array, e: int, weight: jax.Array | None = N
     return jnp.sum(onehot.reshape(-1, e), axis=0)
 
 
+def _mean_probs(probs: jax.Array, w: jax.Array) -> jax.Array:
+    """[E]: the router probabilities probs [..., E] averaged over the real tokens (weights w [...], 0/1)."""
+    e = probs.shape[-1]
+    return jnp.sum((probs * w[..., None]).reshape(-1, e), axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _real(probs: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """[...] float32 0/1 weights of the real tokens of probs [..., E] (mask None: every token)."""
+    return jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
 def load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Switch loss E * sum_e f_e * P_e over real tokens. probs [..., E]; expert_index [..., K] (top-k choices before
     capacity); mask [...] (None: all real). f_e: share of the real assignments made to e; P_e: mean probability of
     e over real tokens."""
     e = probs.shape[-1]
-    w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    w = _real(probs, mask)
     counts = _expert_counts(expert_index, e, jnp.broadcast_to(w[..., None], expert_index.shape))
     f = counts / jnp.maximum(jnp.sum(counts), 1.0)
-    p = jnp.sum((probs * w[..., None]).reshape(-1, e), axis=0) / jnp.maximum(jnp.sum(w), 1.0)
-    return e * jnp.sum(f * p)
+    return e * jnp.sum(f * _mean_probs(probs, w))
+
+
+def prob_squares_loss(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Seed exp5's load-balance loss E * sum_e P_e^2 over real tokens (moe.load_balance_form='prob_squares'). probs
+    [..., E]; P_e: mean probability of e. It ignores the assignments: minimised (at 1) by uniform router
+    probabilities, not by balanced load (docs/decisions.md, "Seed fidelity")."""
+    return probs.shape[-1] * jnp.sum(jnp.square(_mean_probs(probs, _real(probs, mask))))
 
 
 def z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -147,8 +165,9 @@ def _load_stats(counts: jax.Array, suffix: str) -> dict:
             f"load_max_over_mean{suffix}": jnp.max(counts) / mean}
 
 
-def routing_metrics(info: dict, logits: jax.Array, detail: bool = False) -> dict:
-    """Per-layer diagnostics over real tokens (info['mask']; absent: all real): both auxiliary losses, the dropped
+def routing_metrics(info: dict, logits: jax.Array, detail: bool = False, balance_form: str = "switch") -> dict:
+    """Per-layer diagnostics over real tokens (info['mask']; absent: all real): both auxiliary losses
+    (`load_balance_loss` in moe.load_balance_form `balance_form`: load_balance_loss or prob_squares_loss), the dropped
     fraction of assignments, router confidence (mean top-1 probability), router entropy (mean over tokens of
     -sum_e p_e log p_e of the router's softmax, in nats: log E for a uniform router, 0 for a one-hot one) and the
     expert load twice:
@@ -160,11 +179,12 @@ def routing_metrics(info: dict, logits: jax.Array, detail: bool = False) -> dict
     probs, idx, kept = info["probs"], info["expert_index"], info["kept"]
     e = probs.shape[-1]
     mask = info.get("mask")
-    w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    w = _real(probs, mask)
     real = jnp.broadcast_to(w[..., None], idx.shape)
     n_real = jnp.maximum(jnp.sum(w), 1.0)
     metrics = dict(
-        load_balance_loss=load_balance_loss(probs, idx, mask),
+        load_balance_loss=(prob_squares_loss(probs, mask) if balance_form == "prob_squares"
+                           else load_balance_loss(probs, idx, mask)),
         z_loss=z_loss(logits, mask),
         dropped_fraction=1.0 - jnp.sum(kept.astype(jnp.float32) * real) / jnp.maximum(jnp.sum(real), 1.0),
         **_load_stats(_expert_counts(idx, e, kept.astype(jnp.float32) * real), ""),
@@ -193,9 +213,9 @@ def route_record(info: dict, logits: jax.Array) -> dict:
     return record
 
 
-def _layer_outputs(info: dict, logits: jax.Array, routes: bool) -> dict:
+def _layer_outputs(info: dict, logits: jax.Array, routes: bool, balance_form: str = "switch") -> dict:
     """routing_metrics, plus with `routes` the detail metrics and metrics['routes'] = route_record."""
-    metrics = routing_metrics(info, logits, detail=routes)
+    metrics = routing_metrics(info, logits, detail=routes, balance_form=balance_form)
     if routes:
         metrics["routes"] = route_record(info, logits)
     return metrics
@@ -277,7 +297,7 @@ class MoEBlock(nnx.Module):
         expert_out = constrain(self.experts(expert_in) * slot_gate[..., None].astype(dt),
                                ("expert", "expert_group", "capacity", "embed"))
         y = constrain(jnp.einsum("gtec,egcm->gtm", dispatch, expert_out), ("group", "group_tokens", "embed"))
-        metrics = _layer_outputs(info, logits.reshape(g, t, -1), routes)
+        metrics = _layer_outputs(info, logits.reshape(g, t, -1), routes, self.cfg.moe.load_balance_form)
         metrics["capacity"] = jnp.asarray(cap, jnp.float32)
         return y.reshape(n, d), metrics
 
@@ -301,7 +321,7 @@ class MoEBlock(nnx.Module):
             y = dropless.dropless_ffn(x, expert_index, gates, weights, self.kind, mask, impl)
         info = dict(probs=probs, expert_index=expert_index, gates=gates, kept=jnp.ones(expert_index.shape, bool),
                     mask=mask)
-        metrics = _layer_outputs(info, logits, routes)
+        metrics = _layer_outputs(info, logits, routes, self.cfg.moe.load_balance_form)
         metrics["capacity"] = jnp.zeros((), jnp.float32)  # no capacity: every assignment is computed
         return y, metrics
 

@@ -167,9 +167,9 @@ def apply(graphdef, params, tokens, **kwargs):
     return nnx.merge(graphdef, params)(tokens, **kwargs)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
-    """Token cross-entropy in float32. logits [B, S, V], targets [B, S], weights [B, S] (1 = score).
-    Returns sums (loss, correct, weight) so callers can average over micro-batches and hosts exactly."""
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+    """Per-token cross-entropy in float32. logits [B, S, V], targets [B, S], weights [B, S] (1 = score).
+    Returns (loss, correct, weight) [B, S], loss and correct already multiplied by the weight."""
     logits = logits.astype(jnp.float32)
     if weights is None:
         weights = jnp.ones(targets.shape, jnp.float32)
@@ -177,4 +177,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = (logz - target_logit) * weights
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
+    return nll, correct, weights
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+    """Token cross-entropy in float32. logits [B, S, V], targets [B, S], weights [B, S] (1 = score).
+    Returns sums (loss, correct, weight) so callers can average over micro-batches and hosts exactly."""
+    nll, correct, weights = token_cross_entropy(logits, targets, weights)
     return jnp.sum(nll), jnp.sum(correct), jnp.sum(weights)

@@ -14,9 +14,11 @@ Which parameter goes where (`param_labels`, `label_table` prints it):
     parameter                           shape     label   Muon dimension numbers (reduction -> output)
     embed/embedding                     [V, M]    adamw   -            (weight decay: yes)
     head (untied output head)           [M, V]    adamw   -            (weight decay: yes)
-    */scale (RMSNorm), any 1-D bias     [M]       adamw   -            (weight decay: no)
+    */scale (RMSNorm), any 1-D bias     [M]       adamw   -            (weight decay: no; yes: optim.decay_norms)
     blocks/i/ffn/w_router               [M, E]    adamw   -            (muon (0 -> 1) when optim.router_muon)
-    blocks/i/attn/{wq,wk,wv}            [M, H, D] muon    0 -> (1, 2)  (all heads as one M x HD matrix)
+    blocks/i/attn/{wq,wk,wv}            [M, H, D] muon    0 -> (1, 2)  (all heads as one M x HD matrix; with
+                                                                       optim.muon_fused_qkv q, k, v as ONE
+                                                                       [M, 3, H, D] -> M x 3HD: fuse_qkv)
     blocks/i/attn/wo                    [H, D, M] muon    (0, 1) -> 2
     blocks/i/ffn/{w_in,w_gate}  dense   [M, F]    muon    0 -> 1
     blocks/i/ffn/w_out          dense   [F, M]    muon    0 -> 1
@@ -29,13 +31,14 @@ Chain for optim.name == 'muon':
     clip_by_global_norm(optim.clip_norm)                       (omitted when clip_norm == 0)
     partition(labels):
       'muon':  muon.muon(muon schedule, explicit muon_weight_dimension_numbers, beta=momentum,
-                         nesterov, ns_steps, weight_decay=muon_weight_decay,
+                         nesterov, ns_steps, weight_decay=muon_weight_decay, eps=ns_eps,
                          consistent_rms=0.2 if muon_scale == 'moonlight' else None,
                          ns_dtype=ns_dtype(optim.ns), group_key=ns_group_key(optim.ns), ns_method=optim.ns.method)
                (optim.muon_impl='batched', the default: optax.contrib.muon's semantics and state, one batched
                Newton-Schulz per group: a weight's copies across layers (optim.ns_stack='layers') or one
                parameter ('none'); wide matrices in float32 Gram space with optim.ns_method='gram' (CPU's
-               'auto'); 'optax': optax.contrib.muon itself, float32 only)
+               'auto'); 'optax': optax.contrib.muon itself, float32 only; the seeds' options below are
+               'batched' only)
       'adamw': optax.adamw(adamw schedule, b1, b2, eps, weight_decay, mask=rank >= 2)
 For optim.name == 'adamw': the same clip, then that AdamW for every parameter (same schedule and decay mask).
 
@@ -45,11 +48,20 @@ NAdamW whenever Muon uses Nesterov momentum - and its weight decay has no mask, 
 `optax.contrib.muon` only ever sees the Muon-labelled leaves (its own Adam branch is empty) and AdamW is exactly
 `optax.adamw` with a decay mask. See docs/optimizer.md.
 
-Learning-rate schedule (per optimizer step s = 0, 1, ..., train.steps - 1; W = optim.warmup(train.steps)):
+Learning-rate schedule (per optimizer step s = 0, 1, ..., train.steps - 1; N = optim.horizon(train.steps), i.e.
+optim.schedule_steps or train.steps; W = optim.warmup(train.steps), warmup_steps or warmup_fraction of N):
     s < W:  lr = peak * (s + 1) / W                               (linear warmup; step 0 is not wasted at lr 0)
-    s >= W: lr = peak * (r + (1 - r) * (1 + cos(pi * p)) / 2),  p = min(1, (s - W) / max(1, steps - 1 - W))
-with r = optim.min_lr_ratio: the last step (steps - 1) runs at exactly r * peak. Muon uses peak = optim.muon_lr,
-AdamW peak = optim.adamw_lr. Weight decay follows optax/PyTorch: the decay term is multiplied by the scheduled lr.
+    s >= W: lr = peak * (r + (1 - r) * (1 + cos(pi * p)) / 2),  p = min(1, (s - W) / max(1, N - 1 - W))
+with r = optim.min_lr_ratio: step N - 1 (the last step by default) runs at exactly r * peak. Muon uses peak =
+optim.muon_lr, AdamW peak = optim.adamw_lr. Weight decay follows optax/PyTorch: the decay term is multiplied by the
+scheduled lr. optim.warmup_from_zero (torch LambdaLR's count, the seeds'): s / W in the warmup (the first step at lr
+0) and p = (s - W) / (N - W).
+
+The seeds' semantics, each an option that is off by default (configs/seeds/*.py turn on what their seed does;
+docs/decisions.md, "Seed fidelity", has each one's measured effect): optim.muon_fused_qkv, muon_bias_correction=False
+(Nesterov momentum without bias correction), momentum_warmup_steps/start (seed 004), decay_norms, ns_eps, ns_dtype
+'bfloat16'/'float16' with ns_rounding='every_op', schedule_steps (the seeds laid the schedule over micro-batches and
+stepped it per optimizer step: warmup 4x as long, cosine stopped at 0.905x), warmup_from_zero; moe.load_balance_form.
 """
 
 from __future__ import annotations
@@ -66,9 +78,11 @@ from moe_jax.optim import muon as muon_lib
 from moe_jax.model import precision
 
 MUON, ADAMW = "muon", "adamw"
+QKV, FUSED_QKV = ("wq", "wk", "wv"), "wqkv"
 
 # Muon dimension numbers by parameter kind.
 _ATTN_IN = MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))  # wq/wk/wv [M, H, D]
+_ATTN_QKV = MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2, 3))  # fused wqkv [M, 3, H, D] (fuse_qkv)
 _ATTN_OUT = MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)  # wo [H, D, M]
 _MATRIX = MuonDimensionNumbers(reduction_axis=0, output_axis=1)  # dense [M, F] / [F, M], router [M, E]
 _EXPERTS = MuonDimensionNumbers(reduction_axis=1, output_axis=2)  # experts [E, in, out]: axis 0 is a batch axis
@@ -97,15 +111,17 @@ def _rule(path: str, ndim: int, optim) -> tuple[str, MuonDimensionNumbers | None
     parent = parts[-2] if len(parts) > 1 else ""
     muon = optim.name == "muon"
     if ndim < 2:  # norm scales, biases
-        return ADAMW, None, False
+        return ADAMW, None, bool(optim.decay_norms)
     if path == "embed/embedding" or path == "head":
         return ADAMW, None, True
     if parent == "ffn" and name == "w_router" and ndim == 2:
         if muon and optim.router_muon:
             return MUON, _MATRIX, False
         return ADAMW, None, True
-    if parent == "attn" and name in ("wq", "wk", "wv") and ndim == 3:
+    if parent == "attn" and name in QKV and ndim == 3:
         dims = _ATTN_IN
+    elif parent == "attn" and name == FUSED_QKV and ndim == 4:  # only inside Muon, with optim.muon_fused_qkv
+        dims = _ATTN_QKV
     elif parent == "attn" and name == "wo" and ndim == 3:
         dims = _ATTN_OUT
     elif parent == "ffn" and name in ("w_in", "w_gate", "w_out") and ndim == 2:
@@ -136,7 +152,8 @@ def labels_tree(params, optim):
 
 
 def decay_mask(params, optim):
-    """Tree of bools: AdamW weight decay on matrices (embedding, head, router...), not on norms or biases."""
+    """Tree of bools: AdamW weight decay on matrices (embedding, head, router...), not on norms or biases (unless
+    optim.decay_norms, as the seeds' AdamW)."""
     return _map_rules(lambda r: r[2], params, optim)
 
 
@@ -174,20 +191,32 @@ def label_table(params, optim) -> str:
 # Schedules
 
 
-def _lr_at(peak: float, warmup: int, steps: int, min_ratio: float, step):
-    """Linear warmup then cosine to min_ratio * peak at step `steps - 1`; works on ints and traced arrays."""
+def _lr_at(peak: float, warmup: int, horizon: int, min_ratio: float, step, from_zero: bool = False):
+    """Linear warmup then cosine to min_ratio * peak at step `horizon - 1`; works on ints and traced arrays.
+    from_zero (torch LambdaLR's count, the seeds'): warmup s / W (step 0 at lr 0) and p = (s - W) / (horizon - W)."""
     s = jnp.asarray(step, jnp.float32)
-    warm = peak * (s + 1.0) / max(warmup, 1)
-    p = jnp.clip((s - warmup) / max(1, steps - 1 - warmup), 0.0, 1.0)
+    shift = 0.0 if from_zero else 1.0
+    warm = peak * (s + shift) / max(warmup, 1)
+    p = jnp.clip((s - warmup) / max(1, horizon - shift - warmup), 0.0, 1.0)
     decay = peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * p)))
     return jnp.where(s < warmup, warm, decay)
 
 
 def schedule(optim, steps: int, peak: float) -> optax.Schedule:
     """The warmup + cosine schedule (see module docstring) of a run of `steps` optimizer steps, for a given peak
-    learning rate (optim: an OptimConfig)."""
-    w, r = optim.warmup(steps), float(optim.min_lr_ratio)
-    return lambda count: _lr_at(float(peak), w, int(steps), r, count)
+    learning rate (optim: an OptimConfig; its schedule_steps and warmup_from_zero choose the seeds' variant)."""
+    w, r, n = optim.warmup(steps), float(optim.min_lr_ratio), optim.horizon(steps)
+    return lambda count: _lr_at(float(peak), w, n, r, count, bool(optim.warmup_from_zero))
+
+
+def momentum(optim):
+    """Muon's momentum: optim.momentum, or with optim.momentum_warmup_steps = W > 0 the schedule count -> (1 - f)
+    momentum_warmup_start + f momentum, f = min(count / W, 1) (seed 004's MuonWithWarmup; count 0 = first step)."""
+    w = int(optim.momentum_warmup_steps)
+    if w == 0:
+        return float(optim.momentum)
+    start, end = float(optim.momentum_warmup_start), float(optim.momentum)
+    return lambda count: start + (end - start) * jnp.minimum(jnp.asarray(count, jnp.float32) / w, 1.0)
 
 
 def learning_rates(optim, steps: int, step: int) -> dict[str, float]:
@@ -230,13 +259,34 @@ def ns_group_key(ns):
     return muon_group_key if ns.stack == "layers" else path_str
 
 
+def _is_attn_qkv(node) -> bool:
+    return (isinstance(node, dict) and all(k in node for k in QKV)
+            and not any(isinstance(node[k], optax.MaskedNode) for k in QKV))
+
+
+def fuse_qkv(tree):
+    """Each attention's wq, wk, wv [M, H, D] as one wqkv [M, 3, H, D] (outputs (3, H, D), the seeds' fused qkv
+    Linear's row order), for Muon's orthogonalisation and shape scale (optim.muon_fused_qkv; reduction 0 -> output
+    (1, 2, 3): one [M, 3M] matrix, Keller scale sqrt(3)). Other leaves unchanged."""
+    if _is_attn_qkv(tree):
+        return {**{k: v for k, v in tree.items() if k not in QKV}, FUSED_QKV: jnp.stack([tree[k] for k in QKV], 1)}
+    return {k: fuse_qkv(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def unfuse_qkv(fused, like):
+    """fuse_qkv's inverse, laid out as `like` (the unfused tree)."""
+    if _is_attn_qkv(like):
+        return {k: fused[FUSED_QKV][:, QKV.index(k)] if k in QKV else fused[k] for k in like}
+    return {k: unfuse_qkv(fused[k], v) for k, v in like.items()} if isinstance(like, dict) else fused
+
+
 def _muon(optim, steps: int, distributed: bool = False) -> optax.GradientTransformation:
     o = optim
     kwargs = dict(
         learning_rate=schedule(o, steps, o.muon_lr),
         ns_steps=int(o.ns_steps),
-        beta=o.momentum,
-        eps=o.eps,
+        beta=momentum(o),
+        eps=o.ns_eps,
         weight_decay=o.muon_weight_decay,
         nesterov=bool(o.nesterov),
         # Only Muon-labelled leaves reach this transform (the others are masked out by the outer partition), so
@@ -251,7 +301,8 @@ def _muon(optim, steps: int, distributed: bool = False) -> optax.GradientTransfo
     if o.muon_impl == "optax":  # iterates in the momentum's dtype (float32); validation rejects ns_dtype='bfloat16'
         return optax.contrib.muon(**kwargs)
     return muon_lib.muon(**kwargs, ns_dtype=ns_dtype(o.ns), group_key=ns_group_key(o.ns), ns_method=o.ns.method,
-                         distributed=distributed)
+                         distributed=distributed, ns_rounding=o.ns_rounding, bias_correction=o.muon_bias_correction,
+                         fuse=(fuse_qkv, unfuse_qkv) if o.muon_fused_qkv else None)
 
 
 def build(optim, steps: int, distributed_muon: bool = False) -> optax.GradientTransformation:

@@ -33,9 +33,10 @@ A study config (configs/studies/*.py) has
   correlation - True: a heatmap of correlations between arm settings and outcomes;
   conclusions - text appended to the report (what it supports and what it does not).
 
-Modules: plan.py (config -> runs), budget.py (conventions), runner.py (train, resume, test evaluation),
-report.py (selection, headline, tables, report.md, results.json), plots.py (figures), stats.py (intervals, Holm,
-verdict rule). Two processes may run one study in one workdir (runner.py: run claims).
+Modules: plan.py (config -> runs), budget.py (conventions), runner.py (train, resume, whole-split evaluation,
+per-document losses), baselines.py (unigram and bigram on the same tokens), report.py (selection, headline, tables,
+report.md, results.json), plots.py (figures), stats.py (intervals, Holm, verdict rule). Two processes may run one
+study in one workdir (runner.py: run claims).
 Layout: <workdir>/[<budget kind>/]<arm>/[lr<lr>/]seed<k>[_order<o>]/ (ordinary moe_jax.train run dirs), plus
 report.md, results.json, plots/ and (wall_seconds) calibration.json.
 """

@@ -10,9 +10,11 @@ vary both, and arm A's replicate k and arm B's replicate k share both, so arm di
 data_orders = a tuple of shuffle seeds, every seed is crossed with every order (replicate = (seed, order)).
 
 Arms may differ in anything, batch size and sequence length included, but must read the same data (the data
-section, vocab); when they differ in batch size or sequence length every arm must be scored over the whole
-validation split (data.max_val_windows = 0: the same tokens) or windows spread evenly over it
-(data.val_window_sampling = 'even': the same spread), with train.eval_batches = 0 (no first-N truncation).
+section, vocab). The numbers the verdicts read are scored on the whole validation and test splits, every target token
+once, by the runner (runner.evaluate_split), whatever the arms' sequence lengths; when arms differ in batch size or
+sequence length, their curves during training must also cover the validation split alike: the whole of it
+(data.max_val_windows = 0) or windows spread evenly over it (data.val_window_sampling = 'even'), with
+train.eval_batches = 0 (no first-N truncation).
 """
 
 from __future__ import annotations

@@ -225,8 +225,9 @@ def versus_baselines(arms: dict, key: str, baselines: dict | None, counts=None) 
     out = {}
     for n, a in arms.items():
         x, x_docs = by_replicate(a, key), by_replicate(a, dk)
-        out[n] = {b: stats.difference(x, {k: baselines[b]["loss"] for k in x}, x_docs=x_docs,
-                                      y_docs={k: baselines[b].get("documents") for k in x}, counts=counts)
+        docs = baselines.get("documents") or {}
+        out[n] = {b: stats.difference(x, {k: baselines[b] for k in x}, x_docs=x_docs,
+                                      y_docs={k: docs.get(b) for k in x}, counts=counts)
                   for b in BASELINES}
     return out
 
@@ -272,7 +273,8 @@ def randomness(study, planned: dict) -> str:
             f"{len(seeds) * len(orders)} replicates per arm, paired across arms.")
 
 
-def evaluation(c, split: str) -> str:
+def evaluation(c, split: str, tokens: dict | None = None) -> str:
+    """The report's sentence on what was scored; `tokens` (scored_tokens): the runs were scored on whole splits."""
     d, t = c.data, c.train
     if d.max_val_windows == 0 and t.eval_batches == 0:
         cover = "every window of the split (the whole split)"
@@ -289,7 +291,51 @@ def evaluation(c, split: str) -> str:
     read = ("learning rates and any setting are chosen on validation; the tables read the **test** split, evaluated "
             "once per selected run" if split == "test" else
             "the tables read the **validation** split (no setting was chosen on it)")
+    if tokens:
+        counts = " and ".join(f"{n:,} {s} tokens" for s, n in tokens.items())
+        return (f"Evaluation: every run's final checkpoint on the whole split, every target token exactly once "
+                f"({counts}, the same for every arm), each arm at its own sequence length; the curves during "
+                f"training read {cover}. Split: {split_docs}; {read}. Losses are at the last step, not the best "
+                "step.")
     return f"Evaluation: {cover}. Split: {split_docs}; {read}. Losses are at the last step, not the best step."
+
+
+TOKEN_KEYS = (("validation", "val_tokens"), ("test", "test_tokens"))
+
+
+def scored_tokens(records: list[dict]) -> dict:
+    """{split: the target tokens the runs were scored on} from the runs' val_tokens (every run) and test_tokens
+    (the selected runs), for the splits whose runs carry a count (none: results written before counts were kept).
+    ValueError (one line) when the counts of one split differ or some runs lack one: their arms were not scored on
+    the same tokens."""
+    out = {}
+    for split, key in TOKEN_KEYS:
+        runs = [r for r in records if split == "validation" or r["selected"]]
+        counts = {r["run_dir"]: r.get(key) for r in runs}
+        if all(v is None for v in counts.values()):
+            continue
+        if None in counts.values() or len(set(counts.values())) > 1:
+            raise ValueError(f"the runs were scored on different {split} tokens ({key} by run: {counts}); every arm "
+                             f"must score the whole split (studies.runner.evaluate_split)")
+        out[split] = int(next(iter(counts.values())))
+    return out
+
+
+def baseline_summary(base: dict, split: str) -> dict:
+    """baselines.evaluate's result as results.json keeps it: {split, tokens, unigram, bigram (nats per token),
+    lambda, smoothing, documents: {unigram, bigram: {'tokens', 'loss_sum', 'doc_ids'} as lists}} (the per-document
+    losses serve the paired bootstrap of arm - baseline)."""
+    docs = {b: {k: np.asarray(v).tolist() for k, v in base[b]["documents"].items()} for b in BASELINES}
+    return {"split": split, "tokens": base["bigram"]["tokens"], "unigram": base["unigram"]["loss"],
+            "bigram": base["bigram"]["loss"], "lambda": base["lambda"], "smoothing": base["smoothing"],
+            "documents": docs}
+
+
+def check_baselines(baselines: dict, tokens: dict) -> None:
+    """ValueError (one line) unless the baselines were scored on as many tokens as the runs on that split."""
+    if baselines["tokens"] != tokens.get(baselines["split"]):
+        raise ValueError(f"the baselines scored {baselines['tokens']} {baselines['split']} tokens, the runs "
+                         f"{tokens.get(baselines['split'])}: not the same tokens")
 
 
 def describe_plan(planned: dict) -> list[str]:
@@ -345,14 +391,17 @@ def _lr_of(c, field: str) -> float:
     return float(getattr(getattr(c, section), key))
 
 
-def _header(study, planned: dict, split: str, env: dict, command: str, name: str) -> list[str]:
-    """Title, command, machine, randomness, evaluation, budgets and the arms."""
+def _header(study, planned: dict, split: str, env: dict, command: str, name: str, tokens: dict | None = None,
+            baselines: dict | None = None) -> list[str]:
+    """Title, command, machine, randomness, evaluation (with the scored tokens and baselines when known), budgets
+    and the arms."""
     first_cfg = next(iter(planned["arms"].values()))
     lines = [f"# Study {name}: {' vs '.join(planned['arms'])}", "",
-             f"Command: `{command}`", "",
-             f"Machine: {env['device_count']} x {env['device_kind']} ({env['platform']}, {env['cpu_count']} CPU "
-             f"cores), jax {env['jax']}.", "",
-             randomness(study, planned), "", evaluation(first_cfg, split), "",
+             f"Command: `{command}`", "", machine(env), "",
+             randomness(study, planned), "", evaluation(first_cfg, split, tokens), "",
+             *([f"Baselines on the same {baselines['tokens']:,} {baselines['split']} tokens, fitted on the training "
+                f"split: unigram {baselines['unigram']:.4f}, interpolated bigram {baselines['bigram']:.4f} nats/token "
+                f"({baselines['smoothing']}: lambda {baselines['lambda']:.4f}).", ""] if baselines else []),
              "Budgets: " + "; ".join(f"**{k}** {planned['budgets'][k]:.4e} {budget_lib.UNITS[k]} per run"
                                      for k in planned["kinds"]) + ". Every table names the budget its steps were "
              "set by and shows each run's cost under the others.", "", "## Arms", ""]
@@ -410,9 +459,8 @@ def _baselines_table(rows: dict, baselines: dict | None, split: str, kind: str) 
     if not baselines:
         return ["", f"### Against the baselines ({kind} budget)", "",
                 f"No unigram or bigram baseline was scored on the {split} split of this study."]
-    lines = ["", f"### Against the baselines ({kind} budget; the same {baselines['bigram']['tokens']:,} {split} "
-                 "tokens)", "",
-             f"Unigram {baselines['unigram']['loss']:.4f}, interpolated bigram {baselines['bigram']['loss']:.4f} "
+    lines = ["", f"### Against the baselines ({kind} budget; the same {baselines['tokens']:,} {split} tokens)", "",
+             f"Unigram {baselines['unigram']:.4f}, interpolated bigram {baselines['bigram']:.4f} "
              "nats/token, both fitted on the training split. Differences arm - baseline with 95% intervals "
              "(replicate variance + document bootstrap); an arm **beats** a baseline when the interval's upper end "
              "is below 0.", "",
@@ -511,7 +559,7 @@ def headline(analysis: dict, baselines: dict | None, split: str) -> list[str]:
             lines.append(f"- **{kind}**: no unigram/bigram baseline was scored on the {split} split, so whether the "
                          "arms learned more than n-gram statistics is unknown: **no ranking is given**.")
             continue
-        big = baselines["bigram"]["loss"]
+        big = baselines["bigram"]
         beats = beats_bigram(rows)
         if not all(beats.values()):
             lagging = ", ".join(f"{n} {rows[n]['bigram']['diff']:+.4f} {_interval_text(rows[n]['bigram'])}"
@@ -569,15 +617,18 @@ def _results(study, planned: dict, records: list[dict], selected: dict, analysis
 def write(workdir: str, study, planned: dict, records: list[dict], selected: dict, command: str,
           env: dict | None = None, baselines: dict | None = None) -> dict:
     """report.md (headline, tables, verdicts, links to the plots of plots.py) and results.json in `workdir`.
-    `baselines`: {'unigram', 'bigram': {'loss', 'tokens', 'documents': {'tokens', 'loss_sum', 'doc_ids'}}} on the
-    report split (studies.baselines), or None. Returns the results dict."""
+    `baselines`: baseline_summary (with the per-document losses), checked to be scored on the runs' tokens, or None.
+    Returns the results dict."""
     split = planned["report_split"]
     key = metric_key(split)
     env = env or environment()
     name = str(study.get("name", "") or "study")
+    tokens = scored_tokens(records)
+    if baselines:
+        check_baselines(baselines, tokens)
     analysis = analyse(study, planned, records, selected, key, baselines)
     head = headline(analysis, baselines, split)
-    lines = _header(study, planned, split, env, command, name)
+    lines = _header(study, planned, split, env, command, name, tokens, baselines)
     lines = lines[:2] + head + lines[2:]
     for kind in planned["kinds"]:
         lines += _budget_section(planned, kind, analysis, selected, split, key, baselines)
@@ -594,6 +645,8 @@ def write(workdir: str, study, planned: dict, records: list[dict], selected: dic
         f.write("\n".join(lines))
     os.replace(os.path.join(workdir, REPORT_FILE) + ".tmp", os.path.join(workdir, REPORT_FILE))
     results = _results(study, planned, records, selected, analysis, command, env, name, split, key, baselines, head)
+    if tokens:
+        results["scored_tokens"] = tokens
     metrics_lib.write_json(workdir, RESULTS_FILE, results)
     return results
 
@@ -662,8 +715,56 @@ def routing_section(workdir: str, planned: dict, records: list[dict]) -> list[st
             "router):", ""] + lines
 
 
+def machine(env: dict) -> str:
+    """The report's machine line (the code commit and library versions when the environment records them)."""
+    line = (f"Machine: {env['device_count']} x {env['device_kind']} ({env['platform']}, {env['cpu_count']} CPU "
+            f"cores), jax {env['jax']}.")
+    if "commit" in env:
+        line = (line[:-1] + f", jaxlib {env['jaxlib']}, flax {env['flax']}, optax {env['optax']}; CPU {env['cpu']}; "
+                f"code commit {env['commit']}" + (" (with uncommitted changes)." if env.get("dirty") else "."))
+    return line
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor(), else the machine type)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def code_commit() -> tuple[str, bool]:
+    """(git commit of the checkout holding this package, whether it has uncommitted changes); ('unknown', False)
+    outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit or "unknown", dirty
+
+
 def environment() -> dict:
+    """The machine and software a study ran on: devices, CPU model and cores, jax/jaxlib/flax/optax versions and
+    the code commit (results.json's 'environment')."""
+    import flax
     import jax
+    import jaxlib
+    import optax
+
     d = jax.devices()[0]
+    commit, dirty = code_commit()
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "jax": jax.__version__, "cpu_count": os.cpu_count()}
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "commit": commit, "dirty": dirty}

@@ -7,9 +7,16 @@ comparable across arms.
 
 Resumability. Each run is an ordinary moe_jax.train workdir (orbax checkpoints, metrics.jsonl, summary.json). A run
 whose summary says finished at its planned step is never trained again; an interrupted one resumes from its last
-checkpoint; a run dir started with a different config is refused. A test evaluation is written once, as
-eval_test_step<N>.json in the run dir, and read back afterwards. A wall_seconds budget's calibration is written to
-<workdir>/calibration.json and reused, so a re-run plans the same steps.
+checkpoint; a run dir started with a different config is refused.
+
+Evaluation. Every run's final checkpoint is scored on the whole validation split (the learning rate is chosen on
+it), every selected run's on the whole test split: every target token of the split exactly once, each arm at its own
+sequence length (data.pipeline.tile_windows), whatever data.max_val_windows says about the curves during training;
+so every arm is scored on the same tokens, and the report refuses runs whose token counts differ. Each evaluation is
+written once, as eval_step<N>.json / eval_test_step<N>.json in the run dir with the per-document results in
+eval_step<N>_docs.npz / eval_test_step<N>_docs.npz beside it (`document_losses` reads them), and read back
+afterwards. The unigram and bigram baselines (baselines.py) are scored on the same tokens. A wall_seconds budget's
+calibration is written to <workdir>/calibration.json and reused, so a re-run plans the same steps.
 
 Learning rates. The selection replicates run every value of each arm's grid; the rate of lowest mean validation loss
 is chosen; a choice on the grid's edge grows the grid by one geometric step beyond it (plan.grow_grids, up to
@@ -31,8 +38,11 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from moe_jax.config import runs
 from moe_jax.train import metrics as metrics_lib
+from moe_jax.studies import baselines as baselines_lib
 from moe_jax.studies import plan as plan_lib
 
 CALIBRATION_FILE = "calibration.json"
@@ -114,21 +124,58 @@ def run_one(config, rdir: str, devices=None) -> dict:
     return trainer.train(config, rdir, devices=devices) | {"skipped": False}
 
 
+def eval_path(rdir: str, step: int, split: str = "test") -> str:
+    """The run's evaluation JSON of `split` at `step` (eval.result_paths); its per-document .npz lies beside it."""
+    from moe_jax import eval as eval_lib
+
+    return eval_lib.result_paths(rdir, split, step)[0]
+
+
 def test_eval_path(rdir: str, step: int) -> str:
-    return os.path.join(rdir, f"eval_test_step{step}.json")
+    return eval_path(rdir, step, "test")
+
+
+def evaluate_split(rdir: str, step: int, split: str, devices=None) -> dict:
+    """The run's checkpoint at `step` on the whole `split` ('validation' or 'test'): every target token of the split
+    exactly once, at the run's own sequence length (eval.evaluate_workdir(whole_split=True)), with val_tokens (the
+    tokens scored) and the per-document .npz. Computed once, then read back (a file that is not of the whole split,
+    or has no .npz beside it, is computed again)."""
+    from moe_jax import eval as eval_lib
+
+    path, docs = eval_lib.result_paths(rdir, split, step)
+    if os.path.exists(path) and os.path.exists(docs):
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("whole_split"):
+            return result | {"skipped": True}
+    return eval_lib.evaluate_workdir(rdir, step=step, devices=devices, split=split, whole_split=True) | {
+        "skipped": False}
 
 
 def evaluate_test(rdir: str, step: int, devices=None) -> dict:
-    """The run's final checkpoint on the whole test split (or its evenly sampled windows): computed once, then read
-    back from eval_test_step<N>.json."""
-    path = test_eval_path(rdir, step)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f) | {"skipped": True}
-    from moe_jax import eval as eval_lib
+    """The run's final checkpoint on the whole test split (`evaluate_split`)."""
+    return evaluate_split(rdir, step, "test", devices)
 
-    result = eval_lib.evaluate_workdir(rdir, step=step, eval_batches=0, devices=devices, split="test")
-    return result | {"skipped": False}
+
+def document_losses(rdir: str, split: str, devices=None) -> dict:
+    """Per document of the whole `split` ('validation' or 'test'), the finished run's final checkpoint (its
+    summary.json step): {'tokens': int64 [n], 'loss_sum': float64 [n] (nats), 'doc_ids': int64 [n] (the source's
+    document indices, in split order: the same order for every arm of a study)}. Evaluated once (`evaluate_split`),
+    then read from the .npz beside the evaluation JSON."""
+    from moe_jax import eval as eval_lib
+    from moe_jax.train import loop as trainer
+
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    path = os.path.join(rdir, trainer.SUMMARY_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the run has not finished; train it first")
+    with open(path) as f:
+        step = int(json.load(f)["step"])
+    evaluate_split(rdir, step, split, devices)
+    with np.load(eval_lib.result_paths(rdir, split, step)[1]) as z:
+        return {"tokens": z["tokens"].astype(np.int64), "loss_sum": z["loss_sum"].astype(np.float64),
+                "doc_ids": z["doc_ids"].astype(np.int64)}
 
 
 def calibrate(study, workdir: str, devices=None) -> dict:
@@ -184,14 +231,20 @@ def train_and_select(study, workdir: str, planned: dict, devices=None, log=print
         summary = run_one(run.config, run.run_dir, devices=devices)
         if not summary["skipped"]:
             trained.add(run.run_dir)
+        ev = evaluate_split(run.run_dir, int(summary["step"]), "validation", devices=devices)
         log(f"{run.kind} {run.label} {run.replicate}: {'skipped (finished)' if summary['skipped'] else 'trained'}; "
-            f"val_loss {summary.get('val_loss')}")
-        return summary
+            f"val_loss {ev['val_loss']} on the whole validation split ({ev['val_tokens']} tokens)")
+        return summary, ev
 
     while True:
-        summaries = each_claimed(planned["runs"], lambda r: r.run_dir, train, log)
-        records = [report_lib.record(run, summaries[run.run_dir] | {"skipped": run.run_dir not in trained})
-                   for run in planned["runs"]]
+        done = each_claimed(planned["runs"], lambda r: r.run_dir, train, log)
+        records = []
+        for run in planned["runs"]:
+            summary, ev = done[run.run_dir]
+            rec = report_lib.record(run, summary | {"skipped": run.run_dir not in trained})
+            rec.update(val_loss=ev["val_loss"], val_accuracy=ev["val_accuracy"],
+                       val_perplexity=ev["val_perplexity"], val_tokens=ev["val_tokens"])
+            records.append(rec)
         selected = report_lib.select_lrs(planned, records)
         grids = plan_lib.grow_grids(planned, selected)
         chosen = {k: {a: s["lr"] for a, s in per.items()} for k, per in selected.items() if per}
@@ -212,18 +265,6 @@ def as_lists(x):
     return x.tolist() if hasattr(x, "tolist") else x
 
 
-def evaluation_sources():
-    """(document_losses(rdir, split), baselines.evaluate(config, split)) of the whole-split evaluation, or None for
-    either where this checkout does not have it: the report then says that it has no per-document losses (intervals
-    from replicates only) or no baselines (and gives no ranking)."""
-    try:
-        from moe_jax.studies import baselines as baselines_lib
-        base = baselines_lib.evaluate
-    except ImportError:
-        base = None
-    return getattr(sys.modules[__name__], "document_losses", None), base
-
-
 def run_study(study, workdir: str, command: str = "", devices=None, log=print) -> dict:
     """Plan, train every run (replicate-major; learning rates chosen and bracketed on validation), evaluate the
     selected runs on test once (with their per-document losses), score the baselines on the same split, and write
@@ -234,23 +275,19 @@ def run_study(study, workdir: str, command: str = "", devices=None, log=print) -
     for line in report_lib.describe_plan(planned):
         log(line)
     planned, records, selected = train_and_select(study, workdir, planned, devices, log)
-    docs_of, baselines_of = evaluation_sources()
     split = planned["report_split"]
     if split == "test":
         def evaluate(rec):
             ev = evaluate_test(rec["run_dir"], rec["steps"], devices=devices)
             rec.update(test_loss=ev["val_loss"], test_accuracy=ev["val_accuracy"],
-                       test_perplexity=ev["val_perplexity"])
-            if docs_of is not None:
-                rec["test_documents"] = as_lists(docs_of(rec["run_dir"], "test"))
+                       test_perplexity=ev["val_perplexity"], test_tokens=ev["val_tokens"],
+                       test_documents=as_lists(document_losses(rec["run_dir"], "test", devices)))
             return rec
 
         each_claimed([r for r in records if r["selected"]], lambda r: r["run_dir"], evaluate, log)
-    baselines = None
-    if baselines_of is not None:
-        first = next(r.config for r in planned["runs"])
-        baselines = as_lists(baselines_of(first, split))
+    report_lib.scored_tokens(records)  # one error, before anything is written, if arms were scored on other tokens
+    base = baselines_lib.evaluate(planned["runs"][0].config, split)
     results = report_lib.write(workdir, study, planned, records, selected, command or " ".join(sys.argv),
-                               baselines=baselines)
+                               baselines=report_lib.baseline_summary(base, split))
     log(f"report: {os.path.join(workdir, report_lib.REPORT_FILE)}")
     return results

@@ -12,15 +12,17 @@ the trainer builds it on that hardware (jax.make_mesh / create_hybrid_device_mes
 the programs are the trainer's own (moe_jax/train/step.py): the train step, the eval step, and with --decode the
 prefill of moe_jax/model/decode.py. `compile_programs` is the one place that calls the trainer's code.
 
-Printed per device and written with --json: the compiled memory (arguments, outputs, temporaries, generated code;
-peak = arguments + outputs - aliased + temporaries + code) against the device's memory, refused (exit 2) above
-MEMORY_LIMIT of it; FLOPs and bytes accessed (the compiler's cost analysis where it gives one, which the TPU compiler
-does and the compile-only GPU compiler does not: then FLOPs from moe_jax/model/flops.py and bytes from the HLO,
-tools/hlo.traffic_bytes); every collective in the optimized HLO (tools/hlo.py) with its count and bytes per step, and
-with --slices those that cross the slow links between slices or nodes; and a roofline: the step takes at least the
-longest of compute (FLOPs / peak), memory (bytes / HBM bandwidth) and communication (bytes sent / ICI or DCN
-bandwidth), at most their sum; the MFU ceiling is the model FLOPs (flops.flops_per_step) over peak x that shortest
-time. The figures and their sources are tools/hardware.py's. These are compile-time predictions; nothing here has
+Printed per device and written with --json: the compiled memory (arguments, outputs, temporaries, generated code; peak
+= arguments + outputs - aliased + temporaries + code) against the device's memory, refused (exit 2) above MEMORY_LIMIT
+of it; FLOPs (the compiler's cost analysis where it gives one, which the TPU compiler does and the compile-only GPU
+compiler does not: then moe_jax/model/flops.py's) and device-memory bytes (counted from the optimized HLO,
+tools/hlo.traffic_bytes; the TPU compiler's 'bytes accessed' beside them); every collective in the optimized HLO
+(tools/hlo.py) with its count and bytes per step, and with --slices those that cross the slow links between slices or
+nodes; the kernels XLA did not write (custom calls: Mosaic, Triton, cuDNN); and a roofline (`roofline`): compute
+(FLOPs / peak), memory (bytes / HBM bandwidth) and communication (bytes sent / ICI or DCN bandwidth); the step
+estimate is the longest of the three, the MFU estimate the model FLOPs (flops.flops_per_step) over peak x that time,
+and the MFU ceiling the same with the least memory traffic any schedule needs (an upper bound; the HLO's byte count is
+rough). The figures and their sources are tools/hardware.py's. These are compile-time predictions; nothing here has
 been measured on an accelerator.
 
 Errors are one `error:` line and exit status 2: a program that does not fit the device's memory (fix: a smaller
@@ -91,17 +93,24 @@ def prepare_config(config, target: targets_lib.Target, request: Request):
 
 def _grouped_matmul_notes(run, target: targets_lib.Target) -> list[str]:
     """The dropless path's 'megablox' grouped matmul is a Pallas TPU kernel: refused for a GPU target (a GPU run
-    would execute it in Pallas interpret mode); for a TPU target, a note that it compiles here in interpret mode
-    (moe_jax/model/dropless.py chooses interpret mode from the attached devices, which are this CPU)."""
+    would execute it in Pallas interpret mode) and, for a TPU target, refused when its matmul widths are not multiples
+    of 128 (the Mosaic lowering's block-shape rule; moe_jax/model/dropless.py compiles the kernel for the platform of
+    the mesh, so this is the TPU program itself)."""
     moe = run.moe
     if not (moe.num_experts and moe.dispatch == "dropless" and moe.grouped_matmul == "megablox"):
         return []
     if target.platform != "tpu":
         raise AotError(f"--config.moe.grouped_matmul=megablox: a Pallas TPU kernel, which a {target.name} run would "
                        f"execute in Pallas interpret mode; use --config.moe.grouped_matmul=ragged_dot for a GPU")
-    return ["moe.grouped_matmul 'megablox' compiled in Pallas interpret mode (model/dropless.py picks interpret mode "
-            "from the attached devices, here the CPU), not as the Mosaic kernel a TPU run uses: the expert matmuls' "
-            "memory and collectives are the emulation's (docs/benchmarks.md)"]
+    model_shards = max(1, run.mesh.shape[config_lib.MESH_AXES.index("model")])
+    widths = {"model.d_model": run.model.d_model, "moe.d_ff / model shards": moe.d_ff // model_shards}
+    narrow = {k: v for k, v in widths.items() if v % 128}
+    if narrow:
+        raise AotError(f"--config.moe.grouped_matmul=megablox: the TPU kernel needs matmul widths that are multiples "
+                       f"of 128, got {', '.join(f'{k} = {v}' for k, v in narrow.items())}; widen them or use "
+                       f"--config.moe.grouped_matmul=ragged_dot")
+    return ["moe.grouped_matmul 'megablox': the expert matmuls compile to the Pallas Mosaic kernel (a tpu_custom_call; "
+            "its FLOPs and bytes are not in XLA's cost analysis)"]
 
 
 def build_mesh(mesh: typed.MeshConfig, target: targets_lib.Target, slices: int):
@@ -208,11 +217,16 @@ def collectives(compiled, mesh) -> dict:
 
 
 def _flops_bytes(compiled, program: str, run, n_devices: int) -> dict:
-    """Executed FLOPs and bytes accessed per device per run, with their source."""
+    """Executed FLOPs and device-memory bytes per device per run, with their sources. Bytes are counted from the
+    optimized HLO on every platform (tools/hlo.traffic_bytes: it skips what the compiler placed on chip); the TPU
+    compiler's own 'bytes accessed' is kept beside it: on a v6e-8 program of configs/moe.py it was 35 GB against the
+    HLO's 7.5 GB in device memory, 12 GB of results sitting in on-chip memory (docs/benchmarks.md)."""
     cost = _cost(compiled)
+    traffic = {"bytes": hlo.traffic_bytes(compiled.as_text()),
+               "bytes_source": "optimized HLO: results in device memory written and read once (tools/hlo.traffic_bytes)",
+               "xla_bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None}
     if cost.get("flops"):
-        return {"flops": float(cost["flops"]), "flops_source": "XLA cost analysis",
-                "bytes": float(cost.get("bytes accessed", 0.0)), "bytes_source": "XLA cost analysis"}
+        return {"flops": float(cost["flops"]), "flops_source": "XLA cost analysis", **traffic}
     t = run.train
     if program == "train":
         f = flops.executed_flops_per_step(run)
@@ -220,25 +234,35 @@ def _flops_bytes(compiled, program: str, run, n_devices: int) -> dict:
         rows = t.batch_size if program == "eval" else 1
         f = flops.run_flops_per_token(run)["training"] / 3 * rows * t.seq_len
     return {"flops": f / n_devices, "flops_source": "moe_jax/model/flops.py (the compiler gave no cost analysis)",
-            "bytes": hlo.traffic_bytes(compiled.as_text()),
-            "bytes_source": "optimized HLO: top-level results written and read once (tools/hlo.traffic_bytes)"}
+            **traffic}
 
 
-def roofline(work: dict, colls: dict, device, model_flops: float, n_devices: int) -> dict:
-    """Step-time bounds (seconds) and the MFU ceiling from per-device work, collectives and the device's figures."""
+def roofline(work: dict, colls: dict, device, model_flops: float, n_devices: int, memory: dict) -> dict:
+    """Step-time bounds (seconds) and MFU from per-device work, collectives, compiled memory and the device's figures.
+
+    Terms: compute = FLOPs / peak; HBM = bytes / bandwidth, twice: `least_memory_s` from the least traffic any
+    schedule needs (the arguments read once, the outputs written once), `memory_s` from the program's count
+    (work["bytes"], tools/hlo.traffic_bytes), rough both ways (a result read by several ops counts one read); communication = ICI + DCN wire bytes / their bandwidths. The step takes at least max(compute,
+    least_memory, communication) (-> `mfu_ceiling`, an upper bound), about max(compute, memory, communication) (->
+    `step_s_estimate`, `mfu_estimate`, `bound`), at most the sum of the terms with the compiler's bytes."""
     by = colls["by_kind"]
     dcn = sum(r["cross_slice_wire_bytes"] for r in by.values())
     ici = sum(r["wire_bytes"] for r in by.values()) - dcn
+    least_bytes = memory.get("argument", 0) + memory.get("output", 0)
     times = {"compute_s": work["flops"] / (device.peak_tflops * 1e12),
              "memory_s": work["bytes"] / device.hbm_bytes_per_s,
+             "least_memory_s": least_bytes / device.hbm_bytes_per_s,
              "ici_s": ici / device.ici_bytes_per_s, "dcn_s": dcn / device.dcn_bytes_per_s}
-    low = max(times["compute_s"], times["memory_s"], times["ici_s"] + times["dcn_s"])
-    high = times["compute_s"] + times["memory_s"] + times["ici_s"] + times["dcn_s"]
-    bound = max(("compute", times["compute_s"]), ("memory", times["memory_s"]),
-                ("communication", times["ici_s"] + times["dcn_s"]), key=lambda kv: kv[1])[0]
-    mfu = model_flops / (n_devices * device.peak_tflops * 1e12 * low) if low > 0 else float("nan")
-    return {**times, "step_s_min": low, "step_s_max": high, "bound": bound, "mfu_ceiling": mfu,
-            "model_flops": model_flops, "ici_wire_bytes": ici, "dcn_wire_bytes": dcn,
+    comm = times["ici_s"] + times["dcn_s"]
+    low = max(times["compute_s"], times["least_memory_s"], comm)
+    estimate = max(times["compute_s"], times["memory_s"], comm)
+    high = times["compute_s"] + times["memory_s"] + comm
+    bound = max(("compute", times["compute_s"]), ("memory", times["memory_s"]), ("communication", comm),
+                key=lambda kv: kv[1])[0]
+    mfu = lambda t: model_flops / (n_devices * device.peak_tflops * 1e12 * t) if t > 0 else float("nan")  # noqa
+    return {**times, "step_s_min": low, "step_s_estimate": estimate, "step_s_max": high, "bound": bound,
+            "mfu_ceiling": mfu(low), "mfu_estimate": mfu(estimate), "model_flops": model_flops,
+            "least_bytes": least_bytes, "ici_wire_bytes": ici, "dcn_wire_bytes": dcn,
             "figures": {"peak_tflops": device.peak_tflops, "peak_source": device.peak_source,
                         "hbm_bytes_per_s": device.hbm_bytes_per_s, "hbm_source": device.hbm_source,
                         "ici_bytes_per_s": device.ici_bytes_per_s, "ici_source": device.ici_source,
@@ -256,9 +280,10 @@ def analyse(program: str, compiled, seconds: float, run, target: targets_lib.Tar
         flops.run_flops_per_token(run)["training"] / 3 * run.train.batch_size * run.train.seq_len
     out = {"program": program, "compile_cpu_s": round(seconds, 2), "memory": mem, "device_memory": limit,
            "peak_fraction": mem["peak"] / limit if mem else None,
-           "fits": bool(mem) and mem["peak"] <= MEMORY_LIMIT * limit, **work, "collectives": colls}
+           "fits": bool(mem) and mem["peak"] <= MEMORY_LIMIT * limit, **work, "collectives": colls,
+           "custom_calls": hlo.custom_calls(compiled.as_text())}
     if program != "decode":
-        out["roofline"] = roofline(work, colls, target.hardware, model_flops, n)
+        out["roofline"] = roofline(work, colls, target.hardware, model_flops, n, mem)
     return out
 
 
@@ -340,12 +365,17 @@ def _program_lines(name: str, p: dict, sliced: bool) -> list[str]:
                  f"({p['bytes_source']})")
     lines.append("  collectives per step (per device):")
     lines += _collective_lines(p["collectives"], sliced)
+    if p.get("custom_calls"):
+        lines.append("  kernels XLA did not write (custom calls per step): "
+                     + ", ".join(f"{k} {v} x" for k, v in p["custom_calls"].items()))
     r = p.get("roofline")
     if r:
-        lines += [f"  roofline: compute {1e3 * r['compute_s']:.3f} ms, HBM {1e3 * r['memory_s']:.3f} ms, ICI/NVLink "
-                  f"{1e3 * r['ici_s']:.3f} ms, DCN {1e3 * r['dcn_s']:.3f} ms -> step {1e3 * r['step_s_min']:.3f} "
-                  f"to {1e3 * r['step_s_max']:.3f} ms ({r['bound']}-bound); MFU ceiling {100 * r['mfu_ceiling']:.1f}%"
-                  f" ({r['model_flops']:.4g} model FLOPs per step)"]
+        lines += [f"  roofline: compute {1e3 * r['compute_s']:.3f} ms, HBM {1e3 * r['memory_s']:.3f} ms (at least "
+                  f"{1e3 * r['least_memory_s']:.3f}), ICI/NVLink {1e3 * r['ici_s']:.3f} ms, DCN {1e3 * r['dcn_s']:.3f} "
+                  f"ms -> step about {1e3 * r['step_s_estimate']:.3f} ms ({r['bound']}-bound), between "
+                  f"{1e3 * r['step_s_min']:.3f} and {1e3 * r['step_s_max']:.3f} ms; MFU about "
+                  f"{100 * r['mfu_estimate']:.1f}%, at most {100 * r['mfu_ceiling']:.1f}% ({r['model_flops']:.4g} model "
+                  f"FLOPs per step)"]
     return lines
 
 

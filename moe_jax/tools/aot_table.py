@@ -6,7 +6,7 @@ the new rows compile), and written as a Markdown table.
         --markdown docs/aot_table.md [--table_json docs/aot_table.json]
 
 A row's key is (config file, target, slices, mesh); a row records either the prediction (fits, peak GiB per device,
-compile CPU-seconds, roofline step time, MFU ceiling, collectives) or the one-line reason it could not be compiled
+compile CPU-seconds, roofline step time with its terms, MFU estimate and ceiling, collectives) or the one-line reason it could not be compiled
 (out of memory, a mesh or batch the target cannot hold).
 """
 
@@ -19,8 +19,8 @@ from moe_jax.config import schema as config_lib
 from moe_jax.tools import aot as aot_lib
 from moe_jax.tools import targets as targets_lib
 
-COLUMNS = ("config", "target", "fits", "peak GiB/device", "of GiB", "compile CPU-s", "step ms (roofline)",
-           "bound", "MFU ceiling", "collectives per step")
+COLUMNS = ("config", "target", "fits", "peak GiB/device", "of GiB", "compile CPU-s", "step ms: about (range)",
+           "bound", "MFU: about / at most", "collectives per step")
 
 
 def row_key(config_path: str, request: aot_lib.Request) -> str:
@@ -45,7 +45,11 @@ def summarise(config_path: str, result: dict | None, error: str | None) -> dict:
                peak_gib=train["memory"]["peak"] / aot_lib.GIB if train["memory"] else None,
                device_gib=train["device_memory"] / aot_lib.GIB,
                compile_cpu_s=sum(p["compile_cpu_s"] for p in result["programs"].values()),
-               step_ms=(1e3 * r["step_s_min"], 1e3 * r["step_s_max"]), bound=r["bound"], mfu_ceiling=r["mfu_ceiling"],
+               step_ms=(1e3 * r["step_s_min"], 1e3 * r["step_s_estimate"], 1e3 * r["step_s_max"]), bound=r["bound"],
+               mfu_estimate=r["mfu_estimate"], mfu_ceiling=r["mfu_ceiling"],
+               terms_ms={k[:-2]: 1e3 * r[k] for k in ("compute_s", "memory_s", "least_memory_s", "ici_s", "dcn_s")},
+               flops=train["flops"], bytes=train["bytes"], bytes_source=train["bytes_source"],
+               custom_calls=train.get("custom_calls", {}),
                collectives=_short_collectives(train["collectives"]), notes=result["notes"])
     return row
 
@@ -90,6 +94,11 @@ def compute(config_paths: list[str], target_names: list[str], table_json: str, *
     return rows
 
 
+def _step(ms) -> str:
+    low, about, high = ms
+    return f"{about:.3g} ({low:.3g}-{high:.3g})"
+
+
 def markdown(rows: dict) -> str:
     """The rows as a Markdown table (sorted by config, then target)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -100,6 +109,33 @@ def markdown(rows: dict) -> str:
             continue
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "?"
         lines.append(f"| {r['config']} | {r['target']} | {'yes' if r['fits'] else 'no (memory)'} | {peak} | "
-                     f"{r['device_gib']:.1f} | {r['compile_cpu_s']:.0f} | {r['step_ms'][0]:.2f}-{r['step_ms'][1]:.2f}"
-                     f" | {r['bound']} | {100 * r['mfu_ceiling']:.0f}% | {r['collectives']} |")
+                     f"{r['device_gib']:.1f} | {r['compile_cpu_s']:.0f} | {_step(r['step_ms'])} | {r['bound']} | "
+                     f"{100 * r['mfu_estimate']:.0f}% / {100 * r['mfu_ceiling']:.0f}% | {r['collectives']} |")
     return "\n".join(lines) + "\n"
+
+
+def device_target(device_kind: str, n: int = 1) -> str | None:
+    """The target of `n` devices of a JAX device_kind ('NVIDIA H100 80GB HBM3' -> 'h100-1'), or None."""
+    kind = device_kind.lower()
+    for name, target in targets_lib.TARGETS.items():
+        if target.platform == "gpu" and target.chips == n and target.device in kind:
+            return name
+    return None
+
+
+def against_measurement(row: dict, step_s: float, memory: dict) -> dict:
+    """A table row's prediction beside what a device measured for the same config: the measured step time against
+    the roofline's estimate and interval, and the compiled peak memory (`memory`: the device's own
+    memory_analysis(), as moe_jax.bench records it) against the predicted peak."""
+    low, about, high = (ms / 1e3 for ms in row["step_ms"])
+    out = {"target": row["target"], "predicted_step_s": about, "predicted_step_range_s": [low, high],
+           "measured_step_s": step_s, "measured_over_predicted_step": step_s / about,
+           "step_within_range": low <= step_s <= high,
+           "predicted_mfu": row["mfu_estimate"], "mfu_ceiling": row["mfu_ceiling"]}
+    if memory and row.get("peak_gib") is not None:
+        peak = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+                - memory.get("alias_size_in_bytes", 0) + memory["temp_size_in_bytes"]
+                + memory.get("generated_code_size_in_bytes", 0)) / aot_lib.GIB
+        out.update(predicted_peak_gib=row["peak_gib"], measured_peak_gib=peak,
+                   measured_over_predicted_peak=peak / row["peak_gib"])
+    return out

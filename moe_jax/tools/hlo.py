@@ -31,9 +31,10 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _CALL_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 # top-level instructions that move no data of their own
+# (an asynchronous op's `-start` result is a tuple that carries its operands too: its `-done` result, the output, is
+# counted instead; copy-start/-done move buffers between memory spaces, prefetches the compiler schedules)
 _NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all", "partition-id",
-               "replica-id", "while", "conditional", "call", "copy-start", "copy-done", "all-reduce-done",
-               "all-gather-done", "collective-permute-done", "async-done", "async-update", "opt-barrier"}
+               "replica-id", "while", "conditional", "call", "copy-start", "copy-done", "async-update", "opt-barrier"}
 
 
 @dataclasses.dataclass
@@ -222,10 +223,28 @@ def summary(colls: list[Collective], slice_of_position=None) -> dict:
     return {"by_kind": out, "unknown_trip_counts": unknown}
 
 
+_ON_CHIP = re.compile(r":[^{}]*S\((?:[1-9]\d*)\)")  # a layout in a memory space other than 0 (TPU VMEM etc.)
+
+
+def _hbm_bytes(type_text: str) -> float:
+    """Bytes of the arrays of an HLO type that live in device memory (layout memory space 0)."""
+    return sum(b for b, layout in zip(shape_bytes(type_text), _layouts(type_text)) if not _ON_CHIP.search(layout))
+
+
+def _layouts(type_text: str) -> list[str]:
+    """The layout text ('{1,0:T(8,128)S(1)}' or '') after each array of an HLO type, in shape_bytes' order."""
+    out = []
+    for m in _SHAPE.finditer(type_text):
+        rest = type_text[m.end():]
+        out.append(rest[:rest.index("}") + 1] if rest.startswith("{") else "")
+    return out
+
+
 def traffic_bytes(text: str) -> float:
-    """A rough count of the bytes a run moves through device memory: every top-level instruction's result (entry
-    computation and loop bodies, times their executions) written once and read once; fusion internals stay in
-    registers / on-chip memory and are not counted. Used only when the compiler gives no 'bytes accessed'."""
+    """A rough count of the bytes a run moves through device memory (HBM): every top-level instruction's result
+    (entry computation and loop bodies, times their executions) that lives in device memory, written once and read
+    once; fusion internals stay in registers / on-chip memory and are not counted, nor are results the compiler
+    placed in on-chip memory (TPU layouts `S(1)`); an asynchronous op counts by its `-done` result."""
     comps, entry = computations(text)
     runs = executions(comps, entry)
     called_as_fusion = {c for instrs in comps.values() for _, _, op, rest in instrs
@@ -237,6 +256,24 @@ def traffic_bytes(text: str) -> float:
         times = runs.get(comp, (0, True))[0]
         if times == 0 or comp in called_as_fusion:
             continue
-        total += times * sum(2 * sum(shape_bytes(t)) for _, t, op, _ in instrs if op not in _NO_TRAFFIC)
+        total += times * sum(2 * _hbm_bytes(t) for _, t, op, _ in instrs
+                             if op not in _NO_TRAFFIC and not op.endswith("-start"))
     return total
 
+
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def custom_calls(text: str) -> dict[str, int]:
+    """{custom-call target: executions per run} of the program: the kernels XLA did not write itself (Pallas/Mosaic
+    `tpu_custom_call`, Triton, cuDNN, ...), counted through loops as the collectives are."""
+    comps, entry = computations(text)
+    runs = executions(comps, entry)
+    out: dict[str, int] = {}
+    for comp, instrs in comps.items():
+        times = runs.get(comp, (0, True))[0]
+        for _, _, op, rest in instrs:
+            m = _CUSTOM_CALL_TARGET.search(rest) if op == "custom-call" else None
+            if m and times:
+                out[m.group(1)] = out.get(m.group(1), 0) + times
+    return dict(sorted(out.items()))

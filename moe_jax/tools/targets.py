@@ -87,6 +87,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _gpu("h100-1", "h100", 1),
     _gpu("h100-2", "h100", 2),  # a 2-GPU node (also the quick GPU case of tests/test_aot.py)
     _gpu("h100-8", "h100", 8),
+    _gpu("h200-1", "h200", 1),  # the device check's one-GPU machine
     _gpu("h200-8", "h200", 8),
     _gpu("b200-8", "b200", 8),
 )}

@@ -32,6 +32,7 @@ from moe_jax.model import transformer as model_lib
 from moe_jax import sharding as sharding_lib
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+DOC_KEY = "doc_index"  # evaluation windows: each target's document (data.pipeline.tile_windows)
 
 
 def init_state(seed: int, params, optimizer) -> dict:
@@ -40,10 +41,13 @@ def init_state(seed: int, params, optimizer) -> dict:
             "rng": jax.random.key_data(jax.random.key(seed))}
 
 
+def _apply(graphdef, params, micro, rng, train: bool):
+    return model_lib.apply(graphdef, params, micro["inputs"], positions=micro.get("positions"),
+                           segment_ids=micro.get("segment_ids"), train=train, rng=rng, token_mask=micro["weights"] > 0)
+
+
 def _loss(graphdef, params, micro, rng, train: bool):
-    logits, aux, _ = model_lib.apply(graphdef, params, micro["inputs"], positions=micro.get("positions"),
-                                     segment_ids=micro.get("segment_ids"), train=train, rng=rng,
-                                     token_mask=micro["weights"] > 0)
+    logits, aux, _ = _apply(graphdef, params, micro, rng, train)
     loss_sum, correct, weight = model_lib.cross_entropy(logits, micro["targets"], micro["weights"])
     ce = loss_sum / jnp.maximum(weight, 1.0)
     return ce + aux["moe_loss"], (ce, correct, weight, aux)
@@ -127,6 +131,18 @@ def make_eval_step(graphdef) -> Callable:
     def eval_fn(params, batch):
         _, (ce, correct, weight, _) = _loss(graphdef, params, batch, None, False)
         return {"loss": ce * weight, "correct": correct, "weight": weight}
+
+    return eval_fn
+
+
+def make_token_eval_step(graphdef) -> Callable:
+    """(params, batch) -> per token [B, S]: {'loss' (cross-entropy x weight), 'correct', 'weight', 'doc_index' (the
+    batch's own)}: the eval step before its sums, for per-document results; deterministic."""
+
+    def eval_fn(params, batch):
+        logits, _, _ = _apply(graphdef, params, batch, None, False)
+        loss, correct, weight = model_lib.token_cross_entropy(logits, batch["targets"], batch["weights"])
+        return {"loss": loss, "correct": correct, "weight": weight, "doc_index": batch[DOC_KEY]}
 
     return eval_fn
 
@@ -285,16 +301,18 @@ def compile_train_step(train, graphdef, optimizer, abstract_state, mesh, batch_l
         return train.lower(abstract_state, _abstract_batch(batch_like, b_shard)).compile(), b_shard
 
 
-def compile_eval_step(graphdef, abstract_params, mesh, eval_batch_like: dict):
+def compile_eval_step(graphdef, abstract_params, mesh, eval_batch_like: dict, per_token: bool = False):
     """The eval step lowered and compiled for parameters like `abstract_params` (anything with .shape, .dtype and
-    .sharding: ShapeDtypeStructs or the arrays themselves) and batches like `eval_batch_like`.
+    .sharding: ShapeDtypeStructs or the arrays themselves) and batches like `eval_batch_like`; per_token: the
+    per-token step (make_token_eval_step; eval_batch_like with DOC_KEY), its outputs replicated on every process.
     Returns (executable, batch shardings)."""
     p_shard = jax.tree.map(lambda s: s.sharding, abstract_params)
     e_shard = batch_shardings(eval_batch_like, mesh)
     abs_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params,
                               p_shard)
     with jax.set_mesh(mesh):
-        ev = jax.jit(make_eval_step(graphdef), in_shardings=(p_shard, e_shard),
+        step_fn = make_token_eval_step(graphdef) if per_token else make_eval_step(graphdef)
+        ev = jax.jit(step_fn, in_shardings=(p_shard, e_shard),
                      out_shardings=NamedSharding(mesh, P()))
         return ev.lower(abs_params, _abstract_batch(eval_batch_like, e_shard)).compile(), e_shard
 
@@ -314,16 +332,23 @@ def compile_steps(train, graphdef, abstract_nnx_state, optimizer, mesh, batch_li
 # Batches and evaluation
 
 
-def batch_like(batch: dict, rows: int) -> dict:
-    """Global ShapeDtypeStructs for a batch of `rows` sequences, from one process-local example batch."""
+def batch_like(batch: dict, rows: int, keys: tuple = BATCH_KEYS) -> dict:
+    """Global ShapeDtypeStructs for a batch of `rows` sequences, from one process-local example batch (its `keys`)."""
     return {k: jax.ShapeDtypeStruct((rows,) + np.asarray(v).shape[1:], np.asarray(v).dtype) for k, v in batch.items()
-            if k in BATCH_KEYS}
+            if k in keys}
 
 
 def to_global(batch: dict, shardings: dict) -> dict:
     """A process-local batch as global arrays in `shardings` (keys without a sharding are left out)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
             if k in shardings}
+
+
+def _eval_result(loss_sum: float, correct: float, weight: float) -> dict:
+    w = max(weight, 1.0)
+    loss = loss_sum / w
+    return {"val_loss": loss, "val_accuracy": correct / w, "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_tokens": weight}
 
 
 def evaluate(eval_fn, params, val_batches: list, eval_shardings: dict) -> dict:
@@ -333,7 +358,26 @@ def evaluate(eval_fn, params, val_batches: list, eval_shardings: dict) -> dict:
         sums = jax.device_get(eval_fn(params, to_global(b, eval_shardings)))
         for k in total:
             total[k] += float(sums[k])
-    w = max(total["weight"], 1.0)
-    loss = total["loss"] / w
-    return {"val_loss": loss, "val_accuracy": total["correct"] / w,
-            "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": total["weight"]}
+    return _eval_result(total["loss"], total["correct"], total["weight"])
+
+
+def evaluate_documents(eval_fn, params, batches: list, eval_shardings: dict, num_docs: int) -> tuple[dict, dict]:
+    """`evaluate` through the per-token step (compile_eval_step(per_token=True)), summed in float64 on the host,
+    and per document: returns (the `evaluate` dict, val_tokens an int, {'tokens': int64 [num_docs], 'loss_sum':
+    float64 [num_docs] (nats)}), documents indexed by the batches' doc_index ordinals. The totals are the sums of
+    the per-document arrays."""
+    tokens = np.zeros(num_docs, dtype=np.int64)
+    loss = np.zeros(num_docs, dtype=np.float64)
+    correct = 0.0
+    for b in batches:
+        out = jax.device_get(eval_fn(params, to_global(b, eval_shardings)))
+        scored = np.asarray(out["weight"]) > 0
+        doc = np.asarray(out["doc_index"])[scored]
+        if doc.size and (doc.min() < 0 or doc.max() >= num_docs):
+            raise ValueError(f"a scored target's doc_index lies outside [0, {num_docs}): the windows are not this "
+                             "split's")
+        tokens += np.bincount(doc, minlength=num_docs)
+        loss += np.bincount(doc, weights=np.asarray(out["loss"], dtype=np.float64)[scored], minlength=num_docs)
+        correct += float(np.asarray(out["correct"], dtype=np.float64)[scored].sum())
+    total = int(tokens.sum())
+    return _eval_result(float(loss.sum()), correct, total), {"tokens": tokens, "loss_sum": loss}

@@ -5,9 +5,9 @@ singular values, and the time of each chain on stacks of such matrices (jitted, 
     python -m moe_jax.bench --mode newton-schulz --rows 384 --cols 1536 --stack 8 --groups 2 --rounds 5
 
 Chains: float32 X space (optax's), bfloat16 X space (moe_jax: bfloat16 operands, float32 products and sums), float32
-Gram space (moe_jax `ns_method='gram'`), and two that moe_jax does not offer, to show why: bfloat16 X space with
-every product rounded to bfloat16 (the seeds' PyTorch arithmetic: twice the error) and bfloat16 Gram space (diverges
-on ill-conditioned matrices). Last, the GFLOP/s of one [rows, cols] x [cols, rows] product per operand and result
+Gram space (moe_jax `ns_method='gram'`), bfloat16 X space with every product rounded to bfloat16 (the seeds' PyTorch
+arithmetic, `optim.ns_rounding='every_op'`, offered for seed fidelity only: twice the error) and bfloat16 Gram space
+(not offered: diverges on ill-conditioned matrices). Last, the GFLOP/s of one [rows, cols] x [cols, rows] product per operand and result
 dtype.
 """
 
@@ -55,22 +55,12 @@ def gram_bfloat16(x):
     return mm(r, x)
 
 
-def x_bfloat16_results(x):
-    """The seeds' arithmetic: X space with every product rounded to bfloat16 as well."""
-    bf = jnp.bfloat16
-    c = [float(v) for v in muon.NS_COEFFS]
-    y = (x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + 1e-8)).astype(bf)
-    for _ in range(5):
-        a = y @ jnp.swapaxes(y, -1, -2)
-        y = c[0] * y + (c[1] * a + c[2] * (a @ a)) @ y
-    return y.astype(jnp.float32)
-
-
 def chains() -> dict:
-    """{name: chain [..., m, n] -> [..., m, n]}: the ones moe_jax offers and the two it does not."""
+    """{name: chain [..., m, n] -> [..., m, n]}: the ones moe_jax offers and the one it does not."""
     coeffs = jnp.asarray(muon.NS_COEFFS)
     return {"float32 X space": lambda x: muon.newton_schulz(x, coeffs, 5, 1e-8),
-            "bfloat16 X space, bfloat16 products (the seeds')": x_bfloat16_results,
+            "bfloat16 X space, bfloat16 products (the seeds')":
+                lambda x: muon.newton_schulz(x, coeffs, 5, 1e-8, jnp.bfloat16, rounding="every_op"),
             "bfloat16 X space": lambda x: muon.newton_schulz(x, coeffs, 5, 1e-8, jnp.bfloat16),
             "float32 Gram space": lambda x: muon.newton_schulz_gram(x, coeffs, 5, 1e-8),
             "bfloat16 Gram space (not offered)": gram_bfloat16}
