@@ -28,8 +28,10 @@ not stop the others; steps that would overrun the time budget are skipped):
              tests), with JAX_DEFAULT_MATMUL_PRECISION=highest (the tests compare against float64 references) and
              deterministic GPU reductions (exact resume); 4 pytest-xdist workers where installed; CPU: one module;
   decode     decode tokens/s at configs/moe.py's shapes (`--mode decode`; CPU: smoke);
-  seeds      the seeds' PyTorch code timed at the GPU configs' shape (when .seeds/ from scripts/device_prepare.sh
-             --seeds and torch are present; GPU only);
+  seeds      the seeds' own PyTorch training step timed (scripts/seed_timing.py) at the GPU configs' shape (CPU:
+             tiny), when their sources are given (--seeds_dir, $MOE_JAX_SEEDS_DIR or .seeds/repos from
+             scripts/device_prepare.sh --seeds) and torch is importable (--seeds_python); otherwise skipped, saying
+             why;
   compare    python -m moe_jax.compare --config configs/compare_smoke.py (CPU: one seed, fewer steps).
 Writes OUT/device_check.json and OUT/device_check.log (OUT: --out, else $OUT, else runs/device_check).
 """
@@ -457,39 +459,55 @@ def step_compare(check: Check, args) -> dict:
             "_status": "ok" if rc == 0 and results else "failed"}
 
 
+def seeds_source(args) -> tuple[str, str]:
+    """(the seed sources folder, the Python to time them with), or ("", why the step is skipped) in one line."""
+    folder = args.seeds_dir or os.environ.get("MOE_JAX_SEEDS_DIR", "")
+    if not folder and os.path.isdir(os.path.join(ROOT, ".seeds", "repos")):
+        folder = os.path.join(ROOT, ".seeds", "repos")  # where scripts/device_prepare.sh --seeds puts them
+    if not folder:
+        return "", ("no seed sources: give --seeds_dir DIR (or MOE_JAX_SEEDS_DIR) holding llm-moe/ "
+                    "(scripts/seed_timing.py)")
+    if not os.path.isdir(os.path.join(folder, "llm-moe")):
+        return "", f"--seeds_dir {folder}: llm-moe/ is missing (scripts/seed_timing.py says what goes there)"
+    py = args.seeds_python or os.environ.get("MOE_JAX_TORCH_PYTHON") or python()
+    if subprocess.run([py, "-c", "import torch"], capture_output=True).returncode != 0:
+        return "", f"torch is not importable by {py} (--seeds_python: a Python that has it)"
+    return folder, py
+
+
 def step_seeds(check: Check, args) -> dict:
-    harness = os.path.join(ROOT, ".seeds", "harness", "bench_interleaved.py")
-    if not os.path.exists(harness):
-        return {"_status": "skipped", "why": ".seeds/ not carried (bash scripts/device_prepare.sh --seeds)"}
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return {"_status": "skipped", "why": "torch is not installed"}
-    c = load("configs/gpu_moe.py")
-    shape = ["--batch", str(c.train.batch_size), "--seq", str(c.train.seq_len), "--d_model", str(c.model.d_model),
-             "--n_heads", str(c.model.n_heads), "--n_layers", str(c.model.n_layers), "--experts",
-             str(c.moe.num_experts), "--top_k", str(c.moe.top_k), "--vocab", str(c.model.vocab_size),
-             "--steps", "10", "--warmup", "3", "--device", "cuda", "--amp", "bf16"]
-    env = {"SEEDREPOS": os.path.join(ROOT, ".seeds", "repos")}
-    out = {"shape": " ".join(shape), "runs": {}}
-    ok = True
-    # dense FFN d_ff 3072; every-layer MoE with expert d_ff 1536: the shapes of configs/gpu_dense.py / gpu_moe.py
-    for model, d_ff in (("b_dense", c.model.d_ff), ("b_moe_all", c.moe.d_ff)):
-        js = os.path.join(check.work, f"seed_{model}.json")
-        rc, text = check.run([python(), harness, "--models", model, "--d_ff", str(d_ff), "--json", js] + shape,
-                             timeout=args.seeds_timeout, env=env)
-        if rc == 0 and os.path.exists(js):
-            with open(js) as f:
-                out["runs"][model] = json.loads(f.read().splitlines()[-1])
-        else:
-            ok = False
-            out["runs"][model] = {"rc": rc, "tail": text[-1500:]}
-    if ok:
-        d = out["runs"]["b_dense"]["results"]["b_dense"]["median_step_s"]
-        m = out["runs"]["b_moe_all"]["results"]["b_moe_all"]["median_step_s"]
-        out["seed_moe_step_over_dense_step"] = m / d
-        check.log(f"seeds' PyTorch: MoE step {m * 1e3:.1f} ms / dense step {d * 1e3:.1f} ms = {m / d:.3f}")
-    return {**out, "_status": "ok" if ok else "failed"}
+    """The seeds' own PyTorch training step (scripts/seed_timing.py: seed 002's dense model and its MoE with every
+    layer MoE) at the shapes of configs/gpu_dense.py and gpu_moe.py (CPU: tiny), with the seeds' float16 autocast on
+    CUDA; the MoE step time over the dense one, to set beside moe_jax's (bench)."""
+    folder, py = seeds_source(args)
+    if not folder:
+        return {"_status": "skipped", "why": py}
+    if args.cpu:
+        shape = dict(d_model=64, n_heads=4, n_layers=2, experts=4, top_k=2, vocab=512, seq=64, batch=4)
+        d_ff, steps = {"seed002_dense": 128, "seed002_moe": 64}, ["--steps", "3", "--warmup", "1"]
+    else:
+        c = load("configs/gpu_moe.py")
+        shape = dict(d_model=c.model.d_model, n_heads=c.model.n_heads, n_layers=c.model.n_layers,
+                     experts=c.moe.num_experts, top_k=c.moe.top_k, vocab=c.model.vocab_size, seq=c.train.seq_len,
+                     batch=c.train.batch_size)
+        d_ff, steps = {"seed002_dense": c.model.d_ff, "seed002_moe": c.moe.d_ff}, ["--steps", "10", "--warmup", "3"]
+    flags = [f"--{k}={v}" for k, v in shape.items()] + ["--grad_accum=1", *steps]
+    out = {"seeds_dir": folder, "python": py, "runs": {}}
+    for model, ff in d_ff.items():
+        js = os.path.join(check.work, f"seed_timing_{model}.json")
+        every_layer = ["--set", "moe_layers=all"] if model == "seed002_moe" else []
+        rc, text = check.run([py, os.path.join(ROOT, "scripts", "seed_timing.py"), "--seedrepos", folder,
+                              "--models", model, f"--d_ff={ff}", "--json", js, *every_layer, *flags],
+                             timeout=args.seeds_timeout)
+        if rc != 0 or not os.path.exists(js):
+            return {**out, "_status": "failed", "error": f"scripts/seed_timing.py --models {model} exited with {rc}",
+                    "tail": text[-1500:]}
+        with open(js) as f:
+            out["runs"][model] = json.load(f)
+    d, m = (out["runs"][k]["results"][k]["ms_per_step_median"] for k in ("seed002_dense", "seed002_moe"))
+    out["seed_moe_step_over_dense_step"] = m / d
+    check.log(f"seeds' PyTorch: MoE step {m:.1f} ms / dense step {d:.1f} ms = {m / d:.3f}")
+    return out
 
 
 GPU_TESTS = ["tests/test_precision.py", "tests/test_layers.py", "tests/test_model.py", "tests/test_moe.py",
@@ -544,6 +562,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train_timeout", type=float, default=150)
     ap.add_argument("--compare_timeout", type=float, default=150)
     ap.add_argument("--seeds_timeout", type=float, default=90)
+    ap.add_argument("--seeds_dir", default="", help="the seeds' sources for the seeds step (scripts/seed_timing.py; "
+                    "default: $MOE_JAX_SEEDS_DIR, else .seeds/repos if present; without them the step is skipped)")
+    ap.add_argument("--seeds_python", default="", help="the Python (with torch) that times them (default: "
+                    "$MOE_JAX_TORCH_PYTHON, else this one)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the bench/profile child process
     args = ap.parse_args(argv)
     if args.cpu:
@@ -572,9 +594,8 @@ def main(argv=None) -> int:
              ("seeds", lambda: step_seeds(check, args), 50),
              ("compare", lambda: step_compare(check, args), 60 if not args.cpu else 25)]
     for name, fn, need in steps:
-        if (only and name not in only) or name in skip or (name == "seeds" and args.cpu):
-            why = "CPU mode (the anchor is a GPU timing)" if name == "seeds" and args.cpu else "not selected"
-            check.result["steps"][name] = {"status": "skipped", "why": why}
+        if (only and name not in only) or name in skip:
+            check.result["steps"][name] = {"status": "skipped", "why": "not selected"}
             continue
         if name in ("bench", "profile") and not args.inner:
             if name == "bench":

@@ -4,10 +4,9 @@
 #   .whl/    wheels (Python 3.12, manylinux x86_64) of the packages moe_jax needs that a JAX GPU image (JAX 0.11.x
 #            with the CUDA plugin, flax, optax, orbax, chex, numpy, sentencepiece, matplotlib, tqdm, absl) does not
 #            have, at the versions requirements.txt pins;
-#   .seeds/  (only with --seeds DIR) the Python sources of the seed repositories from DIR, your own checkout of them
-#            (llm-moe/, bb_c1b4a78/, bb_46fbc3e/). Optional: the device check's seed timing also needs a timing harness
-#            at .seeds/harness/bench_interleaved.py, which is not part of this repository; without it that step is
-#            skipped. Never committed.
+#   .seeds/  (only with --seeds DIR) the Python sources of the seed repositories from DIR, your own extraction of
+#            them (llm-moe/, bb_c1b4a78/, bb_f6354a9/: scripts/seed_fidelity_fixture.py), in .seeds/repos/, which the
+#            device check's seed timing (scripts/seed_timing.py, needs torch) reads. Optional. Never committed.
 #
 #   bash scripts/device_prepare.sh                      # wheels only
 #   bash scripts/device_prepare.sh --seeds DIR          # wheels and the seeds' sources from DIR
@@ -66,14 +65,13 @@ PY
 echo "wheels in .whl: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1)"
 
 if [ -n "$SRC" ]; then
-  for d in llm-moe bb_c1b4a78 bb_46fbc3e; do
+  for d in llm-moe bb_c1b4a78 bb_f6354a9; do
     [ -d "$SRC/$d" ] || { echo "error: --seeds $SRC: $SRC/$d is missing; give the folder holding your checkout of the seed repositories" >&2; exit 2; }
   done
   rm -rf .seeds/repos && mkdir -p .seeds/repos
   # Only the Python sources (no data, no git history).
-  for d in llm-moe bb_c1b4a78 bb_46fbc3e; do
+  for d in llm-moe bb_c1b4a78 bb_f6354a9; do
     (cd "$SRC/$d" && find . -name '*.py' -size -2M | tar -cf - -T -) | (mkdir -p ".seeds/repos/$d" && tar -xf - -C ".seeds/repos/$d")
   done
   echo "seed sources in .seeds/repos: $(du -sh .seeds/repos | cut -f1)"
-  [ -f .seeds/harness/bench_interleaved.py ] || echo "note: no timing harness in .seeds/harness/ (not part of this repository): the device check skips the seed timing"
 fi

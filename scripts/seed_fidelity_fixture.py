@@ -92,13 +92,14 @@ def install_stubs() -> str:
 LOADED: dict[str, str] = {}
 
 
-def load_file(name: str, path: str):
+def load_file(name: str, path: str, root: str):
+    """Import the file `path` as module `name`, recording its sha256 under its path relative to `root`."""
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     with open(path, "rb") as f:
-        LOADED[os.path.relpath(path, ARGS.seedrepos)] = hashlib.sha256(f.read()).hexdigest()
+        LOADED[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
     return mod
 
 
@@ -113,62 +114,70 @@ def topk_recorder(routes: dict, layer: int, k: int, from_logits_probs: bool):
     return hook
 
 
-def build_seed002(moe: bool):
-    m = load_file("seed002", f"{ARGS.seedrepos}/llm-moe/llm-same-flops-data.py")
-    s = SHAPE
+# Each builder: (root: SEEDREPOS, shape: a dict like SHAPE, **fields: more of the seed config's own fields, which
+# override the fixture's choices) -> (model, routers [(layer, router module, hook on logits?)], the seed's config).
+def build_seed002(root: str, shape: dict, moe: bool, **fields):
+    m = load_file("seed002", f"{root}/llm-moe/llm-same-flops-data.py", root)
+    s = shape
     common = dict(d_model=s["d_model"], n_heads=s["n_heads"], n_layers=s["n_layers"], d_ff=s["d_ff"],
                   max_seq_len=s["max_seq_len"], vocab_size=s["vocab_size"], use_amp=False)
     if not moe:
-        return m.MinimalLLM(m.ModelConfig(**common)), []
-    cfg = m.MoEModelConfig(**common, num_experts=s["num_experts"], expert_top_k=s["top_k"], moe_layers="alternate")
+        cfg = m.ModelConfig(**{**common, **fields})
+        return m.MinimalLLM(cfg), [], cfg
+    cfg = m.MoEModelConfig(**{**common, "num_experts": s["num_experts"], "expert_top_k": s["top_k"],
+                              "moe_layers": "alternate", **fields})
     model = m.MoEMinimalLLM(cfg)
     routers = [(i, b.feed_forward.router, False) for i, b in enumerate(model.transformer_blocks) if b.use_moe]
-    return model, routers
+    return model, routers, cfg
 
 
-def build_exp5():
-    exp = f"{ARGS.seedrepos}/bb_c1b4a78/experiments/exp5_simple_transformer_moe"
-    cfgmod = load_file("config", f"{exp}/config.py")  # models.py does `from config import ...`
-    mods = load_file("exp5_models", f"{exp}/models.py")
-    s = SHAPE
-    cfg = cfgmod.SimpleTransformerConfig(d_model=s["d_model"], n_heads=s["n_heads"], n_layers=s["n_layers"],
-                                         d_ff=s["d_ff"], max_seq_len=s["max_seq_len"], vocab_size=s["vocab_size"],
-                                         num_experts=s["num_experts"], expert_top_k=s["top_k"], use_amp=False)
+def build_exp5(root: str, shape: dict, **fields):
+    exp = f"{root}/bb_c1b4a78/experiments/exp5_simple_transformer_moe"
+    cfgmod = load_file("config", f"{exp}/config.py", root)  # models.py does `from config import ...`
+    mods = load_file("exp5_models", f"{exp}/models.py", root)
+    s = shape
+    cfg = cfgmod.SimpleTransformerConfig(**{**dict(d_model=s["d_model"], n_heads=s["n_heads"],
+                                                   n_layers=s["n_layers"], d_ff=s["d_ff"],
+                                                   max_seq_len=s["max_seq_len"], vocab_size=s["vocab_size"],
+                                                   num_experts=s["num_experts"], expert_top_k=s["top_k"],
+                                                   use_amp=False), **fields})
     model = mods.SimpleTransformerMoE(cfg)
-    return model, [(i, b.moe.router, True) for i, b in enumerate(model.blocks)]
+    return model, [(i, b.moe.router, True) for i, b in enumerate(model.blocks)], cfg
 
 
-def build_seed004():
-    root = f"{ARGS.seedrepos}/bb_f6354a9"
+def build_seed004(root: str, shape: dict, **fields):
+    root = f"{root}/bb_f6354a9"
     sys.path.insert(0, root)
     try:
         from configs import AdaptiveMoEModelConfig
         from models.adaptive_llm import AdaptiveMoEMinimalLLM
-        from system import SYSTEM_CONFIG
+        from system import SYSTEM_CONFIG  # noqa: F401 (its GPU detection decides init, scale and matmul dtype)
     finally:
         sys.path.remove(root)
     for rel in ("configs/adaptive_moe_config.py", "models/adaptive_llm.py", "models/components.py",
                 "models/layers.py", "ops/matmul/__init__.py", "ops/matmul/_fallback_impl.py", "system/__init__.py"):
         with open(f"{root}/{rel}", "rb") as f:
             LOADED[f"bb_f6354a9/{rel}"] = hashlib.sha256(f.read()).hexdigest()
-    assert SYSTEM_CONFIG.architecture == "cpu", "run on CPU: the seed's GPU paths change init, scale and matmul dtype"
-    s = SHAPE
+    s = shape
     # The study's baseline (architectural_experiments.py: get_baseline_config), shrunk to the fixture's shape.
-    cfg = AdaptiveMoEModelConfig(d_model=s["d_model"], n_heads=s["n_heads"], n_layers=s["n_layers"], d_ff=s["d_ff"],
-                                 max_seq_len=s["max_seq_len"], vocab_size=s["vocab_size"],
-                                 num_experts=s["num_experts"], expert_top_k=s["top_k"], load_balancing_weight=0.01,
-                                 use_amp=True, use_fp8=False, dropout=0.1, use_adaptive_matmul=True,
-                                 use_megatron=False)
+    cfg = AdaptiveMoEModelConfig(**{**dict(d_model=s["d_model"], n_heads=s["n_heads"], n_layers=s["n_layers"],
+                                           d_ff=s["d_ff"], max_seq_len=s["max_seq_len"], vocab_size=s["vocab_size"],
+                                           num_experts=s["num_experts"], expert_top_k=s["top_k"],
+                                           load_balancing_weight=0.01, use_amp=True, use_fp8=False, dropout=0.1,
+                                           use_adaptive_matmul=True, use_megatron=False), **fields})
     model = AdaptiveMoEMinimalLLM(cfg)
-    return model, [(i, b.feed_forward.router, False) for i, b in enumerate(model.transformer_blocks)]
+    return model, [(i, b.feed_forward.router, False) for i, b in enumerate(model.transformer_blocks)], cfg
 
 
 BUILDERS = {
-    "seed002_dense": lambda: build_seed002(False),
-    "seed002_moe": lambda: build_seed002(True),
+    "seed002_dense": lambda root, shape, **fields: build_seed002(root, shape, False, **fields),
+    "seed002_moe": lambda root, shape, **fields: build_seed002(root, shape, True, **fields),
     "exp5_moe": build_exp5,
     "seed004_baseline": build_seed004,
 }
+# The folder under SEEDREPOS each builder reads
+FOLDERS = {"seed002_dense": "llm-moe", "seed002_moe": "llm-moe", "exp5_moe": "bb_c1b4a78",
+           "seed004_baseline": "bb_f6354a9"}
 
 
 def widen(model: nn.Module, gen: torch.Generator) -> None:
@@ -182,7 +191,10 @@ def widen(model: nn.Module, gen: torch.Generator) -> None:
 
 def make_fixture(name: str, init: str) -> dict:
     torch.manual_seed(0)
-    model, routers = BUILDERS[name]()
+    model, routers, _ = BUILDERS[name](ARGS.seedrepos, SHAPE)
+    if name == "seed004_baseline":
+        assert sys.modules["system"].SYSTEM_CONFIG.architecture == "cpu", \
+            "run on CPU: the seed's GPU paths change init, scale and matmul dtype"
     gen = torch.Generator().manual_seed(1)
     if init == "wide":
         widen(model, gen)

@@ -50,3 +50,36 @@ def test_device_check_runs_on_cpu(tmp_path):
     assert " passed" in steps["tests"]["summary"]
     log = (out / "device_check.log").read_text()
     assert "== train: ok" in log and "resumed from step" in log
+
+
+def test_seeds_step_times_the_seed_code_given_or_says_why_it_skips(tmp_path):
+    """The seeds step runs scripts/seed_timing.py (on a stand-in of seed 002's source: tests/test_seed_timing.py) when
+    given the seeds' sources and a Python with torch, and otherwise records a one-line reason."""
+    from test_seed_timing import PYTHON, _has_torch, _stand_in
+
+    def seeds_step(*flags):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", STAND_IN_LOG=str(tmp_path / "calls.log"))
+        env.pop("MOE_JAX_SEEDS_DIR", None)
+        p = subprocess.run([sys.executable, "scripts/device_check.py", "--cpu", "--only", "seeds", "--out",
+                            str(tmp_path / "out"), "--work", str(tmp_path / "work"), *flags],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return json.loads((tmp_path / "out" / "device_check.json").read_text())["steps"]["seeds"]
+
+    skipped = seeds_step()
+    if not os.path.isdir(os.path.join(ROOT, ".seeds", "repos")):
+        assert skipped == {"status": "skipped", "seconds": 0.0, "why": "no seed sources: give --seeds_dir DIR (or "
+                           "MOE_JAX_SEEDS_DIR) holding llm-moe/ (scripts/seed_timing.py)"}
+    repos, _ = _stand_in(tmp_path)
+    assert seeds_step("--seeds_dir", str(tmp_path))["why"] == (
+        f"--seeds_dir {tmp_path}: llm-moe/ is missing (scripts/seed_timing.py says what goes there)")
+    if not _has_torch():
+        pytest.skip(f"torch is not importable by {PYTHON}; set MOE_JAX_TORCH_PYTHON to a Python that has it")
+    seeds = seeds_step("--seeds_dir", str(repos), "--seeds_python", PYTHON)
+    assert seeds["status"] == "ok", seeds
+    runs = seeds["runs"]
+    assert sorted(runs) == ["seed002_dense", "seed002_moe"]
+    assert runs["seed002_dense"]["results"]["seed002_dense"]["shape"]["d_ff"] == 128
+    assert runs["seed002_moe"]["results"]["seed002_moe"]["shape"]["d_ff"] == 64
+    d, m = (runs[k]["results"][k]["ms_per_step_median"] for k in ("seed002_dense", "seed002_moe"))
+    assert seeds["seed_moe_step_over_dense_step"] == pytest.approx(m / d)

@@ -194,30 +194,96 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, cache_dir):
     np.testing.assert_allclose([a[s] for s in range(1, STEPS + 1)], [b[s] for s in range(1, STEPS + 1)], rtol=2e-5)
 
 
-@pytest.mark.slow  # a 2-process training run and a 30 s heartbeat timeout
-def test_kill_9_of_one_process_ends_the_other_in_one_line(tmp_path, cache_dir):
+def coordinator_port(procs) -> int:
+    return int(next(a for a in procs[0].args if a.startswith("--coordinator_address=")).rsplit(":", 1)[1])
+
+
+def port_closed_within(port: int, timeout: float) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` (a connection is refused) within `timeout` seconds."""
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow  # a 2-process training run and a 30 s heartbeat timeout, each
+@pytest.mark.parametrize("killed", [1, 0])
+def test_kill_9_of_one_process_ends_the_other_in_one_line(tmp_path, cache_dir, killed):
     """The survivor's collective fails (or hangs); its peer watchdog names the lost process within
-    preemption.PEER_TIMEOUT_S and exits with EXIT_PEER_LOST, instead of a traceback or the runtime's abort ~75 s later
-    with a dump of its state. (A lost process 0 takes the coordination service with it: the runtime aborts the
-    survivors at once from C++, which no Python code can intercept: docs/reliability.md.)"""
+    preemption.PEER_TIMEOUT_S and exits with EXIT_PEER_LOST, instead of a traceback or the runtime's abort with a dump
+    of its state. Process 0 too: the coordination service runs in a child of process 0 that outlives it (without it,
+    the runtime aborted the survivor from C++ 0.3 s after the kill), and ends once the survivor has gone."""
     from moe_jax.train import preemption
     workdir = str(tmp_path / "killed")
     procs = launch(2, workdir, cache_dir, ["--config.train.steps=100000", "--config.train.eval_every=100000",
                                            "--config.train.checkpoint_every=100000"])
+    survivor = 1 - killed
     try:
         wait_until_training(procs, workdir)
-        procs[1].kill()
-        killed = time.time()
-        code = procs[0].wait(timeout=preemption.PEER_TIMEOUT_S + 60)
-        took = time.time() - killed
+        procs[killed].kill()
+        start = time.time()
+        code = procs[survivor].wait(timeout=preemption.PEER_TIMEOUT_S + 60)
+        took = time.time() - start
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    log = open(f"{workdir}.p0.log").read()
+    log = open(f"{workdir}.p{survivor}.log").read()
     assert code == preemption.EXIT_PEER_LOST == 4, log[-3000:]
     assert log.strip().splitlines()[-1] == (
-        "error: process 1 of 2 was lost (no heartbeat for 30 s: killed, out of memory or its host is down); process 0 "
-        "stops too with exit status 4: resubmit the whole job to resume from the newest checkpoint"), log[-3000:]
+        f"error: process {killed} of 2 was lost (no heartbeat for 30 s: killed, out of memory or its host is down); "
+        f"process {survivor} stops too with exit status 4: resubmit the whole job to resume from the newest "
+        "checkpoint"), log[-3000:]
     assert "Traceback" not in log and "Check failure" not in log, log[-3000:]
     assert took < preemption.PEER_TIMEOUT_S + 20, took
+    assert port_closed_within(coordinator_port(procs), 15), "the coordination service outlived the job"
+
+
+def _listening_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+def test_the_coordination_service_outlives_process_0_until_its_clients_go():
+    """The child serving the coordination service ignores SIGTERM, stays while a client is connected after process 0
+    let it go (here: `shutdown()`, as on process 0's exit), and ends within seconds once no client is left."""
+    import socket
+    from moe_jax.train import coordinator
+    port = portpicker.pick_unused_port()
+    service = coordinator.start_service(f"[::]:{port}", 2, heartbeat_timeout=100, shutdown_timeout=300)
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        deadline = time.time() + 10
+        while coordinator.connected_clients(port) != 1 and time.time() < deadline:
+            time.sleep(0.1)
+        assert coordinator.connected_clients(port) == 1
+        service.proc.send_signal(signal.SIGTERM)
+        service.shutdown()
+        with pytest.raises(subprocess.TimeoutExpired):
+            service.proc.wait(timeout=3)
+    finally:
+        client.close()
+    assert service.proc.wait(timeout=15) == 0
+    assert port_closed_within(port, 5)
+
+
+def test_a_taken_coordinator_port_is_one_line_and_status_2(tmp_path, cache_dir):
+    taken, port = _listening_port()
+    with taken:
+        out = subprocess.run([sys.executable, "-m", "moe_jax.train", *FLAGS, "--workdir", str(tmp_path / "w"),
+                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0"],
+                             cwd=ROOT, env=_env(4, cache_dir), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        f"error: --coordinator_address: the coordination service on [::]:{port} did not start (cannot "
+        f"listen on port {port}: Address already in use): is its port taken? choose a free one"], out.stderr[-3000:]

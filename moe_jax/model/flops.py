@@ -20,23 +20,48 @@ FLOPs per token, forward (`flops_per_token`; one multiply-add = 2 FLOPs):
                        once whether or not it is tied to the embedding; only the k active experts count.
     attention_scores L * 2*2*S*(H*D)/2 = 2*L*S*M   (QK^T and AV over S keys, halved by the causal mask)
     router           L_moe * 2*M*E
-    forward = matmul + attention_scores + router;   training = 3 * forward (backward = 2x forward).
+    forward = matmul + attention_scores + router;   training = 3 * forward (backward = 2x forward): the model-FLOP
+    convention (MFU, model_flops budgets); what a step executes is counted apart (executed_training, below).
 Norms, activations, softmaxes, RoPE and the loss are elementwise (O(M) or O(V) per token) and not counted.
+
+Executed FLOPs (`executed_training` per token, `executed_flops_per_step`): what a training step makes the hardware
+compute, counted from the dot products the compiled step runs (tests/test_flops.py counts them in the step's program):
+    3 x (matmul + router)              forward, and two gradient products (w.r.t. the input and the weight) each;
+    attention as the kernel computes it: `attention_entries` score entries per head and sequence, each costing
+                                       2*D for QK^T and 2*D for AV forward (`attention_executed`), times 3 in training
+                                       (two gradient products per forward product), 3.5 for cuDNN's flash kernel (its
+                                       backward recomputes QK^T: 5 products against 2). 'blocked' computes, for query
+                                       blocks of `model.attention_block` rows, every key up to the block's last row:
+                                       at S <= block the whole S x S (twice the causal count above), causal savings
+                                       only for whole key blocks above the diagonal; 'xla' computes S x S; 'cudnn'
+                                       skips key tiles above the diagonal (tile CUDNN_TILE assumed), and where it
+                                       cannot take the inputs (float32, odd head sizes) falls back to 'xla';
+    + dispatch_overhead_training       (below);
+    + with model.remat, the forward of each block recomputed in the backward pass, except the block's last
+      contraction (the dense MLP's output matrix; an MoE layer's combine einsum), whose output the backward pass does
+      not need (jax drops it).
+Norms, softmaxes, activations and the loss stay uncounted (elementwise).
 
 Capacity padding (reported apart, never in `training`): per MoE layer and token, with T tokens per routing group and
 C slots per expert (moe.expected_capacity), the experts compute E*C/T slots per token of which k hold a token when
 routing is balanced: padding = (E*C/T - k) * 2*f*M*Fe = padding_fraction * (E*C/T) * 2*f*M*Fe; plus the dispatch
 ('GTEC,GTM->EGCM') and combine ('GTEC,EGCM->GTM') einsums, 2*E*C*M each per token. These are FLOPs the hardware
-spends that the model does not need (an implementation cost), so MFU excludes them. `capacity_padding` is the
-forward count, `capacity_padding_training` is 3x it.
+spends that the model does not need (an implementation cost), so MFU excludes them. `capacity_padding` is the forward
+count; `capacity_padding_training` is what training executes: the padded expert slots 3x; the dispatch and combine
+einsums 2x each, not 3x: the 0/1 dispatch mask is built from integer choices and has no gradient, so the dispatch
+einsum's only gradient is w.r.t. the tokens and the combine einsum's only one w.r.t. the expert outputs (moe.py applies
+the gates to the slots elementwise, so no einsum computes the gradient of a [G, T, E, C] combine tensor).
 
-Dispatch overhead (`dispatch_overhead`, forward; `dispatch_overhead_training` = 3x): the FLOPs the MoE dispatch
-executes beyond the model FLOPs, for the config's `moe.dispatch`:
-    capacity  = capacity_padding (above);
+Dispatch overhead (`dispatch_overhead`, forward; `dispatch_overhead_training`, executed in training): the FLOPs the
+MoE dispatch executes beyond the model FLOPs, for the config's `moe.dispatch`:
+    capacity  = capacity_padding (above; training: capacity_padding_training) + the two einsums that build the
+                dispatch mask and the gate of each chosen expert from the top-k choices ('GTKE,GTKC->GTEC', 2*K*E*C,
+                no gradient: 1x in training; 'GTKE,GTK->GTE', 2*K*E, one gradient w.r.t. the gates: 2x);
     dropless  = L_moe * 2*k*M (the gate-weighted sum of each token's k expert outputs)
                 + on XLA:CPU, L_moe * k*(E-1) * 2*f*M*Fe: jax lowers `ragged_dot` there to one dense dot of every
                   row against all E experts' weights with a mask (E times the active expert FLOPs; on TPU/GPU it is
-                  a grouped matmul and this term is 0; moe.grouped_matmul='megablox' never has it).
+                  a grouped matmul and this term is 0; moe.grouped_matmul='megablox' never has it); training 3x
+                  (each ragged_dot has two gradient products).
     Sorting (argsort of k integer keys per token), the gathers into and out of expert order and the all-to-alls
     move data and are counted as 0 FLOPs: their cost shows in the step time, not in this count.
 `platform` (default: jax.default_backend()) decides the XLA:CPU term.
@@ -101,43 +126,86 @@ def param_counts(model: ModelConfig) -> dict[str, int]:
     return c
 
 
+CUDNN_TILE = 128  # query and key rows per tile assumed for cuDNN's flash attention (not exposed by cuDNN)
+# training FLOPs / forward FLOPs of the attention scores, by kernel (module docstring)
+ATTENTION_TRAINING_FACTOR = {"blocked": 3.0, "xla": 3.0, "cudnn": 3.5}
+
+
+def attention_kernel(model: ModelConfig) -> str:
+    """The attention the model runs in training: model.attention, or 'xla' where cuDNN cannot take the inputs
+    (layers.cudnn_fallback_reason: float32, head_dim not a multiple of 8 or over 128)."""
+    if model.attention != "cudnn":
+        return model.attention
+    from moe_jax.model import layers
+    q = jax.ShapeDtypeStruct((1, 1, model.n_heads, model.head_dim), layers.dtype_of(model.dtype))
+    return "xla" if layers.cudnn_fallback_reason(q) else "cudnn"
+
+
+def attention_entries(seq_len: int, kernel: str, block: int = 0) -> int:
+    """Query-key score entries one head computes for one sequence of `seq_len` tokens: 'xla' S*S; 'blocked'
+    (layers.blocked_causal_attention) every key up to each query block's last row, blocks of `block` rows (<= 0 or
+    >= S: one block, S*S); 'cudnn' the same at CUDNN_TILE."""
+    s = seq_len
+    if kernel == "xla":
+        return s * s
+    block = CUDNN_TILE if kernel == "cudnn" else block
+    block = s if block <= 0 else min(block, s)
+    return sum((min(start + block, s) - start) * min(start + block, s) for start in range(0, s, block))
+
+
+def _capacity_overhead(model: ModelConfig, tokens: int) -> tuple[float, ...]:
+    """Per MoE layer and token, capacity dispatch FLOPs beyond the model's (module docstring): (padding forward,
+    padding training, mask and gate einsums forward, the same in training, the combine einsum's forward)."""
+    from moe_jax.model import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
+    m, moe = model, model.moe
+    t = moe_lib.group_size_for(tokens, moe.group_size)
+    cap = moe_lib.expected_capacity(model, tokens, train=True)
+    frac = moe_lib.capacity_padding_fraction(model, tokens, train=True)
+    padded = frac * moe.num_experts * cap / t * 2.0 * _mlp_mats(model) * m.d_model * moe.d_ff
+    einsum = 2.0 * moe.num_experts * cap * m.d_model  # dispatch, and combine, each
+    mask, gates = 2.0 * moe.top_k * moe.num_experts * cap, 2.0 * moe.top_k * moe.num_experts
+    return padded + 2 * einsum, 3 * padded + 4 * einsum, mask + gates, mask + 2 * gates, einsum
+
+
 def flops_per_token(model: ModelConfig, seq_len: int, batch_size: int,
                     platform: str | None = None) -> dict[str, float]:
     """Per-token FLOPs (see module docstring) at sequence length `seq_len`; batch_size (sequences per micro-batch)
     only matters for the capacity padding (the routing group size depends on the tokens per micro-batch); platform
     ('cpu', 'gpu', 'tpu'; default jax.default_backend()) only for the dropless dispatch overhead. A run's:
     `run_flops_per_token(run)`."""
-    from moe_jax.model import moe as moe_lib  # model code: imported lazily so counting stays cheap to import
     m, moe = model, model.moe
-    s, b = seq_len, batch_size
+    s = seq_len
     p = param_counts(model)
-    _, n_moe = _layer_counts(model)
+    n_dense, n_moe = _layer_counts(model)
     hd = m.n_heads * m.head_dim
 
     matmul = 2.0 * (p["attention"] + p["dense_ffn"] + p["experts_active"] + m.vocab_size * m.d_model)
     attention_scores = m.n_layers * 2.0 * 2.0 * s * hd / 2.0
     router = n_moe * 2.0 * m.d_model * moe.num_experts
     forward = matmul + attention_scores + router
+    kernel = attention_kernel(model)
+    attention_executed = m.n_layers * 4.0 * hd * attention_entries(s, kernel, m.attention_block) / s
 
-    padding = overhead = 0.0
-    dropless = n_moe and moe.dispatch == "dropless"
-    if dropless:
+    padding = padding_training = overhead = overhead_training = combine = 0.0
+    if n_moe and moe.dispatch == "dropless":
         platform = jax.default_backend() if platform is None else platform
-        overhead = n_moe * 2.0 * moe.top_k * m.d_model
+        overhead = combine = n_moe * 2.0 * moe.top_k * m.d_model  # the gate-weighted sum: the layer's last step
         if platform == "cpu" and moe.grouped_matmul == "ragged_dot":
             overhead += n_moe * moe.top_k * (moe.num_experts - 1) * 2.0 * _mlp_mats(model) * m.d_model * moe.d_ff
+        overhead_training = 3.0 * overhead
     elif n_moe:
-        tokens = b * s
-        t = moe_lib.group_size_for(tokens, moe.group_size)
-        cap = moe_lib.expected_capacity(model, tokens, train=True)
-        frac = moe_lib.capacity_padding_fraction(model, tokens, train=True)
-        slots_per_token = moe.num_experts * cap / t
-        expert_flops_per_slot = 2.0 * _mlp_mats(model) * m.d_model * moe.d_ff
-        dispatch_combine = 2 * (2.0 * moe.num_experts * cap * m.d_model)
-        padding = overhead = n_moe * (frac * slots_per_token * expert_flops_per_slot + dispatch_combine)
+        padding, padding_training, masks, masks_training, combine = (
+            n_moe * x for x in _capacity_overhead(model, batch_size * s))
+        overhead, overhead_training = padding + masks, padding_training + masks_training
+    executed = (3.0 * (matmul + router) + ATTENTION_TRAINING_FACTOR[kernel] * attention_executed
+                + overhead_training)
+    if m.remat:  # each block's forward again, but its last contraction (module docstring)
+        executed += (matmul - 2.0 * m.vocab_size * m.d_model + attention_executed + router + overhead - combine
+                     - n_dense * 2.0 * m.d_model * m.d_ff)
     return dict(forward=forward, training=3.0 * forward, matmul=matmul, attention_scores=attention_scores,
-                router=router, capacity_padding=padding, capacity_padding_training=3.0 * padding,
-                dispatch_overhead=overhead, dispatch_overhead_training=3.0 * overhead)
+                router=router, capacity_padding=padding, capacity_padding_training=padding_training,
+                dispatch_overhead=overhead, dispatch_overhead_training=overhead_training,
+                attention_executed=attention_executed, executed_training=executed)
 
 
 def run_flops_per_token(run) -> dict[str, float]:
@@ -199,12 +267,11 @@ def optimizer_flops_per_step(model: ModelConfig, optim, devices: int = 1) -> flo
 
 
 def executed_flops_per_step(run) -> float:
-    """What one optimizer step of a config.typed.RunConfig makes the hardware compute, as counted here: the model's
-    training FLOPs plus capacity overhead of its dispatch (flops_per_token's dispatch_overhead_training: capacity
-    padding and dispatch/combine, or dropless's gate combine and dense fallback) per token, times the tokens of a
-    step, plus the optimizer's Newton-Schulz FLOPs (optimizer_flops_per_step)."""
-    fpt = run_flops_per_token(run)
-    return ((fpt["training"] + fpt["dispatch_overhead_training"]) * run.train.tokens_per_step
+    """What one optimizer step of a config.typed.RunConfig makes the hardware compute, as counted here: flops_per_token's
+    executed_training (the model's products and their gradients as executed, attention as its kernel computes it, the
+    dispatch's overhead, remat's recomputation) times the tokens of a step, plus the optimizer's Newton-Schulz FLOPs
+    (optimizer_flops_per_step)."""
+    return (run_flops_per_token(run)["executed_training"] * run.train.tokens_per_step
             + optimizer_flops_per_step(run.model, run.optim))
 
 

@@ -5,9 +5,11 @@ steps were set by:
 
     model_flops     flops.flops_per_step: training FLOPs/token (3 x forward, k active experts, causal attention,
                     router) x tokens/step. Capacity padding, dispatch/combine and the optimizer are not counted.
-    executed_flops  flops.executed_flops_per_step: model_flops + capacity padding and dispatch/combine
-                    (flops_per_token's dispatch_overhead_training) x tokens/step + the optimizer's Newton-Schulz
-                    FLOPs (flops.optimizer_flops_per_step: ns_steps iterations of 4 m^2 n + 2 m^3 per Muon matrix).
+    executed_flops  flops.executed_flops_per_step: what the step computes (flops_per_token's executed_training:
+                    the model's products and their gradients, attention as its kernel computes it, capacity padding
+                    and dispatch/combine with the gradients they have, remat's recomputation) x tokens/step + the
+                    optimizer's Newton-Schulz FLOPs (flops.optimizer_flops_per_step: ns_steps iterations of
+                    4 m^2 n + 2 m^3 per Muon matrix).
     tokens          train.batch_size x train.grad_accum x train.seq_len per step.
     wall_seconds    measured seconds per training step of the arm (a calibration run, `runner.calibrate`).
     micro_batches   train.grad_accum per step: the seeds counted their "steps" in micro-batches, so an arm with more
@@ -32,10 +34,14 @@ FORMULAS = {
                    "parameters) + causal attention scores 2*S*d_model per layer + router 2*d_model*E per MoE layer "
                    "(embedding lookup, norms, softmaxes and the loss not counted; capacity padding, dispatch/combine "
                    "and the optimizer not counted)",
-    "executed_flops": "executed FLOPs/step = (training FLOPs/token + capacity padding and dispatch/combine FLOPs/"
-                      "token, x3 for training) x tokens/step + Newton-Schulz FLOPs/step (per Muon matrix [m, n], "
+    "executed_flops": "executed FLOPs/step = executed training FLOPs/token x tokens/step + Newton-Schulz FLOPs/step; "
+                      "executed FLOPs/token = every product the training step computes: the model's matmuls and "
+                      "router 3x, attention scores as the kernel computes them (blocked: whole key blocks up to each "
+                      "query block, all of S x S at S <= the block) 3x, capacity padding 3x, dispatch and combine "
+                      "einsums 2x (the one-hot mask has no gradient), remat's recomputed forward "
+                      "(moe_jax/model/flops.py); Newton-Schulz FLOPs/step: per Muon matrix [m, n], "
                       "m <= n, per iteration 2m^2n for X X^T + 2m^3 for A^2 + 2m^2n for B X; optim.ns_steps "
-                      "iterations, once per optimizer step)",
+                      "iterations, once per optimizer step",
     "tokens": "tokens/step = batch_size x grad_accum x seq_len",
     "wall_seconds": "seconds/step measured by a calibration run per arm (median over its logging intervals after "
                     "the first, so compilation and warm-up are excluded)",

@@ -90,9 +90,12 @@ def main(argv):
     except ValueError as e:
         cli.fail(str(e))
     if init_args is not None:  # before anything asks JAX for its backend (parse does, to resolve 'auto')
-        import jax
+        from moe_jax.train import coordinator
         preemption.set_phase("connecting to the other processes")
-        jax.distributed.initialize(**init_args)
+        try:  # process 0 serves the coordination service from a child process, which outlives it
+            coordinator.initialize(**init_args)
+        except coordinator.ServiceError as e:
+            cli.fail(f"--coordinator_address: {e}: is its port taken? choose a free one")
         watcher.install()  # initialize replaced the SIGTERM handler with its coordination client's own
         watchdog = preemption.PeerWatchdog().start()  # a lost process ends the others in one line (EXIT_PEER_LOST)
     preemption.set_phase("checking the config")

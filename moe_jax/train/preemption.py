@@ -200,11 +200,13 @@ PEER_TIMEOUT_S = 30.0  # well before the runtime's own failure (~75 s, then a 61
 
 class PeerWatchdog:
     """With several processes: a daemon thread that beats a counter of this process in the coordination service's
-    key-value store every `every_s` and reads everyone's; a process whose counter has not moved for `timeout_s`
-    (or a coordinator that has not answered for as long) is lost: one `error:` line on stderr names it and this
-    process ends with EXIT_PEER_LOST (os._exit: the main thread may be waiting in a collective that never returns).
-    jax.distributed has no callback for a missed heartbeat; without this, the survivors hung until the runtime
-    aborted with a dump of its state. The counters need the GIL only for microseconds every `every_s`."""
+    key-value store every `every_s` and reads everyone's, and a second one that judges: a process whose counter has
+    not moved for `timeout_s` (or a coordinator that has not answered for as long, e.g. its host is down and the calls
+    hang) is lost: one `error:` line on stderr names it and this process ends with EXIT_PEER_LOST (os._exit: the main
+    thread may be waiting in a collective that never returns). jax.distributed has no callback for a missed heartbeat;
+    without this, the survivors hung until the runtime aborted with a dump of its state. Process 0 is judged like the
+    others because the coordination service outlives it (moe_jax/train/coordinator.py). The counters need the GIL
+    only for microseconds every `every_s`."""
 
     PREFIX = "moe_jax/heartbeat/"
 
@@ -213,33 +215,43 @@ class PeerWatchdog:
 
         self.every_s, self.timeout_s = every_s, timeout_s
         self.index, self.count = jax.process_index(), jax.process_count()
+        self._lock = threading.Lock()
+        self._answered, self._beats, self._error = time.monotonic(), {}, ""
 
     def start(self) -> "PeerWatchdog":
-        threading.Thread(target=self._run, args=(_client(),), name="peer-watchdog", daemon=True).start()
+        threading.Thread(target=self._beat, args=(_client(),), name="peer-heartbeat", daemon=True).start()
+        threading.Thread(target=self._judge, name="peer-watchdog", daemon=True).start()
         return self
 
-    def _run(self, client) -> None:
-        start = last_answer = time.monotonic()
-        seen = {i: (None, start) for i in range(self.count) if i != self.index}  # process -> (counter, when it moved)
+    def _beat(self, client) -> None:
         while True:
-            now = time.monotonic()
             try:
                 client.key_value_increment(f"{self.PREFIX}{self.index}", 1)
                 beats = dict(client.key_value_dir_get(self.PREFIX))
-            except Exception as e:  # the coordination service (in process 0) does not answer
-                if now - last_answer > self.timeout_s:
-                    self.lost(0, f"the coordinator did not answer for {now - last_answer:.0f} s: "
-                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-                time.sleep(self.every_s)
-                continue
-            last_answer = now
+            except Exception as e:  # the coordination service does not answer
+                with self._lock:
+                    self._error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            else:
+                with self._lock:
+                    self._answered, self._beats, self._error = time.monotonic(), beats, ""
+            time.sleep(self.every_s)
+
+    def _judge(self) -> None:
+        seen = {i: (None, time.monotonic()) for i in range(self.count) if i != self.index}  # process -> (beat, since)
+        while True:
+            time.sleep(self.every_s)
+            now = time.monotonic()
+            with self._lock:
+                answered, beats, error = self._answered, self._beats, self._error
+            if now - answered > self.timeout_s:
+                self.lost(0, f"the coordinator did not answer for {now - answered:.0f} s"
+                             + (f": {error}" if error else ""))
             for i, (value, since) in seen.items():
                 beat = beats.get(f"{self.PREFIX}{i}")
                 if beat != value:
                     seen[i] = (beat, now)
                 elif now - since > self.timeout_s:
                     self.lost(i, f"no heartbeat for {now - since:.0f} s")
-            time.sleep(self.every_s)
 
     def settle(self) -> None:
         """Wait long enough for the watchdog to judge the peers (call it on an error that a lost peer may have
