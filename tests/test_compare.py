@@ -336,9 +336,17 @@ def test_committed_cpu_report_matches_its_config_and_the_counter(load_config):
         assert results["plan"][n]["steps"] == p["steps"]
         assert results["plan"][n]["training_flops"] == p["training_flops"]
         fpt, committed = flops.run_flops_per_token(p["config"]), results["plan"][n]["flops_per_token"]
-        assert {k: fpt[k] for k in committed} == committed
-        # the report predates `dispatch_overhead`: for these capacity-dispatch arms it is the capacity padding
-        assert fpt["dispatch_overhead"] == committed["capacity_padding"]
+        # the report predates issue 27's executed count (the one-hot dispatch mask has no gradient: dispatch and
+        # combine cost 2x their forward in training, not 3x), so its 'capacity_padding_training' (reported apart,
+        # never budgeted) is the old one, as its README says; every budgeted count is unchanged
+        old_convention = {"capacity_padding_training"}
+        assert {k: fpt[k] for k in committed if k not in old_convention} == {
+            k: v for k, v in committed.items() if k not in old_convention}
+        if "capacity_padding_training" in committed:
+            assert committed["capacity_padding_training"] == 3 * committed["capacity_padding"]
+        # the report predates `dispatch_overhead` (for these capacity-dispatch arms: the capacity padding, compared
+        # above, plus the small einsums that build the dispatch mask and gates, counted since issue 27)
+        assert fpt["dispatch_overhead"] >= committed["capacity_padding"] == fpt["capacity_padding"]
         runs = [r for r in results["runs"] if r["arm"] == n]
         assert sorted(r["seed"] for r in runs) == sorted(cmp.seeds)
         assert all(r["steps"] == p["steps"] and not r["skipped"] for r in runs)
