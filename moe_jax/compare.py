@@ -113,7 +113,10 @@ def main(argv):
 
     from moe_jax import cli
 
+    from moe_jax.train import cpu_pool
+
     cli.no_arguments(argv)
+    cpu_pool.start()  # XLA:CPU's thread pool, so the rounding, the same however the process is pinned (taskset)
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -187,3 +187,51 @@ def test_throughput_counts_each_step_once(tmp_path, cache_dir):
     for r in recs:
         assert r["tokens_per_s"] * r["step_time"] == pytest.approx(tokens_per_step)
     assert recs[1]["tokens_per_s"] == recs[0]["tokens_per_s"]
+
+
+def _losses_and_params(workdir):
+    _, _, params, _, step = inference.load_for_inference(workdir)
+    return train_losses(workdir), step, jax.tree.map(np.asarray, params)
+
+
+def _assert_same_bits(a, b):
+    assert a[0] == b[0] and a[1] == b[1], (a[0], b[0])  # every step's loss, exactly
+    jax.tree.map(np.testing.assert_array_equal, a[2], b[2])  # the final parameters, bit for bit
+
+
+# The reruns of a study arm (docs/decisions.md, "Reproducibility"): an MoE with 1,024 tokens in a micro-batch on one
+# device, enough for XLA:CPU to split its weight-gradient products across its threads (moe_jax/train/cpu_pool.py)
+RERUN = dict(steps=5, log_every=1, eval_every=5, checkpoint_every=5, batch_size=16, plots=False)
+
+
+@pytest.mark.slow  # two training runs
+def test_two_runs_of_a_tiny_moe_arm_are_bit_identical(tmp_path, cache_dir):
+    runs = []
+    for name in ("a", "b"):
+        workdir = str(tmp_path / name)
+        trainer.train(smoke_run_config(cache_dir, **RERUN), workdir, devices=jax.devices()[:1])
+        runs.append(_losses_and_params(workdir))
+    assert sorted(runs[0][0]) == list(range(1, 6))
+    _assert_same_bits(*runs)
+
+
+@pytest.mark.slow  # two training subprocesses
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 CPUs to pin to fewer")
+def test_a_run_pinned_to_one_cpu_equals_an_unpinned_run(tmp_path, cache_dir):
+    """The committed studies ran pinned (`taskset`, one study per core) and a rerun unpinned drifted (an MoE's test
+    loss in the 3rd digit) until the trainer sized XLA:CPU's pool for the machine (cpu_pool.start)."""
+    env = dict(os.environ, MOE_JAX_CACHE=cache_dir, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one device
+    # pinned as `taskset -c N` would, by the child itself (forking a pinned child from pytest is unsafe)
+    pinned = ("import os, runpy, sys; os.sched_setaffinity(0, {int(sys.argv.pop(1))}); sys.argv[0] = 'moe_jax.train'; "
+              "runpy.run_module('moe_jax.train', run_name='__main__', alter_sys=True)")
+    runs = []
+    for name, start in (("free", ["-m", "moe_jax.train"]),
+                        ("pinned", ["-c", pinned, str(sorted(os.sched_getaffinity(0))[0])])):
+        workdir = str(tmp_path / name)
+        cmd = [sys.executable, *start, "--config", SMOKE, "--workdir", workdir,
+               *(f"--config.train.{k}={v}" for k, v in RERUN.items()), "--config.train.progress_bar=False"]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(_losses_and_params(workdir))
+    _assert_same_bits(*runs)

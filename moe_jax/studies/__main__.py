@@ -8,6 +8,7 @@ from absl import flags, logging
 from moe_jax import cli
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import report, runner
+from moe_jax.train import cpu_pool
 
 
 def define_flags() -> None:
@@ -22,6 +23,7 @@ def define_flags() -> None:
 
 def main(argv):
     cli.no_arguments(argv)
+    cpu_pool.start()  # XLA:CPU's thread pool, so the rounding, the same however the process is pinned (taskset)
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -28,7 +28,7 @@ from absl import flags, logging
 
 from moe_jax import cli
 from moe_jax.config import runs, typed
-from moe_jax.train import preemption
+from moe_jax.train import cpu_pool, preemption
 
 FLAGS = flags.FLAGS
 
@@ -98,6 +98,8 @@ def main(argv):
             cli.fail(f"--coordinator_address: {e}: is its port taken? choose a free one")
         watcher.install()  # initialize replaced the SIGTERM handler with its coordination client's own
         watchdog = preemption.PeerWatchdog().start()  # a lost process ends the others in one line (EXIT_PEER_LOST)
+    preemption.set_phase("starting the backend")
+    cpu_pool.start()  # XLA:CPU's thread pool, so the rounding, the same however the process is pinned
     preemption.set_phase("checking the config")
     run = typed.parse(config)  # the one validation; a ConfigError exits with status 2 (cli.run)
     runs.check_allow(FLAGS.allow_config_change, run)
