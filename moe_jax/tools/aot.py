@@ -14,16 +14,15 @@ prefill of moe_jax/model/decode.py. `compile_programs` is the one place that cal
 
 Printed per device and written with --json: the compiled memory (arguments, outputs, temporaries, generated code; peak
 = arguments + outputs - aliased + temporaries + code) against the device's memory, refused (exit 2) above MEMORY_LIMIT
-of it; FLOPs (the compiler's cost analysis where it gives one, which the TPU compiler does and the compile-only GPU
-compiler does not: then moe_jax/model/flops.py's) and device-memory bytes (counted from the optimized HLO,
-tools/hlo.traffic_bytes; the TPU compiler's 'bytes accessed' beside them); every collective in the optimized HLO
-(tools/hlo.py) with its count and bytes per step, and with --slices those that cross the slow links between slices or
-nodes; the kernels XLA did not write (custom calls: Mosaic, Triton, cuDNN); and a roofline (`roofline`): compute
-(FLOPs / peak), memory (bytes / HBM bandwidth) and communication (bytes sent / ICI or DCN bandwidth); the step
-estimate is the longest of the three, the MFU estimate the model FLOPs (flops.flops_per_step) over peak x that time,
-and the MFU ceiling the same with the least memory traffic any schedule needs (an upper bound; the HLO's byte count is
-rough). The figures and their sources are tools/hardware.py's. These are compile-time predictions; nothing here has
-been measured on an accelerator.
+of it; executed FLOPs (moe_jax/model/flops.py) and device-memory bytes (counted from the optimized HLO,
+tools/hlo.traffic_bytes), the TPU compiler's cost analysis beside them (not used: it counts a loop's body once); every
+collective in the optimized HLO (tools/hlo.py) with its count and bytes per step, and with --slices those that cross
+the slow links between slices or nodes; the kernels XLA did not write (custom calls: Mosaic, Triton, cuDNN); and a
+roofline (`roofline`): compute (FLOPs / peak), memory (bytes / HBM bandwidth) and communication (bytes sent / ICI or
+DCN bandwidth); the step estimate is the longest of the three, the MFU estimate the model FLOPs (flops.flops_per_step)
+over peak x that time, and the MFU ceiling the same with the least memory traffic any schedule needs (an upper bound;
+the HLO's byte count is rough). The figures and their sources are tools/hardware.py's. These are compile-time
+predictions; nothing here has been measured on an accelerator.
 
 Errors are one `error:` line and exit status 2: a program that does not fit the device's memory (fix: a smaller
 train.batch_size with more train.grad_accum, model.remat, a mesh with more model/expert sharding), a mesh the
@@ -109,8 +108,8 @@ def _grouped_matmul_notes(run, target: targets_lib.Target) -> list[str]:
         raise AotError(f"--config.moe.grouped_matmul=megablox: the TPU kernel needs matmul widths that are multiples "
                        f"of 128, got {', '.join(f'{k} = {v}' for k, v in narrow.items())}; widen them or use "
                        f"--config.moe.grouped_matmul=ragged_dot")
-    return ["moe.grouped_matmul 'megablox': the expert matmuls compile to the Pallas Mosaic kernel (a tpu_custom_call; "
-            "its FLOPs and bytes are not in XLA's cost analysis)"]
+    return ["moe.grouped_matmul 'megablox': the expert matmuls compile to the Pallas Mosaic kernel (a "
+            "tpu_custom_call)"]
 
 
 def build_mesh(mesh: typed.MeshConfig, target: targets_lib.Target, slices: int):
@@ -217,24 +216,27 @@ def collectives(compiled, mesh) -> dict:
 
 
 def _flops_bytes(compiled, program: str, run, n_devices: int) -> dict:
-    """Executed FLOPs and device-memory bytes per device per run, with their sources. Bytes are counted from the
-    optimized HLO on every platform (tools/hlo.traffic_bytes: it skips what the compiler placed on chip); the TPU
-    compiler's own 'bytes accessed' is kept beside it: on a v6e-8 program of configs/moe.py it was 35 GB against the
-    HLO's 7.5 GB in device memory, 12 GB of results sitting in on-chip memory (docs/benchmarks.md)."""
+    """Executed FLOPs and device-memory bytes per device per run, with their sources, counted the same way on every
+    platform: FLOPs by moe_jax/model/flops.py (checked against the step's own jaxpr, tests/test_flops.py), bytes from
+    the optimized HLO (tools/hlo.traffic_bytes: it skips what the compiler placed on chip). The TPU compiler's own cost
+    analysis is kept beside them, not used: it counts a while loop's body once (configs/dense.py, 4 micro-batches
+    accumulated in a loop, came out at a quarter of its FLOPs: an 'MFU' above 100%), and its 'bytes accessed' for
+    configs/moe.py on v6e-8 was 35 GB against the HLO's 7.5 GB in device memory, 12 GB of results sitting on chip."""
     cost = _cost(compiled)
-    traffic = {"bytes": hlo.traffic_bytes(compiled.as_text()),
-               "bytes_source": "optimized HLO: results in device memory written and read once (tools/hlo.traffic_bytes)",
-               "xla_bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None}
-    if cost.get("flops"):
-        return {"flops": float(cost["flops"]), "flops_source": "XLA cost analysis", **traffic}
     t = run.train
-    if program == "train":
-        f = flops.executed_flops_per_step(run)
+    if program == "train":  # the model's work splits over the devices; Newton-Schulz only under distributed Muon
+        everything = flops.optimizer_flops_per_step(run.model, run.optim)
+        mine = flops.optimizer_flops_per_step(run.model, run.optim, n_devices if run.mesh.fsdp else 1)
+        f = (flops.executed_flops_per_step(run) - everything) / n_devices + mine
     else:  # forward only: a third of the training FLOPs per token
         rows = t.batch_size if program == "eval" else 1
-        f = flops.run_flops_per_token(run)["training"] / 3 * rows * t.seq_len
-    return {"flops": f / n_devices, "flops_source": "moe_jax/model/flops.py (the compiler gave no cost analysis)",
-            **traffic}
+        f = flops.run_flops_per_token(run)["training"] / 3 * rows * t.seq_len / n_devices
+    return {"flops": f, "flops_source": "moe_jax/model/flops.py, executed FLOPs (Newton-Schulz on every device "
+                                        "unless distributed)",
+            "bytes": hlo.traffic_bytes(compiled.as_text()),
+            "bytes_source": "optimized HLO: results in device memory written and read once (tools/hlo.traffic_bytes)",
+            "xla_flops": float(cost["flops"]) if cost.get("flops") else None,
+            "xla_bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None}
 
 
 def roofline(work: dict, colls: dict, device, model_flops: float, n_devices: int, memory: dict) -> dict:
