@@ -43,13 +43,7 @@ def get_config():
     o.router_muon = True  # the seed sends every 2-D weight but embedding and norms to Muon
     o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm = 0.9, 0.999, 1e-8, 0.1, 1.0
     o.warmup_fraction, o.warmup_steps, o.min_lr_ratio = 0.05, -1, 0.1
-    # the seed's training semantics (docs/decisions.md, "Seed fidelity"; tests/test_seed_training.py)
-    o.muon_fused_qkv = True  # its qkv is one Linear [3M, M], orthogonalised whole, scaled sqrt(3)
-    o.muon_bias_correction = False  # torch Muon: buf.lerp_(g, 1 - b); g.lerp_(buf, b); no 1 / (1 - b^t)
-    o.decay_norms = True  # its AdamW decays every parameter it holds, norms included
-    o.ns_dtype, o.ns_rounding, o.ns_method, o.ns_eps = "float16", "every_op", "standard", 1e-7  # its Newton-Schulz
-    o.schedule_steps = 20000  # its LambdaLR spans max_steps micro-batches, stepped once per optimizer step
-    o.warmup_from_zero = True  # LambdaLR: lr(s) = peak * s / W, the first optimizer step at lr 0
+    config_lib.torch_seed_training(o, "float16", 20000)  # the seed's training semantics
     t = c.train
     t.steps, t.batch_size, t.grad_accum, t.seq_len = 5000, 24, 4, 512
     return c

@@ -243,3 +243,15 @@ def choices_text(options: tuple) -> str:
 
 
 from moe_jax.config.validate import validate  # noqa: E402,F401  (validate.py reads the choices above)
+
+
+def torch_seed_training(o: ml_collections.ConfigDict, ns_dtype: str, schedule_steps: int) -> None:
+    """Set `config.optim` `o` to the seeds' PyTorch training semantics they share (docs/decisions.md, "Seed
+    fidelity"; tests/test_seed_training.py): the Newton-Schulz arithmetic in `ns_dtype` and a LambdaLR laid out over
+    `schedule_steps` micro-batches."""
+    o.muon_fused_qkv = True  # their qkv is one Linear [3M, M], orthogonalised whole, scaled sqrt(3)
+    o.muon_bias_correction = False  # torch Muon: buf.lerp_(g, 1 - b); g.lerp_(buf, b); no 1 / (1 - b^t)
+    o.decay_norms = True  # their AdamW decays every parameter it holds, norms included
+    o.ns_dtype, o.ns_rounding, o.ns_method, o.ns_eps = ns_dtype, "every_op", "standard", 1e-7  # their Newton-Schulz
+    o.schedule_steps = schedule_steps  # LambdaLR spans max_steps micro-batches, stepped once per optimizer step
+    o.warmup_from_zero = True  # LambdaLR: lr(s) = peak * s / W, the first optimizer step at lr 0
