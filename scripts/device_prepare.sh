@@ -31,7 +31,7 @@ WHEELS=(
   portpicker==1.6.0 dm-tree==0.1.10 immutabledict==4.3.1 simple-parsing==0.1.9 docstring_parser==0.18.0
   tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 termcolor==3.3.0 toml==0.10.2
   # The image has these too, at versions our code was never tested on (optax.contrib.MuonDimensionNumbers, flax.nnx
-  # and orbax APIs move between releases): carry the pinned, pure-Python ones, which go in front of the image's.
+  # and orbax APIs move between releases): bring the pinned, pure-Python ones, which go in front of the image's.
   flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 chex==0.1.92
 )
 PLATFORMS=()
