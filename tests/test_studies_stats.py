@@ -206,3 +206,17 @@ def test_paired_document_bootstrap_cancels_what_the_arms_share():
     assert d["se_doc"] < m["se_doc"] / 10
     assert m["se"] ** 2 == pytest.approx(m["se_doc"] ** 2 + np.var(list(x.values()), ddof=1) / 5)
     assert m["lo"] < m["diff"] < m["hi"] and m["df"] > 4
+
+
+def test_document_variance_counts_d_minus_1_degrees_of_freedom():
+    """The document term is a variance estimated from D documents: Satterthwaite over both terms gives it D - 1
+    degrees of freedom, so the interval's df stays at most (n - 1) + (D - 1) however many resamples there are."""
+    s = synthetic_study(np.random.default_rng(11), 12, 5, 0.03, 0.05, 0.002)
+    x = {k: loss_of(v) for k, v in s["x"].items()}
+    y = {k: loss_of(v) for k, v in s["y"].items()}
+    for samples in (200, 2000):
+        d = stats.difference(x, y, x_docs=s["x"], y_docs=s["y"], counts=stats.resample_counts(12, samples=samples))
+        v_rep, v_doc = d["se_rep"] ** 2, d["se_doc"] ** 2
+        assert d["df"] == pytest.approx((v_rep + v_doc) ** 2 / (v_rep ** 2 / 4 + v_doc ** 2 / 11), rel=1e-12)
+        assert d["df"] <= 4 + 11
+        assert d["t_crit"] == pytest.approx(stats.t_quantile(0.975, d["df"]), rel=1e-12)

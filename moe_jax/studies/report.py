@@ -509,7 +509,8 @@ def family_text(analysis: dict, planned: dict) -> str:
             f"({analysis['comparisons']}, under every budget: {', '.join(planned['kinds'])}); their p-values are "
             f"Holm-adjusted over it and an arm is better where its adjusted p < {stats.ALPHA:.2f}. Intervals are "
             "the unadjusted 95% ones: se^2 = replicate variance of the difference / n + variance of the difference "
-            f"over document resamples ({boot}), t with Satterthwaite degrees of freedom.")
+            f"over document resamples ({boot}), t with Satterthwaite degrees of freedom (replicates n - 1, "
+            "documents D - 1).")
 
 
 def _budget_section(planned: dict, kind: str, analysis: dict, selected: dict, split: str, key: str,

@@ -15,7 +15,8 @@ so arm differences stay paired over documents) and each resample's token-weighte
 v_doc = the variance over resamples of (mean over x's runs - mean over y's runs). The two sources are independent
 (seeds vs the document sample), so
 
-    se^2 = v_rep + v_doc,   df = se^4 / (v_rep^2 / df_rep)   (Satterthwaite; v_doc from D documents: df infinite),
+    se^2 = v_rep + v_doc,   df = se^4 / (v_rep^2 / df_rep + v_doc^2 / (D - 1))   (Satterthwaite; v_doc is a variance
+    estimated from D documents, so D - 1 degrees of freedom however many resamples measure it),
 
 and the interval is diff +- t_{1 - alpha/2, df} x se (two-sided, level 1 - alpha, default 95%), p the two-sided t
 p-value. Without per-document losses v_doc = 0 and this is the plain t interval. docs/decisions.md ("Studies:
@@ -146,11 +147,14 @@ def document_variance(x_docs, y_docs, counts: np.ndarray) -> float:
 # Intervals, differences and verdicts
 
 
-def _interval(out: dict, v_rep: float, df_rep: float, v_doc: float | None, level: float) -> dict:
-    """Fill se (sqrt(v_rep + v_doc)), df (Satterthwaite), t_crit, lo, hi and p into `out` (its 'diff' set)."""
+def _interval(out: dict, v_rep: float, df_rep: float, v_doc: float | None, level: float,
+              df_doc: float = math.inf) -> dict:
+    """Fill se (sqrt(v_rep + v_doc)), df (Satterthwaite over both terms), t_crit, lo, hi and p into `out` (its
+    'diff' set)."""
     v_doc = v_doc or 0.0
     var = v_rep + v_doc
-    df = math.inf if v_rep == 0 else var * var / (v_rep * v_rep / df_rep)
+    den = v_rep * v_rep / df_rep + v_doc * v_doc / df_doc
+    df = math.inf if den == 0 else var * var / den
     se = math.sqrt(var)
     t = t_quantile(0.5 + level / 2, df)
     p = (1.0 if out["diff"] == 0 else 0.0) if se == 0 else two_sided_p(out["diff"] / se, df)
@@ -191,7 +195,7 @@ def difference(x: dict, y: dict, level: float = LEVEL, x_docs: dict | None = Non
         if xd is not None and yd is not None:
             v_doc = document_variance(xd, yd, counts)
             out["documents"] = True
-    return _interval(out, v_rep, df_rep, v_doc, level)
+    return _interval(out, v_rep, df_rep, v_doc, level, df_doc=_document_df(counts))
 
 
 def mean_interval(x: dict, level: float = LEVEL, x_docs: dict | None = None,
@@ -211,7 +215,12 @@ def mean_interval(x: dict, level: float = LEVEL, x_docs: dict | None = None,
         if xd is not None:
             v_doc = document_variance(xd, None, counts)
             out["documents"] = True
-    return _interval(out, statistics.variance(x.values()) / n, float(n - 1), v_doc, level)
+    return _interval(out, statistics.variance(x.values()) / n, float(n - 1), v_doc, level, df_doc=_document_df(counts))
+
+
+def _document_df(counts: np.ndarray | None) -> float:
+    """Degrees of freedom of the document variance: D - 1 for resamples of D documents."""
+    return math.inf if counts is None else float(counts.shape[1] - 1)
 
 
 def _decide(d: dict, p_adj: float, family: int, alpha: float = ALPHA) -> dict:
