@@ -617,3 +617,24 @@ def test_two_processes_share_a_study_through_run_claims(tmp_path):
         assert mine
         with runner.claim(a) as other:
             assert not other
+
+
+def test_per_lr_figure_names_every_arm_once_even_an_arm_that_runs_one_rate(tmp_path, monkeypatch):
+    """The per-learning-rate figure's legend lists each arm once, in arm order, including an arm (lr_from) that only
+    appears in a later panel than the first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_jax.studies import plots as plots_lib
+
+    curve = [{"tokens": 10, "val_loss": 5.0}, {"tokens": 20, "val_loss": 4.0}]
+    records = [{"kind": "k", "arm": a, "lr": lr, "curve": curve}
+               for a, lrs in (("A", (0.02, 0.04)), ("B", (0.02, 0.04)), ("C", (0.04,))) for lr in lrs for _ in (0, 1)]
+    seen, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: seen.append(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]) or close(fig))
+    written = []
+    plots_lib._per_lr_plot(plt, str(tmp_path), "", "k", records, [0.02, 0.04], "optim.muon_lr", ["A", "B", "C"],
+                           {"A": "C0", "B": "C1", "C": "C2"}, written)
+    assert seen == [["A", "B", "C"]] and written == [str(tmp_path / "val_loss_per_lr.png")]

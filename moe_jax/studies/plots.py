@@ -86,17 +86,18 @@ def _per_lr_plot(plt, out: str, prefix: str, kind: str, records: list[dict], lrs
                  arms: list[str], colors: dict, written: list[str]) -> None:
     """Seed 000's comparison figure: at each learning rate, every arm's validation curve (all runs of the grid)."""
     fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), sharey=True, squeeze=False)
+    handles = {}  # one legend entry per arm, from whichever panel first shows it (an arm may run one rate only)
     for ax, lr in zip(axes[0], lrs):
         for a in arms:
-            for i, r in enumerate(q for q in records if q["kind"] == kind and q["arm"] == a
-                                  and q["lr"] == lr):
-                ax.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]],
-                        color=colors[a], alpha=0.7, label=a if i == 0 else None)
+            for r in (q for q in records if q["kind"] == kind and q["arm"] == a and q["lr"] == lr):
+                (line,) = ax.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]],
+                                  color=colors[a], alpha=0.7)
+                handles.setdefault(a, line)
         ax.set_title(f"{lr_field} = {lr:g}")
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend([handles[a] for a in arms if a in handles], [a for a in arms if a in handles], fontsize=7)
     _save(plt, fig, os.path.join(out, prefix + "val_loss_per_lr.png"), written)
 
 
