@@ -600,6 +600,59 @@ def test_train_and_select_trains_the_extension_then_the_other_replicates(tmp_pat
     assert len(trained) == 4 + 2 + 3 and again[2] == sel  # a re-run retraces the same decisions, trains nothing
 
 
+def test_a_run_stopped_by_a_signal_stops_the_study_unevaluated(tmp_path, monkeypatch):
+    """A run whose trainer returns unfinished (a SIGTERM saved step 3 of 6) ends the study with StudyStopped naming
+    the run and step: it is not evaluated, not recorded as trained and no later run starts (the bug: a study went on
+    and scored a run stopped at step 868 of 1,060 as trained)."""
+    s = bracketing_study()
+    started, evaluated = [], []
+
+    def fake_run_one(config, rdir, devices=None):
+        started.append(rdir)
+        return {"step": 3, "tokens": 0, "finished": False, "skipped": False, "stop_reason": "signal SIGTERM"}
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    monkeypatch.setattr(runner, "evaluate_split", lambda *a, **k: evaluated.append(a))
+    with pytest.raises(runner.StudyStopped, match=r"stopped at step 3 of \d+ \(signal SIGTERM\) and saved it; run "
+                                                   r"the same command again"):
+        runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
+    assert len(started) == 1 and evaluated == []
+
+
+STOPPED_PROGRAM = """
+import sys
+from moe_jax import cli
+from moe_jax.studies import __main__ as command, runner
+
+
+def stopped(*args, **kwargs):
+    raise runner.StudyStopped("moe_short lr0.02 seed0 stopped at step 3 of 6 (signal SIGTERM) and saved it; run the "
+                              "same command again to resume the study")
+
+
+runner.run_study = stopped
+sys.argv = ["moe_jax.studies", "--config", sys.argv[1], "--workdir", sys.argv[2]]
+cli.run(command.main, command.define_flags)
+"""
+
+
+def test_the_study_command_exits_3_with_one_line_when_a_run_was_stopped(tmp_path):
+    """`python -m moe_jax.studies` ends a study whose run a signal stopped as `python -m moe_jax.train` ends that
+    run: one line on stderr and status 3 (preemption.EXIT_PREEMPTED: resubmit to resume)."""
+    import subprocess
+    import sys
+
+    from moe_jax.train import preemption
+
+    p = subprocess.run([sys.executable, "-c", STOPPED_PROGRAM, os.path.join(ROOT, "configs", "studies",
+                        "smallbatch.py:tiny"), str(tmp_path / "study")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == preemption.EXIT_PREEMPTED, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("study stopped:")]
+    assert lines == ["study stopped: moe_short lr0.02 seed0 stopped at step 3 of 6 (signal SIGTERM) and saved it; "
+                     "run the same command again to resume the study"], p.stderr
+
+
 def test_two_processes_share_a_study_through_run_claims(tmp_path):
     """A run claimed by another process is skipped, the others done, and it is taken up once the claim is gone."""
     import fcntl

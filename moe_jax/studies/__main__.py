@@ -8,7 +8,7 @@ from absl import flags, logging
 from moe_jax import cli
 from moe_jax.studies import plan as plan_lib
 from moe_jax.studies import report, runner
-from moe_jax.train import cpu_pool
+from moe_jax.train import cpu_pool, preemption
 
 
 def define_flags() -> None:
@@ -34,8 +34,12 @@ def main(argv):
         for line in report.describe_plan(planned):
             print(line)
         return
-    runner.run_study(FLAGS.config, FLAGS.workdir, " ".join(["python -m moe_jax.studies"] + sys.argv[1:]),
-                     log=lambda m: print(m, flush=True))  # ConfigError: exit 2
+    try:
+        runner.run_study(FLAGS.config, FLAGS.workdir, " ".join(["python -m moe_jax.studies"] + sys.argv[1:]),
+                         log=lambda m: print(m, flush=True))  # ConfigError: exit 2
+    except runner.StudyStopped as e:  # a signal stopped a run after saving it: resubmit to resume, as for train
+        print(f"study stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ comparable across arms.
 
 Resumability. Each run is an ordinary moe_jax.train workdir (orbax checkpoints, metrics.jsonl, summary.json). A run
 whose summary says finished at its planned step is never trained again; an interrupted one resumes from its last
-checkpoint; a run dir started with a different config is refused.
+checkpoint; a run dir started with a different config is refused. A run that a signal stopped (it saved its step)
+stops the study (StudyStopped; `python -m moe_jax.studies` exits 3 as `moe_jax.train` does): it is not evaluated
+and no other run starts, so nothing unfinished is ever scored.
 
 Evaluation. Every run's final checkpoint is scored on the whole validation split (the learning rate is chosen on
 it), every selected run's on the whole test split: every target token of the split exactly once, each arm at its own
@@ -95,6 +97,11 @@ def check_run_dir(config, rdir: str) -> None:
         return
     with open(path) as f:
         runs.check_rerun(json.load(f), config, rdir)
+
+
+class StudyStopped(Exception):
+    """A run stopped before its last step (a signal or maintenance event: it saved that step). The study stops too:
+    evaluating, choosing rates from or going on past an unfinished run would record it as trained."""
 
 
 def finished_summary(config, rdir: str) -> dict | None:
@@ -229,6 +236,10 @@ def train_and_select(study, workdir: str, planned: dict, devices=None, log=print
 
     def train(run):
         summary = run_one(run.config, run.run_dir, devices=devices)
+        if not summary.get("finished"):
+            raise StudyStopped(f"{run.kind} {run.label} {run.replicate} stopped at step {summary['step']} of "
+                               f"{run.config.train.steps} ({summary.get('stop_reason') or 'interrupted'}) and saved "
+                               "it; run the same command again to resume the study")
         if not summary["skipped"]:
             trained.add(run.run_dir)
         ev = evaluate_split(run.run_dir, int(summary["step"]), "validation", devices=devices)
