@@ -266,13 +266,17 @@ def optimizer_flops_per_step(model: ModelConfig, optim, devices: int = 1) -> flo
                      for (r, k), c in stacks.items()))
 
 
-def executed_flops_per_step(run) -> float:
+def executed_flops_per_step(run, devices: int = 1) -> float:
     """What one optimizer step of a config.typed.RunConfig makes the hardware compute, as counted here: flops_per_token's
     executed_training (the model's products and their gradients as executed, attention as its kernel computes it, the
     dispatch's overhead, remat's recomputation) times the tokens of a step, plus the optimizer's Newton-Schulz FLOPs
-    (optimizer_flops_per_step)."""
-    return (run_flops_per_token(run)["executed_training"] * run.train.tokens_per_step
-            + optimizer_flops_per_step(run.model, run.optim))
+    (optimizer_flops_per_step).
+
+    `devices` > 1: what ONE of that many devices computes: its share of the model's work, plus Newton-Schulz as it
+    runs there (every matrix, unless config.mesh.fsdp distributes it: optimizer_flops_per_step's `devices`)."""
+    ns_devices = devices if run.mesh.fsdp else 1
+    return (run_flops_per_token(run)["executed_training"] * run.train.tokens_per_step / devices
+            + optimizer_flops_per_step(run.model, run.optim, ns_devices))
 
 
 def flops_per_step(run) -> float:

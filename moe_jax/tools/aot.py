@@ -225,9 +225,7 @@ def _flops_bytes(compiled, program: str, run, n_devices: int) -> dict:
     cost = _cost(compiled)
     t = run.train
     if program == "train":  # the model's work splits over the devices; Newton-Schulz only under distributed Muon
-        everything = flops.optimizer_flops_per_step(run.model, run.optim)
-        mine = flops.optimizer_flops_per_step(run.model, run.optim, n_devices if run.mesh.fsdp else 1)
-        f = (flops.executed_flops_per_step(run) - everything) / n_devices + mine
+        f = flops.executed_flops_per_step(run, n_devices)
     else:  # forward only: a third of the training FLOPs per token
         rows = t.batch_size if program == "eval" else 1
         f = flops.run_flops_per_token(run)["training"] / 3 * rows * t.seq_len / n_devices
