@@ -145,7 +145,14 @@ def test_budgets_under_every_convention_equal_hand_counts_for_arms_of_different_
     assert steps[("tokens", "moe_short")] == steps[("tokens", "dense_long")] == 100  # equal tokens per step
     assert steps[("model_flops", "moe_short")] != steps[("executed_flops", "moe_short")]
     assert {r.config.train.seq_len for r in p["runs"]} == {32, 64}
-    assert len({r.run_dir for r in p["runs"]}) == len(p["runs"])
+    # the reference arm gets its 100 steps under every convention: one run, in the first budget's dir
+    shared = [r for r in p["runs"] if r.same_as]
+    assert {(r.kind, r.arm, r.same_as) for r in shared} == {("executed_flops", "dense_long", "model_flops"),
+                                                            ("tokens", "dense_long", "model_flops")}
+    first = next(r for r in p["runs"] if r.kind == "model_flops" and r.arm == "dense_long")
+    assert all(r.run_dir == first.run_dir and r.config == first.config for r in shared)
+    assert len({r.run_dir for r in p["runs"]}) == len(p["runs"]) - len(shared) == 4
+    assert any("the same runs as under model_flops" in line for line in report_lib.describe_plan(p))
 
 
 def test_replicates_pair_or_cross_seed_and_data_order():
@@ -442,6 +449,34 @@ def test_wall_seconds_budget_is_planned_from_a_calibration_kept_for_reruns(tmp_p
     assert [r.steps for r in runner.plan_study(s, str(tmp_path))["runs"]] == [r.steps for r in p["runs"]]
     with pytest.raises(config_lib.ConfigError, match="wall_seconds budget needs measured seconds"):
         plan_lib.plan(s, str(tmp_path))
+
+
+def test_a_run_two_budgets_share_is_trained_once_and_recorded_under_both(tmp_path, monkeypatch):
+    """moe_short, the reference, runs 6 steps under both budgets: the runner trains it once (in the tokens dir) and
+    records it under each budget; dense_long's steps differ between budgets, so it trains twice."""
+    s = tiny_study("/nonexistent")
+    s.lr_grid = ml_collections.ConfigDict()
+    s.budget.kinds = ("tokens", "model_flops")
+    trained = []
+
+    def fake_train(config, rdir, **kw):
+        trained.append(os.path.relpath(rdir, tmp_path))
+        summary = {"finished": True, "step": config.train.steps, "tokens": config.train.steps * 128, "wall_time": 1.0}
+        with open(os.path.join(rdir, trainer.SUMMARY_FILE), "w") as f:
+            json.dump(summary, f)
+        return summary
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(runner, "evaluate_split", lambda rdir, step, split, devices=None: {
+        "val_loss": 3.0, "val_accuracy": 0.3, "val_perplexity": 20.0, "val_tokens": 1000})
+    planned, records, _ = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
+    assert sorted(trained) == sorted(os.path.join(k, a, "seed0") for k, a in (
+        ("tokens", "moe_short"), ("tokens", "dense_long"), ("model_flops", "dense_long")))
+    assert [(r["kind"], r["arm"], r["steps"]) for r in records] == [
+        ("tokens", "moe_short", 6), ("tokens", "dense_long", 6), ("model_flops", "moe_short", 6),
+        ("model_flops", "dense_long", records[3]["steps"])] and records[3]["steps"] != 6
+    assert records[2]["run_dir"] == records[0]["run_dir"] == str(tmp_path / "tokens" / "moe_short" / "seed0")
+    assert [r.same_as for r in planned["runs"]] == ["", "", "tokens", ""]
 
 
 def test_data_build_serves_a_test_split_only_when_configured(cache_dir):

@@ -8,8 +8,9 @@ combine and Newton-Schulz charged). Holm over the 6 pairwise verdicts (3 pairs x
 
 'cpu' scale (common.py): the budget is 530 steps of the moe arm (2,048 tokens each: one epoch of the 1.08 M training
 tokens); dense and moe_same_active, cheaper per token, get more steps. 3 arms x (3 grid values on replicate 0 + 4
-replicates at the chosen value) x 2 budgets = 42 runs (plus any grid extension): about 2.6 hours with one process
-per core (docs/studies/README.md, "Scale").
+replicates at the chosen value) x 2 budgets = 42 runs (plus any grid extension); moe gets its 530 steps under both
+budgets, so its 7 runs are shared (plan.py, "Shared runs"): 35 trained, about 2.2 hours with one process per core
+(docs/studies/README.md, "Scale").
 """
 
 import os

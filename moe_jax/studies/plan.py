@@ -9,6 +9,11 @@ both the initialisation (config.seed) and the training-document order (config.da
 vary both, and arm A's replicate k and arm B's replicate k share both, so arm differences are paired. With
 data_orders = a tuple of shuffle seeds, every seed is crossed with every order (replicate = (seed, order)).
 
+Shared runs. A run whose whole config equals a run of an earlier budget (e.g. the reference arm, given
+reference_steps under every convention) is that run: it names the same run dir (Run.same_as says whose), so it is
+trained once and scored under both budgets. Nothing is lost by it: training is deterministic on one machine (a rerun
+of a config is bit-identical: tests/test_trainer.py), so a second training would only repeat the first.
+
 Arms may differ in anything, batch size and sequence length included, but must read the same data (the data
 section, vocab). The numbers the verdicts read are scored on the whole validation and test splits, every target token
 once, by the runner (runner.evaluate_split), whatever the arms' sequence lengths; when arms differ in batch size or
@@ -289,6 +294,7 @@ class Run:
     config: typed.RunConfig
     steps: int
     costs: dict
+    same_as: str = ""  # the budget whose identical run this is (trained once, in that budget's run dir); "" if none
 
     @property
     def label(self) -> str:
@@ -405,6 +411,7 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None, grids: 
     per_arm, budgets = _budgets(study, kinds, parsed, seconds_per_step)
     num_evals = int(study.get("num_evals", 0) or 0)
     runs, variant_cfgs, variants = [], {}, {}
+    trained_as: dict[str, tuple[str, str]] = {}  # config.json text -> (budget, run dir) of its first run
     for kind in kinds:
         steps = arm_steps(study, parsed, kind, per_arm, budgets)
         for i, (seed, order) in enumerate(reps):
@@ -421,8 +428,11 @@ def plan(study, workdir: str = "", seconds_per_step: dict | None = None, grids: 
                         v.train.eval_every = max(1, math.ceil(steps[name] / num_evals))
                     v.seed, v.data.shuffle_seed = seed, order
                     rc = typed.parse(v)  # the run's one parse: the runner trains it as is
-                    runs.append(Run(kind, name, lr, seed, order, rep, run_dir(workdir, kinds, kind, name, lr, rep),
-                                    rc, steps[name], budget_lib.costs(rc, steps[name])))
+                    own = run_dir(workdir, kinds, kind, name, lr, rep)
+                    first, where = trained_as.setdefault(rc.config_json(), (kind, own))
+                    same_as = "" if first == kind else first  # within one budget, identical arms stay apart
+                    runs.append(Run(kind, name, lr, seed, order, rep, where if same_as else own, rc, steps[name],
+                                    budget_lib.costs(rc, steps[name]), same_as))
     return {"kinds": kinds, "budgets": budgets, "arms": {n: c for n, (c, _) in parsed.items()},
             "per_step": {k: {lab: per_arm[k][v["arm"]] for lab, v in variants.items()} for k in kinds},
             "grids": {a: lr_grid(study, a) for a in parsed}, "kind_grids": grids, "chosen": chosen, "lr": lrs,

@@ -347,13 +347,17 @@ def describe_plan(planned: dict) -> list[str]:
             run = next(r for r in planned["runs"] if r.kind == kind and r.label == lab)
             lines.append(f"  {lab}: {cost:.6e} per step -> {run.steps:,} steps; model FLOPs "
                          f"{run.costs['model_flops']:.4e}, executed FLOPs {run.costs['executed_flops']:.4e}, tokens "
-                         f"{run.costs['tokens']:,}")
+                         f"{run.costs['tokens']:,}" + (f"; the same runs as under {run.same_as} (identical configs: "
+                                                      "trained once)" if run.same_as else ""))
     later = sum(1 for _ in planned["kinds"] for a, g in planned["grids"].items() if g) * (
         len(planned["replicates"]) - planned["select_replicates"])
     later += len(planned["kinds"]) * len(planned["lr"]["from"]) * len(planned["replicates"])
+    shared = sum(1 for r in planned["runs"] if r.same_as)
     lines.append(f"runs: {len(planned['runs'])} planned now ({len(planned['replicates'])} replicates, "
-                 f"{planned['select_replicates']} choosing the learning rate); {later} more once the rates are chosen, "
-                 f"and one more per grid extension; report split: {planned['report_split']}")
+                 f"{planned['select_replicates']} choosing the learning rate"
+                 + (f"; {shared} of them another budget's identical runs, trained once" if shared else "") +
+                 f"); {later} more once the rates are chosen, and one more per grid extension; report split: "
+                 f"{planned['report_split']}")
     return lines
 
 
@@ -378,6 +382,8 @@ def budget_table(planned: dict, kind: str) -> list[str]:
         by = planned["steps_by"].get(run.arm)
         notes += [f"{run.arm}: steps set by the {by} convention, as many {budget_lib.UNITS[by]} as the reference "
                   f"arm ({run.costs[by]:,.0f}), so it spends {used / budget - 1:+.1%} of the budget."] if by else []
+        notes += [f"{run.arm}: the same runs as under the {run.same_as} budget (the same steps and config: trained "
+                  "once and scored under both; a rerun is bit-identical)."] if run.same_as else []
         lines.append(f"| {run.arm} | {lr} | {budget_lib.tokens_per_step(c):,} | {fpt['training']:.6e} | "
                      f"{fpt['dispatch_overhead_training']:.4e} | {flops.optimizer_flops_per_step(c.model, c.optim):.4e} | "
                      f"{flops.flops_per_step(c):.6e} | {flops.executed_flops_per_step(c):.6e} | {run.steps:,} | "

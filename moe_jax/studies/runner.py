@@ -7,7 +7,8 @@ comparable across arms.
 
 Resumability. Each run is an ordinary moe_jax.train workdir (orbax checkpoints, metrics.jsonl, summary.json). A run
 whose summary says finished at its planned step is never trained again; an interrupted one resumes from its last
-checkpoint; a run dir started with a different config is refused. A run that a signal stopped (it saved its step)
+checkpoint; a run dir started with a different config is refused; a run two budgets share (plan.py, "Shared runs") is
+trained by the first and found finished by the second. A run that a signal stopped (it saved its step)
 stops the study (StudyStopped; `python -m moe_jax.studies` exits 3 as `moe_jax.train` does): it is not evaluated
 and no other run starts, so nothing unfinished is ever scored.
 
@@ -243,7 +244,8 @@ def train_and_select(study, workdir: str, planned: dict, devices=None, log=print
         if not summary["skipped"]:
             trained.add(run.run_dir)
         ev = evaluate_split(run.run_dir, int(summary["step"]), "validation", devices=devices)
-        log(f"{run.kind} {run.label} {run.replicate}: {'skipped (finished)' if summary['skipped'] else 'trained'}; "
+        how = "skipped (finished)" if summary["skipped"] else "trained"
+        log(f"{run.kind} {run.label} {run.replicate}: {how}{f' (its {run.same_as} run)' if run.same_as else ''}; "
             f"val_loss {ev['val_loss']} on the whole validation split ({ev['val_tokens']} tokens)")
         return summary, ev
 
