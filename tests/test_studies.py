@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import jax
 import ml_collections
@@ -383,12 +384,18 @@ def test_lr_is_chosen_on_validation_and_the_report_reads_test_once(tiny_run, mon
     assert [r["selected"] for r in moe] == [r is best for r in moe]
     for r in results["runs"]:
         path = runner.test_eval_path(r["run_dir"], r["steps"])
-        assert os.path.exists(path) == r["selected"]  # only the selected runs ever touch the test split
-        if r["selected"]:
-            ev = json.load(open(path))
-            assert ev["split"] == "test" and r["test_loss"] == ev["val_loss"] != r["val_loss"]
+        ev = json.load(open(path))  # every run is scored on test when it finishes (runner.settle) ...
+        assert ev["split"] == "test" and ev["val_loss"] != r["val_loss"]
+        if r["selected"]:  # ... and only the selected runs' test numbers are read
+            assert r["test_loss"] == ev["val_loss"]
         else:
             assert "test_loss" not in r
+        # settled: no checkpoints left, the MoE runs' routing diagnostics written from the final one
+        assert not os.path.exists(os.path.join(r["run_dir"], "checkpoints"))
+        routing = os.path.join(r["run_dir"], "routing", "routing.json")
+        assert os.path.exists(routing) == (r["arm"] == "moe_short")
+        if os.path.exists(routing):
+            assert json.load(open(routing))["step"] == r["steps"]
     table = results["arms"]
     assert table["moe_short"]["test_loss"]["mean"] == best["test_loss"]
     # every run scored the whole validation split, every selected run the whole test split: the same tokens for
@@ -421,6 +428,27 @@ def test_lr_is_chosen_on_validation_and_the_report_reads_test_once(tiny_run, mon
     monkeypatch.setattr(eval_lib, "evaluate_workdir", lambda *a, **k: pytest.fail("evaluated test twice"))
     again = runner.run_study(study, workdir, command="tiny study", devices=jax.devices()[:1], log=lambda m: None)
     assert [r.get("test_loss") for r in again["runs"]] == [r.get("test_loss") for r in results["runs"]]
+
+
+@pytest.mark.slow  # a three-run study trained end to end, killed and resumed (shared by these tests)
+def test_test_scores_written_at_a_runs_end_never_move_a_choice(tiny_run, tmp_path, monkeypatch):
+    """The test file each run gets when it finishes is sealed until selection: rewrite a run that was not chosen to
+    the lowest test loss possible and every choice stays; copied without checkpoints (all a settled run has), the
+    study resumes elsewhere and reports the same numbers without training or evaluating anything."""
+    study, workdir, results, _ = tiny_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("study.claim", "train.lock"))
+    for r in results["runs"]:
+        if not r["selected"]:
+            path = runner.test_eval_path(r["run_dir"].replace(workdir, copy), r["steps"])
+            ev = json.load(open(path))
+            json.dump(ev | {"val_loss": 0.0}, open(path, "w"))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained a finished run"))
+    monkeypatch.setattr(eval_lib, "evaluate_workdir", lambda *a, **k: pytest.fail("evaluated again"))
+    again = runner.run_study(study, copy, command="tiny study", devices=jax.devices()[:1], log=lambda m: None)
+    assert again["selected_lrs"] == results["selected_lrs"]
+    assert [(r["selected"], r.get("test_loss")) for r in again["runs"]] == [
+        (r["selected"], r.get("test_loss")) for r in results["runs"]]
 
 
 def test_wall_seconds_budget_is_planned_from_a_calibration_kept_for_reruns(tmp_path, monkeypatch):
@@ -469,7 +497,10 @@ def test_a_run_two_budgets_share_is_trained_once_and_recorded_under_both(tmp_pat
     monkeypatch.setattr(trainer, "train", fake_train)
     monkeypatch.setattr(runner, "evaluate_split", lambda rdir, step, split, devices=None: {
         "val_loss": 3.0, "val_accuracy": 0.3, "val_perplexity": 20.0, "val_tokens": 1000})
+    settled = []
+    monkeypatch.setattr(runner, "settle", lambda study, planned, run, step, devices=None: settled.append(run.run_dir))
     planned, records, _ = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
+    assert settled == [r["run_dir"] for r in records]  # the shared run is settled on each visit (settle is idempotent)
     assert sorted(trained) == sorted(os.path.join(k, a, "seed0") for k, a in (
         ("tokens", "moe_short"), ("tokens", "dense_long"), ("model_flops", "dense_long")))
     assert [(r["kind"], r["arm"], r["steps"]) for r in records] == [
@@ -622,6 +653,7 @@ def test_train_and_select_trains_the_extension_then_the_other_replicates(tmp_pat
 
     monkeypatch.setattr(runner, "run_one", fake_run_one)
     monkeypatch.setattr(runner, "evaluate_split", fake_evaluate)
+    monkeypatch.setattr(runner, "settle", lambda *a, **k: None)  # test scoring and pruning: the tiny_run tests
     p, records, sel = runner.train_and_select(s, str(tmp_path), plan_lib.plan(s, str(tmp_path)), log=lambda m: None)
     assert sel["tokens"]["moe_short"]["lr"] == 0.04 and sel["tokens"]["moe_short"]["status"] == "bracketed"
     moe = [t for t in trained if t.startswith("moe_short")]

@@ -79,4 +79,7 @@ def study(name: str, scale: str) -> ml_collections.ConfigDict:
     s.lr_tied = (("optim.adamw_lr", ADAMW_RATIO),)
     s.lr_from = ml_collections.ConfigDict()
     s.bootstrap_seed = 0
+    # a finished run drops its checkpoints once scored (runner.settle): a study's record stays small enough to copy
+    # or commit and resume elsewhere; True keeps them (e.g. to generate from a run)
+    s.keep_checkpoints = False
     return s

@@ -1,5 +1,5 @@
 """Execute a planned study: train every run (skipping finished ones, resuming interrupted ones), choose each arm's
-learning rate on the validation split, evaluate the chosen runs once on the test split, and write the report.
+learning rate on the validation split, report the chosen runs on the test split, and write the report.
 
 Order. Runs are executed replicate-major (replicate 1: every arm, replicate 2: every arm, ...), so a period of heavy
 machine load falls on all arms alike rather than on one arm's seeds; the wall seconds in the tables are therefore
@@ -12,14 +12,20 @@ trained by the first and found finished by the second. A run that a signal stopp
 stops the study (StudyStopped; `python -m moe_jax.studies` exits 3 as `moe_jax.train` does): it is not evaluated
 and no other run starts, so nothing unfinished is ever scored.
 
-Evaluation. Every run's final checkpoint is scored on the whole validation split (the learning rate is chosen on
-it), every selected run's on the whole test split: every target token of the split exactly once, each arm at its own
-sequence length (data.pipeline.tile_windows), whatever data.max_val_windows says about the curves during training;
-so every arm is scored on the same tokens, and the report refuses runs whose token counts differ. Each evaluation is
-written once, as eval_step<N>.json / eval_test_step<N>.json in the run dir with the per-document results in
-eval_step<N>_docs.npz / eval_test_step<N>_docs.npz beside it (`document_losses` reads them), and read back
-afterwards. The unigram and bigram baselines (baselines.py) are scored on the same tokens. A wall_seconds budget's
-calibration is written to <workdir>/calibration.json and reused, so a re-run plans the same steps.
+Evaluation. When a run finishes, its final checkpoint is scored on the whole validation split (the learning rate is
+chosen on it) and, where the study reports test, on the whole test split: every target token of the split exactly
+once, each arm at its own sequence length (data.pipeline.tile_windows), whatever data.max_val_windows says about the
+curves during training; so every arm is scored on the same tokens, and the report refuses runs whose token counts
+differ. Each evaluation is written once, as eval_step<N>.json / eval_test_step<N>.json in the run dir with the
+per-document results in eval_step<N>_docs.npz / eval_test_step<N>_docs.npz beside it (`document_losses` reads them),
+and read back afterwards. The test file is sealed until selection: choosing and bracketing learning rates reads the
+validation files only, and the report reads the test file of the selected runs only (a run that is not selected has
+one, unread). Scoring test at the end of the run rather than after selection is what lets a finished run drop its
+checkpoints (`settle`, study.keep_checkpoints): its record is then a few hundred kB (config, metrics, evaluations,
+routing diagnostics), so a study's finished runs can be copied to another machine or kept in version control and the
+study resumed there without retraining them. The unigram and bigram baselines (baselines.py) are scored on the same
+tokens. A wall_seconds budget's calibration is written to <workdir>/calibration.json and reused, so a re-run plans the
+same steps.
 
 Learning rates. The selection replicates run every value of each arm's grid; the rate of lowest mean validation loss
 is chosen; a choice on the grid's edge grows the grid by one geometric step beyond it (plan.grow_grids, up to
@@ -38,6 +44,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -186,6 +193,23 @@ def document_losses(rdir: str, split: str, devices=None) -> dict:
                 "doc_ids": z["doc_ids"].astype(np.int64)}
 
 
+def settle(study, planned: dict, run, step: int, devices=None) -> None:
+    """A finished run's last work: its whole-test-split evaluation (sealed until selection, runner docstring) where
+    the study reports test, its routing diagnostics (<rdir>/routing/, moe_jax.routing) when it is an MoE, then, unless
+    study.keep_checkpoints, removal of its checkpoints (nothing after this reads them). Idempotent: a run settled
+    before (or killed half way) is completed, never recomputed."""
+    from moe_jax.tools import routing as routing_lib
+
+    rdir = run.run_dir
+    ckpt_dir = os.path.join(rdir, "checkpoints")
+    if planned["report_split"] == "test":
+        evaluate_split(rdir, step, "test", devices)
+    if run.config.moe.num_experts and not os.path.exists(os.path.join(rdir, routing_lib.OUT_DIR, routing_lib.FILES[0])):
+        routing_lib.run(rdir, step)
+    if not bool(study.get("keep_checkpoints", False)) and os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+
+
 def calibrate(study, workdir: str, devices=None) -> dict:
     """Seconds per training step of every arm (a learning rate changes no step's cost), from a short run of
     budget.calibration_steps steps each (median over its logging intervals after the first), kept in
@@ -244,6 +268,7 @@ def train_and_select(study, workdir: str, planned: dict, devices=None, log=print
         if not summary["skipped"]:
             trained.add(run.run_dir)
         ev = evaluate_split(run.run_dir, int(summary["step"]), "validation", devices=devices)
+        settle(study, planned, run, int(summary["step"]), devices)
         how = "skipped (finished)" if summary["skipped"] else "trained"
         log(f"{run.kind} {run.label} {run.replicate}: {how}{f' (its {run.same_as} run)' if run.same_as else ''}; "
             f"val_loss {ev['val_loss']} on the whole validation split ({ev['val_tokens']} tokens)")
