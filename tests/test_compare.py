@@ -200,6 +200,7 @@ def test_tiny_comparison_writes_report_results_and_plots(tiny_run):
         assert math.isclose(r["val_perplexity"], math.exp(r["val_loss"]), rel_tol=1e-9)
         assert [q["step"] for q in r["curve"]][-1] == p["steps"] and len(r["curve"]) == 2
         assert (r["dropped_fraction"] == 0) == (r["arm"] == "dense")
+        assert os.path.isdir(os.path.join(r["run_dir"], "checkpoints"))  # a comparison keeps them (runner.settle)
         summary = json.load(open(os.path.join(r["run_dir"], "summary.json")))
         assert summary["finished"]  # its val_loss is the first 2 batches'; the table reads the whole split's:
         ev = json.load(open(runner.eval_path(r["run_dir"], r["steps"], "validation")))

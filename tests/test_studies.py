@@ -46,6 +46,7 @@ def tiny_study(cache_dir: str) -> ml_collections.ConfigDict:
     b.data.test_fraction = 0.05
     s = ml_collections.ConfigDict()
     s.name = "tiny"
+    s.keep_checkpoints = False  # as configs/studies: a finished run drops them (runner.settle)
     s.base = b
     s.arms = ml_collections.ConfigDict({"moe_short": {}, "dense_long": {"moe": {"num_experts": 0},
                                                                        "train": {"batch_size": 2, "seq_len": 64}}})

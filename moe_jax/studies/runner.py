@@ -195,19 +195,22 @@ def document_losses(rdir: str, split: str, devices=None) -> dict:
 
 def settle(study, planned: dict, run, step: int, devices=None) -> None:
     """A finished run's last work: its whole-test-split evaluation (sealed until selection, runner docstring) where
-    the study reports test, its routing diagnostics (<rdir>/routing/, moe_jax.routing) when it is an MoE, then, unless
-    study.keep_checkpoints, removal of its checkpoints (nothing after this reads them). Idempotent: a run settled
-    before (or killed half way) is completed, never recomputed."""
+    the study reports test; then, where study.keep_checkpoints is False (configs/studies; a study without the field,
+    e.g. moe_jax.compare's, keeps them), its routing diagnostics when it is an MoE (<rdir>/routing/, moe_jax.routing,
+    which needs the checkpoint) and the removal of its checkpoints (nothing after this reads them). Idempotent: a run
+    settled before (or killed half way) is completed, never recomputed."""
     from moe_jax.tools import routing as routing_lib
 
     rdir = run.run_dir
     ckpt_dir = os.path.join(rdir, "checkpoints")
     if planned["report_split"] == "test":
         evaluate_split(rdir, step, "test", devices)
-    if run.config.moe.num_experts and not os.path.exists(os.path.join(rdir, routing_lib.OUT_DIR, routing_lib.FILES[0])):
+    if bool(study.get("keep_checkpoints", True)) or not os.path.isdir(ckpt_dir):
+        return
+    routing_json = os.path.join(rdir, routing_lib.OUT_DIR, routing_lib.FILES[0])
+    if run.config.moe.num_experts and not os.path.exists(routing_json):
         routing_lib.run(rdir, step)
-    if not bool(study.get("keep_checkpoints", False)) and os.path.isdir(ckpt_dir):
-        shutil.rmtree(ckpt_dir)
+    shutil.rmtree(ckpt_dir)
 
 
 def calibrate(study, workdir: str, devices=None) -> dict:
