@@ -286,6 +286,15 @@ def records_with(tokens: dict) -> list[dict]:
             for d, (sel, v, t) in tokens.items()]
 
 
+def test_a_study_finished_on_two_machines_says_so_and_one_machine_says_nothing():
+    one = [{"machine": "Intel Xeon / cpu"}] * 3 + [{"machine": None}]
+    assert report_lib.machines_line(one) == []
+    two = one + [{"machine": "AMD EPYC / cpu"}] * 2
+    line = report_lib.machines_line(two)[0]
+    assert line.startswith("Runs were finished on 2 machines: Intel Xeon / cpu (3 runs); AMD EPYC / cpu (2 runs)")
+    assert "bit for bit only on its own machine" in line
+
+
 def test_scored_tokens_must_be_equal_across_runs():
     ok = records_with({"a": (True, 100, 50), "b": (False, 100, None), "c": (True, 100, 50)})
     assert report_lib.scored_tokens(ok) == {"validation": 100, "test": 50}
@@ -391,7 +400,9 @@ def test_lr_is_chosen_on_validation_and_the_report_reads_test_once(tiny_run, mon
             assert r["test_loss"] == ev["val_loss"]
         else:
             assert "test_loss" not in r
-        # settled: no checkpoints left, the MoE runs' routing diagnostics written from the final one
+        # settled: the machine recorded, no checkpoints left, the MoE runs' routing diagnostics from the final one
+        assert r["machine"] == report_lib.run_machine(r["run_dir"]) == (
+            f"{report_lib.cpu_model()} / {jax.devices()[0].device_kind}")
         assert not os.path.exists(os.path.join(r["run_dir"], "checkpoints"))
         routing = os.path.join(r["run_dir"], "routing", "routing.json")
         assert os.path.exists(routing) == (r["arm"] == "moe_short")

@@ -9,6 +9,7 @@ With no test split (data.test_fraction = 0, no grid) the report reads the valida
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -88,12 +89,38 @@ def record(run: plan_lib.Run, summary: dict) -> dict:
         "mfu": _median(r.get("mfu") for r in full),
         "dropped_fraction": float(np.mean(dropped)) if dropped else 0.0,
         "routing": routing,
+        "machine": run_machine(run.run_dir),
         "skipped": bool(summary.get("skipped", False)),
         "selected": True,
         "curve": [{"step": r["step"], "tokens": r["tokens"], "val_loss": round(float(r["val_loss"]), 6),
                    "wall_time": round(float(r["wall_time"]), 3), "model_flops": r["step"] * per_model,
                    "executed_flops": r["step"] * per_exec} for r in evals],
     }
+
+
+def run_machine(rdir: str) -> str | None:
+    """'<CPU model> / <device kind>' of the machine that finished the run (its environment.json, runner.settle), or
+    None for a run settled before the file existed."""
+    path = os.path.join(rdir, "environment.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        env = json.load(f)
+    return f"{env['cpu']} / {env['device_kind']}"
+
+
+def machines_line(records: list[dict]) -> list[str]:
+    """The report's sentence when the runs were finished on more than one machine (a study resumed elsewhere), else
+    nothing: a rerun is bit-identical only on the machine that ran it, and speeds compare only within one."""
+    count: dict = {}
+    for r in records:
+        if r.get("machine"):
+            count[r["machine"]] = count.get(r["machine"], 0) + 1
+    if len(count) < 2:
+        return []
+    return [f"Runs were finished on {len(count)} machines: " + "; ".join(f"{m} ({n} runs)" for m, n in count.items())
+            + " (each run's `machine` in results.json). A rerun reproduces a run bit for bit only on its own "
+            "machine's CPU, and wall seconds and tokens/s compare only between runs of one machine.", ""]
 
 
 def select_lrs(planned: dict, records: list[dict]) -> dict:
@@ -636,7 +663,7 @@ def write(workdir: str, study, planned: dict, records: list[dict], selected: dic
     analysis = analyse(study, planned, records, selected, key, baselines)
     head = headline(analysis, baselines, split)
     lines = _header(study, planned, split, env, command, name, tokens, baselines)
-    lines = lines[:2] + head + lines[2:]
+    lines = lines[:2] + head + lines[2:6] + machines_line(records) + lines[6:]
     for kind in planned["kinds"]:
         lines += _budget_section(planned, kind, analysis, selected, split, key, baselines)
     lines += routing_section(workdir, planned, records)

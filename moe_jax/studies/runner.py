@@ -56,6 +56,7 @@ from moe_jax.studies import baselines as baselines_lib
 from moe_jax.studies import plan as plan_lib
 
 CALIBRATION_FILE = "calibration.json"
+ENVIRONMENT_FILE = "environment.json"  # in a settled run dir: the machine and code that finished and scored it
 CLAIM_FILE = "study.claim"
 POLL_SECONDS = 20.0
 
@@ -194,15 +195,20 @@ def document_losses(rdir: str, split: str, devices=None) -> dict:
 
 
 def settle(study, planned: dict, run, step: int, devices=None) -> None:
-    """A finished run's last work: its whole-test-split evaluation (sealed until selection, runner docstring) where
+    """A finished run's last work: environment.json (report.environment: the CPU or accelerator, library versions
+    and code commit of the machine that finished it; a study resumed elsewhere records each run's own), its
+    whole-test-split evaluation (sealed until selection, runner docstring) where
     the study reports test; then, where study.keep_checkpoints is False (configs/studies; a study without the field,
     e.g. moe_jax.compare's, keeps them), its routing diagnostics when it is an MoE (<rdir>/routing/, moe_jax.routing,
     which needs the checkpoint) and the removal of its checkpoints (nothing after this reads them). Idempotent: a run
     settled before (or killed half way) is completed, never recomputed."""
+    from moe_jax.studies import report as report_lib
     from moe_jax.tools import routing as routing_lib
 
     rdir = run.run_dir
     ckpt_dir = os.path.join(rdir, "checkpoints")
+    if not os.path.exists(os.path.join(rdir, ENVIRONMENT_FILE)):
+        metrics_lib.write_json(rdir, ENVIRONMENT_FILE, report_lib.environment())
     if planned["report_split"] == "test":
         evaluate_split(rdir, step, "test", devices)
     if bool(study.get("keep_checkpoints", True)) or not os.path.isdir(ckpt_dir):
