@@ -24,6 +24,7 @@ from moe_jax.studies import stats
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
+ENVIRONMENT_FILE = "environment.json"  # in a settled study run dir (runner.settle): the machine that finished it
 ROUTING_KEYS = (("moe/dropped_fraction", "dropped fraction"), ("moe/load_cv", "load CV"),
                 ("moe/router_confidence", "router confidence"), ("moe/router_entropy", "router entropy (nats)"))
 
@@ -101,7 +102,7 @@ def record(run: plan_lib.Run, summary: dict) -> dict:
 def run_machine(rdir: str) -> str | None:
     """'<CPU model> / <device kind>' of the machine that finished the run (its environment.json, runner.settle), or
     None for a run settled before the file existed."""
-    path = os.path.join(rdir, "environment.json")
+    path = os.path.join(rdir, ENVIRONMENT_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -21,7 +21,7 @@ per-document results in eval_step<N>_docs.npz / eval_test_step<N>_docs.npz besid
 and read back afterwards. The test file is sealed until selection: choosing and bracketing learning rates reads the
 validation files only, and the report reads the test file of the selected runs only (a run that is not selected has
 one, unread). Scoring test at the end of the run rather than after selection is what lets a finished run drop its
-checkpoints (`settle`, study.keep_checkpoints): its record is then a few hundred kB (config, metrics, evaluations,
+checkpoints (`settle`, study.keep_checkpoints): its record is then about 100 kB (config, metrics, evaluations,
 routing diagnostics), so a study's finished runs can be copied to another machine or kept in version control and the
 study resumed there without retraining them. The unigram and bigram baselines (baselines.py) are scored on the same
 tokens. A wall_seconds budget's calibration is written to <workdir>/calibration.json and reused, so a re-run plans the
@@ -56,7 +56,6 @@ from moe_jax.studies import baselines as baselines_lib
 from moe_jax.studies import plan as plan_lib
 
 CALIBRATION_FILE = "calibration.json"
-ENVIRONMENT_FILE = "environment.json"  # in a settled run dir: the machine and code that finished and scored it
 CLAIM_FILE = "study.claim"
 POLL_SECONDS = 20.0
 
@@ -197,8 +196,7 @@ def document_losses(rdir: str, split: str, devices=None) -> dict:
 def settle(study, planned: dict, run, step: int, devices=None) -> None:
     """A finished run's last work: environment.json (report.environment: the CPU or accelerator, library versions
     and code commit of the machine that finished it; a study resumed elsewhere records each run's own), its
-    whole-test-split evaluation (sealed until selection, runner docstring) where
-    the study reports test; then, where study.keep_checkpoints is False (configs/studies; a study without the field,
+    whole-test-split evaluation where the study reports test (sealed until selection, runner docstring); then, where study.keep_checkpoints is False (configs/studies; a study without the field,
     e.g. moe_jax.compare's, keeps them), its routing diagnostics when it is an MoE (<rdir>/routing/, moe_jax.routing,
     which needs the checkpoint) and the removal of its checkpoints (nothing after this reads them). Idempotent: a run
     settled before (or killed half way) is completed, never recomputed."""
@@ -207,8 +205,8 @@ def settle(study, planned: dict, run, step: int, devices=None) -> None:
 
     rdir = run.run_dir
     ckpt_dir = os.path.join(rdir, "checkpoints")
-    if not os.path.exists(os.path.join(rdir, ENVIRONMENT_FILE)):
-        metrics_lib.write_json(rdir, ENVIRONMENT_FILE, report_lib.environment())
+    if not os.path.exists(os.path.join(rdir, report_lib.ENVIRONMENT_FILE)):
+        metrics_lib.write_json(rdir, report_lib.ENVIRONMENT_FILE, report_lib.environment())
     if planned["report_split"] == "test":
         evaluate_split(rdir, step, "test", devices)
     if bool(study.get("keep_checkpoints", True)) or not os.path.isdir(ckpt_dir):
