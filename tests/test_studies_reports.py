@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 
@@ -106,13 +107,19 @@ def test_committed_study_report_matches_its_config_and_the_counter(name):
 def test_committed_report_is_what_report_write_gives_from_its_results(name, tmp_path):
     """report.write (tables: report.py; figures: plots.py) given the committed results.json's runs reproduces the
     committed report.md byte for byte and the same figures (the run directories are mapped to a temporary
-    workdir and back, so the links and commands read as recorded)."""
+    workdir and back, so the links and commands read as recorded; the routing diagnostics committed beside the
+    report are copied there, since the report links a run's diagnostics where they exist)."""
     docs, _ = committed(name)
     text = open(os.path.join(docs, "results.json")).read()
     m = re.fullmatch(rf"python -m moe_jax\.studies --config configs/studies/{name}\.py(?::(\w+))? --workdir (\S+)",
                      json.loads(text)["command"])
     recorded, workdir = m.group(2), str(tmp_path / "study")
     results = json.loads(text.replace(json.dumps(recorded)[1:-1] + "/", workdir + "/"))
+    for run in results["runs"]:
+        rel = os.path.relpath(run["run_dir"], workdir)
+        if os.path.exists(os.path.join(docs, rel, "routing", "routing.json")):
+            shutil.copytree(os.path.join(docs, rel, "routing"), os.path.join(run["run_dir"], "routing"),
+                            dirs_exist_ok=True)
     study = load_module(os.path.join(ROOT, "configs", "studies", f"{name}.py")).get_config(m.group(1))
     planned = final_plan(study, results, workdir)
     report_lib.write(workdir, study, planned, results["runs"], results["selected_lrs"], results["command"],
@@ -120,6 +127,14 @@ def test_committed_report_is_what_report_write_gives_from_its_results(name, tmp_
     got = open(os.path.join(workdir, report_lib.REPORT_FILE)).read().replace(workdir + "/", recorded + "/")
     assert got == open(os.path.join(docs, "report.md")).read()
     assert sorted(os.listdir(os.path.join(workdir, "plots"))) == sorted(os.listdir(os.path.join(docs, "plots")))
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_link_of_a_committed_report_resolves(name):
+    """The figures and routing diagnostics a committed report.md links are committed beside it."""
+    docs, _ = committed(name)
+    links = re.findall(r"\]\(([^)\s]+)\)", open(os.path.join(docs, "report.md")).read())
+    assert links and [x for x in links if not os.path.exists(os.path.join(docs, x))] == []
 
 
 @pytest.mark.parametrize("name", STUDIES)
