@@ -456,12 +456,13 @@ def _lr_table(kind: str, selected: dict, planned: dict) -> list[str]:
              "arm still on the edge is marked **edge** and its verdicts are withheld. "
              + (f"Tied to the swept rate: {tied}." if tied else "No other learning rate is tied to it or swept."), "",
              "| arm | lr | val loss (mean ± std [min, max]) | runs | chosen | status |", "|---|---|---|---|---|---|"]
-    for arm, sel in selected.items():
+    for arm in (a for a in planned["arms"] if a in selected):  # config order, not results.json's sorted keys
+        sel = selected[arm]
         if sel["from"]:
             lines.append(f"| {arm} | {sel['lr']:g} | (runs {sel['from']}'s choice) | | **yes** | {sel['status']} |")
             continue
         status = f"{sel['status']} ({sel['extensions']} extension(s))"
-        for lr, s in sel["grid"].items():
+        for lr, s in sorted(sel["grid"].items(), key=lambda kv: float(kv[0])):
             lines.append(f"| {arm} | {lr} | {fmt_stats(s, '{:.4f}')} | {s['n']} | "
                          f"{'**yes**' if float(lr) == sel['lr'] else ''} | {status if float(lr) == sel['lr'] else ''} |")
     return lines
