@@ -295,6 +295,23 @@ def test_a_study_finished_on_two_machines_says_so_and_one_machine_says_nothing()
     assert "bit for bit only on its own machine" in line
 
 
+def test_the_learning_rate_table_follows_the_config_order_whatever_the_dict_order():
+    """results.json stores sorted keys: the report rebuilt from it must list arms as the config orders them and each
+    grid ascending (architecture's arms are not alphabetical; a grid value 0.1 sorts before 0.08 as text)."""
+    def sel(lrs, chosen):
+        grid = {f"{lr:g}": {"mean": 3.0 + lr, "std": 0.0, "min": 3.0 + lr, "max": 3.0 + lr, "n": 1} for lr in lrs}
+        return {"from": None, "lr": chosen, "status": "bracketed", "extensions": 0, "grid": grid}
+
+    selected = {"Deeper": sel((0.1, 0.02, 0.04, 0.08), 0.08), "Baseline": sel((0.08, 0.02, 0.04), 0.04),
+                "Shared": {"from": "Baseline", "lr": 0.04, "status": "bracketed"}}
+    planned = {"arms": {"Baseline": None, "Shared": None, "Deeper": None}, "select_replicates": 1,
+               "lr_field": "optim.muon_lr", "lr": {"tied": (), "step": 2.0, "extend": 2}}
+    rows = [line.split(" | ")[:2] for line in report_lib._lr_table("model_flops", selected, planned)
+            if line.startswith("| ") and not line.startswith("| arm")]
+    assert rows == [["| Baseline", "0.02"], ["| Baseline", "0.04"], ["| Baseline", "0.08"], ["| Shared", "0.04"],
+                    ["| Deeper", "0.02"], ["| Deeper", "0.04"], ["| Deeper", "0.08"], ["| Deeper", "0.1"]]
+
+
 def test_scored_tokens_must_be_equal_across_runs():
     ok = records_with({"a": (True, 100, 50), "b": (False, 100, None), "c": (True, 100, 50)})
     assert report_lib.scored_tokens(ok) == {"validation": 100, "test": 50}
